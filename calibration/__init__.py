@@ -1,0 +1,60 @@
+"""Score calibration: turns a raw logit into a probability whose thresholds mean the same at every precision.
+
+The runtime applies what the manifest's ``calibration`` block records for the loaded precision; an artifact
+without one gives ``sigmoid(logit)`` (for the decoder family that is exactly the official
+``softmax([no, yes])[yes]`` score).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["sigmoid", "Calibrator", "METHODS"]
+
+METHODS = ("none", "temperature", "platt")
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Numerically stable logistic function (no overflow for large |x|)."""
+    x = np.asarray(x, dtype=np.float64)
+    out = np.empty_like(x)
+    pos = x >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-x[pos]))
+    ex = np.exp(x[~pos])
+    out[~pos] = ex / (1.0 + ex)
+    return out
+
+
+@dataclass(frozen=True)
+class Calibrator:
+    """``p = sigmoid(a * logit + b)``; temperature scaling is ``a = 1/T, b = 0``; ``none`` is ``a = 1, b = 0``."""
+
+    method: str = "none"
+    a: float = 1.0
+    b: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_block(cls, block: dict[str, Any] | None) -> Calibrator:
+        """Build from one precision's entry of ``manifest["calibration"]`` (``None`` → uncalibrated)."""
+        if not block:
+            return cls()
+        method = block.get("method")
+        params = block.get("params", {})
+        if method == "temperature":
+            t = float(params["temperature"])
+            if not t > 0:
+                raise ValueError(f"calibration: temperature must be > 0, got {t}")
+            return cls("temperature", 1.0 / t, 0.0, dict(block))
+        if method == "platt":
+            a, b = float(params["a"]), float(params["b"])
+            if not a > 0:
+                raise ValueError(f"calibration: Platt slope must be > 0 to keep the ranking, got {a}")
+            return cls("platt", a, b, dict(block))
+        raise ValueError(f"calibration: unknown method {method!r}; known: {', '.join(METHODS)}")
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        return sigmoid(self.a * np.asarray(logits, dtype=np.float64) + self.b).astype(np.float32)

@@ -1,0 +1,232 @@
+"""The export pipeline: load → build graph → validate against PyTorch → write the artifact atomically."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memrerank.errors import ParityError
+from memrerank.export.families import family_for
+from memrerank.export.graph import DEFAULT_OPSET, export_onnx
+from memrerank.export.metrics import spearman, topk_overlap
+from memrerank.export.pairs import builtin_pairs
+from memrerank.manifest import (
+    MANIFEST_NAME,
+    PARITY_TOLERANCE,
+    PRECISIONS,
+    SCHEMA_VERSION,
+    TOKENIZER_NAME,
+    sha256_file,
+)
+
+__all__ = ["export_model", "validate_artifact", "TOPK"]
+
+TOPK = 3  # top-k agreement on the built-in groups (4–6 documents each)
+_log = logging.getLogger(__name__)
+
+
+def _file_entries(root: Path, paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
+    return {
+        p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in paths
+    }
+
+
+def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    tmp = root / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, root / MANIFEST_NAME)
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for mod in ("memrerank", "torch", "transformers", "optimum", "onnx", "onnxruntime", "tokenizers"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # pragma: no cover - version lookup is informative only
+            pass
+    return out
+
+
+def validate_artifact(root: Path, family: Any, precision: str = "fp32",
+                      groups: Sequence[tuple[str, list[str]]] | None = None) -> dict[str, Any]:
+    """Score the built-in groups with the artifact (each padding side the family supports, batch 1 and 8)
+    and with PyTorch.
+
+    Returns:
+        The parity report stored in the manifest.
+    """
+    from memrerank.runtime import Reranker
+
+    groups = list(groups) if groups is not None else builtin_pairs()
+    ref = [family.reference(q, docs, None) for q, docs in groups]
+    reranker = Reranker.load(root, precision=precision)
+    by_padding: dict[str, float] = {}
+    worst = 0.0
+    spear, topk = [], []
+    for side in family.padding_sides:
+        reranker.padding_side = side
+        for batch_size in (1, 8):
+            reranker.batch_size = batch_size
+            diffs = []
+            for (q, docs), r in zip(groups, ref):
+                got = reranker.predict([(q, d) for d in docs], raw=True).astype(np.float64)
+                diffs.append(float(np.max(np.abs(got - r))))
+                if side == family.padding_side and batch_size == 8:
+                    spear.append(spearman(got, r))
+                    topk.append(topk_overlap(got, r, TOPK))
+            key = f"{side}/batch{batch_size}"
+            by_padding[key] = max(diffs)
+            worst = max(worst, by_padding[key])
+    return {
+        "reference": "pytorch (transformers, fp32)",
+        "pairs": sum(len(d) for _, d in groups),
+        "queries": len(groups),
+        "max_abs_logit_diff": worst,
+        "max_abs_logit_diff_by_run": by_padding,
+        "spearman_mean": float(np.mean(spear)),
+        f"top{TOPK}_agreement": float(np.mean(topk)),
+        "tolerance": PARITY_TOLERANCE[precision],
+    }
+
+
+def export_model(
+    model: str,
+    out: str | Path,
+    *,
+    precisions: Sequence[str] = ("fp32",),
+    max_length: int | None = None,
+    instruction: str | None = None,
+    force: bool = False,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    opset: int = DEFAULT_OPSET,
+    command: str | None = None,
+    log: Callable[[str], None] = _log.info,
+) -> Path:
+    """Turn a Hugging Face checkpoint into a validated artifact directory.
+
+    Args:
+        model: hub id or local directory.
+        out: artifact directory to create.
+        precisions: subset of :data:`memrerank.manifest.PRECISIONS`.
+        max_length: longest pair in tokens (default: the family's).
+        instruction: default instruction stored for decoder rerankers.
+        force: replace an existing ``out``.
+        revision: hub revision.
+        trust_remote_code: allow the checkpoint's own code (off by default).
+        opset: ONNX opset.
+
+    Raises:
+        FileExistsError: ``out`` exists and ``force`` is false.
+        UnsupportedModelError: no family handles the checkpoint.
+        ParityError: the graph misses the precision's tolerance against PyTorch.
+    """
+    from transformers import AutoConfig
+
+    out = Path(out)
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown or not precisions:
+        raise ValueError(f"precision: unknown {unknown or 'none given'}; choose from {', '.join(PRECISIONS)}")
+    if "fp32" not in precisions:
+        raise ValueError("precision: fp32 is the reference every other precision is validated against; include it")
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force (force=True) to replace it")
+    if max_length is not None and max_length < 32:
+        raise ValueError(f"--max-length must be at least 32, got {max_length}")
+
+    log(f"loading {model}")
+    try:
+        config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        where = "local directory" if Path(model).exists() else "hub id (or the hub is unreachable: set HF_HUB_OFFLINE=1 and pass a local directory)"
+        raise ValueError(f"{model}: cannot read a transformers config.json from this {where}: {exc}") from exc
+    family = family_for(config)(model, config, revision=revision, trust_remote_code=trust_remote_code,
+                                instruction=instruction, max_length=max_length)
+    family.load()
+    template, tokens = family.template()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        family.tokenizer.save_pretrained(tmp, legacy_format=False)
+        tokenizer_files = [p for p in sorted(tmp.iterdir()) if p.is_file()]
+        if not (tmp / TOKENIZER_NAME).is_file():
+            raise ValueError(f"{model}: the tokenizer did not produce {TOKENIZER_NAME}")
+
+        log(f"exporting fp32 graph ({family.name})")
+        graph = tmp / "fp32" / "model.onnx"
+        files = export_onnx(family.graph_module(), family.onnx_config(), graph, opset=opset)
+        src_rev = revision or getattr(config, "_commit_hash", None)
+        manifest: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "family": family.name,
+            "source": {
+                "model": model if not Path(model).exists() else str(Path(model).resolve()),
+                "revision": src_rev,
+                "architecture": config.architectures[0],
+                "model_type": config.model_type,
+            },
+            "template": template,
+            "tokens": tokens,
+            "tokenizer": {"files": _file_entries(tmp, tokenizer_files)},
+            "precisions": {
+                "fp32": {
+                    "graph": "fp32/model.onnx",
+                    "files": _file_entries(tmp, files),
+                    "inputs": list(family.onnx_config().inputs),
+                    "outputs": ["logits"],
+                    "providers": ["CPUExecutionProvider", "CUDAExecutionProvider"],
+                }
+            },
+            "calibration": {},
+            "export": {
+                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "versions": _versions(),
+                "opset": opset,
+                "command": command,
+            },
+        }
+        _write_manifest(tmp, manifest)
+
+        log("validating fp32 graph against PyTorch")
+        report = validate_artifact(tmp, family, "fp32")
+        manifest["precisions"]["fp32"]["parity"] = report
+        _write_manifest(tmp, manifest)
+        if report["max_abs_logit_diff"] > report["tolerance"]:
+            runs = "\n".join(f"  {k}: max |Δlogit| = {v:.3e}" for k, v in report["max_abs_logit_diff_by_run"].items())
+            raise ParityError(
+                f"fp32 graph differs from PyTorch by {report['max_abs_logit_diff']:.3e} > {report['tolerance']:.0e}:\n"
+                f"{runs}\nthe export is not trustworthy; please report this checkpoint"
+            )
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out}")
+    return out
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` stays complete until the new one is in place."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

@@ -1,0 +1,1 @@
+"""Execution backends: each turns padded batches into one logit per row."""
