@@ -1,0 +1,176 @@
+"""``memrerank`` command line: export, rank, info, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from memrerank.errors import MemrerankError
+from memrerank.manifest import PRECISIONS
+
+__all__ = ["main", "build_parser"]
+
+
+def _precision_list(text: str) -> list[str]:
+    items = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in items if p not in PRECISIONS]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"unknown precision {bad or text!r}; choose from {', '.join(PRECISIONS)}")
+    return items
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(prog="memrerank", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export a Hugging Face reranker to a validated artifact directory")
+    p.add_argument("model", help="hub id (e.g. Qwen/Qwen3-Reranker-0.6B) or local checkpoint directory")
+    p.add_argument("-o", "--output", required=True, type=Path, help="artifact directory to write")
+    p.add_argument("--precision", type=_precision_list, default=["fp32"],
+                   help=f"comma-separated precisions ({', '.join(PRECISIONS)}); default fp32")
+    p.add_argument("--max-length", type=int, default=None, help="longest pair in tokens (default: the model's)")
+    p.add_argument("--instruction", default=None, help="default instruction for decoder rerankers")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+    p = sub.add_parser("rank", help="rank documents for a query with an artifact")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--query", required=True)
+    p.add_argument("--docs", required=True, type=Path,
+                   help="documents: a .jsonl of strings or {'text'|'document': ...} objects, or a text file, one per line")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--threshold", type=float, default=None, help="keep hits with calibrated probability >= T")
+    p.add_argument("--instruction", default=None)
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("info", help="summarise an artifact's manifest")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--json", action="store_true", help="print the whole manifest")
+
+    p = sub.add_parser("demo", help="export the default reranker, rank example agent memories, print figures")
+    p.add_argument("--model", default=None,
+                   help="checkpoint to use (default: Qwen/Qwen3-Reranker-0.6B when the hub is reachable, "
+                        "else the embedded all-MiniLM-L6-v2 body)")
+    p.add_argument("-o", "--output", type=Path, default=Path.home() / ".cache" / "memrerank" / "demo")
+    p.add_argument("--force", action="store_true", help="re-export even if the demo artifact exists")
+    return parser
+
+
+def _read_docs(path: Path) -> list[str]:
+    if not path.is_file():
+        raise MemrerankError(f"--docs: {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        docs = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise MemrerankError(f"--docs: {path}:{n} is not JSON ({exc})") from exc
+            if isinstance(item, dict):
+                item = item.get("text", item.get("document"))
+            if not isinstance(item, str):
+                raise MemrerankError(f"--docs: {path}:{n} must be a string or an object with a 'text' field")
+            docs.append(item)
+        return docs
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from memrerank.export import export_model
+
+    out = export_model(args.model, args.output, precisions=args.precision, max_length=args.max_length,
+                       instruction=args.instruction, force=args.force, revision=args.revision,
+                       trust_remote_code=args.trust_remote_code, command=" ".join(sys.argv),
+                       log=lambda m: print(m, file=sys.stderr))
+    print(info_text(out))
+    return 0
+
+
+def _cmd_rank(args: argparse.Namespace) -> int:
+    from memrerank import Reranker
+
+    docs = _read_docs(args.docs)
+    reranker = Reranker.load(args.artifact, precision=args.precision)
+    hits = reranker.rank(args.query, docs, top_k=args.top_k, threshold=args.threshold, instruction=args.instruction)
+    if args.json:
+        print(json.dumps([h.__dict__ for h in hits], ensure_ascii=False, indent=2))
+    else:
+        print(f"{'rank':>4}  {'score':>6}  {'logit':>8}  {'idx':>4}  text")
+        for r, h in enumerate(hits, 1):
+            text = h.text.replace("\n", " ")
+            text = text if len(text) <= 80 else text[:77] + "..."
+            print(f"{r:>4}  {h.score:6.3f}  {h.logit:8.3f}  {h.index:>4}  {text}{' [truncated]' if h.truncated else ''}")
+    return 0
+
+
+def info_text(root: Path) -> str:
+    """Human summary of an artifact: family, source, precisions with parity, calibration."""
+    from memrerank.manifest import read_manifest
+
+    m = read_manifest(root)
+    src, tok = m["source"], m["tokens"]
+    lines = [
+        f"artifact    {root}",
+        f"family      {m['family']}",
+        f"source      {src['model']} ({src['architecture']}, revision {src.get('revision') or 'unknown'})",
+        f"tokens      max_length={tok['max_length']} padding={tok['padding_side']} pad_id={tok['pad_id']}"
+        + (f" yes_id={tok['yes_id']} no_id={tok['no_id']}" if tok.get("yes_id") is not None else ""),
+    ]
+    if m["family"] == "decoder-yes-no":
+        lines.append(f"instruction {m['template']['default_instruction']!r}")
+    for name, entry in m["precisions"].items():
+        size = sum(f["bytes"] for f in entry["files"].values())
+        par = entry.get("parity", {})
+        parity = (f"max|Δlogit| vs {par.get('reference', '?')} = {par.get('max_abs_logit_diff', float('nan')):.2e} "
+                  f"(tol {par.get('tolerance', float('nan')):.0e}), spearman {par.get('spearman_mean', float('nan')):.4f}")
+        lines.append(f"precision   {name:<6} {size / 2**20:8.1f} MiB  {parity}")
+    calib = m.get("calibration") or {}
+    for name in m["precisions"]:
+        block = calib.get(name)
+        if block:
+            lines.append(f"calibration {name:<6} {block['method']} {block.get('params')}")
+        else:
+            lines.append(f"calibration {name:<6} none: scores are sigmoid(logit)")
+    return "\n".join(lines)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    if args.json:
+        from memrerank.manifest import read_manifest
+
+        print(json.dumps(read_manifest(args.artifact), indent=2, ensure_ascii=False))
+    else:
+        print(info_text(args.artifact))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from memrerank.demo import run_demo
+
+    return run_demo(model=args.model, out=args.output, force=args.force)
+
+
+_COMMANDS: dict[str, Any] = {"export": _cmd_export, "rank": _cmd_rank, "info": _cmd_info, "demo": _cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``memrerank`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (MemrerankError, FileExistsError, ValueError, TypeError) as exc:
+        print(f"memrerank {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

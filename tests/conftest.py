@@ -1,0 +1,74 @@
+"""Session fixtures: tiny checkpoints and their exported artifacts, built once per test session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import models  # noqa: E402
+
+#: Max |Δlogit| between the runtime and the independent transformers reference, per precision.
+PARITY_ATOL = {"fp32": 1e-4}
+
+
+def _export(src: Path, out: Path, **kw) -> Path:
+    from memrerank.export import export_model
+
+    return export_model(str(src), out, log=lambda m: None, **kw)
+
+
+@pytest.fixture(scope="session")
+def qwen_ckpt(tmp_path_factory) -> Path:
+    return models.make_qwen3(tmp_path_factory.mktemp("ckpt") / "qwen3-tiny")
+
+
+@pytest.fixture(scope="session")
+def qwen_artifact(tmp_path_factory, qwen_ckpt) -> Path:
+    return _export(qwen_ckpt, tmp_path_factory.mktemp("art") / "qwen3")
+
+
+@pytest.fixture(scope="session")
+def qwen_short_artifact(tmp_path_factory, qwen_ckpt) -> Path:
+    """max_length small enough that long documents are truncated."""
+    return _export(qwen_ckpt, tmp_path_factory.mktemp("art") / "qwen3-short", max_length=128)
+
+
+@pytest.fixture(scope="session")
+def qwen_seqcls_ckpt(tmp_path_factory) -> Path:
+    return models.make_qwen3(tmp_path_factory.mktemp("ckpt") / "qwen3-seq-cls", seq_cls=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def qwen_seqcls_artifact(tmp_path_factory, qwen_seqcls_ckpt) -> Path:
+    return _export(qwen_seqcls_ckpt, tmp_path_factory.mktemp("art") / "qwen3-seq-cls")
+
+
+@pytest.fixture(scope="session")
+def bert_ckpt(tmp_path_factory) -> Path:
+    return models.make_bert(tmp_path_factory.mktemp("ckpt") / "bert-tiny")
+
+
+@pytest.fixture(scope="session")
+def bert_artifact(tmp_path_factory, bert_ckpt) -> Path:
+    return _export(bert_ckpt, tmp_path_factory.mktemp("art") / "bert", max_length=64)
+
+
+@pytest.fixture(scope="session")
+def minilm_ckpt(tmp_path_factory) -> Path:
+    return models.make_minilm_cross_encoder(tmp_path_factory.mktemp("ckpt") / "minilm")
+
+
+@pytest.fixture(scope="session")
+def minilm_artifact(tmp_path_factory, minilm_ckpt) -> Path:
+    return _export(minilm_ckpt, tmp_path_factory.mktemp("art") / "minilm")
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(models.qwen_tokenizer_dir() / "tokenizer.json"))
