@@ -79,3 +79,10 @@ BUILTIN_PAIRS: list[tuple[str, list[str]]] = [
 def builtin_pairs() -> list[tuple[str, list[str]]]:
     """Return a fresh copy of the built-in (query, documents) groups."""
     return [(q, list(docs)) for q, docs in BUILTIN_PAIRS]
+
+
+def builtin_calibration_groups() -> list[tuple[str, list[str]]]:
+    """Every built-in query against every built-in document (the full-length weekly summary left out), so
+    per-query rankings have enough candidates for top-10 agreement to mean something."""
+    docs = list(dict.fromkeys(d for _, ds in BUILTIN_PAIRS for d in ds if d != _LONG))
+    return [(q, list(docs)) for q, _ in BUILTIN_PAIRS]

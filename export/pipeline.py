@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import uuid
+from dataclasses import asdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,15 @@ import numpy as np
 
 from memrerank.errors import ParityError
 from memrerank.export.families import family_for
+from memrerank.export.fidelity import CalibSet, FidelityBudget, load_calib_jsonl, search_exclusions
 from memrerank.export.graph import DEFAULT_OPSET, export_onnx
 from memrerank.export.metrics import spearman, topk_overlap
-from memrerank.export.pairs import builtin_pairs
+from memrerank.export.pairs import builtin_calibration_groups, builtin_pairs
+from memrerank.export.quantize import PRECISION_BUILDERS, graph_info
 from memrerank.manifest import (
     MANIFEST_NAME,
     PARITY_TOLERANCE,
+    PRECISION_PROVIDERS,
     PRECISIONS,
     SCHEMA_VERSION,
     TOKENIZER_NAME,
@@ -110,6 +114,8 @@ def export_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     opset: int = DEFAULT_OPSET,
+    calib_data: str | Path | None = None,
+    fidelity: FidelityBudget | str | None = None,
     command: str | None = None,
     log: Callable[[str], None] = _log.info,
 ) -> Path:
@@ -125,6 +131,9 @@ def export_model(
         revision: hub revision.
         trust_remote_code: allow the checkpoint's own code (off by default).
         opset: ONNX opset.
+        calib_data: JSONL of {"query","document"} pairs for static calibration and fidelity checks
+            (default: the built-in pairs).
+        fidelity: budget every quantized precision must meet vs fp32 (``"top10=0.95,spearman=0.99"``).
 
     Raises:
         FileExistsError: ``out`` exists and ``force`` is false.
@@ -141,6 +150,8 @@ def export_model(
         raise ValueError("precision: fp32 is the reference every other precision is validated against; include it")
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force (force=True) to replace it")
+    budget = fidelity if isinstance(fidelity, FidelityBudget) else FidelityBudget.parse(fidelity)
+    calib_groups = load_calib_jsonl(calib_data) if calib_data else None
     if max_length is not None and max_length < 32:
         raise ValueError(f"--max-length must be at least 32, got {max_length}")
 
@@ -186,7 +197,7 @@ def export_model(
                     "files": _file_entries(tmp, files),
                     "inputs": list(family.onnx_config().inputs),
                     "outputs": ["logits"],
-                    "providers": ["CPUExecutionProvider", "CUDAExecutionProvider"],
+                    "providers": list(PRECISION_PROVIDERS["fp32"]),
                 }
             },
             "calibration": {},
@@ -209,12 +220,67 @@ def export_model(
                 f"fp32 graph differs from PyTorch by {report['max_abs_logit_diff']:.3e} > {report['tolerance']:.0e}:\n"
                 f"{runs}\nthe export is not trustworthy; please report this checkpoint"
             )
+        extra = [p for p in PRECISIONS if p in precisions and p != "fp32"]
+        if extra:
+            _build_precisions(tmp, graph, extra, calib_groups, budget, manifest, log)
+            _write_manifest(tmp, manifest)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(f"wrote {out}")
     return out
+
+
+def _build_precisions(tmp: Path, graph: Path, names: Sequence[str],
+                      groups: Sequence[tuple[str, list[str]]] | None, budget: FidelityBudget,
+                      manifest: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Build each lower precision from the fp32 graph and validate it against fp32 on the calibration pairs."""
+    source = "user --calib-data" if groups is not None else "built-in pairs"
+    if groups is None:
+        groups = builtin_calibration_groups()
+        log("no --calib-data given: calibrating and checking fidelity on the built-in pairs")
+    calib = CalibSet(tmp, groups)
+    info = graph_info(graph)
+    manifest["calibration_data"] = {"source": source, "pairs": calib.n_pairs, "queries": len(groups)}
+    failures = []
+    for name in names:
+        log(f"building {name}")
+        out_graph = tmp / name / "model.onnx"
+        builder = PRECISION_BUILDERS[name]
+        build_info: dict[str, Any] = {}
+
+        def build(exclude: list[str], _b=builder, _o=out_graph) -> None:
+            build_info.update(_b(graph, _o, info, calib, exclude))
+
+        if name == "fp16":  # no search: fp16 keeps head and final norm in fp32 and is gated by its tolerance
+            build([])
+            metrics = calib.fidelity(calib.score(out_graph))
+            report: dict[str, Any] = {"budget": asdict(budget), "fidelity": metrics, "kept_fp32": [],
+                                      "meets_budget": budget.met(metrics)
+                                      and metrics["max_abs_logit_diff"] <= PARITY_TOLERANCE["fp16"]}
+        else:
+            report = search_exclusions(build, out_graph, calib, info.groups, budget, log)
+        files = sorted(p for p in out_graph.parent.iterdir() if p.is_file())
+        manifest["precisions"][name] = {
+            "graph": f"{name}/model.onnx",
+            "files": _file_entries(tmp, files),
+            "inputs": manifest["precisions"]["fp32"]["inputs"],
+            "outputs": ["logits"],
+            "providers": list(PRECISION_PROVIDERS[name]),
+            "build": build_info,
+            "fidelity": report,
+            "parity": {"reference": "fp32 onnx", **report["fidelity"], "tolerance": PARITY_TOLERANCE[name]},
+        }
+        m = report["fidelity"]
+        log(f"  {name}: max|Δlogit| {m['max_abs_logit_diff']:.3e}, spearman {m['spearman_mean']:.4f}, "
+            f"top10 {m['top10_overlap']:.3f}, kept fp32: {report['kept_fp32'] or 'none'}")
+        if not report["meets_budget"]:
+            failures.append(f"  {name}: spearman {m['spearman_mean']:.4f} (need {budget.spearman}), top10 "
+                            f"{m['top10_overlap']:.3f} (need {budget.top10}), max|Δlogit| {m['max_abs_logit_diff']:.3e}")
+    if failures:
+        raise ParityError("precisions below the fidelity budget vs fp32 even after the sensitivity search:\n"
+                          + "\n".join(failures) + "\nrelax it with --fidelity top10=X,spearman=Y or drop the precision")
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

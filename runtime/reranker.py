@@ -13,8 +13,15 @@ from tokenizers import Tokenizer
 
 from memrerank.calibration import Calibrator
 from memrerank.errors import ArtifactError
-from memrerank.manifest import PRECISIONS, TOKENIZER_NAME, model_files, read_manifest, verify_files
-from memrerank.runtime.backends.onnxruntime import OrtBackend
+from memrerank.manifest import (
+    PRECISIONS,
+    TOKENIZER_NAME,
+    model_files,
+    pick_auto_precision,
+    read_manifest,
+    verify_files,
+)
+from memrerank.runtime.backends.onnxruntime import OrtBackend, resolve_providers
 from memrerank.runtime.batching import iter_batches
 from memrerank.runtime.encoding import make_encoder
 
@@ -74,7 +81,8 @@ class Reranker:
 
         Args:
             path: the artifact directory.
-            precision: one of the exported precisions (see ``memrerank info``).
+            precision: one of the exported precisions (see ``memrerank info``), or ``"auto"``: the fastest
+                exported precision for the first provider that met its fidelity budget at export.
             providers: onnxruntime providers or aliases (``"cpu"``, ``"cuda"``, ``"tensorrt"``); ``None`` = CPU.
             batch_size: rows per model call.
             threads: intra-op threads for onnxruntime (``None`` = onnxruntime's default).
@@ -83,12 +91,14 @@ class Reranker:
             ArtifactError: missing/corrupted files or an unknown schema, with what to do.
             ProviderError: an unavailable provider was asked for.
         """
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision: unknown {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if precision not in PRECISIONS and precision != "auto":
+            raise ValueError(f"precision: unknown {precision!r}; choose one of {', '.join(PRECISIONS)} or 'auto'")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         root = Path(path)
         manifest = read_manifest(root)
+        if precision == "auto":
+            precision = pick_auto_precision(manifest, resolve_providers(providers)[0])
         files = model_files(manifest, precision)
         verify_files(root, files)
         verify_files(root, manifest["tokenizer"]["files"])

@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction", default=None, help="default instruction for decoder rerankers")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code")
+    p.add_argument("--calib-data", type=Path, default=None,
+                   help="JSONL of {\"query\",\"document\"} pairs for int8-static ranges and fidelity checks "
+                        "(default: built-in pairs)")
+    p.add_argument("--fidelity", default=None,
+                   help="budget every quantized precision must keep vs fp32, e.g. top10=0.95,spearman=0.99 (default)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
     p = sub.add_parser("rank", help="rank documents for a query with an artifact")
@@ -46,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--threshold", type=float, default=None, help="keep hits with calibrated probability >= T")
     p.add_argument("--instruction", default=None)
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--precision", choices=PRECISIONS + ("auto",), default="fp32")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = sub.add_parser("info", help="summarise an artifact's manifest")
@@ -89,7 +94,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     out = export_model(args.model, args.output, precisions=args.precision, max_length=args.max_length,
                        instruction=args.instruction, force=args.force, revision=args.revision,
-                       trust_remote_code=args.trust_remote_code, command=" ".join(sys.argv),
+                       trust_remote_code=args.trust_remote_code, calib_data=args.calib_data,
+                       fidelity=args.fidelity, command=" ".join(sys.argv),
                        log=lambda m: print(m, file=sys.stderr))
     print(info_text(out))
     return 0
@@ -130,16 +136,22 @@ def info_text(root: Path) -> str:
     for name, entry in m["precisions"].items():
         size = sum(f["bytes"] for f in entry["files"].values())
         par = entry.get("parity", {})
+        tol = par.get("tolerance")
         parity = (f"max|Δlogit| vs {par.get('reference', '?')} = {par.get('max_abs_logit_diff', float('nan')):.2e} "
-                  f"(tol {par.get('tolerance', float('nan')):.0e}), spearman {par.get('spearman_mean', float('nan')):.4f}")
-        lines.append(f"precision   {name:<6} {size / 2**20:8.1f} MiB  {parity}")
+                  f"(tol {f'{tol:.0e}' if tol is not None else 'n/a'}), "
+                  f"spearman {par.get('spearman_mean', float('nan')):.4f}")
+        if "top10_overlap" in par:
+            fid = entry.get("fidelity", {})
+            parity += (f", top10 {par['top10_overlap']:.3f}, budget {'met' if fid.get('meets_budget') else 'MISSED'}"
+                       f", kept fp32: {', '.join(fid.get('kept_fp32') or []) or 'none'}")
+        lines.append(f"precision   {name:<11} {size / 2**20:8.1f} MiB  {parity}")
     calib = m.get("calibration") or {}
     for name in m["precisions"]:
         block = calib.get(name)
         if block:
-            lines.append(f"calibration {name:<6} {block['method']} {block.get('params')}")
+            lines.append(f"calibration {name:<11} {block['method']} {block.get('params')}")
         else:
-            lines.append(f"calibration {name:<6} none: scores are sigmoid(logit)")
+            lines.append(f"calibration {name:<11} none: scores are sigmoid(logit)")
     return "\n".join(lines)
 
 

@@ -20,6 +20,9 @@ __all__ = [
     "FAMILIES",
     "PRECISIONS",
     "PARITY_TOLERANCE",
+    "PRECISION_PROVIDERS",
+    "AUTO_ORDER",
+    "pick_auto_precision",
     "sha256_file",
     "read_manifest",
     "model_files",
@@ -34,10 +37,27 @@ TOKENIZER_NAME = "tokenizer.json"
 FAMILIES = ("decoder-yes-no", "encoder-cross")
 
 #: Precisions, defined once: CLI choices, manifest keys and test parametrisation all use this tuple.
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "fp16", "int8", "int8-static")
 
-#: Max |Δlogit| allowed between a precision's graph and the PyTorch reference at export time.
-PARITY_TOLERANCE = {"fp32": 1e-4}
+#: Max |Δlogit| allowed at export: fp32 vs the PyTorch reference, fp16 vs the fp32 graph. Quantized precisions
+#: are gated by the ranking fidelity budget instead (memrerank.export.fidelity.FidelityBudget); their max |Δlogit|
+#: is recorded, not bounded.
+PARITY_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2, "int8": None, "int8-static": None}
+
+#: Providers each precision is meant for, best first (``precision="auto"`` uses this).
+PRECISION_PROVIDERS = {
+    "fp32": ("CPUExecutionProvider", "CUDAExecutionProvider"),
+    "fp16": ("CUDAExecutionProvider", "TensorrtExecutionProvider"),
+    "int8": ("CPUExecutionProvider",),
+    "int8-static": ("CPUExecutionProvider", "TensorrtExecutionProvider"),
+}
+
+#: ``precision="auto"`` preference per provider: the first exported precision that met its budget wins.
+AUTO_ORDER = {
+    "CPUExecutionProvider": ("int8", "int8-static", "fp32"),
+    "CUDAExecutionProvider": ("fp16", "fp32"),
+    "TensorrtExecutionProvider": ("fp16", "int8-static", "fp32"),
+}
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -110,3 +130,13 @@ def verify_files(root: str | Path, files: dict[str, dict[str, Any]]) -> None:
                 f"{path} does not match its sha256 in the manifest (corrupted or edited); "
                 f"re-export with `memrerank export MODEL -o {root} --force`"
             )
+
+
+def pick_auto_precision(manifest: dict[str, Any], provider: str) -> str:
+    """The best exported precision for ``provider`` among those that met their fidelity budget."""
+    entries = manifest.get("precisions", {})
+    for name in AUTO_ORDER.get(provider, ("fp32",)):
+        entry = entries.get(name)
+        if entry is not None and entry.get("fidelity", {}).get("meets_budget", True):
+            return name
+    return "fp32"

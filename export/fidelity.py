@@ -1,0 +1,176 @@
+"""Fidelity of a lower precision vs fp32 on calibration pairs, and the sensitivity search that meets a budget."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memrerank.export.metrics import spearman, topk_overlap
+
+__all__ = ["FidelityBudget", "CalibSet", "load_calib_jsonl", "search_exclusions", "TOPK_FIDELITY"]
+
+TOPK_FIDELITY = 10
+
+
+@dataclass(frozen=True)
+class FidelityBudget:
+    """Minimum agreement with fp32 a quantized precision must keep on the calibration pairs."""
+
+    top10: float = 0.95
+    spearman: float = 0.99
+
+    @classmethod
+    def parse(cls, text: str | None) -> FidelityBudget:
+        """Parse ``"top10=0.95,spearman=0.99"`` (either key may be omitted)."""
+        if not text:
+            return cls()
+        values: dict[str, float] = {}
+        for item in text.split(","):
+            key, _, val = item.partition("=")
+            key = key.strip()
+            if key not in ("top10", "spearman") or not val:
+                raise ValueError(f"--fidelity: expected top10=X,spearman=Y, got {text!r}")
+            v = float(val)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"--fidelity: {key} must be in [0, 1], got {v}")
+            values[key] = v
+        return cls(**values)
+
+    def met(self, metrics: dict[str, float]) -> bool:
+        return metrics["top10_overlap"] >= self.top10 and metrics["spearman_mean"] >= self.spearman
+
+
+def load_calib_jsonl(path: str | Path) -> list[tuple[str, list[str]]]:
+    """Read ``{"query", "document"}`` lines (extra keys ignored) and group documents by query."""
+    groups: dict[str, list[str]] = {}
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"--calib-data: {path}:{n} is not JSON ({exc})") from exc
+            if not isinstance(row, dict) or not isinstance(row.get("query"), str) or not isinstance(
+                    row.get("document"), str):
+                raise ValueError(f"--calib-data: {path}:{n} needs string fields 'query' and 'document'")
+            groups.setdefault(row["query"], []).append(row["document"])
+    if not groups:
+        raise ValueError(f"--calib-data: {path} has no pairs")
+    return list(groups.items())
+
+
+class CalibSet:
+    """Calibration pairs tokenized once with the artifact's encoder; scores any graph of the artifact."""
+
+    def __init__(self, root: Path, groups: Sequence[tuple[str, list[str]]], batch_size: int = 16) -> None:
+        from memrerank.runtime import Reranker
+        from memrerank.runtime.batching import iter_batches
+
+        self.groups = list(groups)
+        self.reranker = Reranker.load(root, "fp32")
+        ids, types, self.group_of = [], [], []
+        for g, (q, docs) in enumerate(self.groups):
+            enc = self.reranker.encoder.encode(q, docs)
+            ids.extend(enc.ids)
+            if enc.type_ids is not None:
+                types.extend(enc.type_ids)
+            self.group_of.extend([g] * len(docs))
+        self.group_of = np.asarray(self.group_of)
+        self.n_pairs = len(ids)
+        self.batches = list(iter_batches(ids, types or None, pad_id=self.reranker.pad_id,
+                                         padding_side=self.reranker.padding_side, batch_size=batch_size))
+        self.reference = self.score(root / "fp32" / "model.onnx")
+
+    def feeds(self, graph: Path) -> list[dict[str, np.ndarray]]:
+        import onnx
+
+        names = {i.name for i in onnx.load(str(graph), load_external_data=False).graph.input}
+        out = []
+        for b in self.batches:
+            feed = {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "token_type_ids": b.token_type_ids}
+            out.append({k: v for k, v in feed.items() if k in names and v is not None})
+        return out
+
+    def score(self, graph: Path) -> np.ndarray:
+        from memrerank.runtime.backends.onnxruntime import OrtBackend
+
+        backend = OrtBackend(graph)
+        logits = np.empty(self.n_pairs, dtype=np.float64)
+        for b in self.batches:
+            logits[b.rows] = backend(b.input_ids, b.attention_mask, b.token_type_ids)
+        return logits
+
+    def timed_score(self, graph: Path) -> tuple[np.ndarray, float]:
+        self.score(graph)  # warm-up
+        t0 = time.perf_counter()
+        logits = self.score(graph)
+        return logits, time.perf_counter() - t0
+
+    def fidelity(self, logits: np.ndarray) -> dict[str, float]:
+        """max |Δlogit|, mean per-query Spearman and top-10 overlap vs fp32."""
+        spear, top = [], []
+        for g in range(len(self.groups)):
+            sel = self.group_of == g
+            spear.append(spearman(logits[sel], self.reference[sel]))
+            top.append(topk_overlap(logits[sel], self.reference[sel], TOPK_FIDELITY))
+        return {
+            "max_abs_logit_diff": float(np.max(np.abs(logits - self.reference))),
+            "spearman_mean": float(np.mean(spear)),
+            "top10_overlap": float(np.mean(top)),
+            "pairs": int(self.n_pairs),
+            "queries": len(self.groups),
+        }
+
+
+def search_exclusions(build: Callable[[list[str]], None], graph: Path, calib: CalibSet,
+                      groups: dict[str, list[str]], budget: FidelityBudget,
+                      log: Callable[[str], None]) -> dict[str, Any]:
+    """Build the plain precision; when it misses the budget, keep the most damaging node groups in fp32.
+
+    Sensitivity: each group is quantized alone (everything else fp32) and its damage measured as the drop in
+    mean Spearman vs fp32; groups are then kept in fp32, most damaging first, until the budget holds.
+    """
+    build([])
+    plain_logits, plain_time = calib.timed_score(graph)
+    plain = calib.fidelity(plain_logits)
+    plain_size = _size(graph)
+    report: dict[str, Any] = {"budget": asdict(budget), "plain": plain, "kept_fp32": [], "meets_budget": True}
+    if budget.met(plain):
+        report["fidelity"] = plain
+        return report
+    log(f"  plain quantization misses the budget ({plain}); running the sensitivity search over {len(groups)} groups")
+    every = [n for nodes in groups.values() for n in nodes]
+    damage: dict[str, float] = {}
+    for name, nodes in groups.items():
+        only = set(nodes)
+        build([n for n in every if n not in only])
+        damage[name] = 1.0 - calib.fidelity(calib.score(graph))["spearman_mean"]
+    kept: list[str] = []
+    metrics = plain
+    for name in sorted(damage, key=damage.get, reverse=True):
+        kept.append(name)
+        build([n for g in kept for n in groups[g]])
+        metrics = calib.fidelity(calib.score(graph))
+        if budget.met(metrics):
+            break
+    _, final_time = calib.timed_score(graph)
+    report.update({
+        "sensitivity": {k: round(v, 6) for k, v in sorted(damage.items(), key=lambda kv: -kv[1])},
+        "kept_fp32": kept,
+        "fidelity": metrics,
+        "meets_budget": budget.met(metrics),
+        "size_bytes": {"plain": plain_size, "final": _size(graph)},
+        "speed_cost": round(final_time / plain_time, 3) if plain_time > 0 else None,
+    })
+    return report
+
+
+def _size(graph: Path) -> int:
+    return sum(p.stat().st_size for p in graph.parent.iterdir() if p.is_file())

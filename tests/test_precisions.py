@@ -1,0 +1,139 @@
+"""Lower precisions: graph surgery counted, fidelity vs fp32 recomputed independently, budget search, auto."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from memrerank import Reranker
+from memrerank.errors import ParityError
+from memrerank.export import export_model
+from memrerank.export.fidelity import FidelityBudget
+from memrerank.export.pairs import builtin_calibration_groups
+from memrerank.export.quantize import weight_matmuls
+from memrerank.manifest import PRECISIONS, sha256_file
+
+LOWER = [p for p in PRECISIONS if p != "fp32"]
+
+
+@pytest.fixture(scope="module")
+def qwen_all(tmp_path_factory, qwen_ckpt):
+    return export_model(str(qwen_ckpt), tmp_path_factory.mktemp("prec") / "qwen-all", precisions=list(PRECISIONS),
+                        log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def minilm_all(tmp_path_factory, minilm_ckpt):
+    return export_model(str(minilm_ckpt), tmp_path_factory.mktemp("prec") / "minilm-all",
+                        precisions=list(PRECISIONS), log=lambda m: None)
+
+
+def _spearman(a, b):
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))  # no ties in float logits here
+    return np.corrcoef(ra, rb)[0, 1]
+
+
+@pytest.mark.parametrize("precision", LOWER)
+@pytest.mark.parametrize("artifact", ["qwen_all", "minilm_all"])
+def test_precision_meets_recorded_fidelity(request, artifact, precision):
+    root = request.getfixturevalue(artifact)
+    m = json.loads((root / "manifest.json").read_text())
+    entry = m["precisions"][precision]
+    for rel, meta in entry["files"].items():
+        assert sha256_file(root / rel) == meta["sha256"]
+    fid = entry["fidelity"]
+    assert fid["meets_budget"] and m["calibration_data"]["source"] == "built-in pairs"
+    # Recompute Spearman/top-10 per query with the runtime, independently of the exporter's code. Batches differ
+    # from the exporter's (per query here, length-sorted across queries there), and dynamic int8 picks activation
+    # scales per batch, so agreement is close rather than exact.
+    fp32, low = Reranker.load(root, "fp32"), Reranker.load(root, precision)
+    spear, top = [], []
+    for q, docs in builtin_calibration_groups():
+        a = fp32.predict([(q, d) for d in docs], raw=True)
+        b = low.predict([(q, d) for d in docs], raw=True)
+        spear.append(_spearman(a, b))
+        top.append(len(set(np.argsort(-a)[:10]) & set(np.argsort(-b)[:10])) / 10)
+    assert np.mean(spear) == pytest.approx(fid["fidelity"]["spearman_mean"], abs=5e-3)
+    assert np.mean(top) == pytest.approx(fid["fidelity"]["top10_overlap"], abs=0.0251)
+    assert np.mean(spear) >= FidelityBudget().spearman - 5e-3 and np.mean(top) >= FidelityBudget().top10 - 0.0251
+
+
+def _ops(path):
+    model = onnx.load(str(path))
+    return model, [n.op_type for n in model.graph.node]
+
+
+def test_int8_quantizes_weight_matmuls_only(qwen_all):
+    fp32, _ = _ops(qwen_all / "fp32" / "model.onnx")
+    weights = weight_matmuls(fp32)
+    entry = json.loads((qwen_all / "manifest.json").read_text())["precisions"]["int8"]
+    _, ops = _ops(qwen_all / "int8" / "model.onnx")
+    kept = len(entry["fidelity"]["kept_fp32"])
+    quantized = ops.count("MatMulInteger") + ops.count("DynamicQuantizeMatMul")
+    per_layer = 7  # q, k, v, o, gate, up, down
+    assert quantized == len(weights) - 1 - per_layer * kept  # minus the folded head and kept layers
+    # the folded head (hidden x 1) stays a float MatMul
+    assert ops.count("MatMul") >= 1 + 4  # head + attention's activation x activation products (2 per layer)
+
+
+def test_int8_static_is_qdq_on_weights(qwen_all):
+    model, ops = _ops(qwen_all / "int8-static" / "model.onnx")
+    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
+    inits = {i.name: i for i in model.graph.initializer}
+    int8_weights = [i for i in inits.values() if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+    assert len(int8_weights) >= 7  # at least one layer's projections stored as int8
+
+
+def test_fp16_halves_weights_and_keeps_fp32_io(qwen_all):
+    model, _ = _ops(qwen_all / "fp16" / "model.onnx")
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    sizes = {p: sum((qwen_all / p / f).stat().st_size for f in ("model.onnx",)) for p in ("fp32", "fp16")}
+    assert sizes["fp16"] < 0.55 * sizes["fp32"]
+    head = json.loads((qwen_all / "manifest.json").read_text())["precisions"]["fp16"]["build"]["fp32_nodes"]
+    assert any("MatMul" in n for n in head)
+
+
+def test_auto_picks_int8_on_cpu(qwen_all, qwen_artifact):
+    assert Reranker.load(qwen_all, precision="auto").precision == "int8"
+    assert Reranker.load(qwen_artifact, precision="auto").precision == "fp32"
+
+
+def test_strict_budget_runs_the_sensitivity_search(tmp_path, bert_ckpt):
+    out = export_model(str(bert_ckpt), tmp_path / "strict", precisions=["fp32", "int8"], max_length=64,
+                       fidelity="top10=1.0,spearman=0.99999", log=lambda m: None)
+    fid = json.loads((out / "manifest.json").read_text())["precisions"]["int8"]["fidelity"]
+    assert fid["kept_fp32"], "a strict budget must keep some groups in fp32"
+    assert set(fid["sensitivity"]) == {"layer 0", "layer 1", "other"}
+    assert fid["meets_budget"] and fid["speed_cost"] > 0 and fid["size_bytes"]["final"] >= fid["size_bytes"]["plain"]
+
+
+def test_calib_data_is_used_and_checked(tmp_path, bert_ckpt):
+    data = tmp_path / "calib.jsonl"
+    rows = [{"query": q, "document": d} for q, docs in builtin_calibration_groups()[:3] for d in docs[:12]]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out = export_model(str(bert_ckpt), tmp_path / "cal", precisions=["fp32", "int8-static"], max_length=64,
+                       calib_data=data, log=lambda m: None)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["calibration_data"] == {"source": "user --calib-data", "pairs": 36, "queries": 3}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "q"}\n')
+    with pytest.raises(ValueError, match="'query' and 'document'"):
+        export_model(str(bert_ckpt), tmp_path / "bad", precisions=["fp32", "int8"], calib_data=bad,
+                     log=lambda m: None)
+
+
+def test_budget_parsing_and_impossible_budget(tmp_path, bert_ckpt, monkeypatch):
+    assert FidelityBudget.parse("spearman=0.9") == FidelityBudget(top10=0.95, spearman=0.9)
+    with pytest.raises(ValueError, match="--fidelity"):
+        FidelityBudget.parse("ndcg=1")
+    from memrerank.export import fidelity
+
+    monkeypatch.setattr(fidelity.FidelityBudget, "met", lambda self, m: False)
+    with pytest.raises(ParityError, match="int8: spearman"):
+        export_model(str(bert_ckpt), tmp_path / "never", precisions=["fp32", "int8"], max_length=64,
+                     log=lambda m: None)
+    assert not (tmp_path / "never").exists()
