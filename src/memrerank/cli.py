@@ -58,6 +58,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", type=Path)
     p.add_argument("--json", action="store_true", help="print the whole manifest")
 
+    p = sub.add_parser("bench", help="latency, throughput, memory, size and fidelity per precision")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--precisions", type=_precision_list, default=None, help="comma-separated (default: all exported)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="JSONL of {query,documents[,relevant]} or {query,document[,label]} (default: built-in pairs)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--repeats", type=int, default=10, help="timed repeats per latency point")
+    p.add_argument("--json", type=Path, default=None, help="write the full report here")
+    p.add_argument("--plot", type=Path, default=None, help="write a latency/fidelity plot (PNG, needs matplotlib)")
+
+    p = sub.add_parser("eval", help="retrieval quality (MAP, MRR, NDCG@10, Recall@k) on a memory benchmark")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--data", required=True, type=Path, help="LoCoMo's locomo10.json, or a JSONL of queries")
+    p.add_argument("--benchmark", choices=("locomo", "jsonl"), default=None, help="default: from the file suffix")
+    p.add_argument("--precisions", type=_precision_list, default=None, help="comma-separated (default: all exported)")
+    p.add_argument("--candidates", choices=("sessions", "turns"), default="sessions",
+                   help="LoCoMo candidates: turns of the evidence sessions (± --window) or of the whole conversation")
+    p.add_argument("--window", type=int, default=0, help="LoCoMo: neighbouring sessions added on each side")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N queries only")
+    p.add_argument("--json", type=Path, default=None, help="write the metrics here")
+
     p = sub.add_parser("demo", help="export the default reranker, rank example agent memories, print figures")
     p.add_argument("--model", default=None,
                    help="checkpoint to use (default: Qwen/Qwen3-Reranker-0.6B when the hub is reachable, "
@@ -171,7 +193,56 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(model=args.model, out=args.output, force=args.force)
 
 
-_COMMANDS: dict[str, Any] = {"export": _cmd_export, "rank": _cmd_rank, "info": _cmd_info, "demo": _cmd_demo}
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from memrerank.benchmark import markdown_table, plot, run_bench
+
+    report = run_bench(args.artifact, args.precisions, args.data, batch_size=args.batch_size, threads=args.threads,
+                       repeats=args.repeats)
+    print(markdown_table(report))
+    for name, r in report["precisions"].items():
+        if name == "fp16":
+            print("note: fp16 is a GPU precision; on the CPU provider it is not expected to be faster than fp32")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    if args.plot:
+        plot(report, args.plot)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from memrerank import Reranker
+    from memrerank.evaluation import evaluate_scores, load_jsonl_queries, load_locomo
+    from memrerank.manifest import read_manifest
+
+    kind = args.benchmark or ("jsonl" if args.data.suffix == ".jsonl" else "locomo")
+    if not args.data.is_file():
+        raise MemrerankError(f"--data: {args.data} does not exist")
+    if kind == "locomo":
+        loaded = load_locomo(args.data, candidates=args.candidates, window=args.window, limit=args.limit)
+        print(f"LoCoMo: {len(loaded.queries)} queries; repaired {loaded.repaired_ids} malformed evidence ids, "
+              f"dropped {loaded.dropped_ids} ids naming no turn and {loaded.dropped_queries} queries without evidence")
+    else:
+        loaded = load_jsonl_queries(args.data)
+        loaded.queries = loaded.queries[: args.limit] if args.limit else loaded.queries
+    precisions = args.precisions or list(read_manifest(args.artifact)["precisions"])
+    results: dict[str, Any] = {}
+    for p in precisions:
+        r = Reranker.load(args.artifact, precision=p)
+        scores = [r.predict([(q.query, d) for d in q.documents], raw=True) for q in loaded.queries]
+        results[p] = evaluate_scores(loaded.queries, scores)
+        cats = sorted(results[p], key=lambda c: (c == "overall", c))
+        metrics = [k for k in results[p]["overall"] if k != "queries"]
+        print(f"\n{p}\n| category | queries | " + " | ".join(metrics) + " |\n|" + "---|" * (len(metrics) + 2))
+        for c in cats:
+            row = results[p][c]
+            print(f"| {c} | {row['queries']} | " + " | ".join(f"{row[m]:.4f}" for m in metrics) + " |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+_COMMANDS: dict[str, Any] = {"export": _cmd_export, "rank": _cmd_rank, "info": _cmd_info, "demo": _cmd_demo,
+                             "bench": _cmd_bench, "eval": _cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

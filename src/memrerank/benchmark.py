@@ -1,0 +1,227 @@
+"""``memrerank bench``: latency, throughput, memory, size and fidelity per precision of one artifact.
+
+Each precision is measured in a fresh subprocess so cold start and peak RSS are its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["run_bench", "load_bench_data", "markdown_table", "KS", "BATCH_SIZES"]
+
+KS = (8, 32, 128)
+BATCH_SIZES = (1, 8, 32)
+
+
+def load_bench_data(path: str | Path | None) -> list[tuple[str, list[str], set[int] | None]]:
+    """Queries with candidates (and relevant indices when the file has labels).
+
+    Accepts JSONL lines of ``{"query","documents","relevant"?}`` or ``{"query","document","label"?}`` (grouped by
+    query); ``None`` gives the built-in pairs.
+    """
+    if path is None:
+        from memrerank.export.pairs import builtin_calibration_groups
+
+        return [(q, docs, None) for q, docs in builtin_calibration_groups()]
+    groups: dict[str, tuple[list[str], set[int] | None]] = {}
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "documents" in row:
+                rel = set(row["relevant"]) if "relevant" in row else None
+                groups[row["query"]] = (list(row["documents"]), rel)
+            elif "document" in row:
+                docs, rel = groups.setdefault(row["query"], ([], set() if "label" in row else None))
+                if rel is not None and row.get("label"):
+                    rel.add(len(docs))
+                docs.append(row["document"])
+            else:
+                raise ValueError(f"--data {path}:{n}: expected 'documents' or 'document'")
+    return [(q, d, r) for q, (d, r) in groups.items()]
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+
+
+def _worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Runs in the child: everything measured for one precision."""
+    t0 = time.perf_counter()
+    from memrerank import Reranker
+
+    data = spec["data"]
+    r = Reranker.load(spec["artifact"], precision=spec["precision"], batch_size=spec["batch_size"],
+                      threads=spec["threads"])
+    q0, docs0 = data[0][0], data[0][1]
+    r.predict([(q0, docs0[0])], raw=True)
+    cold = time.perf_counter() - t0
+    out: dict[str, Any] = {"cold_start_s": cold, "latency_ms": {}, "pairs_per_s": {}}
+    pool = [d for _, docs, _ in data for d in docs]
+    for k in spec["ks"]:
+        docs = [pool[i % len(pool)] for i in range(k)]
+        r.rank(q0, docs)  # warm-up at this shape
+        times = []
+        for _ in range(spec["repeats"]):
+            t = time.perf_counter()
+            r.rank(q0, docs)
+            times.append(time.perf_counter() - t)
+        out["latency_ms"][str(k)] = {"p50": 1e3 * float(np.percentile(times, 50)),
+                                     "p95": 1e3 * float(np.percentile(times, 95))}
+    n = max(spec["ks"])
+    pairs = [(q0, pool[i % len(pool)]) for i in range(n)]
+    for bs in spec["batch_sizes"]:
+        r.batch_size = bs
+        r.predict(pairs[: min(n, 2 * bs)], raw=True)
+        t = time.perf_counter()
+        r.predict(pairs, raw=True)
+        out["pairs_per_s"][str(bs)] = n / (time.perf_counter() - t)
+    r.batch_size = spec["batch_size"]
+    logits = [r.predict([(q, d) for d in docs], raw=True).tolist() for q, docs, _ in data]
+    out["logits"] = logits
+    out["peak_rss_mb"] = _peak_rss_mb()
+    return out
+
+
+def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        env = dict(os.environ)
+        proc = subprocess.run([sys.executable, "-m", "memrerank.benchmark", str(spec_path), str(out_path)],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench worker for {spec['precision']} failed:\n{proc.stderr[-2000:]}")
+        return json.loads(out_path.read_text())
+
+
+def run_bench(artifact: str | Path, precisions: Sequence[str] | None = None, data: str | Path | None = None,
+              batch_size: int = 32, threads: int | None = None, repeats: int = 10, ks: Sequence[int] = KS,
+              batch_sizes: Sequence[int] = BATCH_SIZES, progress: bool = True) -> dict[str, Any]:
+    """Measure every requested precision of ``artifact``; fidelity is computed against fp32."""
+    from memrerank.evaluation import average_precision
+    from memrerank.export.metrics import spearman, topk_overlap
+    from memrerank.manifest import read_manifest
+
+    root = Path(artifact)
+    manifest = read_manifest(root)
+    available = list(manifest["precisions"])
+    precisions = list(precisions or available)
+    missing = [p for p in precisions if p not in available]
+    if missing:
+        raise ValueError(f"--precisions: {missing} not in this artifact (it has {', '.join(available)})")
+    if "fp32" not in precisions:
+        precisions = ["fp32", *precisions]
+    groups = load_bench_data(data)
+    spec_data = [(q, d, None) for q, d, _ in groups]
+    results: dict[str, Any] = {}
+    for i, p in enumerate(precisions, 1):
+        if progress:
+            print(f"[{'#' * i}{'.' * (len(precisions) - i)}] {i}/{len(precisions)} measuring {p} ...",
+                  file=sys.stderr, flush=True)
+        spec = {"artifact": str(root), "precision": p, "data": spec_data, "batch_size": batch_size,
+                "threads": threads, "repeats": repeats, "ks": list(ks), "batch_sizes": list(batch_sizes)}
+        results[p] = _run_child(spec)
+        results[p]["size_mb"] = sum(f["bytes"] for f in manifest["precisions"][p]["files"].values()) / 2**20
+    ref = results["fp32"]["logits"]
+    for p, res in results.items():
+        sp = [spearman(np.array(a), np.array(b)) for a, b in zip(res["logits"], ref)]
+        tk = [topk_overlap(np.array(a), np.array(b), 10) for a, b in zip(res["logits"], ref)]
+        res["fidelity"] = {"spearman_mean": float(np.mean(sp)), "top10_overlap": float(np.mean(tk))}
+        labelled = [(np.array(a), g[2]) for a, g in zip(res["logits"], groups) if g[2]]
+        if labelled:
+            res["MAP"] = float(np.mean([average_precision(a, rel) for a, rel in labelled]))
+    for p, res in results.items():
+        if "MAP" in res:
+            res["fidelity"]["delta_MAP"] = res["MAP"] - results["fp32"]["MAP"]
+        del res["logits"]
+    return {
+        "artifact": str(root), "family": manifest["family"], "threads": threads or "onnxruntime default",
+        "batch_size": batch_size, "data": str(data) if data else "built-in pairs", "queries": len(groups),
+        "machine": _machine(), "precisions": results,
+    }
+
+
+def _machine() -> dict[str, Any]:
+    import platform
+
+    import onnxruntime
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version()}
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The bench report as a Markdown table."""
+    ks = sorted({int(k) for r in report["precisions"].values() for k in r["latency_ms"]})
+    bss = sorted({int(b) for r in report["precisions"].values() for b in r["pairs_per_s"]})
+    head = (["precision", "size MiB", "cold start s"] + [f"p50/p95 ms K={k}" for k in ks]
+            + [f"pairs/s b={b}" for b in bss] + ["peak RSS MiB", "Spearman", "top-10", "ΔMAP"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p, r in report["precisions"].items():
+        f = r["fidelity"]
+        row = [p, f"{r['size_mb']:.1f}", f"{r['cold_start_s']:.2f}"]
+        row += [f"{r['latency_ms'][str(k)]['p50']:.1f} / {r['latency_ms'][str(k)]['p95']:.1f}" for k in ks]
+        row += [f"{r['pairs_per_s'][str(b)]:.0f}" for b in bss]
+        row += [f"{r['peak_rss_mb']:.0f}", f"{f['spearman_mean']:.4f}", f"{f['top10_overlap']:.3f}",
+                f"{f['delta_MAP']:+.4f}" if "delta_MAP" in f else "n/a"]
+        lines.append("| " + " | ".join(row) + " |")
+    m = report["machine"]
+    lines.append(f"\n{m['cpu']}, {m['cores']} cores, threads={report['threads']}, batch={report['batch_size']}, "
+                 f"onnxruntime {m['onnxruntime']}, data: {report['data']} ({report['queries']} queries)")
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: str | Path) -> None:
+    """Latency (p50, K=32 or the middle K) per precision, fidelity annotated on each bar."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ValueError("--plot needs matplotlib: pip install 'memrerank[bench]'") from exc
+    names = list(report["precisions"])
+    ks = sorted(int(k) for k in report["precisions"][names[0]]["latency_ms"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(ks)
+    for j, k in enumerate(ks):
+        vals = [report["precisions"][p]["latency_ms"][str(k)]["p50"] for p in names]
+        bars = ax.bar(np.arange(len(names)) + j * width, vals, width, label=f"K={k}")
+        if j == len(ks) - 1:
+            for b, p in zip(bars, names):
+                f = report["precisions"][p]["fidelity"]
+                ax.annotate(f"ρ={f['spearman_mean']:.3f}\ntop10={f['top10_overlap']:.2f}",
+                            (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(np.arange(len(names)) + width * (len(ks) - 1) / 2, names)
+    ax.set_ylabel("p50 latency per query (ms)")
+    ax.set_title(f"{Path(report['artifact']).name}: latency vs precision (fidelity vs fp32 annotated)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":  # worker entry: python -m memrerank.benchmark SPEC OUT
+    spec_in = json.loads(Path(sys.argv[1]).read_text())
+    Path(sys.argv[2]).write_text(json.dumps(_worker(spec_in)))

@@ -1,0 +1,178 @@
+"""Retrieval metrics and memory-benchmark loaders for ``memrerank eval`` (numpy only).
+
+LoCoMo (``locomo10.json``): each question is a query, its candidates are the dialogue turns of the sessions
+holding its evidence (± ``window`` neighbouring sessions) or of the whole conversation, and the relevant turns are
+its evidence ``dia_id``s. Malformed evidence ids are repaired (``"D8:6; D9:17"`` → two ids, ``"D:11:26"`` →
+``D11:26``, ``"D30:05"`` → ``D30:5``); ids that name no turn and questions left with no evidence are dropped and
+counted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Query", "LOCOMO_CATEGORIES", "load_locomo", "load_jsonl_queries", "average_precision", "reciprocal_rank",
+    "ndcg_at_k", "recall_at_k", "evaluate_scores", "RECALL_KS",
+]
+
+LOCOMO_CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop", 5: "adversarial"}
+RECALL_KS = (1, 5, 10)
+_EVIDENCE = re.compile(r"D:?(\d+):(\d+)")
+
+
+@dataclass
+class Query:
+    """One evaluation query with its candidates and the indices of the relevant ones."""
+
+    query: str
+    documents: list[str]
+    relevant: set[int]
+    category: str = "all"
+    group: str = ""
+
+
+@dataclass
+class LoadReport:
+    queries: list[Query] = field(default_factory=list)
+    repaired_ids: int = 0
+    dropped_ids: int = 0
+    dropped_queries: int = 0
+
+
+def _turn_text(turn: dict[str, Any], date: str) -> str:
+    text = f"[{date}] {turn.get('speaker', '?')}: {turn.get('text', '')}"
+    if turn.get("blip_caption"):
+        text += f" [shares a photo of {turn['blip_caption']}]"
+    return text
+
+
+def load_locomo(path: str | Path, candidates: str = "sessions", window: int = 0,
+                limit: int | None = None) -> LoadReport:
+    """Load LoCoMo questions as ranking queries.
+
+    Args:
+        path: ``locomo10.json``.
+        candidates: ``"sessions"`` (turns of the evidence sessions ± window) or ``"turns"`` (whole conversation).
+        window: neighbouring sessions added on each side in ``"sessions"`` mode.
+        limit: keep at most this many queries (in file order).
+    """
+    if candidates not in ("sessions", "turns"):
+        raise ValueError(f"candidates must be 'sessions' or 'turns', got {candidates!r}")
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(data, list) or not data or "conversation" not in data[0]:
+        raise ValueError(f"{path} does not look like LoCoMo's locomo10.json (a list of samples with 'conversation')")
+    report = LoadReport()
+    for sample in data:
+        conv = sample["conversation"]
+        sessions: dict[int, list[tuple[str, str]]] = {}
+        for key, turns in conv.items():
+            m = re.fullmatch(r"session_(\d+)", key)
+            if m and isinstance(turns, list):
+                date = conv.get(f"{key}_date_time", "")
+                sessions[int(m.group(1))] = [(t["dia_id"], _turn_text(t, date)) for t in turns]
+        known = {did for turns in sessions.values() for did, _ in turns}
+        for qa in sample["qa"]:
+            ids: list[str] = []
+            found: list[str] = []
+            for raw in qa.get("evidence") or []:
+                found = [f"D{int(a)}:{int(b)}" for a, b in _EVIDENCE.findall(raw)]
+                if len(found) != 1 or found[0] != raw:
+                    report.repaired_ids += 1
+                for did in found:
+                    if did in known:
+                        ids.append(did)
+                    else:
+                        report.dropped_ids += 1
+            if not ids:
+                report.dropped_queries += 1
+                continue
+            ev_sessions = sorted({int(d[1:].split(":")[0]) for d in ids})
+            if candidates == "turns":
+                chosen = sorted(sessions)
+            else:
+                chosen = sorted({s + o for s in ev_sessions for o in range(-window, window + 1)} & set(sessions))
+            turns = [t for s in chosen for t in sessions[s]]
+            relevant = {i for i, (did, _) in enumerate(turns) if did in set(ids)}
+            cat = LOCOMO_CATEGORIES.get(int(qa.get("category", 0)), str(qa.get("category")))
+            report.queries.append(Query(qa["question"], [t for _, t in turns], relevant, cat, sample.get("sample_id", "")))
+            if limit is not None and len(report.queries) >= limit:
+                return report
+    return report
+
+
+def load_jsonl_queries(path: str | Path) -> LoadReport:
+    """Generic JSONL: one ``{"query", "documents": [...], "relevant": [indices]}`` object per line
+    (optional ``"category"``)."""
+    report = LoadReport()
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            docs, rel = row.get("documents"), row.get("relevant")
+            if not isinstance(row.get("query"), str) or not isinstance(docs, list) or not isinstance(rel, list):
+                raise ValueError(f"{path}:{n}: needs 'query' (str), 'documents' (list) and 'relevant' (list of indices)")
+            bad = [r for r in rel if not isinstance(r, int) or not 0 <= r < len(docs)]
+            if bad:
+                raise ValueError(f"{path}:{n}: relevant indices {bad} are outside 0..{len(docs) - 1}")
+            report.queries.append(Query(row["query"], docs, set(rel), str(row.get("category", "all"))))
+    return report
+
+
+def _order(scores: np.ndarray) -> np.ndarray:
+    return np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+
+
+def average_precision(scores: np.ndarray, relevant: set[int]) -> float:
+    """Mean of precision@rank over the ranks of the relevant documents (0 if none is relevant)."""
+    if not relevant:
+        return 0.0
+    hits, total = 0, 0.0
+    for rank, idx in enumerate(_order(scores), 1):
+        if int(idx) in relevant:
+            hits += 1
+            total += hits / rank
+    return total / len(relevant)
+
+
+def reciprocal_rank(scores: np.ndarray, relevant: set[int]) -> float:
+    for rank, idx in enumerate(_order(scores), 1):
+        if int(idx) in relevant:
+            return 1.0 / rank
+    return 0.0
+
+
+def ndcg_at_k(scores: np.ndarray, relevant: set[int], k: int = 10) -> float:
+    """Binary-gain NDCG@k with log2(rank + 1) discounts."""
+    gains = [1.0 if int(i) in relevant else 0.0 for i in _order(scores)[:k]]
+    dcg = sum(g / np.log2(r + 2) for r, g in enumerate(gains))
+    ideal = sum(1.0 / np.log2(r + 2) for r in range(min(k, len(relevant))))
+    return float(dcg / ideal) if ideal > 0 else 0.0
+
+
+def recall_at_k(scores: np.ndarray, relevant: set[int], k: int) -> float:
+    if not relevant:
+        return 0.0
+    top = {int(i) for i in _order(scores)[:k]}
+    return len(top & relevant) / len(relevant)
+
+
+def evaluate_scores(queries: Sequence[Query], scores: Sequence[np.ndarray]) -> dict[str, dict[str, float]]:
+    """MAP, MRR, NDCG@10 and Recall@k per category and overall."""
+    rows: dict[str, list[dict[str, float]]] = {}
+    for q, s in zip(queries, scores):
+        m = {"MAP": average_precision(s, q.relevant), "MRR": reciprocal_rank(s, q.relevant),
+             "NDCG@10": ndcg_at_k(s, q.relevant, 10)}
+        m.update({f"Recall@{k}": recall_at_k(s, q.relevant, k) for k in RECALL_KS})
+        rows.setdefault(q.category, []).append(m)
+        rows.setdefault("overall", []).append(m)
+    return {cat: {**{k: float(np.mean([r[k] for r in rs])) for k in rs[0]}, "queries": len(rs)}
+            for cat, rs in rows.items()}

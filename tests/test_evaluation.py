@@ -1,0 +1,112 @@
+"""Eval metrics against hand-computed values; the LoCoMo loader's repairs; bench and eval commands."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from memrerank.cli import main
+from memrerank.evaluation import (
+    average_precision,
+    evaluate_scores,
+    load_jsonl_queries,
+    load_locomo,
+    ndcg_at_k,
+    Query,
+    recall_at_k,
+    reciprocal_rank,
+)
+
+SCORES = np.array([0.9, 0.8, 0.7, 0.6, 0.5])  # ranking = 0, 1, 2, 3, 4
+
+
+def test_metrics_hand_computed():
+    rel = {1, 3}
+    # relevant at ranks 2 and 4: AP = (1/2 + 2/4) / 2 = 0.5
+    assert average_precision(SCORES, rel) == pytest.approx(0.5)
+    assert reciprocal_rank(SCORES, rel) == pytest.approx(0.5)
+    # DCG = 1/log2(3) + 1/log2(5); IDCG = 1/log2(2) + 1/log2(3)
+    dcg = 1 / np.log2(3) + 1 / np.log2(5)
+    assert ndcg_at_k(SCORES, rel, 10) == pytest.approx(dcg / (1 + 1 / np.log2(3)))
+    assert recall_at_k(SCORES, rel, 1) == 0.0 and recall_at_k(SCORES, rel, 2) == 0.5 and recall_at_k(SCORES, rel, 5) == 1
+    assert average_precision(SCORES, set()) == 0.0 and reciprocal_rank(SCORES, {9}) == 0.0
+
+
+def test_evaluate_scores_per_category():
+    qs = [Query("a", ["x"] * 5, {0}, "temporal"), Query("b", ["x"] * 5, {4}, "single-hop")]
+    out = evaluate_scores(qs, [SCORES, SCORES])
+    assert out["temporal"]["MRR"] == 1.0 and out["single-hop"]["MRR"] == pytest.approx(0.2)
+    assert out["overall"]["MRR"] == pytest.approx(0.6) and out["overall"]["queries"] == 2
+
+
+@pytest.fixture()
+def locomo_file(tmp_path):
+    conv = {"speaker_a": "Ann", "speaker_b": "Bo",
+            "session_1_date_time": "1 May 2023", "session_1": [
+                {"speaker": "Ann", "dia_id": "D1:1", "text": "I adopted a cat."},
+                {"speaker": "Bo", "dia_id": "D1:2", "text": "Nice!"}],
+            "session_2_date_time": "2 May 2023", "session_2": [
+                {"speaker": "Ann", "dia_id": "D2:1", "text": "The cat is called Miso.", "blip_caption": "a cat"}],
+            "session_3_date_time": "3 May 2023", "session_3": [
+                {"speaker": "Bo", "dia_id": "D3:1", "text": "I ran a marathon."}]}
+    qa = [
+        {"question": "What pet?", "evidence": ["D1:1"], "category": 4},
+        {"question": "Cat name?", "evidence": ["D1:1; D2:1"], "category": 1},  # two ids in one string
+        {"question": "Run?", "evidence": ["D:3:1"], "category": 2},              # stray colon
+        {"question": "Zero-padded?", "evidence": ["D2:01"], "category": 3},
+        {"question": "Nothing", "evidence": [], "category": 5},                  # dropped
+        {"question": "Unknown id", "evidence": ["D9:9"], "category": 5},         # dropped id -> dropped query
+    ]
+    path = tmp_path / "locomo10.json"
+    path.write_text(json.dumps([{"sample_id": "s1", "conversation": conv, "qa": qa}]))
+    return path
+
+
+def test_locomo_loader_repairs_and_counts(locomo_file):
+    r = load_locomo(locomo_file)
+    assert [q.query for q in r.queries] == ["What pet?", "Cat name?", "Run?", "Zero-padded?"]
+    assert r.dropped_queries == 2 and r.dropped_ids == 1 and r.repaired_ids == 3
+    cat_name = r.queries[1]
+    assert len(cat_name.documents) == 3 and cat_name.relevant == {0, 2} and cat_name.category == "multi-hop"
+    assert cat_name.documents[2] == "[2 May 2023] Ann: The cat is called Miso. [shares a photo of a cat]"
+    assert r.queries[0].documents == ["[1 May 2023] Ann: I adopted a cat.", "[1 May 2023] Bo: Nice!"]
+    wide = load_locomo(locomo_file, window=1)
+    assert len(wide.queries[0].documents) == 3  # sessions 1 and 2
+    assert len(load_locomo(locomo_file, candidates="turns").queries[0].documents) == 4
+    with pytest.raises(ValueError, match="LoCoMo"):
+        bad = locomo_file.parent / "bad.json"
+        bad.write_text("{}")
+        load_locomo(bad)
+
+
+def test_jsonl_queries_validation(tmp_path):
+    p = tmp_path / "q.jsonl"
+    p.write_text(json.dumps({"query": "q", "documents": ["a", "b"], "relevant": [1]}) + "\n")
+    assert load_jsonl_queries(p).queries[0].relevant == {1}
+    p.write_text(json.dumps({"query": "q", "documents": ["a"], "relevant": [3]}) + "\n")
+    with pytest.raises(ValueError, match="outside"):
+        load_jsonl_queries(p)
+
+
+def test_eval_command(bert_artifact, locomo_file, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    assert main(["eval", str(bert_artifact), "--data", str(locomo_file), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "dropped 1 ids naming no turn and 2 queries without evidence" in text
+    metrics = json.loads(out.read_text())["fp32"]
+    assert metrics["overall"]["queries"] == 4 and 0 <= metrics["overall"]["MAP"] <= 1
+
+
+def test_bench_command(bert_artifact, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"query": "q", "document": d, "label": int(i == 0)})
+                              for i, d in enumerate(["cat", "dog", "tea", "sun"])))
+    js = tmp_path / "b.json"
+    assert main(["bench", str(bert_artifact), "--data", str(data), "--repeats", "2", "--json", str(js)]) == 0
+    table = capsys.readouterr().out
+    assert "| fp32 |" in table and "ΔMAP" in table
+    rep = json.loads(js.read_text())["precisions"]["fp32"]
+    assert rep["fidelity"] == pytest.approx({"spearman_mean": 1.0, "top10_overlap": 1.0, "delta_MAP": 0.0})
+    assert set(rep["latency_ms"]) == {"8", "32", "128"} and rep["peak_rss_mb"] > 0 and rep["cold_start_s"] > 0
