@@ -88,3 +88,34 @@ def make_minilm_cross_encoder(path: Path, *, seed: int = 0) -> Path:
         if (minilm_dir() / extra).exists():
             shutil.copy(minilm_dir() / extra, path / extra)
     return path
+
+
+def make_xlm_roberta(path: Path, *, seed: int = 0) -> Path:
+    """A tiny random XLMRobertaForSequenceClassification with a RoBERTa-style pair template
+    (``<s> A </s></s> B </s>``, no segment ids), built from the BERT vocabulary since no XLM-R tokenizer ships
+    offline."""
+    import json
+
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    torch.manual_seed(seed)
+    spec = json.loads((minilm_dir() / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    cls_id, sep_id, pad_id = vocab["[CLS]"], vocab["[SEP]"], vocab["[PAD]"]
+    spec["post_processor"] = {"type": "RobertaProcessing", "sep": ["[SEP]", sep_id], "cls": ["[CLS]", cls_id],
+                              "trim_offsets": True, "add_prefix_space": False}
+    spec["padding"] = None
+    spec["truncation"] = None
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="[CLS]",
+                                  eos_token="[SEP]", sep_token="[SEP]", cls_token="[CLS]", pad_token="[PAD]",
+                                  unk_token="[UNK]", mask_token="[MASK]", model_max_length=128,
+                                  model_input_names=["input_ids", "attention_mask"])
+    config = XLMRobertaConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=64, max_position_embeddings=130, type_vocab_size=1,
+                              pad_token_id=pad_id, num_labels=1, initializer_range=0.5,
+                              architectures=["XLMRobertaForSequenceClassification"])
+    XLMRobertaForSequenceClassification(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

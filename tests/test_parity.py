@@ -114,3 +114,18 @@ def test_tiny_bert_matches_transformers_with_truncation(bert_ckpt, bert_artifact
     got, truncated = Reranker.load(bert_artifact, batch_size=8).predict(pairs, raw=True, return_truncated=True)
     assert truncated.any()
     np.testing.assert_allclose(got, ref, atol=PARITY_ATOL["fp32"], rtol=0)
+
+
+def test_xlm_roberta_family_matches_transformers(tmp_path):
+    import models
+    from memrerank.export import export_model
+    from memrerank.manifest import read_manifest
+
+    ckpt = models.make_xlm_roberta(tmp_path / "xlmr")
+    art = export_model(str(ckpt), tmp_path / "xlmr-art", log=lambda m: None)
+    tpl = read_manifest(art)["template"]
+    assert tpl["uses_type_ids"] is False and len(tpl["middle_ids"]) == 2  # </s></s> between the segments
+    pairs = all_pairs()
+    ref = cross_encoder_logits(ckpt, pairs, read_manifest(art)["tokens"]["max_length"])
+    got = Reranker.load(art, batch_size=8).predict(pairs, raw=True)
+    np.testing.assert_allclose(got, ref, atol=PARITY_ATOL["fp32"], rtol=0)

@@ -1,0 +1,65 @@
+"""Shared helpers for the bench scripts: workloads from LoCoMo, timing, environment description."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+DEFAULT_LOCOMO = Path(__file__).resolve().parents[2] / "shared" / "data" / "locomo" / "locomo10.json"
+
+
+def locomo_workload(path: Path, n_queries: int, k: int, skip: int = 0):
+    """``n_queries`` LoCoMo questions, each with ``k`` candidate turns (the evidence sessions, then neighbours)."""
+    from memrerank.evaluation import load_locomo
+
+    out = []
+    for q in load_locomo(path, candidates="sessions", window=2).queries[skip:]:
+        if len(q.documents) >= k:
+            out.append((q.query, q.documents[:k]))
+        if len(out) == n_queries:
+            break
+    return out
+
+
+def time_it(fn: Callable[[], object], repeats: int = 3) -> dict[str, float]:
+    """Run once to warm up, then ``repeats`` timed runs; min and median seconds."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return {"min_s": min(times), "median_s": statistics.median(times)}
+
+
+def environment(threads: int) -> dict[str, object]:
+    import onnxruntime
+    import torch
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    env = {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+           "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__,
+           "python": platform.python_version()}
+    try:
+        import sentence_transformers
+
+        env["sentence_transformers"] = sentence_transformers.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def write(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2))
