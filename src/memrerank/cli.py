@@ -80,6 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N queries only")
     p.add_argument("--json", type=Path, default=None, help="write the metrics here")
 
+    p = sub.add_parser("calibrate", help="fit per-precision score calibration and store it in the manifest")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--data", required=True, type=Path,
+                   help="JSONL of {query,document,label?} (no labels = teacher mode: match fp32) or LoCoMo's json")
+    p.add_argument("--method", choices=("auto", "temperature", "platt"), default="auto",
+                   help="auto: Platt (temperature + bias) where the bias helps, else temperature")
+    p.add_argument("--precisions", type=_precision_list, default=None, help="comma-separated (default: all exported)")
+    p.add_argument("--holdout", type=float, default=0.2, help="share of queries held out for the report")
+    p.add_argument("--limit", type=int, default=None, help="LoCoMo: first N questions only")
+    p.add_argument("--plot", type=Path, default=None, help="reliability diagram PNG (needs matplotlib)")
+    p.add_argument("--json", type=Path, default=None, help="write the report here")
+
     p = sub.add_parser("demo", help="export the default reranker, rank example agent memories, print figures")
     p.add_argument("--model", default=None,
                    help="checkpoint to use (default: Qwen/Qwen3-Reranker-0.6B when the hub is reachable, "
@@ -171,7 +183,10 @@ def info_text(root: Path) -> str:
     for name in m["precisions"]:
         block = calib.get(name)
         if block:
-            lines.append(f"calibration {name:<11} {block['method']} {block.get('params')}")
+            after = block.get("metrics", {}).get("after", {})
+            extra = f", held-out ECE {after['ece']:.4f}" if "ece" in after else ""
+            lines.append(f"calibration {name:<11} {block['method']} {block.get('params')} "
+                         f"({block.get('mode', '?')} mode, {block.get('data_size', '?')} pairs, {block.get('fit_date', '?')}{extra})")
         else:
             lines.append(f"calibration {name:<11} none: scores are sigmoid(logit)")
     return "\n".join(lines)
@@ -241,7 +256,37 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS: dict[str, Any] = {"export": _cmd_export, "rank": _cmd_rank, "info": _cmd_info, "demo": _cmd_demo,
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from memrerank.calibration.run import calibrate_artifact
+
+    rep = calibrate_artifact(args.artifact, args.data, method=args.method, precisions=args.precisions,
+                             holdout=args.holdout, limit=args.limit, plot=args.plot,
+                             log=lambda m: print(m, file=sys.stderr))
+    print(calibration_table(rep))
+    if args.json:
+        args.json.write_text(json.dumps(rep, indent=2))
+    return 0
+
+
+def calibration_table(rep: dict[str, Any]) -> str:
+    """Before/after Markdown table of a calibration report."""
+    labelled = rep["mode"] == "labels"
+    cols = ["ece", "brier", "log_loss"] if labelled else ["mean_abs_diff_to_teacher", "log_loss"]
+    head = ["precision", "method"] + [f"{c} before → after" for c in cols] + ["agree@0.3/0.5/0.7 vs fp32 before → after"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p, r in rep["precisions"].items():
+        row = [p, r["method"]] + [f"{r['before'][c]:.4f} → {r['after'][c]:.4f}" for c in cols]
+        ag = r.get("agreement_vs_fp32")
+        row.append(" / ".join(f"{ag['before'][t]:.3f}" for t in ag["before"]) + " → "
+                   + " / ".join(f"{ag['after'][t]:.3f}" for t in ag["after"]) if ag else "—")
+        lines.append("| " + " | ".join(row) + " |")
+    tail = f"\n{rep['mode']} mode, {rep['pairs']} pairs, {rep['held_out']} held out"
+    if labelled:
+        tail += f"; base rate {rep['base_rate']:.4f} (constant predictor log-loss {rep['base_rate_log_loss']:.4f})"
+    return "\n".join(lines) + tail
+
+
+_COMMANDS: dict[str, Any] = {"calibrate": _cmd_calibrate, "export": _cmd_export, "rank": _cmd_rank, "info": _cmd_info, "demo": _cmd_demo,
                              "bench": _cmd_bench, "eval": _cmd_eval}
 
 

@@ -1,0 +1,171 @@
+"""Calibration: fits recover known parameters, metrics match hand computation, manifest round-trip."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from memrerank import Reranker
+from memrerank.calibration import Calibrator, sigmoid
+from memrerank.calibration.fit import fit_platt, fit_temperature, log_loss
+from memrerank.calibration.metrics import brier, decision_agreement, ece
+from memrerank.calibration.run import calibrate_artifact
+from memrerank.cli import main
+
+
+def _synthetic(temperature=2.5, bias=0.0, n=40_000, seed=0):
+    """Logits whose true probability is sigmoid(logit / T + b): labels drawn from that calibrated model."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 4, n)
+    y = (rng.random(n) < sigmoid(z / temperature + bias)).astype(float)
+    return z, y
+
+
+def test_temperature_fit_recovers_known_temperature():
+    z, y = _synthetic(2.5)
+    assert fit_temperature(z, y) == pytest.approx(2.5, rel=0.03)
+
+
+def test_platt_fit_recovers_slope_and_bias():
+    z, y = _synthetic(2.0, bias=-1.5, seed=1)
+    a, b = fit_platt(z, y)
+    assert a == pytest.approx(0.5, rel=0.04) and b == pytest.approx(-1.5, abs=0.06)
+
+
+def test_platt_slope_stays_positive_on_anti_correlated_data():
+    z = np.linspace(-3, 3, 200)
+    y = (z < 0).astype(float)  # the model ranks backwards
+    a, _ = fit_platt(z, y)
+    assert a > 0
+    assert fit_temperature(z, y) > 0
+
+
+def test_soft_targets_fit_the_teacher():
+    z = np.linspace(-6, 6, 101)
+    teacher = sigmoid(0.8 * z + 0.3)
+    a, b = fit_platt(z, teacher)
+    assert (a, b) == pytest.approx((0.8, 0.3), abs=1e-6)
+
+
+def test_metrics_hand_computed():
+    p = np.array([0.1, 0.2, 0.8, 0.9])
+    y = np.array([0.0, 1.0, 1.0, 1.0])
+    # 15 bins: 0.1 -> bin 1, 0.2 -> bin 3, 0.8 -> bin 12, 0.9 -> bin 13: each alone
+    # ECE = (|0-0.1| + |1-0.2| + |1-0.8| + |1-0.9|) / 4 = (0.1 + 0.8 + 0.2 + 0.1) / 4 = 0.3
+    assert ece(p, y) == pytest.approx(0.3)
+    assert ece(np.array([0.2, 0.2]), np.array([0.0, 1.0])) == pytest.approx(0.3)  # one bin: |0.5 - 0.2|
+    assert brier(p, y) == pytest.approx((0.01 + 0.64 + 0.04 + 0.01) / 4)
+    assert log_loss(np.array([0.5]), np.array([1.0])) == pytest.approx(np.log(2))
+    assert decision_agreement(np.array([0.2, 0.6, 0.8]), np.array([0.4, 0.4, 0.9])) == \
+        pytest.approx({"0.3": 2 / 3, "0.5": 2 / 3, "0.7": 1.0})
+
+
+def test_bad_targets_are_rejected():
+    with pytest.raises(ValueError, match="targets"):
+        fit_temperature(np.array([1.0, 2.0]), np.array([0.0, 2.0]))
+    with pytest.raises(ValueError, match="as many"):
+        fit_platt(np.array([1.0]), np.array([0.0, 1.0]))
+
+
+def _labelled_jsonl(reranker, path, n_queries=60, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for qi in range(n_queries):
+        q = f"question {qi} about item {rng.integers(1000)}?"
+        docs = [f"memory {qi}-{j}: the user said {rng.integers(10000)} things" for j in range(8)]
+        z = reranker.predict([(q, d) for d in docs], raw=True)
+        # labels from a calibrated model at temperature 0.5 with bias -1 on the artifact's own logits
+        y = rng.random(len(docs)) < sigmoid(z / 0.5 - 1.0)
+        rows += [{"query": q, "document": d, "label": int(l)} for d, l in zip(docs, y)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_calibrate_labels_mode_roundtrip(bert_artifact, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(bert_artifact, art)
+    data = _labelled_jsonl(Reranker.load(art), tmp_path / "pairs.jsonl")
+    rep = calibrate_artifact(art, data, method="platt", holdout=0.3, log=lambda m: None)
+    r = rep["precisions"]["fp32"]
+    assert r["after"]["log_loss"] < r["before"]["log_loss"] and r["beats_base_rate"] and r["beats_uncalibrated"]
+    m = json.loads((art / "manifest.json").read_text())["calibration"]["fp32"]
+    assert m["method"] == "platt" and m["params"]["a"] > 0 and m["mode"] == "labels"
+    # the runtime applies exactly what the manifest records; raw logits are untouched; ranking unchanged
+    rer = Reranker.load(art)
+    pairs = [("q", "first memory"), ("q", "second one"), ("q", "")]
+    z = rer.predict(pairs, raw=True)
+    np.testing.assert_allclose(rer.predict(pairs), sigmoid(m["params"]["a"] * z + m["params"]["b"]), atol=1e-6)
+    hits = rer.rank("q", ["first memory", "second one", ""])
+    assert [h.index for h in hits] == list(np.argsort(-z, kind="stable"))
+    cut = hits[0].score
+    assert [h.index for h in rer.rank("q", ["first memory", "second one", ""], threshold=cut)] == [hits[0].index]
+
+
+def _stretched_precision(art, name, scale, shift):
+    """Register, as ``name``, the fp32 graph with its logit stretched and shifted (what quantization does to a
+    threshold), so teacher calibration has a known answer: a = 1/scale, b = -shift/scale."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from memrerank.manifest import sha256_file
+
+    model = onnx.load(str(art / "fp32" / "model.onnx"))
+    out = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = [o if o != out else "raw_logits" for o in node.output]
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), "s"),
+                                    numpy_helper.from_array(np.array(shift, np.float32), "t")])
+    model.graph.node.extend([helper.make_node("Mul", ["raw_logits", "s"], ["scaled"]),
+                             helper.make_node("Add", ["scaled", "t"], [out])])
+    (art / name).mkdir()
+    onnx.save(model, str(art / name / "model.onnx"))
+    m = json.loads((art / "manifest.json").read_text())
+    rel = f"{name}/model.onnx"
+    m["precisions"][name] = {**m["precisions"]["fp32"], "graph": rel, "files": {rel: {
+        "sha256": sha256_file(art / rel), "bytes": (art / rel).stat().st_size}}}
+    (art / "manifest.json").write_text(json.dumps(m))
+
+
+def test_calibrate_teacher_mode_aligns_a_stretched_precision_with_fp32(minilm_artifact, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(minilm_artifact, art)
+    _stretched_precision(art, "int8", scale=1.7, shift=0.8)
+    data = tmp_path / "unlabelled.jsonl"
+    rng = np.random.default_rng(3)
+    words = ["cat", "tea", "Lisbon", "climbing", "passport", "piano", "river", "Marco", "birthday", "cabin"]
+    data.write_text("\n".join(json.dumps({"query": f"what about {words[i % 10]}?",
+                                          "document": " ".join(rng.choice(words, 6))}) for i in range(300)))
+    rep = calibrate_artifact(art, data, method="platt", precisions=["int8"], log=lambda m: None)
+    assert rep["mode"] == "teacher" and list(rep["precisions"]) == ["int8"]
+    r = rep["precisions"]["int8"]
+    assert (r["params"]["a"], r["params"]["b"]) == pytest.approx((1 / 1.7, -0.8 / 1.7), abs=1e-3)
+    assert r["agreement_vs_fp32"]["before"]["0.5"] < 0.99
+    assert r["agreement_vs_fp32"]["after"] == {"0.3": 1.0, "0.5": 1.0, "0.7": 1.0}
+    fp32, int8 = Reranker.load(art, "fp32"), Reranker.load(art, "int8")
+    pairs = [("what about tea?", "tea cat river"), ("what about tea?", "piano cabin")]
+    np.testing.assert_allclose(int8.predict(pairs), fp32.predict(pairs), atol=1e-3)
+
+
+def test_cli_calibrate_and_info(bert_artifact, tmp_path, capsys):
+    art = tmp_path / "art"
+    shutil.copytree(bert_artifact, art)
+    assert main(["info", str(art)]) == 0
+    assert "none: scores are sigmoid(logit)" in capsys.readouterr().out
+    data = _labelled_jsonl(Reranker.load(art), tmp_path / "pairs.jsonl", n_queries=30)
+    assert main(["calibrate", str(art), "--data", str(data), "--method", "temperature"]) == 0
+    assert "ece before → after" in capsys.readouterr().out
+    assert main(["info", str(art)]) == 0
+    out = capsys.readouterr().out
+    assert "calibration fp32        temperature" in out and "labels mode" in out
+    bad = tmp_path / "mixed.jsonl"
+    bad.write_text('{"query":"q","document":"d","label":1}\n{"query":"q","document":"e"}\n')
+    assert main(["calibrate", str(art), "--data", str(bad)]) == 2
+    assert "labels mode" in capsys.readouterr().err
+
+
+def test_uncalibrated_calibrator_is_sigmoid():
+    z = np.array([-3.0, 0.0, 2.0])
+    np.testing.assert_allclose(Calibrator.from_block(None)(z), sigmoid(z), atol=1e-7)
