@@ -75,16 +75,30 @@ def official_recipe(ckpt: Path, threads: int):
     return score, model
 
 
+def _jinja_literal(text: str) -> str:
+    return "{{- '" + text.replace("\\", "\\\\").replace("\n", "\\n").replace("'", "\\'") + "' -}}"
+
+
+# The Qwen3-Reranker prompt as a chat template over sentence-transformers' query/document roles (renders the
+# same token ids as the official recipe; checked when this bench was written).
+ST_CHAT_TEMPLATE = (
+    _jinja_literal(PREFIX) + "<Instruct>: " + INSTRUCTION + "\n<Query>: "
+    "{{ messages | selectattr('role', 'eq', 'query') | map(attribute='content') | first }}"
+    "\n<Document>: {{ messages | selectattr('role', 'eq', 'document') | map(attribute='content') | first }}"
+    + _jinja_literal(SUFFIX)
+)
+
+
 def st_cross_encoder(ckpt: Path, threads: int):
+    """sentence-transformers' CrossEncoder on a causal LM (Transformer + LogitScore(yes, no))."""
     import torch
     from sentence_transformers import CrossEncoder
 
     torch.set_num_threads(threads)
-    model = CrossEncoder(str(ckpt), device="cpu")
+    model = CrossEncoder(str(ckpt), device="cpu", processor_kwargs={"chat_template": ST_CHAT_TEMPLATE})
 
     def score(query, docs):
-        head = f"{PREFIX}<Instruct>: {INSTRUCTION}\n<Query>: {query}\n<Document>: "
-        return model.predict([(head, d + SUFFIX) for d in docs], batch_size=len(docs), show_progress_bar=False)
+        return model.predict([(query, d) for d in docs], batch_size=len(docs), show_progress_bar=False)
 
     return score
 
