@@ -13,9 +13,13 @@ import numpy as np
 
 from memrerank.export.metrics import spearman, topk_overlap
 
-__all__ = ["FidelityBudget", "CalibSet", "load_calib_jsonl", "search_exclusions", "TOPK_FIDELITY"]
+__all__ = ["FidelityBudget", "CalibSet", "load_calib_jsonl", "search_exclusions", "TOPK_FIDELITY",
+           "REFINE_MAX_NODES"]
 
 TOPK_FIDELITY = 10
+#: After whole groups are kept in fp32, each of their nodes is tried back in low precision one at a time when
+#: they are at most this many (one quantize + one scoring pass per node).
+REFINE_MAX_NODES = 64
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,9 @@ def search_exclusions(build: Callable[[list[str]], None], graph: Path, calib: Ca
     """Build the plain precision; when it misses the budget, keep the most damaging node groups in fp32.
 
     Sensitivity: each group is quantized alone (everything else fp32) and its damage measured as the drop in
-    mean Spearman vs fp32; groups are then kept in fp32, most damaging first, until the budget holds.
+    mean Spearman vs fp32; groups are then kept in fp32, most damaging first, until the budget holds. Then each
+    node of the kept groups is tried back in low precision, least damaging group first, and stays there when the
+    budget still holds (layers are coarse: usually one or two products of a layer carry the damage).
     """
     build([])
     plain_logits, plain_time = calib.timed_score(graph)
@@ -160,10 +166,26 @@ def search_exclusions(build: Callable[[list[str]], None], graph: Path, calib: Ca
         metrics = calib.fidelity(calib.score(graph))
         if budget.met(metrics):
             break
+    excluded = [n for g in kept for n in groups[g]]
+    refined = budget.met(metrics) and len(excluded) <= REFINE_MAX_NODES
+    if refined:
+        current_built = True
+        for node in reversed(list(excluded)):
+            trial = [x for x in excluded if x != node]
+            build(trial)
+            m = calib.fidelity(calib.score(graph))
+            current_built = budget.met(m)
+            if current_built:
+                excluded, metrics = trial, m
+        if not current_built:
+            build(excluded)
     _, final_time = calib.timed_score(graph)
+    kept = [g for g in kept if set(groups[g]) & set(excluded)]
     report.update({
         "sensitivity": {k: round(v, 6) for k, v in sorted(damage.items(), key=lambda kv: -kv[1])},
         "kept_fp32": kept,
+        "kept_fp32_nodes": excluded,
+        "refined_per_node": refined,
         "fidelity": metrics,
         "meets_budget": budget.met(metrics),
         "size_bytes": {"plain": plain_size, "final": _size(graph)},

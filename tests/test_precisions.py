@@ -26,9 +26,9 @@ def qwen_all(tmp_path_factory, qwen_ckpt):
 
 
 @pytest.fixture(scope="module")
-def minilm_all(tmp_path_factory, minilm_ckpt):
-    return export_model(str(minilm_ckpt), tmp_path_factory.mktemp("prec") / "minilm-all",
-                        precisions=list(PRECISIONS), log=lambda m: None)
+def bert_all(tmp_path_factory, bert_ckpt):
+    return export_model(str(bert_ckpt), tmp_path_factory.mktemp("prec") / "bert-all", precisions=list(PRECISIONS),
+                        max_length=64, log=lambda m: None)
 
 
 def _spearman(a, b):
@@ -37,7 +37,7 @@ def _spearman(a, b):
 
 
 @pytest.mark.parametrize("precision", LOWER)
-@pytest.mark.parametrize("artifact", ["qwen_all", "minilm_all"])
+@pytest.mark.parametrize("artifact", ["qwen_all", "bert_all"])
 def test_precision_meets_recorded_fidelity(request, artifact, precision):
     root = request.getfixturevalue(artifact)
     m = json.loads((root / "manifest.json").read_text())
@@ -71,10 +71,9 @@ def test_int8_quantizes_weight_matmuls_only(qwen_all):
     weights = weight_matmuls(fp32)
     entry = json.loads((qwen_all / "manifest.json").read_text())["precisions"]["int8"]
     _, ops = _ops(qwen_all / "int8" / "model.onnx")
-    kept = len(entry["fidelity"]["kept_fp32"])
+    kept = len(entry["fidelity"].get("kept_fp32_nodes", []))
     quantized = ops.count("MatMulInteger") + ops.count("DynamicQuantizeMatMul")
-    per_layer = 7  # q, k, v, o, gate, up, down
-    assert quantized == len(weights) - 1 - per_layer * kept  # minus the folded head and kept layers
+    assert quantized == len(weights) - 1 - kept  # minus the folded head and the products kept in fp32
     # the folded head (hidden x 1) stays a float MatMul
     assert ops.count("MatMul") >= 1 + 4  # head + attention's activation x activation products (2 per layer)
 
@@ -106,7 +105,8 @@ def test_strict_budget_runs_the_sensitivity_search(tmp_path, bert_ckpt):
     out = export_model(str(bert_ckpt), tmp_path / "strict", precisions=["fp32", "int8"], max_length=64,
                        fidelity="top10=1.0,spearman=0.99999", log=lambda m: None)
     fid = json.loads((out / "manifest.json").read_text())["precisions"]["int8"]["fidelity"]
-    assert fid["kept_fp32"], "a strict budget must keep some groups in fp32"
+    assert fid["kept_fp32"] and fid["kept_fp32_nodes"], "a strict budget must keep some products in fp32"
+    assert fid["refined_per_node"]
     assert set(fid["sensitivity"]) == {"layer 0", "layer 1", "other"}
     assert fid["meets_budget"] and fid["speed_cost"] > 0 and fid["size_bytes"]["final"] >= fid["size_bytes"]["plain"]
 
