@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,11 @@ class Reranker:
         _check_tokenizer(tokenizer, manifest)
         graph = root / manifest["precisions"][precision]["graph"]
         backend = OrtBackend(graph, providers=providers, threads=threads)
+        meant_for = manifest["precisions"][precision].get("providers", [])
+        if meant_for and backend.providers[0] not in meant_for:
+            warnings.warn(
+                f"precision {precision!r} is meant for {', '.join(meant_for)}; on {backend.providers[0]} it runs "
+                "correctly but is not expected to be faster than fp32", stacklevel=2)
         return cls(root, manifest, precision, backend, tokenizer, batch_size)
 
     # ------------------------------------------------------------------ scoring
