@@ -14,7 +14,7 @@ import numpy as np
 
 from memrerank.calibration import Calibrator, sigmoid
 from memrerank.calibration.fit import fit_platt, fit_temperature, log_loss
-from memrerank.calibration.metrics import THRESHOLDS, brier, decision_agreement, ece, reliability_bins
+from memrerank.calibration.metrics import brier, decision_agreement, ece, reliability_bins
 
 __all__ = ["load_calibration_pairs", "calibrate_artifact", "CALIBRATION_METHODS"]
 
@@ -36,17 +36,16 @@ def load_calibration_pairs(path: str | Path, limit: int | None = None) -> tuple[
                 ds.append(d)
                 ys.append(float(i in q.relevant))
         return qs, ds, np.asarray(ys)
+    from memrerank.jsonl import iter_jsonl
+
     qs, ds, ys = [], [], []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if not isinstance(row.get("query"), str) or not isinstance(row.get("document"), str):
-                raise ValueError(f"--data {path}:{n}: needs string fields 'query' and 'document'")
-            qs.append(row["query"])
-            ds.append(row["document"])
-            ys.append(row.get("label"))
+    for where, row in iter_jsonl(path, "--data"):
+        if not isinstance(row, dict) or not isinstance(row.get("query"), str) or not isinstance(
+                row.get("document"), str):
+            raise ValueError(f"--data: {where} needs string fields 'query' and 'document'")
+        qs.append(row["query"])
+        ds.append(row["document"])
+        ys.append(row.get("label"))
     labelled = [y is not None for y in ys]
     if any(labelled) and not all(labelled):
         raise ValueError(f"--data {path}: either every line has a 'label' (labels mode) or none (teacher mode)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -52,19 +51,14 @@ class FidelityBudget:
 
 def load_calib_jsonl(path: str | Path) -> list[tuple[str, list[str]]]:
     """Read ``{"query", "document"}`` lines (extra keys ignored) and group documents by query."""
+    from memrerank.jsonl import iter_jsonl
+
     groups: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"--calib-data: {path}:{n} is not JSON ({exc})") from exc
-            if not isinstance(row, dict) or not isinstance(row.get("query"), str) or not isinstance(
-                    row.get("document"), str):
-                raise ValueError(f"--calib-data: {path}:{n} needs string fields 'query' and 'document'")
-            groups.setdefault(row["query"], []).append(row["document"])
+    for where, row in iter_jsonl(path, "--calib-data"):
+        if not isinstance(row, dict) or not isinstance(row.get("query"), str) or not isinstance(
+                row.get("document"), str):
+            raise ValueError(f"--calib-data: {where} needs string fields 'query' and 'document'")
+        groups.setdefault(row["query"], []).append(row["document"])
     if not groups:
         raise ValueError(f"--calib-data: {path} has no pairs")
     return list(groups.items())

@@ -34,22 +34,22 @@ def load_bench_data(path: str | Path | None) -> list[tuple[str, list[str], set[i
         from memrerank.export.pairs import builtin_calibration_groups
 
         return [(q, docs, None) for q, docs in builtin_calibration_groups()]
+    from memrerank.jsonl import iter_jsonl
+
     groups: dict[str, tuple[list[str], set[int] | None]] = {}
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "documents" in row:
-                rel = set(row["relevant"]) if "relevant" in row else None
-                groups[row["query"]] = (list(row["documents"]), rel)
-            elif "document" in row:
-                docs, rel = groups.setdefault(row["query"], ([], set() if "label" in row else None))
-                if rel is not None and row.get("label"):
-                    rel.add(len(docs))
-                docs.append(row["document"])
-            else:
-                raise ValueError(f"--data {path}:{n}: expected 'documents' or 'document'")
+    for where, row in iter_jsonl(path, "--data"):
+        if not isinstance(row, dict) or not isinstance(row.get("query"), str):
+            raise ValueError(f"--data: {where} needs a string 'query'")
+        if "documents" in row:
+            rel = set(row["relevant"]) if "relevant" in row else None
+            groups[row["query"]] = (list(row["documents"]), rel)
+        elif "document" in row:
+            docs, rel = groups.setdefault(row["query"], ([], set() if "label" in row else None))
+            if rel is not None and row.get("label"):
+                rel.add(len(docs))
+            docs.append(row["document"])
+        else:
+            raise ValueError(f"--data: {where} expected 'documents' or 'document'")
     return [(q, d, r) for q, (d, r) in groups.items()]
 
 

@@ -104,23 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _read_docs(path: Path) -> list[str]:
     if not path.is_file():
         raise MemrerankError(f"--docs: {path} does not exist")
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
+        from memrerank.jsonl import iter_jsonl
+
         docs = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MemrerankError(f"--docs: {path}:{n} is not JSON ({exc})") from exc
+        for where, item in iter_jsonl(path, "--docs"):
             if isinstance(item, dict):
                 item = item.get("text", item.get("document"))
             if not isinstance(item, str):
-                raise MemrerankError(f"--docs: {path}:{n} must be a string or an object with a 'text' field")
+                raise MemrerankError(f"--docs: {where} must be a string or an object with a 'text' field")
             docs.append(item)
         return docs
-    return [line for line in text.splitlines() if line.strip()]
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

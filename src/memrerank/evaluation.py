@@ -111,19 +111,19 @@ def load_locomo(path: str | Path, candidates: str = "sessions", window: int = 0,
 def load_jsonl_queries(path: str | Path) -> LoadReport:
     """Generic JSONL: one ``{"query", "documents": [...], "relevant": [indices]}`` object per line
     (optional ``"category"``)."""
+    from memrerank.jsonl import iter_jsonl
+
     report = LoadReport()
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            docs, rel = row.get("documents"), row.get("relevant")
-            if not isinstance(row.get("query"), str) or not isinstance(docs, list) or not isinstance(rel, list):
-                raise ValueError(f"{path}:{n}: needs 'query' (str), 'documents' (list) and 'relevant' (list of indices)")
-            bad = [r for r in rel if not isinstance(r, int) or not 0 <= r < len(docs)]
-            if bad:
-                raise ValueError(f"{path}:{n}: relevant indices {bad} are outside 0..{len(docs) - 1}")
-            report.queries.append(Query(row["query"], docs, set(rel), str(row.get("category", "all"))))
+    for where, row in iter_jsonl(path, "--data"):
+        if not isinstance(row, dict):
+            raise ValueError(f"--data: {where} must be an object")
+        docs, rel = row.get("documents"), row.get("relevant")
+        if not isinstance(row.get("query"), str) or not isinstance(docs, list) or not isinstance(rel, list):
+            raise ValueError(f"--data: {where} needs 'query' (str), 'documents' (list) and 'relevant' (list of indices)")
+        bad = [r for r in rel if not isinstance(r, int) or not 0 <= r < len(docs)]
+        if bad:
+            raise ValueError(f"--data: {where} relevant indices {bad} are outside 0..{len(docs) - 1}")
+        report.queries.append(Query(row["query"], docs, set(rel), str(row.get("category", "all"))))
     return report
 
 
