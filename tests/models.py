@@ -63,9 +63,11 @@ def make_bert(path: Path, *, seed: int = 0) -> Path:
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    config = BertConfig(initializer_range=0.5, vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=512, num_labels=1)
     model = BertForSequenceClassification(config)
+    with torch.no_grad():  # spread the head so logits are O(1), like a trained reranker's
+        model.classifier.weight.normal_(0.0, 1.0)
     model.config.architectures = ["BertForSequenceClassification"]
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(path)

@@ -70,12 +70,16 @@ def test_bad_targets_are_rejected():
         fit_platt(np.array([1.0]), np.array([0.0, 1.0]))
 
 
+WORDS = ["cat", "tea", "Lisbon", "climbing", "passport", "piano", "river", "Marco", "birthday", "cabin", "peanut",
+         "train", "doctor", "garden", "wifi"]
+
+
 def _labelled_jsonl(reranker, path, n_queries=60, seed=0):
     rng = np.random.default_rng(seed)
     rows = []
     for qi in range(n_queries):
-        q = f"question {qi} about item {rng.integers(1000)}?"
-        docs = [f"memory {qi}-{j}: the user said {rng.integers(10000)} things" for j in range(8)]
+        q = f"what about the {rng.choice(WORDS)} and the {rng.choice(WORDS)}?"
+        docs = [" ".join(rng.choice(WORDS, rng.integers(2, 9))) for _ in range(8)]
         z = reranker.predict([(q, d) for d in docs], raw=True)
         # labels from a calibrated model at temperature 0.5 with bias -1 on the artifact's own logits
         y = rng.random(len(docs)) < sigmoid(z / 0.5 - 1.0)
@@ -84,9 +88,9 @@ def _labelled_jsonl(reranker, path, n_queries=60, seed=0):
     return path
 
 
-def test_calibrate_labels_mode_roundtrip(bert_artifact, tmp_path):
+def test_calibrate_labels_mode_roundtrip(minilm_artifact, tmp_path):
     art = tmp_path / "art"
-    shutil.copytree(bert_artifact, art)
+    shutil.copytree(minilm_artifact, art)
     data = _labelled_jsonl(Reranker.load(art), tmp_path / "pairs.jsonl")
     rep = calibrate_artifact(art, data, method="platt", holdout=0.3, log=lambda m: None)
     r = rep["precisions"]["fp32"]
