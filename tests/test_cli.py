@@ -33,3 +33,13 @@ def test_export_command(bert_ckpt, tmp_path, capsys):
     assert "encoder-cross" in capsys.readouterr().out
     assert main(["export", str(bert_ckpt), "-o", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
+
+
+def test_demo_offline_uses_the_embedded_default(tmp_path, monkeypatch, capsys):
+    """README command 1: offline, the demo exports the packaged MiniLM body and says its head is untrained."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["demo", "-o", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "embedded all-MiniLM-L6-v2" in out and "NOT meaningful" in out
+    assert "precision 'auto' -> int8" in out and "latency fp32" in out and "latency int8" in out
+    assert (tmp_path / "demo" / "artifact" / "int8" / "model.onnx").is_file()

@@ -11,6 +11,7 @@ import numpy as np
 __all__ = ["run_demo", "HUB_DEFAULT", "DEMO_MEMORIES", "DEMO_QUESTIONS"]
 
 HUB_DEFAULT = "Qwen/Qwen3-Reranker-0.6B"
+DEMO_PRECISIONS = ("fp32", "int8")  # the CPU precisions; fp16 is for GPUs
 
 # Written for memrerank: one user's long-term memories as an assistant would store them.
 DEMO_MEMORIES = [
@@ -85,15 +86,15 @@ def run_demo(model: str | None, out: Path, force: bool = False) -> int:
             untrained = True
     if force or not (artifact / "manifest.json").is_file():
         t0 = time.perf_counter()
-        export_model(model, artifact, force=True, log=lambda m: print(f"  {m}"))
+        export_model(model, artifact, precisions=DEMO_PRECISIONS, force=True, log=lambda m: print(f"  {m}"))
         print(f"exported {model} -> {artifact} in {time.perf_counter() - t0:.1f} s")
     print(info_text(artifact))
 
     t0 = time.perf_counter()
-    reranker = Reranker.load(artifact)
+    reranker = Reranker.load(artifact, precision="auto")
     reranker.predict([(DEMO_QUESTIONS[0], DEMO_MEMORIES[0])])
     cold = time.perf_counter() - t0
-    print(f"\ncold start (load + first score): {cold * 1e3:.0f} ms")
+    print(f"\nprecision 'auto' -> {reranker.precision}; cold start (load + first score): {cold * 1e3:.0f} ms")
     if untrained:
         print("NOTE: the embedded model's classifier head is untrained, so the rankings below are NOT meaningful;\n"
               "      only the speed and fidelity figures are. Export a trained reranker for real rankings.")
@@ -101,12 +102,15 @@ def run_demo(model: str | None, out: Path, force: bool = False) -> int:
         print(f"\nQ: {q}")
         for hit in reranker.rank(q, DEMO_MEMORIES, top_k=3):
             print(f"  {hit.score:.3f}  [{hit.index:>2}] {hit.text}")
-    times = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        reranker.rank(DEMO_QUESTIONS[1], DEMO_MEMORIES)
-        times.append(time.perf_counter() - t0)
-    p50 = float(np.median(times))
-    print(f"\nlatency, 1 query x {len(DEMO_MEMORIES)} memories: p50 {p50 * 1e3:.1f} ms "
-          f"({len(DEMO_MEMORIES) / p50:.0f} pairs/s, onnxruntime CPU, fp32)")
+    print()
+    for precision in reranker.manifest["precisions"]:
+        r = Reranker.load(artifact, precision=precision)
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            r.rank(DEMO_QUESTIONS[1], DEMO_MEMORIES)
+            times.append(time.perf_counter() - t0)
+        p50 = float(np.median(times))
+        print(f"latency {precision:<5} 1 query x {len(DEMO_MEMORIES)} memories: p50 {p50 * 1e3:6.1f} ms "
+              f"({len(DEMO_MEMORIES) / p50:.0f} pairs/s, onnxruntime CPU)")
     return 0
