@@ -120,21 +120,19 @@ class Reranker:
     def _score_groups(self, groups: Iterable[tuple[str, list[int], list[str]]], n: int,
                       instruction: str | None) -> tuple[np.ndarray, np.ndarray]:
         ids: list[np.ndarray] = []
-        types: list[np.ndarray] | None = [] if self.family == "encoder-cross" else None
+        types: list[np.ndarray] = []  # filled only by encoders whose model has segment embeddings
         where: list[int] = []
         truncated = np.zeros(n, dtype=bool)
         for query, idx, docs in groups:
             enc = self.encoder.encode(query, docs, instruction)
             ids.extend(enc.ids)
-            if types is not None:
-                types.extend(enc.type_ids if enc.type_ids is not None else [np.zeros_like(x) for x in enc.ids])
+            if enc.type_ids is not None:
+                types.extend(enc.type_ids)
             where.extend(idx)
             truncated[idx] = enc.truncated
-        if types is not None and all(t is None for t in types):
-            types = None
         logits = np.empty(n, dtype=np.float32)
         where_arr = np.asarray(where, dtype=np.int64)
-        for batch in iter_batches(ids, types, pad_id=self.pad_id, padding_side=self.padding_side,
+        for batch in iter_batches(ids, types or None, pad_id=self.pad_id, padding_side=self.padding_side,
                                   batch_size=self.batch_size):
             out = self.backend(batch.input_ids, batch.attention_mask, batch.token_type_ids)
             logits[where_arr[batch.rows]] = out
