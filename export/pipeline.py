@@ -177,7 +177,8 @@ def export_model(
 
         log(f"exporting fp32 graph ({family.name})")
         graph = tmp / "fp32" / "model.onnx"
-        files = export_onnx(family.graph_module(), family.onnx_config(), graph, opset=opset)
+        onnx_config = family.onnx_config()
+        files = export_onnx(family.graph_module(), onnx_config, graph, opset=opset)
         src_rev = revision or getattr(config, "_commit_hash", None)
         manifest: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
@@ -195,7 +196,7 @@ def export_model(
                 "fp32": {
                     "graph": "fp32/model.onnx",
                     "files": _file_entries(tmp, files),
-                    "inputs": list(family.onnx_config().inputs),
+                    "inputs": list(onnx_config.inputs),
                     "outputs": ["logits"],
                     "providers": list(PRECISION_PROVIDERS["fp32"]),
                 }
