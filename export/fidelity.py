@@ -89,11 +89,17 @@ class CalibSet:
     def feeds(self, graph: Path) -> list[dict[str, np.ndarray]]:
         import onnx
 
-        names = {i.name for i in onnx.load(str(graph), load_external_data=False).graph.input}
+        inputs = onnx.load(str(graph), load_external_data=False).graph.input
+        names = {i.name for i in inputs}
+        empty_past = {  # decoder graphs: full pairs with an empty shared past (batch 1, length 0)
+            i.name: np.zeros([1, *(d.dim_value for d in i.type.tensor_type.shape.dim[1:2]), 0,
+                              i.type.tensor_type.shape.dim[3].dim_value], dtype=np.float32)
+            for i in inputs if i.name.startswith(("past_key.", "past_value."))
+        }
         out = []
         for b in self.batches:
             feed = {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "token_type_ids": b.token_type_ids}
-            out.append({k: v for k, v in feed.items() if k in names and v is not None})
+            out.append({**{k: v for k, v in feed.items() if k in names and v is not None}, **empty_past})
         return out
 
     def score(self, graph: Path) -> np.ndarray:

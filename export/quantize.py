@@ -40,12 +40,18 @@ class GraphInfo:
         head_nodes: nodes between the last weight product and the output (kept fp32 everywhere).
         groups: weight nodes grouped by transformer layer (``layer 3``) or ``other`` (embeddings side, pooler).
         external_data: whether the fp32 graph keeps its weights in an external file.
+        matmul_nodes: every MatMul/Gemm node; the ones not quantized are passed as ``nodes_to_exclude`` (an
+            empty ``nodes_to_quantize`` means "all nodes" to the quantizers).
+        embedding_nodes: Gather nodes looking up rows of a large weight table (token embeddings), quantized by
+            :func:`quantize_embeddings`; group ``embeddings``.
     """
 
     weight_nodes: list[str]
     head_nodes: list[str]
     groups: dict[str, list[str]] = field(default_factory=dict)
     external_data: bool = False
+    embedding_nodes: list[str] = field(default_factory=list)
+    matmul_nodes: list[str] = field(default_factory=list)
 
 
 _LAYER = re.compile(r"layers?\.(\d+)[./]")
@@ -55,6 +61,17 @@ def weight_matmuls(model: Any) -> list[str]:
     """Names of MatMul/Gemm nodes that multiply by an initializer (a weight)."""
     inits = {i.name for i in model.graph.initializer}
     return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and any(x in inits for x in n.input[1:])]
+
+
+#: A Gather over an initializer with at least this many rows is a token-embedding lookup.
+EMBEDDING_MIN_ROWS = 1000
+
+
+def embedding_gathers(model: Any) -> list[str]:
+    """Gather nodes whose data is a 2-D weight table of at least :data:`EMBEDDING_MIN_ROWS` rows."""
+    dims = {i.name: list(i.dims) for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "Gather" and len(dims.get(n.input[0], [])) == 2
+            and dims[n.input[0]][0] >= EMBEDDING_MIN_ROWS]
 
 
 def graph_info(path: Path) -> GraphInfo:
@@ -69,7 +86,7 @@ def graph_info(path: Path) -> GraphInfo:
     # Walk back from the output to the first weight product: that product and everything after it is the head.
     producer = {o: n for n in model.graph.node for o in n.output}
     head: list[str] = []
-    frontier = [o.name for o in model.graph.output]
+    frontier = [model.graph.output[0].name]  # the logits (decoder graphs also output the prefix cache)
     seen: set[str] = set()
     weight_set = set(weights)
     while frontier:
@@ -92,8 +109,63 @@ def graph_info(path: Path) -> GraphInfo:
             continue
         m = _LAYER.search(n)
         groups.setdefault(f"layer {int(m.group(1))}" if m else "other", []).append(n)
+    embeddings = embedding_gathers(model)
+    if embeddings:
+        groups["embeddings"] = embeddings
     return GraphInfo(weight_nodes=[w for w in weights if w not in head_set], head_nodes=head, groups=groups,
-                     external_data=external)
+                     external_data=external, embedding_nodes=embeddings,
+                     matmul_nodes=[n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")])
+
+
+def quantize_embeddings(path: Path, nodes: list[str], external: bool) -> int:
+    """Store each embedding table as int8 with one symmetric scale per row, in place.
+
+    ``Gather(W, ids)`` becomes ``Gather(W_int8, ids) → Cast → Mul(Gather(scale, ids))``: each looked-up row is
+    dequantized exactly as stored, so only the rows a batch uses are expanded to fp32. The quantizers' own Gather
+    support uses one scale for the whole table, which a few outlier rows would make coarse for all the others.
+    Returns the number of tables converted.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    if not nodes:
+        return 0
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    wanted = set(nodes)
+    done = 0
+    new_nodes = []
+    for node in model.graph.node:
+        if node.name not in wanted or node.op_type != "Gather" or node.input[0] not in inits:
+            new_nodes.append(node)
+            continue
+        table = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
+        scale = np.abs(table).max(axis=1, keepdims=True) / 127.0
+        scale[scale == 0] = 1.0
+        q = np.clip(np.rint(table / scale), -127, 127).astype(np.int8)
+        base = node.input[0]
+        model.graph.initializer.remove(inits[base])
+        model.graph.initializer.extend([numpy_helper.from_array(q, base + "_int8"),
+                                        numpy_helper.from_array(scale.astype(np.float32), base + "_row_scale")])
+        ids, out = node.input[1], node.output[0]
+        axis = [a for a in node.attribute if a.name == "axis"]
+        if axis and axis[0].i != 0:
+            raise ValueError(f"{node.name}: embedding Gather on axis {axis[0].i} is not supported")
+        new_nodes += [
+            helper.make_node("Gather", [base + "_int8", ids], [out + "_int8"], name=node.name),
+            helper.make_node("Cast", [out + "_int8"], [out + "_f"], to=onnx.TensorProto.FLOAT,
+                             name=node.name + "_dequant_cast"),
+            helper.make_node("Gather", [base + "_row_scale", ids], [out + "_scale"], name=node.name + "_scale"),
+            helper.make_node("Mul", [out + "_f", out + "_scale"], [out], name=node.name + "_dequant"),
+        ]
+        done += 1
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    data = path.parent / (path.name + "_data")
+    data.unlink(missing_ok=True)
+    _save(model, path, external)
+    return done
 
 
 @contextlib.contextmanager
@@ -142,7 +214,11 @@ def _dynamic(fp32: Path, out: Path, info: GraphInfo, exclude: list[str]) -> None
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
     nodes = [n for n in info.weight_nodes if n not in set(exclude)]
+    if not nodes:  # everything kept in fp32
+        _copy_graph(fp32, out, info)
+        return
     config = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True, nodes_to_quantize=nodes,
+                                                nodes_to_exclude=_others(info, nodes),
                                                 operators_to_quantize=["MatMul", "Gemm"])
     work = out.parent / (out.name + ".work")
     shutil.rmtree(work, ignore_errors=True)
@@ -150,6 +226,19 @@ def _dynamic(fp32: Path, out: Path, info: GraphInfo, exclude: list[str]) -> None
         ORTQuantizer.from_pretrained(fp32.parent, file_name=fp32.name).quantize(
             save_dir=work, quantization_config=config, use_external_data_format=info.external_data)
     _move_graph(work, out)
+
+
+def _others(info: GraphInfo, nodes: list[str]) -> list[str]:
+    keep = set(nodes)
+    return [n for n in info.matmul_nodes if n not in keep]
+
+
+def _copy_graph(fp32: Path, out: Path, info: GraphInfo) -> None:
+    import onnx
+
+    for stale in (out, out.parent / (out.name + "_data")):
+        stale.unlink(missing_ok=True)
+    _save(onnx.load(str(fp32)), out, info.external_data)
 
 
 def _move_graph(work: Path, out: Path) -> None:
@@ -172,8 +261,11 @@ def build_int8(fp32: Path, out: Path, info: GraphInfo, calib: Any = None, exclud
                ) -> dict[str, Any]:
     """Dynamic quantization: signed int8 weights per channel on weight MatMul/Gemm (Optimum's ORTQuantizer,
     AVX-512 VNNI preset); activations quantized on the fly."""
-    _dynamic(fp32, out, info, list(exclude or []))
-    return {"method": "optimum ORTQuantizer dynamic, avx512_vnni preset, per-channel S8 weights, MatMul/Gemm"}
+    exclude = list(exclude or [])
+    _dynamic(fp32, out, info, exclude)
+    tables = quantize_embeddings(out, [n for n in info.embedding_nodes if n not in set(exclude)], info.external_data)
+    return {"method": "optimum ORTQuantizer dynamic, avx512_vnni preset, per-channel S8 weights, MatMul/Gemm",
+            "embeddings": f"{tables} table(s) int8 with one symmetric scale per row" if tables else "fp32"}
 
 
 class _Reader:
@@ -202,10 +294,14 @@ def build_int8_static(fp32: Path, out: Path, info: GraphInfo, calib: Any = None,
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in (out, out.parent / (out.name + "_data")):
         stale.unlink(missing_ok=True)
+    if not nodes:  # everything kept in fp32
+        _copy_graph(fp32, out, info)
+        return {"method": "all weight products kept in fp32", "calibration_pairs": calib.n_pairs}
     with _quiet():
         quantize_static(
             str(fp32), str(out), _Reader(calib.feeds(fp32)), quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=nodes, per_channel=True,
+            op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=nodes,
+            nodes_to_exclude=_others(info, nodes), per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax, use_external_data_format=info.external_data,
             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},

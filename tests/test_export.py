@@ -37,7 +37,9 @@ def test_manifest_records_the_contract(qwen_artifact):
 def test_decoder_graph_has_one_folded_logit_and_no_vocab_projection(qwen_artifact):
     model = onnx.load(str(qwen_artifact / "fp32" / "model.onnx"), load_external_data=False)
     outputs = model.graph.output
-    assert [o.name for o in outputs] == ["logits"]
+    # one logit per row, plus the per-layer keys/values of row 0 that the prefix pass returns
+    assert [o.name for o in outputs] == ["logits", "present_key.0", "present_key.1", "present_value.0",
+                                         "present_value.1"]
     dims = outputs[0].type.tensor_type.shape.dim
     assert len(dims) == 2 and dims[1].dim_value == 1
     # The only tensor with a vocabulary-sized dimension is the embedding table (no lm_head MatMul).

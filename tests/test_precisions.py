@@ -108,7 +108,7 @@ def test_strict_budget_runs_the_sensitivity_search(tmp_path, bert_ckpt):
     fid = json.loads((out / "manifest.json").read_text())["precisions"]["int8"]["fidelity"]
     assert fid["kept_fp32"] and fid["kept_fp32_nodes"], "a strict budget must keep some products in fp32"
     assert fid["refined_per_node"]
-    assert set(fid["sensitivity"]) == {"layer 0", "layer 1", "other"}
+    assert set(fid["sensitivity"]) == {"layer 0", "layer 1", "other", "embeddings"}
     assert fid["meets_budget"] and fid["speed_cost"] > 0 and fid["size_bytes"]["final"] >= fid["size_bytes"]["plain"]
 
 

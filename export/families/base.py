@@ -51,6 +51,10 @@ class Family:
         """The Optimum OnnxConfig describing the graph's inputs and outputs."""
         raise NotImplementedError
 
+    def cache_layout(self) -> dict[str, Any] | None:
+        """The manifest's ``prefix_reuse`` block when the graph takes a shared past (decoder families), else None."""
+        return None
+
     def reference(self, query: str, documents: Sequence[str], instruction: str | None) -> np.ndarray:
         """PyTorch reference logits for one query and its documents, computed the way the model's authors do."""
         raise NotImplementedError

@@ -38,11 +38,38 @@ def format_body(instruction: str, query: str, document: str) -> str:
 
 
 class _FoldedYesNo:
-    """Builds the export module lazily so importing this file needs no torch."""
+    """Builds the export module lazily so importing this file needs no torch.
+
+    The graph has optional past inputs, so one set of weights serves three uses (issue: shared-prefix reuse):
+
+    * full scoring: ``input_ids``/``attention_mask`` hold whole pairs and the past is empty (length 0);
+    * prefix pass: batch 1, the ids shared by every pair of a query; ``present_key.i``/``present_value.i`` (row 0's
+      keys and values per layer, after RoPE) are that prefix's cache;
+    * suffix pass: batch N of document + template-suffix ids attending to the batch-1 past by broadcasting (no
+      per-row copy of the cache) and causally to their own tokens; positions continue after the past.
+
+    Attention is written out here (not the transformers module's) because the cache is shared across rows: grouped
+    queries are reshaped to ``(B, kv_heads, group, S, d)`` so the 1-row past multiplies every row through MatMul
+    broadcasting, and softmax runs over the concatenated past and own scores.
+    """
 
     @staticmethod
     def build(body: Any, head: Any, config: Any) -> Any:
         import torch
+
+        layer_types = getattr(config, "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types):
+            from memrerank.errors import UnsupportedModelError
+
+            raise UnsupportedModelError("sliding-window attention layers are not supported by the decoder export")
+        n_heads = config.num_attention_heads
+        n_kv = config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        group = n_heads // n_kv
+
+        def rotate_half(x: torch.Tensor) -> torch.Tensor:
+            half = x.shape[-1] // 2
+            return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
         class FoldedYesNo(torch.nn.Module):
             def __init__(self) -> None:
@@ -51,26 +78,56 @@ class _FoldedYesNo:
                 self.config = config  # Optimum's exporter reads model.config
                 self.register_buffer("head", head.detach().to(torch.float32).reshape(-1, 1))
 
-            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-                length = input_ids.shape[1]
+            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_key: list[torch.Tensor],
+                        past_value: list[torch.Tensor]) -> tuple[Any, ...]:
+                batch, length = input_ids.shape[0], input_ids.shape[1]
+                past_len = past_key[0].shape[2]
                 keep = attention_mask.to(torch.bool)
-                # Positions count real tokens only, so left and right padding give the same RoPE phases.
-                position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+                # Positions count real tokens only (left and right padding give the same RoPE phases) and
+                # continue after the past.
+                position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0) + past_len
                 causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
-                allowed = causal[None, None, :, :] & keep[:, None, None, :]
-                # A finite minimum, not -inf: fully masked pad rows then stay finite instead of NaN, and NaN in a
-                # pad row's values would leak into real rows through 0 * NaN in the attention product.
+                allowed = causal[None, :, :] & keep[:, None, :]  # (B, S, S)
                 dtype = next(self.body.parameters()).dtype
+                # A finite minimum, not -inf: fully masked pad rows stay finite instead of NaN (NaN in a pad
+                # row's values would leak into real rows through 0 * NaN in the attention product).
                 bias = torch.zeros(allowed.shape, dtype=dtype, device=input_ids.device)
-                bias = bias.masked_fill(~allowed, torch.finfo(dtype).min)
-                hidden = self.body(input_ids=input_ids, attention_mask=bias, position_ids=position_ids,
-                                   use_cache=False).last_hidden_state
+                bias = bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None, None, :, :]  # (B,1,1,S,S)
+                hidden = self.body.embed_tokens(input_ids)
+                cos, sin = self.body.rotary_emb(hidden, position_ids)
+                cos, sin = cos[:, None], sin[:, None]  # (B, 1, S, d)
+                presents_k, presents_v = [], []
+                for i, layer in enumerate(self.body.layers):
+                    attn = layer.self_attn
+                    residual = hidden
+                    h = layer.input_layernorm(hidden)
+                    shape = (batch, length, -1, head_dim)
+                    q = attn.q_norm(attn.q_proj(h).view(shape)).transpose(1, 2)  # (B, H, S, d)
+                    k = attn.k_norm(attn.k_proj(h).view(shape)).transpose(1, 2)  # (B, kv, S, d)
+                    v = attn.v_proj(h).view(shape).transpose(1, 2)
+                    q = q * cos + rotate_half(q) * sin
+                    k = k * cos + rotate_half(k) * sin
+                    presents_k.append(k[:1])
+                    presents_v.append(v[:1])
+                    q5 = q.reshape(batch, n_kv, group, length, head_dim) * attn.scaling
+                    own = torch.matmul(q5, k[:, :, None].transpose(-1, -2)) + bias  # (B, kv, g, S, S)
+                    shared = torch.matmul(q5, past_key[i][:, :, None].transpose(-1, -2))  # (B, kv, g, S, P)
+                    weights = torch.softmax(torch.cat([shared, own], dim=-1), dim=-1, dtype=torch.float32).to(dtype)
+                    out = torch.matmul(weights[..., past_len:], v[:, :, None]) + torch.matmul(
+                        weights[..., :past_len], past_value[i][:, :, None])  # (B, kv, g, S, d)
+                    out = out.reshape(batch, n_heads, length, head_dim).transpose(1, 2).reshape(batch, length, -1)
+                    hidden = residual + attn.o_proj(out)
+                    residual = hidden
+                    hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+                hidden = self.body.norm(hidden)
                 positions = torch.arange(length, device=input_ids.device)
                 last = (attention_mask * positions).argmax(-1)
-                picked = hidden[torch.arange(hidden.shape[0], device=input_ids.device), last]
-                return picked.to(torch.float32) @ self.head
+                picked = hidden[torch.arange(batch, device=input_ids.device), last]
+                return (picked.to(torch.float32) @ self.head, presents_k, presents_v)
 
-        return FoldedYesNo().eval()
+        module = FoldedYesNo().eval()
+        module.cache_shape = (n_kv, head_dim, len(body.layers))
+        return module
 
 
 @register_family("Qwen3ForCausalLM", "Qwen3ForSequenceClassification")
@@ -161,9 +218,28 @@ class DecoderYesNoFamily(Family):
         body = self.model.model  # the decoder stack with its final norm
         return _FoldedYesNo.build(body, self._head(), self.model.config)
 
+    def cache_layout(self) -> dict[str, Any]:
+        config = self.model.config
+        return {
+            "layers": int(config.num_hidden_layers),
+            "kv_heads": int(config.num_key_value_heads),
+            "head_dim": int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads),
+            "past_inputs": ["past_key.{i}", "past_value.{i}"],
+            "present_outputs": ["present_key.{i}", "present_value.{i}"],
+            "past_batch": 1,
+            "shared": "template prefix + instruction + query (context included); documents and the template "
+                      "suffix go in the suffix pass",
+        }
+
     def onnx_config(self) -> Any:
+        import torch
         from optimum.exporters.onnx.config import TextEncoderOnnxConfig
         from optimum.utils import NormalizedTextConfig
+
+        config = self.model.config
+        n_layers = config.num_hidden_layers
+        n_kv = config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
         class FoldedYesNoOnnxConfig(TextEncoderOnnxConfig):
             NORMALIZED_CONFIG_CLASS = NormalizedTextConfig
@@ -171,14 +247,35 @@ class DecoderYesNoFamily(Family):
 
             @property
             def inputs(self) -> dict[str, dict[int, str]]:
-                return {"input_ids": {0: "batch_size", 1: "sequence_length"},
+                axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
                         "attention_mask": {0: "batch_size", 1: "sequence_length"}}
+                for kind in ("key", "value"):  # batch 1: the cache one query's pairs share
+                    axes.update({f"past_{kind}.{i}": {2: "past_length"} for i in range(n_layers)})
+                return axes
 
             @property
             def outputs(self) -> dict[str, dict[int, str]]:
-                return {"logits": {0: "batch_size"}}
+                axes = {"logits": {0: "batch_size"}}
+                for kind in ("key", "value"):
+                    axes.update({f"present_{kind}.{i}": {2: "sequence_length"} for i in range(n_layers)})
+                return axes
 
-        return FoldedYesNoOnnxConfig(self.model.config, task="text-classification")
+            def generate_dummy_inputs(self, framework: str = "pt", **kwargs: Any) -> dict[str, Any]:
+                gen = torch.Generator().manual_seed(0)
+                ids = torch.randint(0, config.vocab_size, (2, 7), generator=gen)
+                mask = torch.ones(2, 7, dtype=torch.int64)
+                mask[1, :2] = 0
+
+                def past() -> list[Any]:
+                    return [torch.randn(1, n_kv, 5, head_dim, generator=gen) for _ in range(n_layers)]
+
+                dummy = {"input_ids": ids, "attention_mask": mask, "past_key": past(), "past_value": past()}
+                if framework == "np":  # Optimum's fix_dynamic_axes runs the graph with numpy inputs
+                    return {k: [t.numpy() for t in v] if isinstance(v, list) else v.numpy()
+                            for k, v in dummy.items()}
+                return dummy
+
+        return FoldedYesNoOnnxConfig(config, task="text-classification")
 
     def reference(self, query: str, documents: Sequence[str], instruction: str | None) -> np.ndarray:
         """The official recipe: whole body tokenized at once, prefix/suffix ids around it, left padding."""
