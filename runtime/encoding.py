@@ -9,21 +9,52 @@ punctuation that stops at the following space), the user text piece always begin
 a space neither composes under NFC nor belongs to any added token of the template. So tokenizing
 ``"...<Query>:"`` , ``" {query}\\n<Document>:"`` and ``" {doc}"`` separately yields exactly the ids of the whole
 body string; ``tests/test_encoding.py`` checks this over arbitrary unicode and whitespace with hypothesis.
-No whitespace normalisation is applied to user text.
+No whitespace normalisation is applied to user text. The one rewrite: lone surrogates (``"\ud800"``, which Python
+strings may hold but UTF-8 cannot encode) become U+FFFD before tokenizing; every other code point — NUL, control
+characters, RTL marks, combining marks, emoji — is tokenized as given.
 
 Truncation only ever shortens the document, keeping its first tokens (as the official recipe's end-truncation
 of the body does); a query that cannot fit with the template raises ``ValueError``.
+
+Dialogue context: previous turns go on the query side, one per line before the question
+(``"{turn 1}\n{turn 2}\n{query}"``), so they belong to the part every candidate shares (and, for decoders, to
+the reused prefix). Turns are dropped oldest first (the oldest kept one cut from its start) until they fit
+``max_context_tokens`` and still leave :data:`MIN_DOCUMENT_TOKENS` for the document; the question is never cut.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["EncodedPairs", "PairEncoder", "register_encoder", "make_encoder", "ENCODERS"]
+__all__ = ["EncodedPairs", "SplitPairs", "PairEncoder", "register_encoder", "make_encoder", "ENCODERS",
+           "MIN_DOCUMENT_TOKENS", "MAX_CONTEXT_TOKENS", "render_query"]
+
+#: Context turns never squeeze the document below this many tokens (when max_length allows it).
+MIN_DOCUMENT_TOKENS = 64
+#: Default cap on the tokens dialogue context may take.
+MAX_CONTEXT_TOKENS = 256
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def utf8_safe(text: str) -> str:
+    """``text`` with lone surrogates replaced by U+FFFD (the tokenizer only takes encodable strings)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+
+
+def render_query(query: str, context: Sequence[str] = ()) -> str:
+    """The query-side text: context turns, oldest first, one per line, then the question."""
+    return "\n".join([*context, query])
 
 ENCODERS: dict[str, type[PairEncoder]] = {}
 
@@ -61,6 +92,45 @@ class EncodedPairs:
     truncated: np.ndarray
 
 
+@dataclass
+class SplitPairs:
+    """One query's pairs as the pieces the packer assembles: ``head + document[:budget] + tail``.
+
+    Attributes:
+        head: ids every pair shares (template lead, instruction, context, query).
+        docs: each document's ids, untruncated, as ``encode_batch`` returned them.
+        tail: ids after the document (template suffix / trailing special tokens).
+        budget: most document tokens that fit ``max_length``.
+        head_types / doc_type / tail_types: segment ids, or ``None`` when the model has none.
+        context_kept: how many context turns (the most recent) made it into ``head``.
+    """
+
+    head: np.ndarray
+    docs: list[list[int]]
+    tail: np.ndarray
+    budget: int
+    head_types: np.ndarray | None = None
+    doc_type: int = 0
+    tail_types: np.ndarray | None = None
+    context_kept: int = 0
+
+    @property
+    def truncated(self) -> np.ndarray:
+        return np.fromiter((len(d) > self.budget for d in self.docs), dtype=bool, count=len(self.docs))
+
+    def join(self) -> EncodedPairs:
+        """Whole-pair ids (the unpacked form; the runtime packs with :mod:`memrerank.kernels` instead)."""
+        ids, types = [], []
+        for doc in self.docs:
+            doc = doc[: self.budget]
+            ids.append(np.concatenate([self.head, np.asarray(doc, dtype=np.int64), self.tail]))
+            if self.head_types is not None:
+                types.append(np.concatenate([self.head_types, np.full(len(doc), self.doc_type, np.int64),
+                                             self.tail_types]))
+        return EncodedPairs(ids=ids, type_ids=types if self.head_types is not None else None,
+                            truncated=self.truncated)
+
+
 class PairEncoder:
     """Turns (query, documents) into token ids following an artifact's template."""
 
@@ -68,17 +138,60 @@ class PairEncoder:
         self.manifest = manifest
         self.tokenizer = tokenizer
         self.max_length = int(manifest["tokens"]["max_length"])
+        self.max_context_tokens = MAX_CONTEXT_TOKENS
 
-    def encode(self, query: str, documents: Sequence[str], instruction: str | None = None) -> EncodedPairs:
-        """Encode one query against many documents."""
+    def split(self, query: str, documents: Sequence[str], instruction: str | None = None,
+              context: Sequence[str] = ()) -> SplitPairs:
+        """Encode one query against many documents, as shared head, per-document ids and tail."""
         raise NotImplementedError
 
+    def encode(self, query: str, documents: Sequence[str], instruction: str | None = None,
+               context: Sequence[str] = ()) -> EncodedPairs:
+        """Encode one query against many documents as whole pairs."""
+        return self.split(query, documents, instruction, context).join()
+
     def _ids(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode(utf8_safe(text), add_special_tokens=False).ids
 
     def _doc_ids(self, documents: Sequence[str], prefix: str = "") -> list[list[int]]:
         texts = [prefix + d for d in documents] if prefix else list(documents)
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        try:
+            encoded = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        except TypeError:  # a lone surrogate somewhere: only then pay for the per-text check
+            encoded = self.tokenizer.encode_batch([utf8_safe(t) for t in texts], add_special_tokens=False)
+        return [e.ids for e in encoded]
+
+    def _query_ids(self, render: Callable[[str], str], query: str, context: Sequence[str],
+                   room: int) -> tuple[list[int], int]:
+        """Ids of ``render(query side)`` with as many recent context turns as fit ``room`` extra tokens.
+
+        Returns the ids and how many turns were kept (a partly kept oldest turn counts).
+        """
+        bare = self._ids(render(query))
+        room = min(room, self.max_context_tokens)
+        if not context or room <= 0:
+            return bare, 0
+        turns = list(context)
+        sizes = [len(e.ids) + 1 for e in self.tokenizer.encode_batch([utf8_safe(t) for t in turns],
+                                                                      add_special_tokens=False)]
+        kept, used = 0, 0
+        for size in reversed(sizes):  # newest first
+            if used + size > room:
+                break
+            kept, used = kept + 1, used + size
+        keep = turns[len(turns) - kept:]
+        if kept < len(turns) and used < room - 8:  # part of the next-older turn fits: keep its end
+            older = turns[len(turns) - kept - 1]
+            older = utf8_safe(older)
+            enc = self.tokenizer.encode(older, add_special_tokens=False)
+            take = room - used - 1
+            if 0 < take < len(enc.ids):
+                keep = [older[enc.offsets[len(enc.ids) - take][0]:]] + keep
+        ids = self._ids(render(render_query(query, keep)))
+        while len(ids) - len(bare) > room and keep:  # piece-wise counts are estimates: re-check the whole
+            keep = keep[1:]
+            ids = self._ids(render(render_query(query, keep)))
+        return ids, len(keep)
 
 
 @register_encoder("decoder-yes-no")
@@ -107,17 +220,19 @@ class DecoderPairEncoder(PairEncoder):
             self._instruction_cache[instruction] = ids
         return ids
 
-    def head_ids(self, query: str, instruction: str | None = None) -> list[int]:
-        """Ids shared by every pair of one query: template prefix + instruction + query."""
-        instruction = self.default_instruction if instruction is None else instruction
-        return (
-            self.prefix_ids
-            + self._instruction_ids(instruction)
-            + self._ids(self.query_piece.format(query=query))
-        )
+    def head_ids(self, query: str, instruction: str | None = None, context: Sequence[str] = ()) -> list[int]:
+        """Ids shared by every pair of one query: template prefix + instruction + (context +) query."""
+        return self.split(query, [], instruction, context).head.tolist()
 
-    def encode(self, query: str, documents: Sequence[str], instruction: str | None = None) -> EncodedPairs:
-        head = self.head_ids(query, instruction)
+    def split(self, query: str, documents: Sequence[str], instruction: str | None = None,
+              context: Sequence[str] = ()) -> SplitPairs:
+        instruction = self.default_instruction if instruction is None else instruction
+        lead = self.prefix_ids + self._instruction_ids(instruction)
+        bare = len(self._ids(self.query_piece.format(query=query))) if context else 0
+        room = self.max_length - len(lead) - len(self.suffix_ids) - bare - min(MIN_DOCUMENT_TOKENS,
+                                                                                 self.max_length // 4)
+        query_ids, kept = self._query_ids(lambda q: self.query_piece.format(query=q), query, context, room)
+        head = lead + query_ids
         budget = self.max_length - len(head) - len(self.suffix_ids)
         if budget < 1:
             raise ValueError(
@@ -125,15 +240,9 @@ class DecoderPairEncoder(PairEncoder):
                 f"leaving no room for a document within max_length={self.max_length}; shorten the query or "
                 "instruction, or export with a larger --max-length"
             )
-        head_arr = np.asarray(head, dtype=np.int64)
-        tail_arr = np.asarray(self.suffix_ids, dtype=np.int64)
-        ids, truncated = [], np.zeros(len(documents), dtype=bool)
-        for i, doc in enumerate(self._doc_ids(documents, self.doc_lead)):
-            if len(doc) > budget:
-                doc = doc[:budget]
-                truncated[i] = True
-            ids.append(np.concatenate([head_arr, np.asarray(doc, dtype=np.int64), tail_arr]))
-        return EncodedPairs(ids=ids, type_ids=None, truncated=truncated)
+        docs = self._doc_ids(documents, self.doc_lead) if len(documents) else []
+        return SplitPairs(head=np.asarray(head, dtype=np.int64), docs=docs,
+                          tail=np.asarray(self.suffix_ids, dtype=np.int64), budget=budget, context_kept=kept)
 
 
 @register_encoder("encoder-cross")
@@ -153,10 +262,15 @@ class EncoderPairEncoder(PairEncoder):
         self.middle_types = list(tpl["middle_type_ids"])
         self.trail_types = list(tpl["trail_type_ids"])
 
-    def encode(self, query: str, documents: Sequence[str], instruction: str | None = None) -> EncodedPairs:
+    def split(self, query: str, documents: Sequence[str], instruction: str | None = None,
+              context: Sequence[str] = ()) -> SplitPairs:
         if instruction is not None:
             raise ValueError("instruction: encoder cross-encoders take no instruction; pass instruction=None")
-        head = self.lead_ids + self._ids(query) + self.middle_ids
+        fixed = len(self.lead_ids) + len(self.middle_ids) + len(self.trail_ids)
+        bare = len(self._ids(query)) if context else 0
+        room = self.max_length - fixed - bare - min(MIN_DOCUMENT_TOKENS, self.max_length // 4)
+        query_ids, kept = self._query_ids(lambda q: q, query, context, room)
+        head = self.lead_ids + query_ids + self.middle_ids
         n_head = len(head)
         budget = self.max_length - n_head - len(self.trail_ids)
         if budget < 1:
@@ -164,18 +278,12 @@ class EncoderPairEncoder(PairEncoder):
                 f"query: the query and special tokens take {n_head + len(self.trail_ids)} tokens, leaving no room "
                 f"for a document within max_length={self.max_length}; shorten the query"
             )
-        head_arr = np.asarray(head, dtype=np.int64)
-        tail_arr = np.asarray(self.trail_ids, dtype=np.int64)
-        ids, types, truncated = [], [], np.zeros(len(documents), dtype=bool)
+        head_types = tail_types = None
         if self.uses_type_ids:
-            head_types = self.lead_types + [self.query_type] * (n_head - len(self.lead_ids) - len(self.middle_ids))
-            head_types = np.asarray(head_types + self.middle_types, dtype=np.int64)
+            head_types = np.asarray(self.lead_types + [self.query_type] * len(query_ids) + self.middle_types,
+                                    dtype=np.int64)
             tail_types = np.asarray(self.trail_types, dtype=np.int64)
-        for i, doc in enumerate(self._doc_ids(documents)):
-            if len(doc) > budget:
-                doc = doc[:budget]
-                truncated[i] = True
-            ids.append(np.concatenate([head_arr, np.asarray(doc, dtype=np.int64), tail_arr]))
-            if self.uses_type_ids:
-                types.append(np.concatenate([head_types, np.full(len(doc), self.doc_type, np.int64), tail_types]))
-        return EncodedPairs(ids=ids, type_ids=types if self.uses_type_ids else None, truncated=truncated)
+        docs = self._doc_ids(documents) if len(documents) else []
+        return SplitPairs(head=np.asarray(head, dtype=np.int64), docs=docs,
+                          tail=np.asarray(self.trail_ids, dtype=np.int64), budget=budget, head_types=head_types,
+                          doc_type=self.doc_type, tail_types=tail_types, context_kept=kept)

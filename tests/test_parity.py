@@ -50,22 +50,24 @@ def all_pairs():
     return [(q, d) for q in QUERIES for d in DOCS]
 
 
+@pytest.mark.parametrize("prefix_reuse", [True, False])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("batch_size", [1, 8])
-def test_qwen3_matches_official_recipe(qwen_ckpt, qwen_artifact, padding_side, batch_size):
+def test_qwen3_matches_official_recipe(qwen_ckpt, qwen_artifact, padding_side, batch_size, prefix_reuse):
     pairs = all_pairs()
     ref = official_qwen3_logits(qwen_ckpt, pairs)
-    reranker = Reranker.load(qwen_artifact, batch_size=batch_size)
+    reranker = Reranker.load(qwen_artifact, batch_size=batch_size, prefix_reuse=prefix_reuse)
     reranker.padding_side = padding_side
     got = reranker.predict(pairs, raw=True)
     assert np.ptp(ref) > 1.0, "reference logits should spread like a reranker's"
     np.testing.assert_allclose(got, ref, atol=PARITY_ATOL["fp32"], rtol=0)
 
 
-def test_qwen3_truncated_document_matches_official_recipe(qwen_ckpt, qwen_short_artifact):
+@pytest.mark.parametrize("prefix_reuse", [True, False])
+def test_qwen3_truncated_document_matches_official_recipe(qwen_ckpt, qwen_short_artifact, prefix_reuse):
     pairs = [(q, DOCS[-1]) for q in QUERIES] + [(QUERIES[0], d) for d in DOCS[:4]]
     ref = official_qwen3_logits(qwen_ckpt, pairs, max_length=128)
-    reranker = Reranker.load(qwen_short_artifact, batch_size=8)
+    reranker = Reranker.load(qwen_short_artifact, batch_size=8, prefix_reuse=prefix_reuse)
     got, truncated = reranker.predict(pairs, raw=True, return_truncated=True)
     assert truncated[: len(QUERIES)].all() and not truncated[len(QUERIES):].any()
     np.testing.assert_allclose(got, ref, atol=PARITY_ATOL["fp32"], rtol=0)
