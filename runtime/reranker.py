@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,11 +23,18 @@ from memrerank.manifest import (
     read_manifest,
     verify_files,
 )
+from memrerank.kernels import DEFAULT_CALL_OVERHEAD, pack_pairs
 from memrerank.runtime.backends.onnxruntime import OrtBackend, resolve_providers
-from memrerank.runtime.batching import iter_batches
-from memrerank.runtime.encoding import make_encoder
+from memrerank.runtime.encoding import SplitPairs, make_encoder
 
-__all__ = ["Reranker", "RankHit"]
+__all__ = ["Reranker", "RankHit", "DEFAULT_BATCH_SIZE", "DEFAULT_MAX_BATCH_TOKENS"]
+
+#: Most rows per model call.
+DEFAULT_BATCH_SIZE = 32
+#: Most padded tokens per model call (rows × width). Bounds activation memory: with the int8 0.6B-shaped decoder,
+#: 1,000 candidates × 512 tokens stay under 1.5 GB peak RSS (bench/memory.py).
+DEFAULT_MAX_BATCH_TOKENS = 2048
+_NO_HEAD = np.zeros(0, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,20 @@ def _check_text(value: Any, name: str) -> str:
     return value
 
 
+def _check_context(context: Any) -> tuple[str, ...]:
+    if context is None:
+        return ()
+    if isinstance(context, (str, bytes)) or not isinstance(context, Sequence):
+        raise TypeError("context must be a sequence of previous turns (str), oldest first, or None")
+    return tuple(_check_text(t, f"context[{i}]") for i, t in enumerate(context))
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
 class Reranker:
     """Scores (query, document) pairs with an exported artifact; imports no torch or transformers.
 
@@ -62,13 +84,18 @@ class Reranker:
     """
 
     def __init__(self, root: Path, manifest: dict[str, Any], precision: str, backend: OrtBackend,
-                 tokenizer: Tokenizer, batch_size: int) -> None:
+                 tokenizer: Tokenizer, batch_size: int, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                 prefix_reuse: bool = False) -> None:
         self.root = root
         self.manifest = manifest
         self.precision = precision
         self.backend = backend
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.prefix_reuse = prefix_reuse
+        #: Per-call cost, in padded-token equivalents, the packer weighs against padding when cutting batches.
+        self.call_overhead = DEFAULT_CALL_OVERHEAD
         self.family: str = manifest["family"]
         self.padding_side: str = manifest["tokens"]["padding_side"]
         self.pad_id: int = int(manifest["tokens"]["pad_id"])
@@ -77,7 +104,8 @@ class Reranker:
 
     @classmethod
     def load(cls, path: str | Path, precision: str = "fp32", providers: Sequence[str] | str | None = None,
-             batch_size: int = 32, threads: int | None = None) -> Reranker:
+             batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None, *,
+             max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, prefix_reuse: bool | None = None) -> Reranker:
         """Open an artifact directory written by ``memrerank export``.
 
         Args:
@@ -85,8 +113,12 @@ class Reranker:
             precision: one of the exported precisions (see ``memrerank info``), or ``"auto"``: the fastest
                 exported precision for the first provider that met its fidelity budget at export.
             providers: onnxruntime providers or aliases (``"cpu"``, ``"cuda"``, ``"tensorrt"``); ``None`` = CPU.
-            batch_size: rows per model call.
+            batch_size: most rows per model call.
             threads: intra-op threads for onnxruntime (``None`` = onnxruntime's default).
+            max_batch_tokens: most padded tokens (rows × width) per model call; bounds peak memory.
+            prefix_reuse: decoder artifacts: run the part every pair of a query shares (template, instruction,
+                context, query) once and score the documents against its cached keys/values. ``None`` = on
+                where the artifact supports it; ``False`` scores whole pairs. Same scores either way (1e-4, fp32).
 
         Raises:
             ArtifactError: missing/corrupted files or an unknown schema, with what to do.
@@ -94,8 +126,10 @@ class Reranker:
         """
         if precision not in PRECISIONS and precision != "auto":
             raise ValueError(f"precision: unknown {precision!r}; choose one of {', '.join(PRECISIONS)} or 'auto'")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        _positive_int(batch_size, "batch_size")
+        _positive_int(max_batch_tokens, "max_batch_tokens")
+        if prefix_reuse not in (None, True, False):
+            raise ValueError(f"prefix_reuse must be True, False or None, got {prefix_reuse!r}")
         root = Path(path)
         manifest = read_manifest(root)
         if precision == "auto":
@@ -108,38 +142,96 @@ class Reranker:
         tokenizer.no_padding()
         _check_tokenizer(tokenizer, manifest)
         graph = root / manifest["precisions"][precision]["graph"]
-        backend = OrtBackend(graph, providers=providers, threads=threads)
+        engine = manifest.get("engines", {}).get(precision)
+        if engine is not None and _wants_tensorrt(providers):
+            backend = _tensorrt_backend(root, precision, engine, manifest)
+        else:
+            backend = OrtBackend(graph, providers=providers, threads=threads)
+        supported = bool(manifest.get("prefix_reuse")) and backend.has_past
+        if prefix_reuse and not supported:
+            raise ArtifactError(
+                f"{root}: prefix_reuse=True needs a decoder artifact whose graph takes a shared past; this one "
+                f"({manifest['family']}) has none. Re-export it with this memrerank version "
+                "(`memrerank export MODEL -o OUT --force`) or pass prefix_reuse=False")
         meant_for = manifest["precisions"][precision].get("providers", [])
         if meant_for and backend.providers[0] not in meant_for:
             warnings.warn(
                 f"precision {precision!r} is meant for {', '.join(meant_for)}; on {backend.providers[0]} it runs "
                 "correctly but is not expected to be faster than fp32", stacklevel=2)
-        return cls(root, manifest, precision, backend, tokenizer, batch_size)
+        return cls(root, manifest, precision, backend, tokenizer, batch_size, max_batch_tokens,
+                   supported if prefix_reuse is None else prefix_reuse)
 
     # ------------------------------------------------------------------ scoring
-    def _score_groups(self, groups: Iterable[tuple[str, list[int], list[str]]], n: int,
-                      instruction: str | None) -> tuple[np.ndarray, np.ndarray]:
-        ids: list[np.ndarray] = []
-        types: list[np.ndarray] = []  # filled only by encoders whose model has segment embeddings
-        where: list[int] = []
-        truncated = np.zeros(n, dtype=bool)
-        for query, idx, docs in groups:
-            enc = self.encoder.encode(query, docs, instruction)
-            ids.extend(enc.ids)
-            if enc.type_ids is not None:
-                types.extend(enc.type_ids)
-            where.extend(idx)
-            truncated[idx] = enc.truncated
+    def _score_groups(self, groups: Iterable[tuple[str, list[int], list[str]]], n: int, instruction: str | None,
+                      context: Sequence[str] = (), stats: dict[str, float] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Score every group's pairs; returns logits and truncation flags in the caller's order.
+
+        Groups of two or more documents reuse their shared prefix when ``prefix_reuse`` is on; the others are
+        packed together as whole pairs. ``stats`` (if given) accumulates seconds spent tokenizing, packing and
+        in the model, and token/pad counts.
+        """
+        clock = time.perf_counter
+        t0 = clock()
+        splits: list[tuple[np.ndarray, SplitPairs]] = [
+            (np.asarray(idx, dtype=np.int64), self.encoder.split(q, docs, instruction, context))
+            for q, idx, docs in groups]
+        t_tok = clock() - t0
+        t_pack = t_model = 0.0
+        tokens = padded = 0
         logits = np.empty(n, dtype=np.float32)
-        where_arr = np.asarray(where, dtype=np.int64)
-        for batch in iter_batches(ids, types or None, pad_id=self.pad_id, padding_side=self.padding_side,
-                                  batch_size=self.batch_size):
-            out = self.backend(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-            logits[where_arr[batch.rows]] = out
+        truncated = np.zeros(n, dtype=bool)
+        left = self.padding_side == "left"
+        whole: list[tuple[np.ndarray, SplitPairs]] = []
+
+        def run(packed: Any, where: np.ndarray, past: dict[str, np.ndarray] | None = None) -> float:
+            t = clock()
+            for b in packed:
+                logits[where[b.rows]] = self.backend(b.input_ids, b.attention_mask, b.token_type_ids, past=past)
+            return clock() - t
+
+        for where, sp in splits:
+            if not (self.prefix_reuse and len(sp.docs) >= 2):
+                whole.append((where, sp))
+                continue
+            t = clock()
+            past = self.backend.prefix(sp.head)
+            t_model += clock() - t
+            t = clock()
+            packed = pack_pairs([_NO_HEAD], np.zeros(len(sp.docs), np.int64), sp.docs, sp.tail, [sp.budget],
+                                pad_id=self.pad_id, left=left, max_rows=self.batch_size,
+                                max_tokens=self.max_batch_tokens, call_overhead=self.call_overhead)
+            t_pack += clock() - t
+            truncated[where] = packed.truncated
+            tokens += int(packed.lengths.sum()) + len(sp.head)
+            padded += int(packed.offsets[-1]) + len(sp.head)
+            t_model += run(packed, where, past)
+        if whole:
+            t = clock()
+            where = np.concatenate([w for w, _ in whole])
+            row_head = np.concatenate([np.full(len(sp.docs), g, np.int64) for g, (_, sp) in enumerate(whole)])
+            docs = [d for _, sp in whole for d in sp.docs]
+            with_types = whole[0][1].head_types is not None
+            packed = pack_pairs([sp.head for _, sp in whole], row_head, docs, whole[0][1].tail,
+                                [sp.budget for _, sp in whole], pad_id=self.pad_id, left=left,
+                                max_rows=self.batch_size, max_tokens=self.max_batch_tokens,
+                                head_types=[sp.head_types for _, sp in whole] if with_types else None,
+                                doc_type=whole[0][1].doc_type, tail_types=whole[0][1].tail_types,
+                                call_overhead=self.call_overhead)
+            t_pack += clock() - t
+            truncated[where] = packed.truncated
+            tokens += int(packed.lengths.sum())
+            padded += int(packed.offsets[-1])
+            t_model += run(packed, where)
+        if stats is not None:
+            for key, value in (("tokenize_s", t_tok), ("pack_s", t_pack), ("model_s", t_model),
+                               ("tokens", tokens), ("padded_tokens", padded)):
+                stats[key] = stats.get(key, 0) + value
         return logits, truncated
 
     def predict(self, pairs: Sequence[tuple[str, str]], raw: bool = False, instruction: str | None = None,
-                return_truncated: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                return_truncated: bool = False, *, context: Sequence[str] | None = None,
+                stats: dict[str, float] | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Score pairs.
 
         Args:
@@ -147,6 +239,8 @@ class Reranker:
             raw: return the model logit instead of the calibrated probability.
             instruction: decoder family only; ``None`` uses the artifact's default instruction.
             return_truncated: also return a bool array telling which documents were shortened.
+            context: previous dialogue turns, oldest first, added to every pair's query side.
+            stats: a dict that receives seconds spent tokenizing / packing / in the model and token counts.
 
         Returns:
             float32 array, one score per pair, in the order given.
@@ -164,17 +258,19 @@ class Reranker:
             slot[1].append(d)
         if instruction is not None:
             _check_text(instruction, "instruction")
+        context = _check_context(context)
         n = len(pairs)
         if n == 0:
             empty = np.zeros(0, dtype=np.float32)
             return (empty, np.zeros(0, dtype=bool)) if return_truncated else empty
         logits, truncated = self._score_groups(((q, idx, docs) for q, (idx, docs) in by_query.items()), n,
-                                               instruction)
+                                               instruction, context, stats)
         scores = logits if raw else self.calibrator(logits)
         return (scores, truncated) if return_truncated else scores
 
     def rank(self, query: str, documents: Sequence[str], top_k: int | None = None, threshold: float | None = None,
-             instruction: str | None = None) -> list[RankHit]:
+             instruction: str | None = None, context: Sequence[str] | None = None, *,
+             stats: dict[str, float] | None = None) -> list[RankHit]:
         """Rank documents for one query, best first.
 
         Args:
@@ -183,6 +279,11 @@ class Reranker:
             top_k: keep at most this many hits (``None`` = all).
             threshold: keep hits whose calibrated probability is ``>= threshold`` (in [0, 1]).
             instruction: decoder family only; ``None`` uses the artifact's default instruction.
+            context: previous dialogue turns, oldest first, that disambiguate the question ("what about her
+                sister?"). They join the query side (the reused prefix, for decoders), most recent kept first
+                when space runs out; the question itself is never cut.
+            stats: a dict that receives seconds spent tokenizing / packing / in the model / post-processing
+                and token counts.
         """
         _check_text(query, "query")
         if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
@@ -198,17 +299,41 @@ class Reranker:
                 raise ValueError(f"threshold must be a probability in [0, 1] or None, got {threshold!r}")
         if instruction is not None:
             _check_text(instruction, "instruction")
-        logits, truncated = self._score_groups([(query, list(range(len(docs))), docs)], len(docs), instruction)
+        context = _check_context(context)
+        logits, truncated = self._score_groups([(query, list(range(len(docs))), docs)], len(docs), instruction,
+                                               context, stats)
+        t = time.perf_counter()
         probs = self.calibrator(logits)
         order = np.argsort(-logits, kind="stable")
-        hits = [RankHit(int(i), float(probs[i]), float(logits[i]), docs[i], bool(truncated[i])) for i in order]
         if threshold is not None:
-            hits = [h for h in hits if h.score >= threshold]
-        return hits[:top_k] if top_k is not None else hits
+            order = order[probs[order] >= threshold]
+        if top_k is not None:
+            order = order[:top_k]
+        hits = [RankHit(int(i), float(probs[i]), float(logits[i]), docs[i], bool(truncated[i])) for i in order]
+        if stats is not None:
+            stats["post_s"] = stats.get("post_s", 0.0) + time.perf_counter() - t
+        return hits
 
     def __repr__(self) -> str:
         return (f"Reranker({str(self.root)!r}, family={self.family!r}, precision={self.precision!r}, "
                 f"providers={self.backend.providers})")
+
+
+def _wants_tensorrt(providers: Sequence[str] | str | None) -> bool:
+    names = [providers] if isinstance(providers, str) else list(providers or [])
+    return bool(names) and str(names[0]).lower() in ("tensorrt", "tensorrtexecutionprovider")
+
+
+def _tensorrt_backend(root: Path, precision: str, engine: dict[str, Any], manifest: dict[str, Any]) -> Any:
+    """The artifact's TensorRT engine for ``precision`` (built by ``memrerank build-engine``)."""
+    from memrerank.errors import ProviderError
+    from memrerank.runtime.backends.tensorrt import TensorRTBackend
+
+    verify_files(root, engine["files"])
+    try:
+        return TensorRTBackend(root, precision, engine, manifest)
+    except RuntimeError as exc:
+        raise ProviderError(f"providers: 'tensorrt' asked for, but {exc}") from exc
 
 
 def _check_tokenizer(tokenizer: Tokenizer, manifest: dict[str, Any]) -> None:

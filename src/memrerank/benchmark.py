@@ -1,6 +1,9 @@
 """``memrerank bench``: latency, throughput, memory, size and fidelity per precision of one artifact.
 
-Each precision is measured in a fresh subprocess so cold start and peak RSS are its own.
+Each precision is measured in a fresh subprocess so cold start and peak RSS are its own. Besides latency and
+throughput each worker measures the fast path: shared-prefix reuse on vs off (decoder artifacts; measured speed-up
+next to the ideal token ratio), padding waste of the length-bucketed batches, the host share of wall time
+(tokenize + pack + post-process) at :data:`HOST_K` candidates, and the packer on the native vs the numpy path.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ __all__ = ["run_bench", "load_bench_data", "markdown_table", "KS", "BATCH_SIZES"
 
 KS = (8, 32, 128)
 BATCH_SIZES = (1, 8, 32)
+#: Candidates per query for the host-overhead share (the issue's "100 candidates").
+HOST_K = 100
+#: Candidates per query for the prefix-reuse comparison (an assistant's typical memory shortlist).
+REUSE_K = 32
 
 
 def load_bench_data(path: str | Path | None) -> list[tuple[str, list[str], set[int] | None]]:
@@ -91,7 +98,89 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     r.batch_size = spec["batch_size"]
     logits = [r.predict([(q, d) for d in docs], raw=True).tolist() for q, docs, _ in data]
     out["logits"] = logits
+    out["fast_path"] = _fast_path(r, data, pool, spec["repeats"], spec.get("host_k", HOST_K))
     out["peak_rss_mb"] = _peak_rss_mb()
+    return out
+
+
+def _timed(fn: Any, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _fast_path(r: Any, data: list, pool: list[str], repeats: int, host_k: int | None = HOST_K) -> dict[str, Any]:
+    """Prefix reuse, padding waste, host-overhead share and native-vs-numpy packing for one loaded reranker."""
+    import memrerank.runtime.reranker as rr
+    from memrerank import kernels
+
+    out: dict[str, Any] = {"packer": kernels.backend_name()}
+    groups = [(q, (docs * (REUSE_K // max(1, len(docs)) + 1))[:REUSE_K]) for q, docs, _ in data][:8]
+    n_pairs = sum(len(d) for _, d in groups)
+
+    def run_groups(stats: dict | None = None) -> None:
+        for q, docs in groups:
+            r.rank(q, docs, stats=stats)
+
+    reuse_on = r.prefix_reuse
+    if reuse_on:
+        reps = max(2, repeats // 3)
+        best = {False: float("inf"), True: float("inf")}
+        tokens: dict[bool, dict] = {}
+        for mode in (False, True):
+            r.prefix_reuse = mode
+            tokens[mode] = {}
+            run_groups(tokens[mode])  # warm-up, and the token counts
+        for _ in range(reps):  # interleaved so drift hits both modes alike
+            for mode in (False, True):
+                r.prefix_reuse = mode
+                t = time.perf_counter()
+                run_groups()
+                best[mode] = min(best[mode], time.perf_counter() - t)
+        r.prefix_reuse = True
+        ideal = tokens[False]["tokens"] / tokens[True]["tokens"]
+        measured = best[False] / best[True]
+        out["prefix_reuse"] = {
+            "candidates_per_query": REUSE_K, "queries": len(groups),
+            "pairs_per_s_off": n_pairs / best[False], "pairs_per_s_on": n_pairs / best[True],
+            "speedup": measured, "ideal_token_ratio": ideal, "share_of_ideal": measured / ideal,
+            "tokens_off": tokens[False]["tokens"], "tokens_on": tokens[True]["tokens"],
+            "padding_waste_off": 1 - tokens[False]["tokens"] / tokens[False]["padded_tokens"],
+            "padding_waste_on": 1 - tokens[True]["tokens"] / tokens[True]["padded_tokens"],
+        }
+    stats: dict[str, float] = {}
+    run_groups(stats)
+    out["padding_waste"] = 1 - stats["tokens"] / stats["padded_tokens"]
+
+    if not host_k:
+        return out
+    q0 = data[0][0]
+    docs = [pool[i % len(pool)] for i in range(host_k)]
+    paths = [("numpy", kernels.pack_numpy)] + ([("native", kernels.pack_native)] if kernels.NATIVE else [])
+    host: dict[str, Any] = {}
+    original = rr.pack_pairs
+    try:
+        for name, fn in paths:
+            rr.pack_pairs = fn
+            r.rank(q0, docs)
+            walls, shares, packs = [], [], []
+            for _ in range(max(3, repeats)):
+                st: dict[str, float] = {}
+                t = time.perf_counter()
+                r.rank(q0, docs, stats=st)
+                wall = time.perf_counter() - t
+                walls.append(wall)
+                shares.append((st["tokenize_s"] + st["pack_s"] + st.get("post_s", 0.0)) / wall)
+                packs.append(st["pack_s"])
+            host[name] = {"candidates": host_k, "wall_ms": 1e3 * float(np.median(walls)),
+                          "host_share": float(np.median(shares)), "pack_ms": 1e3 * float(np.median(packs))}
+    finally:
+        rr.pack_pairs = original
+    out["host"] = host
     return out
 
 
@@ -109,7 +198,8 @@ def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_bench(artifact: str | Path, precisions: Sequence[str] | None = None, data: str | Path | None = None,
               batch_size: int = 32, threads: int | None = None, repeats: int = 10, ks: Sequence[int] = KS,
-              batch_sizes: Sequence[int] = BATCH_SIZES, progress: bool = True) -> dict[str, Any]:
+              batch_sizes: Sequence[int] = BATCH_SIZES, progress: bool = True, host_k: int | None = HOST_K
+              ) -> dict[str, Any]:
     """Measure every requested precision of ``artifact``; fidelity is computed against fp32."""
     from memrerank.evaluation import average_precision
     from memrerank.export.metrics import spearman, topk_overlap
@@ -132,7 +222,8 @@ def run_bench(artifact: str | Path, precisions: Sequence[str] | None = None, dat
             print(f"[{'#' * i}{'.' * (len(precisions) - i)}] {i}/{len(precisions)} measuring {p} ...",
                   file=sys.stderr, flush=True)
         spec = {"artifact": str(root), "precision": p, "data": spec_data, "batch_size": batch_size,
-                "threads": threads, "repeats": repeats, "ks": list(ks), "batch_sizes": list(batch_sizes)}
+                "threads": threads, "repeats": repeats, "ks": list(ks), "batch_sizes": list(batch_sizes),
+                "host_k": host_k}
         results[p] = _run_child(spec)
         results[p]["size_mb"] = sum(f["bytes"] for f in manifest["precisions"][p]["files"].values()) / 2**20
     ref = results["fp32"]["logits"]
@@ -186,10 +277,37 @@ def markdown_table(report: dict[str, Any]) -> str:
         row += [f"{r['peak_rss_mb']:.0f}", f"{f['spearman_mean']:.4f}", f"{f['top10_overlap']:.3f}",
                 f"{f['delta_MAP']:+.4f}" if "delta_MAP" in f else "n/a"]
         lines.append("| " + " | ".join(row) + " |")
+    lines += _fast_path_table(report)
     m = report["machine"]
     lines.append(f"\n{m['cpu']}, {m['cores']} cores, threads={report['threads']}, batch={report['batch_size']}, "
                  f"onnxruntime {m['onnxruntime']}, data: {report['data']} ({report['queries']} queries)")
     return "\n".join(lines)
+
+
+def _fast_path_table(report: dict[str, Any]) -> list[str]:
+    lines = ["", "| precision | prefix reuse off → on pairs/s | speed-up | ideal token ratio | share of ideal | "
+             "padding waste | host share (numpy packer) | host share (native packer) | pack ms numpy / native |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for p, r in report["precisions"].items():
+        f = r.get("fast_path")
+        if not f:
+            continue
+        pr = f.get("prefix_reuse")
+        reuse = (f"{pr['pairs_per_s_off']:.1f} → {pr['pairs_per_s_on']:.1f}", f"{pr['speedup']:.2f}×",
+                 f"{pr['ideal_token_ratio']:.2f}×", f"{100 * pr['share_of_ideal']:.0f} %") if pr else ("n/a",) * 4
+        host = f.get("host")
+        if not host:
+            lines.append("| " + " | ".join([p, *reuse, f"{100 * f['padding_waste']:.1f} %", "not measured",
+                                            "not measured", "-"]) + " |")
+            continue
+        nat = host.get("native")
+        lines.append("| " + " | ".join([
+            p, *reuse, f"{100 * f['padding_waste']:.1f} %",
+            f"{100 * host['numpy']['host_share']:.1f} % of {host['numpy']['wall_ms']:.0f} ms",
+            f"{100 * nat['host_share']:.1f} % of {nat['wall_ms']:.0f} ms" if nat else "not built",
+            f"{host['numpy']['pack_ms']:.2f} / {nat['pack_ms']:.2f}" if nat else f"{host['numpy']['pack_ms']:.2f} / -",
+        ]) + " |")
+    return lines if len(lines) > 3 else []
 
 
 def plot(report: dict[str, Any], path: str | Path) -> None:

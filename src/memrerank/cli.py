@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fidelity", default=None,
                    help="budget every quantized precision must keep vs fp32, e.g. top10=0.95,spearman=0.99 (default)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--target", choices=("onnx", "tensorrt"), default="onnx",
+                   help="tensorrt: also build TensorRT engines for the fp16/int8 precisions asked for (needs an "
+                        "NVIDIA GPU and TensorRT)")
+    p.add_argument("--profile", default=None,
+                   help="TensorRT optimization profile min,opt,max as BATCHxSEQ (default: 1x1,32x128,64x1024)")
 
     p = sub.add_parser("rank", help="rank documents for a query with an artifact")
     p.add_argument("artifact", type=Path)
@@ -54,9 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS + ("auto",), default="fp32")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    p = sub.add_parser("info", help="summarise an artifact's manifest")
+    p = sub.add_parser("build-engine", help="build TensorRT engines for an existing artifact (NVIDIA GPU)")
     p.add_argument("artifact", type=Path)
-    p.add_argument("--json", action="store_true", help="print the whole manifest")
+    p.add_argument("--precision", default="fp16", help="comma-separated: fp16, int8")
+    p.add_argument("--profile", default=None, help="min,opt,max as BATCHxSEQ (default: 1x1,32x128,64x1024)")
+    p.add_argument("--workspace-gb", type=float, default=4.0)
+
+    p = sub.add_parser("info", help="summarise an artifact's manifest (or, with --system, this machine's runtime)")
+    p.add_argument("artifact", type=Path, nargs="?")
+    p.add_argument("--json", action="store_true", help="print the whole manifest (or the system report) as JSON")
+    p.add_argument("--system", action="store_true",
+                   help="which kernel path (native/numpy), onnxruntime providers and CPU features are in use")
 
     p = sub.add_parser("bench", help="latency, throughput, memory, size and fidelity per precision")
     p.add_argument("artifact", type=Path)
@@ -121,11 +135,26 @@ def _read_docs(path: Path) -> list[str]:
 def _cmd_export(args: argparse.Namespace) -> int:
     from memrerank.export import export_model
 
+    engines: list[str] = []
+    if args.target == "tensorrt":  # fail fast, before minutes of export, when TensorRT or the GPU is missing
+        from memrerank.export.tensorrt import require_tensorrt
+
+        engines = [p for p in ("fp16", "int8") if p in args.precision]
+        if not engines:
+            raise ValueError("--target tensorrt builds fp16 and/or int8 engines: add them to --precision")
+        try:
+            require_tensorrt()
+        except RuntimeError as exc:
+            raise MemrerankError(str(exc)) from exc
+    elif args.profile:
+        raise ValueError("--profile is a TensorRT option; pass --target tensorrt")
     out = export_model(args.model, args.output, precisions=args.precision, max_length=args.max_length,
                        instruction=args.instruction, force=args.force, revision=args.revision,
                        trust_remote_code=args.trust_remote_code, calib_data=args.calib_data,
                        fidelity=args.fidelity, command=" ".join(sys.argv),
                        log=lambda m: print(m, file=sys.stderr))
+    if engines:
+        _build_engines(out, engines, args.profile, 4.0)
     print(info_text(out))
     return 0
 
@@ -187,7 +216,73 @@ def info_text(root: Path) -> str:
     return "\n".join(lines)
 
 
+def _build_engines(artifact: Path, precisions: list[str], profile_text: str | None, workspace_gb: float) -> None:
+    from memrerank.export.tensorrt import ENGINE_PRECISIONS, build_engine, parse_profile, require_tensorrt
+    from memrerank.manifest import read_manifest
+
+    bad = [p for p in precisions if p not in ENGINE_PRECISIONS]
+    if bad:
+        raise ValueError(f"--precision: TensorRT engines are built for {', '.join(ENGINE_PRECISIONS)}, not {bad}")
+    manifest = read_manifest(artifact)
+    profile = parse_profile(profile_text, int(manifest["tokens"]["max_length"])) if profile_text else None
+    try:
+        require_tensorrt()
+    except RuntimeError as exc:
+        raise MemrerankError(str(exc)) from exc
+    for p in precisions:
+        build_engine(artifact, p, profile, workspace_gb, log=lambda m: print(m, file=sys.stderr))
+
+
+def _cmd_build_engine(args: argparse.Namespace) -> int:
+    _build_engines(args.artifact, [p.strip() for p in args.precision.split(",") if p.strip()], args.profile,
+                   args.workspace_gb)
+    return 0
+
+
+def system_info() -> dict[str, Any]:
+    """What the runtime will use on this machine (no artifact needed)."""
+    import platform
+
+    import numpy
+    import onnxruntime
+    import tokenizers
+
+    from memrerank import __version__, kernels
+
+    flags: list[str] = []
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                have = set(line.split(":", 1)[1].split())
+                flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "fma")
+                         if f in have]
+    except OSError:
+        pass
+    why = ("compiled extension memrerank.kernels._kernels" if kernels.NATIVE else
+           "MEMRERANK_NO_KERNELS is set" if os.environ.get("MEMRERANK_NO_KERNELS", "0") not in ("", "0") else
+           "no compiled extension in this install (built without a compiler?)")
+    return {
+        "memrerank": __version__, "kernels": kernels.backend_name(), "kernels_detail": why,
+        "onnxruntime": onnxruntime.__version__, "providers": onnxruntime.get_available_providers(),
+        "numpy": numpy.__version__, "tokenizers": tokenizers.__version__, "python": platform.python_version(),
+        "cpu": cpu, "cores": os.cpu_count(), "cpu_features": flags,
+    }
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
+    if args.system:
+        info = system_info()
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            for key, value in info.items():
+                print(f"{key:<14} {', '.join(value) if isinstance(value, list) else value}")
+        return 0
+    if args.artifact is None:
+        raise ValueError("info: pass an artifact directory, or --system for this machine's runtime")
     if args.json:
         from memrerank.manifest import read_manifest
 
@@ -281,7 +376,7 @@ def calibration_table(rep: dict[str, Any]) -> str:
     return "\n".join(lines) + tail
 
 
-_COMMANDS: dict[str, Any] = {"calibrate": _cmd_calibrate, "export": _cmd_export, "rank": _cmd_rank, "info": _cmd_info, "demo": _cmd_demo,
+_COMMANDS: dict[str, Any] = {"build-engine": _cmd_build_engine, "calibrate": _cmd_calibrate, "export": _cmd_export, "rank": _cmd_rank, "info": _cmd_info, "demo": _cmd_demo,
                              "bench": _cmd_bench, "eval": _cmd_eval}
 
 
