@@ -72,3 +72,30 @@ def qwen_tokenizer():
     from tokenizers import Tokenizer
 
     return Tokenizer.from_file(str(models.qwen_tokenizer_dir() / "tokenizer.json"))
+
+
+def _has_tensorrt() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+def _has_gpu() -> bool:
+    try:
+        from memrerank.runtime.backends.cuda import CudaRuntime
+
+        CudaRuntime.load()
+        return True
+    except RuntimeError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `gpu` / `tensorrt` tests, with the reason, where the hardware or package is missing."""
+    no_trt = None if _has_tensorrt() else pytest.mark.skip(reason="TensorRT is not installed (NVIDIA's index)")
+    no_gpu = None if _has_gpu() else pytest.mark.skip(reason="no NVIDIA GPU / CUDA runtime on this machine")
+    for item in items:
+        if "tensorrt" in item.keywords and no_trt:
+            item.add_marker(no_trt)
+        if "gpu" in item.keywords and no_gpu:
+            item.add_marker(no_gpu)

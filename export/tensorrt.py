@@ -1,0 +1,321 @@
+"""TensorRT engines from an exported artifact (``memrerank build-engine OUT`` / ``export --target tensorrt``).
+
+The engine is built with the TensorRT Python API from the artifact's own ONNX graphs:
+
+* ``fp16``: the fp32 graph with ``BuilderFlag.FP16``; the folded head and the final norm are pinned to fp32
+  (``OBEY_PRECISION_CONSTRAINTS``), as the fp16 ONNX precision does.
+* ``int8``: explicit quantization from the ``int8-static`` QDQ graph when the artifact has it (ranges calibrated on
+  query–document pairs at export); otherwise the fp32 graph with an entropy calibrator fed the same pairs.
+
+Optimization profiles come from the manifest (``max_length``, the past-cache layout) and ``--profile
+min,opt,max`` (``BATCHxSEQ`` each). Engine + timing cache go to ``OUT/tensorrt-<precision>/`` and the manifest
+records the TensorRT version, GPU name and compute capability: engines are not portable, and loading one on
+another GPU or TensorRT version is refused with the command that rebuilds it.
+
+TensorRT is not on PyPI's default index for every platform and needs an NVIDIA GPU: without them these functions
+fail fast with :data:`INSTALL_HINT`. The parts that need neither (profiles, manifest entries, the calibrator's
+batch feeding, compatibility checks) are plain Python and tested on any machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["INSTALL_HINT", "ENGINE_PRECISIONS", "Profile", "parse_profile", "default_profile", "profile_shapes",
+           "CalibrationFeeder", "engine_entry", "check_engine_compat", "build_engine", "require_tensorrt"]
+
+INSTALL_HINT = ("TensorRT is not available: it needs an NVIDIA GPU with its driver and the TensorRT Python package "
+                "from NVIDIA's index — pip install 'memrerank[tensorrt]' --extra-index-url https://pypi.nvidia.com "
+                "(see the README's 'GPU and TensorRT' section). On CPU use the fp32/int8 ONNX precisions.")
+ENGINE_PRECISIONS = ("fp16", "int8")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One optimization profile: (batch, sequence) at min / opt / max, plus the past (prefix) length range."""
+
+    min: tuple[int, int]
+    opt: tuple[int, int]
+    max: tuple[int, int]
+    past: tuple[int, int, int] = (0, 0, 0)
+
+
+def parse_profile(text: str, max_length: int) -> Profile:
+    """``"1x16,8x128,32x512"`` → Profile; each ``BATCHxSEQ``, non-decreasing, sequence ≤ the artifact's
+    ``max_length``."""
+    parts = [p.strip().lower() for p in text.split(",")]
+    if len(parts) != 3:
+        raise ValueError(f"--profile: expected min,opt,max as BATCHxSEQ each (e.g. 1x16,8x128,32x512), got {text!r}")
+    shapes = []
+    for p in parts:
+        b, sep, s = p.partition("x")
+        if not sep or not b.isdigit() or not s.isdigit() or int(b) < 1 or int(s) < 1:
+            raise ValueError(f"--profile: {p!r} is not BATCHxSEQ with positive integers")
+        shapes.append((int(b), int(s)))
+    lo, mid, hi = shapes
+    if not (lo[0] <= mid[0] <= hi[0] and lo[1] <= mid[1] <= hi[1]):
+        raise ValueError(f"--profile: min ≤ opt ≤ max must hold for batch and sequence, got {text!r}")
+    if hi[1] > max_length:
+        raise ValueError(f"--profile: max sequence {hi[1]} exceeds the artifact's max_length {max_length}")
+    return Profile(lo, mid, hi)
+
+
+def default_profile(manifest: dict[str, Any]) -> Profile:
+    """Batch 1–64 (opt 32: a memory shortlist), sequence 1–min(max_length, 1024) (opt 128); past 0–256."""
+    max_length = int(manifest["tokens"]["max_length"])
+    top = min(max_length, 1024)
+    past = (0, min(64, top), min(256, top)) if manifest.get("prefix_reuse") else (0, 0, 0)
+    return Profile((1, 1), (32, min(128, top)), (64, top), past)
+
+
+def profile_shapes(manifest: dict[str, Any], input_names: Sequence[str], profile: Profile
+                   ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """Min/opt/max shape of every graph input under ``profile`` (what ``IOptimizationProfile.set_shape`` takes)."""
+    out: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {}
+    layout = manifest.get("prefix_reuse") or {}
+    for name in input_names:
+        if name in ("input_ids", "attention_mask", "token_type_ids"):
+            out[name] = (profile.min, profile.opt, profile.max)
+        elif name.startswith(("past_key.", "past_value.")):
+            if not layout:
+                raise ValueError(f"graph input {name} but the manifest has no prefix_reuse layout")
+            kv, hd = int(layout["kv_heads"]), int(layout["head_dim"])
+            out[name] = tuple((1, kv, p, hd) for p in profile.past)  # type: ignore[assignment]
+        else:
+            raise ValueError(f"graph input {name!r}: no profile rule; re-export the artifact")
+    return out
+
+
+class CalibrationFeeder:
+    """Feeds tokenized query–document batches to a TensorRT INT8 calibrator, one batch per ``get_batch``.
+
+    ``to_device(array) -> int`` copies an array to GPU memory and returns its address (the CUDA part); the
+    feeder itself only orders the engine's inputs and pads nothing: the batches come from the artifact's own
+    packer, so they are exactly what the runtime will run.
+    """
+
+    def __init__(self, batches: Sequence[dict[str, np.ndarray]], to_device: Callable[[np.ndarray], int]) -> None:
+        if not batches:
+            raise ValueError("calibration needs at least one batch of pairs")
+        self.batches = list(batches)
+        self.to_device = to_device
+        self._it: Iterator[dict[str, np.ndarray]] = iter(self.batches)
+        self.batch_size = max(int(b["input_ids"].shape[0]) for b in self.batches)
+        self.fed = 0
+
+    def get_batch(self, names: Sequence[str]) -> list[int] | None:
+        batch = next(self._it, None)
+        if batch is None:
+            return None
+        missing = [n for n in names if n not in batch]
+        if missing:
+            raise ValueError(f"calibration batch lacks engine inputs {missing}")
+        self.fed += 1
+        return [self.to_device(np.ascontiguousarray(batch[n])) for n in names]
+
+
+def calibration_batches(root: Path, max_rows: int = 16) -> list[dict[str, np.ndarray]]:
+    """Built-in (or ``--calib-data``-recorded) pairs, packed by the runtime, as engine feeds with an empty past."""
+    from memrerank.export.pairs import builtin_calibration_groups
+    from memrerank.runtime import Reranker
+    from memrerank.runtime.batching import iter_batches
+
+    r = Reranker.load(root, "fp32", prefix_reuse=False)
+    ids, types = [], []
+    for q, docs in builtin_calibration_groups():
+        enc = r.encoder.encode(q, docs)
+        ids.extend(enc.ids)
+        types.extend(enc.type_ids or [])
+    feeds = []
+    for b in iter_batches(ids, types or None, pad_id=r.pad_id, padding_side=r.padding_side, batch_size=max_rows):
+        feed = {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
+        if b.token_type_ids is not None:
+            feed["token_type_ids"] = b.token_type_ids
+        feed.update(r.backend._empty_past)
+        feeds.append(feed)
+    return feeds
+
+
+def require_tensorrt() -> Any:
+    """Import TensorRT and check a CUDA device exists; raise RuntimeError with :data:`INSTALL_HINT` otherwise."""
+    try:
+        import tensorrt as trt  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise RuntimeError(INSTALL_HINT) from exc
+    from memrerank.runtime.backends.cuda import CudaRuntime
+
+    CudaRuntime.load()  # raises with the hint when no driver/device
+    return trt
+
+
+def engine_entry(precision: str, engine: Path, root: Path, *, trt_version: str, gpu: str, capability: str,
+                 profile: Profile, source_graph: str, method: str, parity: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest's ``engines[<precision>]`` block."""
+    from memrerank.manifest import sha256_file
+
+    files = sorted(p for p in engine.parent.iterdir() if p.is_file())
+    return {
+        "engine": engine.relative_to(root).as_posix(),
+        "files": {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                  for p in files},
+        "tensorrt": trt_version, "gpu": gpu, "compute_capability": capability,
+        "profile": asdict(profile), "source_graph": source_graph, "method": method, "parity": parity,
+    }
+
+
+def check_engine_compat(entry: dict[str, Any], *, trt_version: str, gpu: str, capability: str, root: Path,
+                        precision: str) -> None:
+    """Refuse an engine built for another GPU or TensorRT version, saying how to rebuild it."""
+    from memrerank.errors import ArtifactError
+
+    problems = []
+    if entry.get("tensorrt") != trt_version:
+        problems.append(f"TensorRT {entry.get('tensorrt')} (this machine has {trt_version})")
+    if entry.get("compute_capability") != capability or entry.get("gpu") != gpu:
+        problems.append(f"{entry.get('gpu')} sm_{entry.get('compute_capability')} (this machine: {gpu} "
+                        f"sm_{capability})")
+    if problems:
+        raise ArtifactError(
+            f"{root}: the {precision} TensorRT engine was built for " + " and ".join(problems) +
+            f"; engines are not portable — rebuild it here with `memrerank build-engine {root} --precision "
+            f"{precision}`")
+
+
+def build_engine(root: str | Path, precision: str, profile: Profile | None = None, workspace_gb: float = 4.0,
+                 log: Callable[[str], None] = print) -> Path:
+    """Build ``OUT/tensorrt-<precision>/model.engine`` and record it in the manifest (see the module docstring).
+
+    Raises:
+        RuntimeError: TensorRT or a GPU is missing (with the install hint).
+        ValueError: unknown precision or a profile outside the artifact's limits.
+    """
+    from memrerank.manifest import MANIFEST_NAME, read_manifest
+
+    if precision not in ENGINE_PRECISIONS:
+        raise ValueError(f"--precision: TensorRT engines are built for {', '.join(ENGINE_PRECISIONS)}, not {precision!r}")
+    root = Path(root)
+    manifest = read_manifest(root)
+    trt = require_tensorrt()
+    from memrerank.runtime.backends.cuda import CudaRuntime
+
+    cuda = CudaRuntime.load()
+    profile = profile or default_profile(manifest)
+    if precision == "int8" and "int8-static" in manifest["precisions"]:
+        source, method = "int8-static", "explicit quantization (QDQ graph calibrated on query-document pairs)"
+    elif precision == "int8":
+        source, method = "fp32", "implicit INT8, entropy calibrator fed the built-in query-document pairs"
+    else:
+        source, method = "fp32", "FP16 builder flag; head and final norm pinned to fp32"
+    graph = root / manifest["precisions"][source]["graph"]
+    out_dir = root / f"tensorrt-{precision}"
+    out_dir.mkdir(exist_ok=True)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(graph)):
+        errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {graph}:\n{errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
+    cache_path = out_dir / "timing.cache"
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    opt = builder.create_optimization_profile()
+    names = [network.get_input(i).name for i in range(network.num_inputs)]
+    for name, (lo, mid, hi) in profile_shapes(manifest, names, profile).items():
+        opt.set_shape(name, lo, mid, hi)
+    config.add_optimization_profile(opt)
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        pinned = _pin_fp32(network, trt)
+        log(f"fp16: {pinned} layers of the head and final norm pinned to fp32")
+    elif source == "int8-static":
+        config.set_flag(trt.BuilderFlag.INT8)
+        config.set_flag(trt.BuilderFlag.FP16)
+    else:
+        config.set_flag(trt.BuilderFlag.INT8)
+        feeder = CalibrationFeeder(calibration_batches(root), cuda.to_device)
+        config.int8_calibrator = _entropy_calibrator(trt, feeder, out_dir / "calibration.cache")
+        config.set_calibration_profile(opt)
+    log(f"building the {precision} engine from {source} (this takes minutes)")
+    blob = builder.build_serialized_network(network, config)
+    if blob is None:
+        raise RuntimeError(f"TensorRT failed to build the {precision} engine; see the log above")
+    engine_path = out_dir / "model.engine"
+    tmp = engine_path.with_suffix(".engine.tmp")
+    tmp.write_bytes(bytes(blob))
+    os.replace(tmp, engine_path)
+    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    gpu, capability = cuda.device_name(), cuda.capability()
+    entry = engine_entry(precision, engine_path, root, trt_version=trt.__version__, gpu=gpu, capability=capability,
+                         profile=profile, source_graph=source, method=method, parity=None)
+    manifest.setdefault("engines", {})[precision] = entry
+    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    entry["parity"] = _engine_parity(root, precision)
+    manifest["engines"][precision] = entry
+    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    log(f"wrote {engine_path} ({gpu}, sm_{capability}, TensorRT {trt.__version__}); parity vs fp32: "
+        f"{entry['parity']}")
+    return engine_path
+
+
+def _pin_fp32(network: Any, trt: Any) -> int:
+    """Keep the folded head (the last product and what follows) and the final RMSNorm in fp32."""
+    pinned = 0
+    n = network.num_layers
+    for i in range(n):
+        layer = network.get_layer(i)
+        if "/norm/" in layer.name or i >= n - 6:  # final norm, gather of the last token, head product
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
+            pinned += 1
+    return pinned
+
+
+def _entropy_calibrator(trt: Any, feeder: CalibrationFeeder, cache: Path) -> Any:
+    class Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+
+        def get_batch_size(self) -> int:
+            return feeder.batch_size
+
+        def get_batch(self, names: list[str]) -> list[int] | None:
+            return feeder.get_batch(names)
+
+        def read_calibration_cache(self) -> bytes | None:
+            return cache.read_bytes() if cache.exists() else None
+
+        def write_calibration_cache(self, data: bytes) -> None:
+            cache.write_bytes(bytes(data))
+
+    return Calibrator()
+
+
+def _engine_parity(root: Path, precision: str) -> dict[str, Any]:
+    """Engine vs the fp32 ONNX artifact on the built-in pairs (as for the other precisions)."""
+    from memrerank.export.metrics import spearman, topk_overlap
+    from memrerank.export.pairs import builtin_pairs
+    from memrerank.runtime import Reranker
+
+    ref = Reranker.load(root, "fp32", prefix_reuse=False)
+    eng = Reranker.load(root, precision, providers=["tensorrt"], prefix_reuse=False)
+    diffs, sp, tk = [], [], []
+    for q, docs in builtin_pairs():
+        a = ref.predict([(q, d) for d in docs], raw=True)
+        b = eng.predict([(q, d) for d in docs], raw=True)
+        diffs.append(float(np.max(np.abs(a - b))))
+        sp.append(spearman(b, a))
+        tk.append(topk_overlap(b, a, 3))
+    return {"reference": "fp32 onnx", "max_abs_logit_diff": max(diffs), "spearman_mean": float(np.mean(sp)),
+            "top3_agreement": float(np.mean(tk))}

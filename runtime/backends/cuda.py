@@ -1,0 +1,97 @@
+"""The few CUDA runtime calls the TensorRT engine backend needs, through ctypes (no torch, no cuda-python).
+
+Loading fails with :data:`memrerank.export.tensorrt.INSTALL_HINT`-style guidance when there is no CUDA runtime
+library or no device.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from typing import Any
+
+import numpy as np
+
+__all__ = ["CudaRuntime", "CUDA_HINT"]
+
+CUDA_HINT = ("no usable NVIDIA GPU: the CUDA runtime (libcudart) or a device is missing. TensorRT engines and the "
+             "CUDA/TensorRT providers need an NVIDIA GPU with its driver; on CPU use the fp32/int8 ONNX precisions.")
+_H2D, _D2H = 1, 2
+
+
+class CudaRuntime:
+    """Device memory and copies via libcudart."""
+
+    _instance: CudaRuntime | None = None
+
+    def __init__(self, lib: Any) -> None:
+        self.lib = lib
+        self._live: list[int] = []
+
+    @classmethod
+    def load(cls) -> CudaRuntime:
+        if cls._instance is not None:
+            return cls._instance
+        names = [ctypes.util.find_library("cudart"), "libcudart.so", "libcudart.so.12", "libcudart.so.13"]
+        lib = None
+        for name in filter(None, names):
+            try:
+                lib = ctypes.CDLL(name)
+                break
+            except OSError:
+                continue
+        if lib is None:
+            raise RuntimeError(CUDA_HINT)
+        count = ctypes.c_int(0)
+        if lib.cudaGetDeviceCount(ctypes.byref(count)) != 0 or count.value < 1:
+            raise RuntimeError(CUDA_HINT)
+        cls._instance = cls(lib)
+        return cls._instance
+
+    def _check(self, code: int, what: str) -> None:
+        if code != 0:
+            self.lib.cudaGetErrorString.restype = ctypes.c_char_p
+            raise RuntimeError(f"CUDA {what} failed: {self.lib.cudaGetErrorString(code).decode()}")
+
+    def malloc(self, nbytes: int) -> int:
+        ptr = ctypes.c_void_p()
+        self._check(self.lib.cudaMalloc(ctypes.byref(ptr), ctypes.c_size_t(max(nbytes, 1))), "cudaMalloc")
+        return int(ptr.value or 0)
+
+    def free(self, ptr: int) -> None:
+        self.lib.cudaFree(ctypes.c_void_p(ptr))
+
+    def to_device(self, array: np.ndarray) -> int:
+        """Copy ``array`` to a new device buffer (kept alive until :meth:`release`)."""
+        array = np.ascontiguousarray(array)
+        ptr = self.malloc(array.nbytes)
+        self._check(self.lib.cudaMemcpy(ctypes.c_void_p(ptr), array.ctypes.data_as(ctypes.c_void_p),
+                                        ctypes.c_size_t(array.nbytes), _H2D), "cudaMemcpy H2D")
+        self._live.append(ptr)
+        return ptr
+
+    def to_host(self, ptr: int, out: np.ndarray) -> np.ndarray:
+        self._check(self.lib.cudaMemcpy(out.ctypes.data_as(ctypes.c_void_p), ctypes.c_void_p(ptr),
+                                        ctypes.c_size_t(out.nbytes), _D2H), "cudaMemcpy D2H")
+        return out
+
+    def release(self) -> None:
+        for ptr in self._live:
+            self.free(ptr)
+        self._live.clear()
+
+    def synchronize(self) -> None:
+        self._check(self.lib.cudaDeviceSynchronize(), "cudaDeviceSynchronize")
+
+    def device_name(self) -> str:
+        buf = ctypes.create_string_buffer(1024)  # cudaDeviceProp is larger than 1 KB; name is its first field
+        big = ctypes.create_string_buffer(4096)
+        self._check(self.lib.cudaGetDeviceProperties(big, 0), "cudaGetDeviceProperties")
+        buf.value = big.raw[:256].split(b"\0", 1)[0]
+        return buf.value.decode(errors="replace")
+
+    def capability(self) -> str:
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        self._check(self.lib.cudaDeviceGetAttribute(ctypes.byref(major), 75, 0), "cudaDeviceGetAttribute")
+        self._check(self.lib.cudaDeviceGetAttribute(ctypes.byref(minor), 76, 0), "cudaDeviceGetAttribute")
+        return f"{major.value}{minor.value}"
