@@ -141,9 +141,11 @@ def main() -> int:
     for precision in ("fp32", "int8"):
         if "memrerank" in skip:
             break
-        r = Reranker.load(artifact, precision=precision, threads=args.threads, batch_size=args.k)
-        run(f"memrerank {precision}", lambda q, d, r=r: r.predict([(q, x) for x in d]))
-        del r
+        for reuse in (False, True):
+            r = Reranker.load(artifact, precision=precision, threads=args.threads, prefix_reuse=reuse)
+            run(f"memrerank {precision}" + (" + prefix reuse" if reuse else ""),
+                lambda q, d, r=r: r.predict([(q, x) for x in d]))
+            del r
     if "official" not in skip:
         score, model = official_recipe(ckpt, args.threads)
         run("transformers official recipe fp32", score)

@@ -28,6 +28,9 @@ def decoder(path: Path) -> str:
     lines += ["", _check("decoder int8 vs official recipe", r["memrerank int8"]["pairs_per_s"] / off, 4.0),
               _check("decoder int8 vs memrerank fp32",
                      r["memrerank int8"]["pairs_per_s"] / r["memrerank fp32"]["pairs_per_s"], 2.5)]
+    if "memrerank int8 + prefix reuse" in r:
+        lines.append(_check("decoder int8 + prefix reuse vs official recipe",
+                            r["memrerank int8 + prefix reuse"]["pairs_per_s"] / off, 10.0))
     return "\n".join(lines)
 
 
