@@ -236,7 +236,7 @@ def build_engine(root: str | Path, precision: str, profile: Profile | None = Non
     if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        pinned = _pin_fp32(network, trt)
+        pinned = _pin_fp32(network, trt, _fp32_nodes(graph))
         log(f"fp16: {pinned} layers of the head and final norm pinned to fp32")
     elif source == "int8-static":
         config.set_flag(trt.BuilderFlag.INT8)
@@ -268,18 +268,34 @@ def build_engine(root: str | Path, precision: str, profile: Profile | None = Non
     return engine_path
 
 
-def _pin_fp32(network: Any, trt: Any) -> int:
-    """Keep the folded head (the last product and what follows) and the final RMSNorm in fp32."""
+def _pin_fp32(network: Any, trt: Any, keep: set[str]) -> int:
+    """Keep the folded head (the last product and what follows it) and the final norm in fp32.
+
+    ``keep`` holds ONNX node names (``graph_info(...).head_nodes`` and the final-norm nodes); TensorRT's ONNX
+    parser names each layer after the node it came from (fused layers join names with ``+``).
+    """
     pinned = 0
-    n = network.num_layers
-    for i in range(n):
+    for i in range(network.num_layers):
         layer = network.get_layer(i)
-        if "/norm/" in layer.name or i >= n - 6:  # final norm, gather of the last token, head product
+        if any(part in keep for part in layer.name.split(" + ")):
             layer.precision = trt.float32
             for j in range(layer.num_outputs):
                 layer.set_output_type(j, trt.float32)
             pinned += 1
     return pinned
+
+
+def _fp32_nodes(graph: Path) -> set[str]:
+    import re
+
+    import onnx
+
+    from memrerank.export.quantize import graph_info
+
+    info = graph_info(graph)
+    model = onnx.load(str(graph), load_external_data=False)
+    norm = {n.name for n in model.graph.node if re.search(r"^/(body|model)/norm/", n.name)}
+    return set(info.head_nodes) | norm
 
 
 def _entropy_calibrator(trt: Any, feeder: CalibrationFeeder, cache: Path) -> Any:

@@ -86,7 +86,8 @@ class CudaRuntime:
     def device_name(self) -> str:
         buf = ctypes.create_string_buffer(1024)  # cudaDeviceProp is larger than 1 KB; name is its first field
         big = ctypes.create_string_buffer(4096)
-        self._check(self.lib.cudaGetDeviceProperties(big, 0), "cudaGetDeviceProperties")
+        fn = getattr(self.lib, "cudaGetDeviceProperties_v2", None) or self.lib.cudaGetDeviceProperties  # CUDA 12+
+        self._check(fn(big, 0), "cudaGetDeviceProperties")
         buf.value = big.raw[:256].split(b"\0", 1)[0]
         return buf.value.decode(errors="replace")
 

@@ -60,6 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS + ("auto",), default="fp32")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    p = sub.add_parser("serve", help="local rerank service (Cohere /v1/rerank and TEI /rerank APIs)")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--precision", choices=PRECISIONS + ("auto",), default="auto")
+    p.add_argument("--workers", type=int, default=1, help="server processes (each loads the artifact)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads per worker")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="dynamic batching: longest wait for company")
+    p.add_argument("--max-batch-pairs", type=int, default=256, help="dynamic batching: most pairs merged")
+    p.add_argument("--max-documents", type=int, default=1000, help="limit: documents per request")
+    p.add_argument("--max-request-bytes", type=int, default=4 * 2**20, help="limit: request body bytes")
+    p.add_argument("--max-tokens-per-document", type=int, default=8192, help="limit: tokens per document")
+
     p = sub.add_parser("build-engine", help="build TensorRT engines for an existing artifact (NVIDIA GPU)")
     p.add_argument("artifact", type=Path)
     p.add_argument("--precision", default="fp16", help="comma-separated: fp16, int8")
@@ -233,6 +246,19 @@ def _build_engines(artifact: Path, precisions: list[str], profile_text: str | No
         build_engine(artifact, p, profile, workspace_gb, log=lambda m: print(m, file=sys.stderr))
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from memrerank.serve import Limits, serve
+
+    if args.workers < 1 or args.max_documents < 1 or args.max_request_bytes < 1 or args.max_tokens_per_document < 1:
+        raise ValueError("--workers and the --max-* limits must be positive")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"memrerank serve: listening on {args.host}, reachable beyond this machine", file=sys.stderr)
+    serve(args.artifact, args.host, args.port, args.precision, args.workers,
+          Limits(args.max_documents, args.max_request_bytes, args.max_tokens_per_document), args.max_wait_ms,
+          args.max_batch_pairs, args.threads)
+    return 0
+
+
 def _cmd_build_engine(args: argparse.Namespace) -> int:
     _build_engines(args.artifact, [p.strip() for p in args.precision.split(",") if p.strip()], args.profile,
                    args.workspace_gb)
@@ -376,7 +402,7 @@ def calibration_table(rep: dict[str, Any]) -> str:
     return "\n".join(lines) + tail
 
 
-_COMMANDS: dict[str, Any] = {"build-engine": _cmd_build_engine, "calibrate": _cmd_calibrate, "export": _cmd_export, "rank": _cmd_rank, "info": _cmd_info, "demo": _cmd_demo,
+_COMMANDS: dict[str, Any] = {"build-engine": _cmd_build_engine, "serve": _cmd_serve, "calibrate": _cmd_calibrate, "export": _cmd_export, "rank": _cmd_rank, "info": _cmd_info, "demo": _cmd_demo,
                              "bench": _cmd_bench, "eval": _cmd_eval}
 
 

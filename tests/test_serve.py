@@ -1,0 +1,117 @@
+"""memrerank serve, for real: a uvicorn server on a loopback port, HTTP requests with httpx."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from memrerank import Reranker  # noqa: E402
+from memrerank.serve import Limits, create_app  # noqa: E402
+from texts import DOCS  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(bert_artifact):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(bert_artifact, "fp32", limits=Limits(max_documents=50, max_request_bytes=20_000,
+                                                          max_tokens_per_document=200), max_wait_ms=20)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started
+    yield f"http://127.0.0.1:{port}", app
+    srv.should_exit = True
+    thread.join(10)
+
+
+def test_cohere_api(server, bert_artifact):
+    url, _ = server
+    docs = DOCS[:6]
+    r = httpx.post(f"{url}/v1/rerank", json={"model": "m", "query": "Who painted?", "documents": docs, "top_n": 3,
+                                             "return_documents": True})
+    assert r.status_code == 200
+    body = r.json()
+    want = Reranker.load(bert_artifact).rank("Who painted?", docs, top_k=3)
+    assert [x["index"] for x in body["results"]] == [h.index for h in want]
+    for x, h in zip(body["results"], want):
+        assert x["relevance_score"] == pytest.approx(h.score, abs=1e-5) and x["document"]["text"] == h.text
+    assert body["usage"]["documents"] == 6 and body["model"] == "m"
+
+
+def test_tei_api(server, bert_artifact):
+    url, _ = server
+    docs = DOCS[:5]
+    r = httpx.post(f"{url}/rerank", json={"query": "dentist?", "texts": docs, "raw_scores": True,
+                                          "return_text": True})
+    assert r.status_code == 200
+    out = r.json()
+    logits = Reranker.load(bert_artifact).predict([("dentist?", d) for d in docs], raw=True)
+    assert sorted(x["index"] for x in out) == list(range(5))
+    for x in out:
+        assert x["score"] == pytest.approx(float(logits[x["index"]]), abs=1e-5) and x["text"] == docs[x["index"]]
+    assert [x["score"] for x in out] == sorted((x["score"] for x in out), reverse=True)
+    r = httpx.post(f"{url}/rerank", json={"query": "q", "texts": [DOCS[-1]], "truncate": False})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "max_tokens_per_document"
+
+
+def test_health_models_metrics(server):
+    url, _ = server
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    assert httpx.get(f"{url}/v1/models").json()["data"][0]["object"] == "model"
+    httpx.post(f"{url}/rerank", json={"query": "q", "texts": ["a", "b"]})
+    text = httpx.get(f"{url}/metrics").text
+    assert 'memrerank_requests_total{endpoint="/rerank",status="200"}' in text
+    assert "memrerank_request_seconds_bucket" in text and "memrerank_pairs_total" in text
+
+
+@pytest.mark.parametrize("payload,status,kind", [
+    ({"query": "q", "documents": ["d"] * 51}, 413, "max_documents"),
+    ({"query": "q", "documents": ["word " * 300]}, 413, "max_tokens_per_document"),
+    ({"query": "q", "documents": ["x" * 30_000]}, 413, "max_request_bytes"),
+    ({"query": "q", "documents": []}, 422, "invalid_request"),
+    ({"query": 3, "documents": ["d"]}, 422, "invalid_request"),
+    ({"query": "q", "documents": ["d", None]}, 422, "invalid_request"),
+    ({"query": "q", "documents": ["d"], "top_n": 0}, 422, "invalid_request"),
+])
+def test_limits_and_bad_requests_are_json_4xx(server, payload, status, kind):
+    url, _ = server
+    r = httpx.post(f"{url}/v1/rerank", json=payload)
+    assert r.status_code == status and r.json()["error"]["type"] == kind
+    assert httpx.get(f"{url}/health").status_code == 200  # still serving
+    r = httpx.post(f"{url}/v1/rerank", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_json"
+
+
+def test_concurrent_clients_are_batched_and_split_back(server, bert_artifact):
+    url, app = server
+    ref = Reranker.load(bert_artifact)
+    queries = [f"question {i}: {DOCS[i % 9][:25]}" for i in range(24)]
+    docs = DOCS[:7]
+    before = app.state.metrics.batches
+
+    def call(q):
+        with httpx.Client() as c:
+            return q, c.post(f"{url}/rerank", json={"query": q, "texts": docs, "raw_scores": True}).json()
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(call, queries))
+    for q, out in results:
+        want = ref.predict([(q, d) for d in docs], raw=True)
+        got = np.array([x["score"] for x in sorted(out, key=lambda x: x["index"])])
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    merged = app.state.metrics.batches - before
+    assert merged < len(queries), "concurrent requests should share model calls"
