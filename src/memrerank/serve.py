@@ -111,7 +111,7 @@ class DynamicBatcher:
             items = [first]
             n = len(first[1])
             deadline = time.perf_counter() + self.max_wait
-            while n < self.max_batch_pairs:
+            while self.max_wait > 0 and n < self.max_batch_pairs:  # max_wait_ms=0: strictly one request per call
                 remaining = deadline - time.perf_counter()
                 try:
                     item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
