@@ -24,7 +24,7 @@ from memrerank.manifest import (
     verify_files,
 )
 from memrerank.kernels import DEFAULT_CALL_OVERHEAD, pack_pairs
-from memrerank.runtime.backends.onnxruntime import OrtBackend, resolve_providers
+from memrerank.runtime.backends.onnxruntime import PROVIDER_ALIASES, OrtBackend, resolve_providers
 from memrerank.runtime.encoding import SplitPairs, make_encoder
 
 __all__ = ["Reranker", "RankHit", "DEFAULT_BATCH_SIZE", "DEFAULT_MAX_BATCH_TOKENS"]
@@ -320,8 +320,10 @@ class Reranker:
 
 
 def _wants_tensorrt(providers: Sequence[str] | str | None) -> bool:
+    """Whether the first provider asked for is TensorRT (alias or onnxruntime name, as resolve_providers reads)."""
     names = [providers] if isinstance(providers, str) else list(providers or [])
-    return bool(names) and str(names[0]).lower() in ("tensorrt", "tensorrtexecutionprovider")
+    first = str(names[0]) if names else ""
+    return PROVIDER_ALIASES.get(first.lower(), first) == PROVIDER_ALIASES["tensorrt"]
 
 
 def _tensorrt_backend(root: Path, precision: str, engine: dict[str, Any], manifest: dict[str, Any]) -> Any:

@@ -84,12 +84,10 @@ class CudaRuntime:
         self._check(self.lib.cudaDeviceSynchronize(), "cudaDeviceSynchronize")
 
     def device_name(self) -> str:
-        buf = ctypes.create_string_buffer(1024)  # cudaDeviceProp is larger than 1 KB; name is its first field
-        big = ctypes.create_string_buffer(4096)
+        props = ctypes.create_string_buffer(4096)  # cudaDeviceProp (~1 KB); its first field is char name[256]
         fn = getattr(self.lib, "cudaGetDeviceProperties_v2", None) or self.lib.cudaGetDeviceProperties  # CUDA 12+
-        self._check(fn(big, 0), "cudaGetDeviceProperties")
-        buf.value = big.raw[:256].split(b"\0", 1)[0]
-        return buf.value.decode(errors="replace")
+        self._check(fn(props, 0), "cudaGetDeviceProperties")
+        return props.raw[:256].split(b"\0", 1)[0].decode(errors="replace")
 
     def capability(self) -> str:
         major, minor = ctypes.c_int(), ctypes.c_int()

@@ -15,9 +15,6 @@ import numpy as np
 
 __all__ = ["TensorRTBackend"]
 
-_DTYPES = {"input_ids": np.int64, "attention_mask": np.int64, "token_type_ids": np.int64}
-
-
 class TensorRTBackend:
     """One TensorRT execution context over a serialized engine."""
 
