@@ -115,3 +115,56 @@ def test_concurrent_clients_are_batched_and_split_back(server, bert_artifact):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     merged = app.state.metrics.batches - before
     assert merged < len(queries), "concurrent requests should share model calls"
+
+
+def test_workers_2_processes_serve_the_same_answers(bert_artifact):
+    """``memrerank serve --workers 2`` as a user runs it: two server processes behind one port."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "memrerank.cli", "serve", str(bert_artifact), "--precision",
+                             "fp32", "--workers", "2", "--port", str(port), "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
+    try:
+        deadline = time.time() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode(errors="replace")
+            assert time.time() < deadline, "server did not come up in 90 s"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        ref = Reranker.load(bert_artifact)
+        docs = DOCS[:5]
+
+        def call(i):
+            with httpx.Client(timeout=30) as c:  # a fresh connection each: the kernel picks the worker
+                pid = c.get(f"{url}/health").json()["pid"]
+                q = f"question {i}"
+                out = c.post(f"{url}/rerank", json={"query": q, "texts": docs, "raw_scores": True}).json()
+                return pid, q, out
+
+        pids = set()
+        with ThreadPoolExecutor(8) as pool:
+            for _ in range(10):  # until both workers have answered (they share one listening socket)
+                for pid, q, out in pool.map(call, range(16)):
+                    pids.add(pid)
+                    got = np.array([x["score"] for x in sorted(out, key=lambda x: x["index"])])
+                    np.testing.assert_allclose(got, ref.predict([(q, d) for d in docs], raw=True), atol=1e-4)
+                if len(pids) >= 2:
+                    break
+        assert len(pids) == 2 and proc.pid not in pids
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise

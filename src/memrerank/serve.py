@@ -274,7 +274,7 @@ def create_app(artifact: str | Path, precision: str = "auto", *, limits: Limits 
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": name, "precision": reranker.precision}
+        return {"status": "ok", "model": name, "precision": reranker.precision, "pid": os.getpid()}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
