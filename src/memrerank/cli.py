@@ -72,6 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-documents", type=int, default=1000, help="limit: documents per request")
     p.add_argument("--max-request-bytes", type=int, default=4 * 2**20, help="limit: request body bytes")
     p.add_argument("--max-tokens-per-document", type=int, default=8192, help="limit: tokens per document")
+    p.add_argument("--ray", action="store_true", help="serve on Ray Serve instead of uvicorn (the ray extra)")
+    p.add_argument("--replicas", type=int, default=1, help="--ray: replicas, each loading the artifact")
+    p.add_argument("--address", default=None, help="--ray: Ray cluster address (default: a local Ray instance)")
+
+    p = sub.add_parser("rescore", help="re-score a JSONL/Parquet table of (id, query, document) rows on Ray")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("input", nargs="+", help="input file(s) or directories (*.jsonl or *.parquet)")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--precision", choices=PRECISIONS + ("auto",), default="auto")
+    p.add_argument("--actors", type=int, default=1, help="Reranker actors (each loads the artifact once)")
+    p.add_argument("--threads-per-actor", type=int, default=1, help="CPUs and onnxruntime threads per actor")
+    p.add_argument("--batch-size", type=int, default=256, help="rows per actor call")
+    p.add_argument("--id-column", default="id")
+    p.add_argument("--query-column", default="query")
+    p.add_argument("--document-column", default="document")
+    p.add_argument("--keep-text", action="store_true", help="also write the query and document columns")
+    p.add_argument("--output-format", choices=("jsonl", "parquet"), default=None, help="default: the input's")
+    p.add_argument("--output-prefix", default="", help="prefix of the score/logit/truncated column names")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray instance)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
 
     p = sub.add_parser("build-engine", help="build TensorRT engines for an existing artifact (NVIDIA GPU)")
     p.add_argument("artifact", type=Path)
@@ -253,9 +274,33 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError("--workers and the --max-* limits must be positive")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"memrerank serve: listening on {args.host}, reachable beyond this machine", file=sys.stderr)
+    if args.ray:
+        from memrerank.scale import serve_on_ray
+
+        if args.workers != 1:
+            raise ValueError("--workers is for the uvicorn server; with --ray use --replicas")
+        serve_on_ray(args.artifact, host=args.host, port=args.port, address=args.address,
+                     precision=args.precision, num_replicas=args.replicas, threads=args.threads or 1,
+                     max_wait_ms=args.max_wait_ms, max_batch_pairs=args.max_batch_pairs,
+                     max_documents=args.max_documents, max_request_bytes=args.max_request_bytes,
+                     max_tokens_per_document=args.max_tokens_per_document)
+        return 0
     serve(args.artifact, args.host, args.port, args.precision, args.workers,
           Limits(args.max_documents, args.max_request_bytes, args.max_tokens_per_document), args.max_wait_ms,
           args.max_batch_pairs, args.threads)
+    return 0
+
+
+def _cmd_rescore(args: argparse.Namespace) -> int:
+    from memrerank.scale import rescore
+
+    report = rescore(args.input, args.output, args.artifact, precision=args.precision, actors=args.actors,
+                     threads_per_actor=args.threads_per_actor, batch_size=args.batch_size,
+                     id_column=args.id_column, query_column=args.query_column,
+                     document_column=args.document_column, keep_text=args.keep_text,
+                     output_format=args.output_format, output_prefix=args.output_prefix, overwrite=args.overwrite,
+                     address=args.address, num_cpus=args.num_cpus)
+    print(json.dumps(report.as_dict(), indent=2))
     return 0
 
 
@@ -402,7 +447,7 @@ def calibration_table(rep: dict[str, Any]) -> str:
     return "\n".join(lines) + tail
 
 
-_COMMANDS: dict[str, Any] = {"build-engine": _cmd_build_engine, "serve": _cmd_serve, "calibrate": _cmd_calibrate, "export": _cmd_export, "rank": _cmd_rank, "info": _cmd_info, "demo": _cmd_demo,
+_COMMANDS: dict[str, Any] = {"build-engine": _cmd_build_engine, "serve": _cmd_serve, "rescore": _cmd_rescore, "calibrate": _cmd_calibrate, "export": _cmd_export, "rank": _cmd_rank, "info": _cmd_info, "demo": _cmd_demo,
                              "bench": _cmd_bench, "eval": _cmd_eval}
 
 
@@ -411,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (MemrerankError, FileExistsError, ValueError, TypeError) as exc:
+    except (MemrerankError, FileExistsError, FileNotFoundError, ValueError, TypeError) as exc:
         print(f"memrerank {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,168 @@
+"""memrerank.scale on a real local Ray instance (2 CPUs): Ray Data re-scoring and the Ray Serve deployment."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+pytest.importorskip("ray.data")
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from memrerank import Reranker  # noqa: E402
+from memrerank.scale import RescoreError, rescore  # noqa: E402
+from texts import DOCS  # noqa: E402
+
+#: Scores written by the Ray job vs the same artifact scored in-process (fp32; batch composition differs).
+RAY_FP32_ATOL = 1e-5
+
+QUERIES = ["Who painted the portrait?", "When is the dentist appointment?", "What does Ana's sister study?",
+           "Wo wohnt Jonas? 住在哪里?"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _rows(n: int) -> list[dict]:
+    """Pairs grouped by query, as memory stores list them, with an extra column that must come back untouched."""
+    return [{"id": f"m{i:04d}", "query": QUERIES[(i // 9) % len(QUERIES)], "document": DOCS[i % len(DOCS)],
+             "label": i % 3} for i in range(n)]
+
+
+def _read_output(out: Path) -> list[dict]:
+    rows = []
+    for f in sorted(out.iterdir()):
+        if f.suffix == ".parquet":
+            rows += pq.read_table(f).to_pylist()
+        elif f.suffix == ".json":
+            rows += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return rows
+
+
+@pytest.mark.parametrize("artifact_fixture", ["bert_artifact", "qwen_artifact"])
+def test_rescore_jsonl_with_two_actors_keeps_ids(local_ray, tmp_path, request, artifact_fixture):
+    artifact = request.getfixturevalue(artifact_fixture)
+    rows = _rows(150)
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    report = rescore(src, tmp_path / "out", artifact, precision="fp32", actors=2, batch_size=32)
+    assert report.rows == len(rows) and report.actors == 2 and report.output_format == "jsonl"
+    got = _read_output(tmp_path / "out")
+    assert sorted(r["id"] for r in got) == [r["id"] for r in rows]  # every id once: nothing lost or doubled
+    assert set(got[0]) == {"id", "label", "score", "logit", "truncated"}  # texts not written back by default
+    ref = Reranker.load(artifact, "fp32")
+    want_logit = dict(zip((r["id"] for r in rows), ref.predict([(r["query"], r["document"]) for r in rows],
+                                                                raw=True)))
+    by_id = {r["id"]: r for r in rows}
+    for r in got:
+        assert r["label"] == by_id[r["id"]]["label"]
+        assert r["logit"] == pytest.approx(float(want_logit[r["id"]]), abs=RAY_FP32_ATOL)
+        assert r["score"] == pytest.approx(float(ref.calibrator(np.float32([r["logit"]]))[0]), abs=1e-6)
+
+
+def test_rescore_parquet_keep_text_and_prefix(local_ray, tmp_path, bert_artifact):
+    rows = [{**r, "score": 0.5} for r in _rows(40)]  # an earlier run's scores: must not be overwritten
+    src = tmp_path / "in"
+    src.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:25]), src / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[25:]), src / "b.parquet")
+    with pytest.raises(ValueError, match="output_prefix"):
+        rescore(src, tmp_path / "clash", bert_artifact, precision="fp32")
+    report = rescore(src, tmp_path / "out", bert_artifact, precision="fp32", actors=1, threads_per_actor=2,
+                     keep_text=True, output_prefix="new_")
+    assert report.rows == 40 and report.output_format == "parquet"
+    got = {r["id"]: r for r in _read_output(tmp_path / "out")}
+    assert set(got) == {r["id"] for r in rows}
+    ref = Reranker.load(bert_artifact, "fp32")
+    for r in rows:
+        g = got[r["id"]]
+        assert g["query"] == r["query"] and g["document"] == r["document"] and g["score"] == 0.5
+        assert g["new_logit"] == pytest.approx(float(ref.predict([(r["query"], r["document"])], raw=True)[0]),
+                                               abs=RAY_FP32_ATOL)
+    # the same output again: refused unless overwrite=True, which replaces (not appends)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        rescore(src, tmp_path / "out", bert_artifact, precision="fp32", output_prefix="new_")
+    again = rescore(src, tmp_path / "out", bert_artifact, precision="fp32", output_prefix="new_", overwrite=True)
+    assert again.rows == 40 and len(_read_output(tmp_path / "out")) == 40
+
+
+def test_rescore_input_errors_are_clear(local_ray, tmp_path, bert_artifact):
+    src = tmp_path / "pairs.jsonl"
+    src.write_text(json.dumps({"key": 1, "question": "q", "text": "d"}) + "\n")
+    with pytest.raises(ValueError, match=r"no column 'id', 'query', 'document'; it has key, question, text"):
+        rescore(src, tmp_path / "o1", bert_artifact)
+    with pytest.raises(ValueError, match="precision"):
+        rescore(src, tmp_path / "o2", bert_artifact, precision="int4")
+    with pytest.raises(ValueError, match="actors must be a positive integer"):
+        rescore(src, tmp_path / "o3", bert_artifact, actors=0)
+    with pytest.raises(FileNotFoundError):
+        rescore(tmp_path / "missing.jsonl", tmp_path / "o4", bert_artifact)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="input_format"):
+        rescore(tmp_path / "notes.txt", tmp_path / "o5", bert_artifact)
+    # renamed columns work; a null document names its row
+    report = rescore(src, tmp_path / "o6", bert_artifact, precision="fp32", id_column="key", query_column="question",
+                     document_column="text")
+    assert report.rows == 1 and _read_output(tmp_path / "o6")[0]["key"] == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "ok", "query": "q", "document": "d"}) + "\n"
+                   + json.dumps({"id": "broken", "query": "q", "document": None}) + "\n")
+    with pytest.raises(RescoreError, match=r"ValueError: row id='broken': column 'document' is NoneType"):
+        rescore(bad, tmp_path / "o7", bert_artifact, precision="fp32")
+    assert not (tmp_path / "o7").exists() and not list(tmp_path.glob(".o7.partial-*"))  # no half-written output
+
+
+def test_rescore_cli(local_ray, tmp_path, bert_artifact, capsys):
+    from memrerank.cli import main
+
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in _rows(12)))
+    assert main(["rescore", str(bert_artifact), str(src), "-o", str(tmp_path / "out"), "--precision", "fp32",
+                 "--output-format", "parquet"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 12
+    assert sorted(r["id"] for r in _read_output(tmp_path / "out")) == [r["id"] for r in _rows(12)]
+    assert main(["rescore", str(bert_artifact), str(src), "-o", str(tmp_path / "out")]) == 2
+    assert "overwrite" in capsys.readouterr().err
+    assert main(["rescore", str(bert_artifact), str(src), "-o", str(tmp_path / "o2"), "--actors", "3"]) == 2
+    assert "need 3 CPUs; the Ray cluster has 2" in capsys.readouterr().err
+
+
+def test_ray_serve_deployment_speaks_the_same_api(local_ray, bert_artifact):
+    httpx = pytest.importorskip("httpx")
+    from ray import serve
+
+    from memrerank.scale import serve_on_ray
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve_on_ray(bert_artifact, port=port, blocking=False, precision="fp32", num_replicas=2, threads=1,
+                 max_documents=20)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        ref = Reranker.load(bert_artifact, "fp32")
+        docs = DOCS[:6]
+        r = httpx.post(f"{url}/v1/rerank", json={"query": QUERIES[0], "documents": docs, "top_n": 2,
+                                                 "return_documents": True}, timeout=60)
+        assert r.status_code == 200, r.text
+        want = ref.rank(QUERIES[0], docs, top_k=2)
+        assert [x["index"] for x in r.json()["results"]] == [h.index for h in want]
+        assert r.json()["results"][0]["document"]["text"] == want[0].text
+        r = httpx.post(f"{url}/rerank", json={"query": QUERIES[1], "texts": docs, "raw_scores": True}, timeout=60)
+        got = np.array([x["score"] for x in sorted(r.json(), key=lambda x: x["index"])])
+        np.testing.assert_allclose(got, ref.predict([(QUERIES[1], d) for d in docs], raw=True), atol=RAY_FP32_ATOL)
+        r = httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": ["d"] * 21}, timeout=60)
+        assert r.status_code == 413 and r.json()["error"]["type"] == "max_documents"
+        pids = {httpx.get(f"{url}/health", timeout=30).json()["pid"] for _ in range(40)}
+        assert len(pids) == 2  # two replicas, each its own process with its own artifact
+    finally:
+        serve.shutdown()
