@@ -166,3 +166,21 @@ def test_ray_serve_deployment_speaks_the_same_api(local_ray, bert_artifact):
         assert len(pids) == 2  # two replicas, each its own process with its own artifact
     finally:
         serve.shutdown()
+
+
+def test_build_app_is_a_serve_run_builder(bert_artifact):
+    """``serve run memrerank.scale:build_app artifact=OUT num_replicas=2`` passes one dict of strings."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.deployment import Application
+
+    from memrerank.scale import build_app
+
+    app = call_user_app_builder_with_args_if_necessary(
+        build_app, {"artifact": str(bert_artifact), "num_replicas": "2", "max_wait_ms": "2.5", "precision": "fp32"})
+    assert isinstance(app, Application)
+    with pytest.raises(ValueError, match="unknown option.*replicas"):
+        build_app({"artifact": str(bert_artifact), "replicas": "2"})
+    with pytest.raises(ValueError, match="take integers"):
+        build_app({"artifact": str(bert_artifact), "num_replicas": "two"})
+    with pytest.raises(ValueError, match="needs artifact"):
+        build_app({})

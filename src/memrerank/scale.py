@@ -248,7 +248,10 @@ def _run(ray: Any, paths: list[str], fmt: str, output: str, out_fmt: str, overwr
     t0 = time.perf_counter()
     scored = ds.map_batches(
         RerankActor, batch_format="pyarrow", batch_size=batch_size, zero_copy_batch=True,
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=threads_per_actor,
+        # one task in flight per actor: the first actor up (others still loading the model) would otherwise queue
+        # several bundles and leave the rest idle on small and medium inputs
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
+        num_cpus=threads_per_actor,
         fn_constructor_kwargs={"artifact": artifact, "precision": precision, "threads": threads_per_actor,
                                "query_column": query_column, "document_column": document_column,
                                "id_column": id_column, "keep_text": keep_text, "prefix": output_prefix,
@@ -308,11 +311,11 @@ def _deployment_class() -> Any:
     return MemrerankDeployment
 
 
-def build_app(args: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+def build_app(args: dict[str, Any]) -> Any:
     """A Ray Serve application serving one artifact with ``memrerank serve``'s JSON API.
 
-    Takes keyword arguments or one dict (the form ``serve run memrerank.scale:build_app artifact=OUT
-    precision=int8 num_replicas=2`` passes, values as strings): ``artifact`` (required), ``precision``
+    Ray Serve's application-builder form: one dict, as ``serve run memrerank.scale:build_app artifact=OUT
+    precision=int8 num_replicas=2`` passes it (values may be strings). Keys: ``artifact`` (required), ``precision``
     (``"auto"``), ``num_replicas`` (1), ``threads`` (1, CPUs per replica), ``max_wait_ms`` (5),
     ``max_batch_pairs`` (256), ``max_documents`` / ``max_request_bytes`` / ``max_tokens_per_document`` (limits),
     ``model_name``.
@@ -324,7 +327,9 @@ def build_app(args: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         raise ValueError("Ray Serve is missing: pip install 'memrerank[ray]'") from exc
     from memrerank.serve import Limits
 
-    opts = {**(args or {}), **kwargs}
+    if not isinstance(args, dict):
+        raise TypeError(f"build_app takes one dict of options, got {type(args).__name__}")
+    opts = dict(args)
     if "artifact" not in opts:
         raise ValueError("build_app needs artifact=<artifact directory>")
     known = {"artifact", "precision", "num_replicas", "threads", "max_wait_ms", "max_batch_pairs", "model_name",
@@ -338,6 +343,9 @@ def build_app(args: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         opts = {k: int(v) if k in ints else float(v) if k == "max_wait_ms" else v for k, v in opts.items()}
     except (TypeError, ValueError) as exc:
         raise ValueError(f"build_app: {exc}; {', '.join(ints)} take integers, max_wait_ms a number") from exc
+    bad = [k for k in ints if k in opts and opts[k] < 1]
+    if bad:
+        raise ValueError(f"build_app: {', '.join(bad)} must be positive")
     artifact = str(Path(opts["artifact"]).resolve()) if Path(opts["artifact"]).exists() else str(opts["artifact"])
     if Path(artifact).exists():
         read_manifest(artifact)  # fail here, not in every replica
@@ -361,15 +369,17 @@ def serve_on_ray(artifact: str | Path, *, host: str = "127.0.0.1", port: int = 8
     ray = _ray()
     from ray import serve
 
-    app = build_app(artifact=str(artifact), **options)
+    app = build_app({"artifact": str(artifact), **options})
     if not ray.is_initialized():
         ray.init(address=address, num_cpus=num_cpus if address is None else None, logging_level="warning",
                  include_dashboard=False)
     serve.start(http_options={"host": host, "port": port})
-    handle = serve.run(app, name="memrerank", route_prefix="/", blocking=False)
     if not blocking:
-        return handle
+        return serve.run(app, name="memrerank", route_prefix="/", blocking=False)
     try:
+        serve.run(app, name="memrerank", route_prefix="/", blocking=False)
+        print(f"memrerank on Ray Serve: http://{host}:{port} ({options.get('num_replicas', 1)} replica(s)); "
+              "Ctrl-C stops it", file=sys.stderr)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
