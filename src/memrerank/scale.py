@@ -31,7 +31,7 @@ from typing import Any
 from memrerank.errors import ArtifactError, MemrerankError
 from memrerank.manifest import PRECISIONS, pick_auto_precision, read_manifest
 
-__all__ = ["RescoreError", "RescoreReport", "RerankActor", "rescore", "build_app", "serve_on_ray"]
+__all__ = ["RerankActor", "RescoreError", "RescoreReport", "build_app", "rescore", "serve_on_ray"]
 
 FORMATS = ("jsonl", "parquet")
 _SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
@@ -45,7 +45,7 @@ class RescoreError(MemrerankError):
 def _ray() -> Any:
     try:
         import ray
-        import ray.data  # noqa: F401 - the data extra (pyarrow, pandas) is part of memrerank[ray]
+        import ray.data
     except ImportError as exc:
         raise ValueError("memrerank.scale needs the ray extra: pip install 'memrerank[ray]'") from exc
     return ray
@@ -133,7 +133,7 @@ def _check_output(output: str, overwrite: bool) -> None:
                               "overwrite=True (--overwrite) to replace its contents")
 
 
-def rescore(input: str | Path | list[str | Path], output: str | Path, artifact: str | Path, *,  # noqa: A002
+def rescore(input: str | Path | list[str | Path], output: str | Path, artifact: str | Path, *,
             precision: str = "auto", actors: int = 1, threads_per_actor: int = 1, batch_size: int = 256,
             id_column: str = "id", query_column: str = "query", document_column: str = "document",
             keep_text: bool = False, input_format: str | None = None, output_format: str | None = None,
