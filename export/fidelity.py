@@ -64,26 +64,34 @@ def load_calib_jsonl(path: str | Path) -> list[tuple[str, list[str]]]:
     return list(groups.items())
 
 
+def encode_groups(reranker: Any, groups: Sequence[tuple[str, list[str]]], batch_size: int
+                  ) -> tuple[list[Any], np.ndarray]:
+    """Whole pairs of ``(query, documents)`` groups, tokenized by the artifact's encoder and cut into padded
+    batches (export-time feeds: calibration, fidelity, TensorRT calibration); also each pair's group index."""
+    from memrerank.runtime.batching import iter_batches
+
+    ids, types, group_of = [], [], []
+    for g, (q, docs) in enumerate(groups):
+        enc = reranker.encoder.encode(q, docs)
+        ids.extend(enc.ids)
+        if enc.type_ids is not None:
+            types.extend(enc.type_ids)
+        group_of.extend([g] * len(docs))
+    batches = list(iter_batches(ids, types or None, pad_id=reranker.pad_id, padding_side=reranker.padding_side,
+                                batch_size=batch_size))
+    return batches, np.asarray(group_of)
+
+
 class CalibSet:
     """Calibration pairs tokenized once with the artifact's encoder; scores any graph of the artifact."""
 
     def __init__(self, root: Path, groups: Sequence[tuple[str, list[str]]], batch_size: int = 16) -> None:
         from memrerank.runtime import Reranker
-        from memrerank.runtime.batching import iter_batches
 
         self.groups = list(groups)
         self.reranker = Reranker.load(root, "fp32")
-        ids, types, self.group_of = [], [], []
-        for g, (q, docs) in enumerate(self.groups):
-            enc = self.reranker.encoder.encode(q, docs)
-            ids.extend(enc.ids)
-            if enc.type_ids is not None:
-                types.extend(enc.type_ids)
-            self.group_of.extend([g] * len(docs))
-        self.group_of = np.asarray(self.group_of)
-        self.n_pairs = len(ids)
-        self.batches = list(iter_batches(ids, types or None, pad_id=self.reranker.pad_id,
-                                         padding_side=self.reranker.padding_side, batch_size=batch_size))
+        self.batches, self.group_of = encode_groups(self.reranker, self.groups, batch_size)
+        self.n_pairs = len(self.group_of)
         self.reference = self.score(root / "fp32" / "model.onnx")
 
     def feeds(self, graph: Path) -> list[dict[str, np.ndarray]]:

@@ -123,18 +123,13 @@ class CalibrationFeeder:
 
 def calibration_batches(root: Path, max_rows: int = 16) -> list[dict[str, np.ndarray]]:
     """Built-in (or ``--calib-data``-recorded) pairs, packed by the runtime, as engine feeds with an empty past."""
+    from memrerank.export.fidelity import encode_groups
     from memrerank.export.pairs import builtin_calibration_groups
     from memrerank.runtime import Reranker
-    from memrerank.runtime.batching import iter_batches
 
     r = Reranker.load(root, "fp32", prefix_reuse=False)
-    ids, types = [], []
-    for q, docs in builtin_calibration_groups():
-        enc = r.encoder.encode(q, docs)
-        ids.extend(enc.ids)
-        types.extend(enc.type_ids or [])
     feeds = []
-    for b in iter_batches(ids, types or None, pad_id=r.pad_id, padding_side=r.padding_side, batch_size=max_rows):
+    for b in encode_groups(r, builtin_calibration_groups(), max_rows)[0]:
         feed = {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
         if b.token_type_ids is not None:
             feed["token_type_ids"] = b.token_type_ids
