@@ -54,14 +54,19 @@ def test_rescore_jsonl_with_two_actors_keeps_ids(local_ray, tmp_path, request, a
     rows = _rows(150)
     src = tmp_path / "pairs.jsonl"
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    report = rescore(src, tmp_path / "out", artifact, precision="fp32", actors=2, batch_size=32)
+    instruction = "Find the memory that answers the question" if artifact_fixture == "qwen_artifact" else None
+    report = rescore(src, tmp_path / "out", artifact, precision="fp32", actors=2, batch_size=32,
+                     instruction=instruction)
     assert report.rows == len(rows) and report.actors == 2 and report.output_format == "jsonl"
     got = _read_output(tmp_path / "out")
     assert sorted(r["id"] for r in got) == [r["id"] for r in rows]  # every id once: nothing lost or doubled
     assert set(got[0]) == {"id", "label", "score", "logit", "truncated"}  # texts not written back by default
     ref = Reranker.load(artifact, "fp32")
     want_logit = dict(zip((r["id"] for r in rows), ref.predict([(r["query"], r["document"]) for r in rows],
-                                                                raw=True)))
+                                                                raw=True, instruction=instruction)))
+    if instruction is not None:  # the instruction reached the actors: default-instruction scores differ
+        default = ref.predict([(r["query"], r["document"]) for r in rows[:5]], raw=True)
+        assert not np.allclose(default, [want_logit[r["id"]] for r in rows[:5]], atol=1e-4)
     by_id = {r["id"]: r for r in rows}
     for r in got:
         assert r["label"] == by_id[r["id"]]["label"]

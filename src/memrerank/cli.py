@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray instance)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--instruction", default=None, help="decoder artifacts: task instruction (default: the artifact's)")
 
     p = sub.add_parser("build-engine", help="build TensorRT engines for an existing artifact (NVIDIA GPU)")
     p.add_argument("artifact", type=Path)
@@ -299,7 +300,7 @@ def _cmd_rescore(args: argparse.Namespace) -> int:
                      id_column=args.id_column, query_column=args.query_column,
                      document_column=args.document_column, keep_text=args.keep_text,
                      output_format=args.output_format, output_prefix=args.output_prefix, overwrite=args.overwrite,
-                     address=args.address, num_cpus=args.num_cpus)
+                     address=args.address, num_cpus=args.num_cpus, instruction=args.instruction)
     print(json.dumps(report.as_dict(), indent=2))
     return 0
 

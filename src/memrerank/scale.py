@@ -76,13 +76,14 @@ class RerankActor:
     """
 
     def __init__(self, artifact: str, precision: str, threads: int, query_column: str, document_column: str,
-                 id_column: str, keep_text: bool, prefix: str, batch_tokens: int | None = None) -> None:
+                 id_column: str, keep_text: bool, prefix: str, batch_tokens: int | None = None,
+                 instruction: str | None = None) -> None:
         from memrerank import Reranker
 
         kwargs = {"max_batch_tokens": batch_tokens} if batch_tokens else {}
         self.reranker = Reranker.load(artifact, precision=precision, threads=threads, **kwargs)
         self.query_column, self.document_column, self.id_column = query_column, document_column, id_column
-        self.keep_text, self.prefix = keep_text, prefix
+        self.keep_text, self.prefix, self.instruction = keep_text, prefix, instruction
 
     def __call__(self, batch: Any) -> Any:
         import numpy as np
@@ -97,7 +98,8 @@ class RerankActor:
                 raise ValueError(
                     f"row {self.id_column}={row_id!r}: column {name!r} is {type(values[bad]).__name__}, not a "
                     "string; every row needs a text query and document (drop or fill such rows before rescoring)")
-        logits, truncated = self.reranker.predict(list(zip(queries, docs)), raw=True, return_truncated=True)
+        logits, truncated = self.reranker.predict(list(zip(queries, docs)), raw=True, return_truncated=True,
+                                                  instruction=self.instruction)
         scores = self.reranker.calibrator(logits)
         out = batch
         if not self.keep_text:
@@ -138,8 +140,8 @@ def rescore(input: str | Path | list[str | Path], output: str | Path, artifact: 
             id_column: str = "id", query_column: str = "query", document_column: str = "document",
             keep_text: bool = False, input_format: str | None = None, output_format: str | None = None,
             output_prefix: str = "", overwrite: bool = False, address: str | None = None,
-            num_cpus: int | None = None, max_batch_tokens: int | None = None, verbose: bool = False
-            ) -> RescoreReport:
+            num_cpus: int | None = None, max_batch_tokens: int | None = None, instruction: str | None = None,
+            verbose: bool = False) -> RescoreReport:
     """Re-score every ``(query, document)`` row of a JSONL/Parquet table on Ray; writes a directory of files.
 
     Args:
@@ -160,6 +162,7 @@ def rescore(input: str | Path | list[str | Path], output: str | Path, artifact: 
             if any, else a local one.
         num_cpus: CPUs of a local Ray instance started here (``None`` = all).
         max_batch_tokens: the reranker's token budget per model call (``None`` = its default).
+        instruction: decoder artifacts: the task instruction (``None`` = the artifact's default).
         verbose: keep Ray Data's progress bars and INFO logs (default: warnings only).
 
     Returns:
@@ -171,6 +174,8 @@ def rescore(input: str | Path | list[str | Path], output: str | Path, artifact: 
     for name, value in (("actors", actors), ("threads_per_actor", threads_per_actor), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if instruction is not None and not isinstance(instruction, str):
+        raise TypeError(f"instruction must be a str or None, got {type(instruction).__name__}")
     paths = [str(p) for p in (input if isinstance(input, (list, tuple)) else [input])]
     if not paths:
         raise ValueError("input: no paths given")
@@ -204,7 +209,8 @@ def rescore(input: str | Path | list[str | Path], output: str | Path, artifact: 
         warnings.warn(msg + "; the job waits until the cluster grows to fit them", stacklevel=2)
     with _quiet(ray, not verbose):
         return _run(ray, paths, fmt, output, out_fmt, overwrite, artifact, precision, actors, threads_per_actor,
-                    batch_size, id_column, query_column, document_column, keep_text, output_prefix, max_batch_tokens)
+                    batch_size, id_column, query_column, document_column, keep_text, output_prefix, max_batch_tokens,
+                    instruction)
 
 
 @contextlib.contextmanager
@@ -228,8 +234,8 @@ def _quiet(ray: Any, on: bool) -> Iterator[None]:
 
 def _run(ray: Any, paths: list[str], fmt: str, output: str, out_fmt: str, overwrite: bool, artifact: str,
          precision: str, actors: int, threads_per_actor: int, batch_size: int, id_column: str, query_column: str,
-         document_column: str, keep_text: bool, output_prefix: str, max_batch_tokens: int | None
-         ) -> RescoreReport:
+         document_column: str, keep_text: bool, output_prefix: str, max_batch_tokens: int | None,
+         instruction: str | None) -> RescoreReport:
     reader = ray.data.read_parquet if fmt == "parquet" else ray.data.read_json
     # Reading and writing reserve no CPU: the actors hold theirs, and an I/O task waiting for a CPU that an actor
     # keeps would wait forever (seen with actors x threads = the cluster's CPUs).
@@ -255,7 +261,7 @@ def _run(ray: Any, paths: list[str], fmt: str, output: str, out_fmt: str, overwr
         fn_constructor_kwargs={"artifact": artifact, "precision": precision, "threads": threads_per_actor,
                                "query_column": query_column, "document_column": document_column,
                                "id_column": id_column, "keep_text": keep_text, "prefix": output_prefix,
-                               "batch_tokens": max_batch_tokens})
+                               "batch_tokens": max_batch_tokens, "instruction": instruction})
     local = "://" not in output
     # Local output is written beside its destination and renamed into place when every row is in: a failed or
     # killed job leaves no partial directory that looks finished.
