@@ -72,7 +72,7 @@ def _check_context(context: Any) -> tuple[str, ...]:
 
 def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
 
 

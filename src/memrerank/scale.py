@@ -36,6 +36,7 @@ __all__ = ["RerankActor", "RescoreError", "RescoreReport", "build_app", "rescore
 FORMATS = ("jsonl", "parquet")
 _SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 OUTPUT_COLUMNS = ("score", "logit", "truncated")
+_RAY_FORMAT = {"jsonl": "json", "parquet": "parquet"}  # Ray Data's read_*/write_* names
 
 
 class RescoreError(MemrerankError):
@@ -86,7 +87,6 @@ class RerankActor:
         self.keep_text, self.prefix, self.instruction = keep_text, prefix, instruction
 
     def __call__(self, batch: Any) -> Any:
-        import numpy as np
         import pyarrow as pa
 
         queries = batch.column(self.query_column).to_pylist()
@@ -105,7 +105,7 @@ class RerankActor:
         if not self.keep_text:
             out = out.drop_columns([self.query_column, self.document_column])
         for name, values in zip(OUTPUT_COLUMNS, (scores, logits, truncated)):
-            out = out.append_column(self.prefix + name, pa.array(np.asarray(values)))
+            out = out.append_column(self.prefix + name, pa.array(values))
         return out
 
 
@@ -168,12 +168,13 @@ def rescore(input: str | Path | list[str | Path], output: str | Path, artifact: 
     Returns:
         A :class:`RescoreReport` (rows written, wall seconds including actor start-up, pairs/s).
     """
+    from memrerank.runtime.reranker import _positive_int
+
     ray = _ray()
     if precision not in PRECISIONS and precision != "auto":
         raise ValueError(f"precision: unknown {precision!r}; choose one of {', '.join(PRECISIONS)} or 'auto'")
     for name, value in (("actors", actors), ("threads_per_actor", threads_per_actor), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        _positive_int(value, name)
     if instruction is not None and not isinstance(instruction, str):
         raise TypeError(f"instruction must be a str or None, got {type(instruction).__name__}")
     paths = [str(p) for p in (input if isinstance(input, (list, tuple)) else [input])]
@@ -197,9 +198,7 @@ def rescore(input: str | Path | list[str | Path], output: str | Path, artifact: 
             raise ArtifactError(f"{artifact}: precision {precision!r} was not exported; it has "
                                 f"{', '.join(manifest.get('precisions', {}))}")
 
-    if not ray.is_initialized():
-        ray.init(address=address, num_cpus=num_cpus if address is None else None, log_to_driver=False,
-                 logging_level="warning", include_dashboard=False)
+    _init_ray(ray, address, num_cpus)
     need, have = actors * threads_per_actor, ray.cluster_resources().get("CPU", 0)
     if need > have:
         msg = (f"{actors} actors x {threads_per_actor} threads need {need} CPUs; the Ray cluster has {have:g}. "
@@ -207,78 +206,49 @@ def rescore(input: str | Path | list[str | Path], output: str | Path, artifact: 
         if address is None:
             raise ValueError(msg + " (or start Ray with more CPUs)")
         warnings.warn(msg + "; the job waits until the cluster grows to fit them", stacklevel=2)
-    with _quiet(ray, not verbose):
-        return _run(ray, paths, fmt, output, out_fmt, overwrite, artifact, precision, actors, threads_per_actor,
-                    batch_size, id_column, query_column, document_column, keep_text, output_prefix, max_batch_tokens,
-                    instruction)
 
+    with _job_settings(ray, verbose):
+        # Reading and writing reserve no CPU: the actors hold theirs, and an I/O task waiting for a CPU that an
+        # actor keeps would wait forever (seen with actors x threads = the cluster's CPUs).
+        read = getattr(ray.data, f"read_{_RAY_FORMAT[fmt]}")
+        ds = read(paths if len(paths) > 1 else paths[0], num_cpus=0)
+        columns = ds.schema().names
+        missing = [c for c in (id_column, query_column, document_column) if c not in columns]
+        if missing:
+            raise ValueError(f"input has no column {', '.join(map(repr, missing))}; it has {', '.join(columns)}. "
+                             "Name them with id_column= / query_column= / document_column= (--id-column ...)")
+        kept = [c for c in columns if keep_text or c not in (query_column, document_column)]
+        clash = [output_prefix + c for c in OUTPUT_COLUMNS if output_prefix + c in kept]
+        if clash:
+            raise ValueError(f"input already has column(s) {', '.join(clash)}; pass output_prefix= "
+                             "(--output-prefix, e.g. 'new_') so the earlier values are not overwritten")
 
-@contextlib.contextmanager
-def _quiet(ray: Any, on: bool) -> Iterator[None]:
-    """Ray Data settings for the job (restored after): progress logging off unless verbose, and Parquet read by
-    read tasks (the DataSourceV2 reader lists files in a task that needs a whole CPU, which never frees up while
-    the actors hold every CPU of the cluster: a deadlock with actors x threads = the cluster's CPUs)."""
-    ctx = ray.data.DataContext.get_current()
-    logger = logging.getLogger("ray.data")
-    saved = ctx.enable_progress_bars, logger.level, ctx.use_datasource_v2
-    ctx.use_datasource_v2 = False
-    if on:
-        ctx.enable_progress_bars = False
-        logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        ctx.enable_progress_bars, ctx.use_datasource_v2 = saved[0], saved[2]
-        logger.setLevel(saved[1])
-
-
-def _run(ray: Any, paths: list[str], fmt: str, output: str, out_fmt: str, overwrite: bool, artifact: str,
-         precision: str, actors: int, threads_per_actor: int, batch_size: int, id_column: str, query_column: str,
-         document_column: str, keep_text: bool, output_prefix: str, max_batch_tokens: int | None,
-         instruction: str | None) -> RescoreReport:
-    reader = ray.data.read_parquet if fmt == "parquet" else ray.data.read_json
-    # Reading and writing reserve no CPU: the actors hold theirs, and an I/O task waiting for a CPU that an actor
-    # keeps would wait forever (seen with actors x threads = the cluster's CPUs).
-    ds = reader(paths if len(paths) > 1 else paths[0], num_cpus=0)
-    columns = ds.schema().names
-    missing = [c for c in (id_column, query_column, document_column) if c not in columns]
-    if missing:
-        raise ValueError(f"input has no column {', '.join(map(repr, missing))}; it has {', '.join(columns)}. "
-                         "Name them with id_column= / query_column= / document_column= (--id-column ...)")
-    kept = [c for c in columns if keep_text or c not in (query_column, document_column)]
-    clash = [output_prefix + c for c in OUTPUT_COLUMNS if output_prefix + c in kept]
-    if clash:
-        raise ValueError(f"input already has column(s) {', '.join(clash)}; pass output_prefix= (--output-prefix, "
-                         "e.g. 'new_') so the earlier values are not overwritten")
-
-    t0 = time.perf_counter()
-    scored = ds.map_batches(
-        RerankActor, batch_format="pyarrow", batch_size=batch_size, zero_copy_batch=True,
-        # one task in flight per actor: the first actor up (others still loading the model) would otherwise queue
-        # several bundles and leave the rest idle on small and medium inputs
-        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
-        num_cpus=threads_per_actor,
-        fn_constructor_kwargs={"artifact": artifact, "precision": precision, "threads": threads_per_actor,
-                               "query_column": query_column, "document_column": document_column,
-                               "id_column": id_column, "keep_text": keep_text, "prefix": output_prefix,
-                               "batch_tokens": max_batch_tokens, "instruction": instruction})
-    local = "://" not in output
-    # Local output is written beside its destination and renamed into place when every row is in: a failed or
-    # killed job leaves no partial directory that looks finished.
-    target = str(Path(output).parent / f".{Path(output).name}.partial-{uuid.uuid4().hex[:8]}") if local else output
-    mode = {"mode": "overwrite"} if overwrite and not local else {}
-    try:
-        if out_fmt == "parquet":
-            scored.write_parquet(target, **mode, ray_remote_args={"num_cpus": 0})
-            rows = ray.data.read_parquet(target, num_cpus=0).count()
-        else:
-            scored.write_json(target, **mode, ray_remote_args={"num_cpus": 0})
-            rows = ray.data.read_json(target, num_cpus=0).count()
-    except ray.exceptions.RayTaskError as exc:
-        raise RescoreError(f"rescore failed in a Reranker actor: {_root_cause(exc)}") from exc
-    finally:
-        if local and sys.exc_info()[0] is not None:
-            shutil.rmtree(target, ignore_errors=True)
+        t0 = time.perf_counter()
+        scored = ds.map_batches(
+            RerankActor, batch_format="pyarrow", batch_size=batch_size, zero_copy_batch=True,
+            # one task in flight per actor: the first actor up (others still loading the model) would otherwise
+            # queue several bundles and leave the rest idle on small and medium inputs
+            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
+            num_cpus=threads_per_actor,
+            fn_constructor_kwargs={"artifact": artifact, "precision": precision, "threads": threads_per_actor,
+                                   "query_column": query_column, "document_column": document_column,
+                                   "id_column": id_column, "keep_text": keep_text, "prefix": output_prefix,
+                                   "batch_tokens": max_batch_tokens, "instruction": instruction})
+        local = "://" not in output
+        # Local output is written beside its destination and renamed into place when every row is in: a failed
+        # or killed job leaves no partial directory that looks finished.
+        target = str(Path(output).parent / f".{Path(output).name}.partial-{uuid.uuid4().hex[:8]}") if local \
+            else output
+        mode = {"mode": "overwrite"} if overwrite and not local else {}
+        try:
+            getattr(scored, f"write_{_RAY_FORMAT[out_fmt]}")(target, **mode, ray_remote_args={"num_cpus": 0})
+            rows = getattr(ray.data, f"read_{_RAY_FORMAT[out_fmt]}")(target, num_cpus=0).count()
+        except BaseException as exc:
+            if local:
+                shutil.rmtree(target, ignore_errors=True)
+            if isinstance(exc, ray.exceptions.RayTaskError):
+                raise RescoreError(f"rescore failed in a Reranker actor: {_root_cause(exc)}") from exc
+            raise
     if local:
         if Path(output).exists():
             shutil.rmtree(output)  # empty, or overwrite=True (checked before the job)
@@ -287,6 +257,32 @@ def _run(ray: Any, paths: list[str], fmt: str, output: str, out_fmt: str, overwr
     return RescoreReport(rows=rows, seconds=seconds, pairs_per_s=rows / seconds if seconds else 0.0, actors=actors,
                          threads_per_actor=threads_per_actor, precision=precision, output=output,
                          output_format=out_fmt)
+
+
+def _init_ray(ray: Any, address: str | None, num_cpus: int | None) -> None:
+    """Join the running Ray instance, or the cluster at ``address``, or start a local one (``num_cpus``)."""
+    if not ray.is_initialized():
+        ray.init(address=address, num_cpus=num_cpus if address is None else None, log_to_driver=False,
+                 logging_level="warning", include_dashboard=False)
+
+
+@contextlib.contextmanager
+def _job_settings(ray: Any, verbose: bool) -> Iterator[None]:
+    """Ray Data settings for one job, restored after: progress logging off unless verbose, and Parquet read by
+    read tasks (the DataSourceV2 reader lists files in a task that needs a whole CPU, which never frees up while
+    the actors hold every CPU of the cluster: a deadlock with actors x threads = the cluster's CPUs)."""
+    ctx = ray.data.DataContext.get_current()
+    logger = logging.getLogger("ray.data")
+    saved = ctx.enable_progress_bars, logger.level, ctx.use_datasource_v2
+    ctx.use_datasource_v2 = False
+    if not verbose:
+        ctx.enable_progress_bars = False
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, ctx.use_datasource_v2 = saved[0], saved[2]
+        logger.setLevel(saved[1])
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -376,9 +372,7 @@ def serve_on_ray(artifact: str | Path, *, host: str = "127.0.0.1", port: int = 8
     from ray import serve
 
     app = build_app({"artifact": str(artifact), **options})
-    if not ray.is_initialized():
-        ray.init(address=address, num_cpus=num_cpus if address is None else None, logging_level="warning",
-                 include_dashboard=False)
+    _init_ray(ray, address, num_cpus)
     serve.start(http_options={"host": host, "port": port})
     if not blocking:
         return serve.run(app, name="memrerank", route_prefix="/", blocking=False)
