@@ -39,21 +39,25 @@ class Calibrator:
 
     @classmethod
     def from_block(cls, block: dict[str, Any] | None) -> Calibrator:
-        """Build from one precision's entry of ``manifest["calibration"]`` (``None`` → uncalibrated)."""
+        """Build from a fit's ``{"method", "params", ...}`` dict (``None`` or empty → uncalibrated)."""
         if not block:
             return cls()
-        method = block.get("method")
-        params = block.get("params", {})
+        return cls.from_params(block.get("method"), block.get("params", {}), dict(block))
+
+    @classmethod
+    def from_params(cls, method: Any, params: dict[str, Any], info: dict[str, Any] | None = None) -> Calibrator:
+        """Build from a method name and its parameters (as a manifest's calibration entry holds them)."""
+        block = info or {"method": method, "params": dict(params)}
         if method == "temperature":
             t = float(params["temperature"])
             if not t > 0:
                 raise ValueError(f"calibration: temperature must be > 0, got {t}")
-            return cls("temperature", 1.0 / t, 0.0, dict(block))
+            return cls("temperature", 1.0 / t, 0.0, block)
         if method == "platt":
             a, b = float(params["a"]), float(params["b"])
             if not a > 0:
                 raise ValueError(f"calibration: Platt slope must be > 0 to keep the ranking, got {a}")
-            return cls("platt", a, b, dict(block))
+            return cls("platt", a, b, block)
         raise ValueError(f"calibration: unknown method {method!r}; known: {', '.join(METHODS)}")
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:

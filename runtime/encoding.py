@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from memrerank.manifest import DecoderTemplate, EncoderTemplate, Manifest
+
 __all__ = ["EncodedPairs", "SplitPairs", "PairEncoder", "register_encoder", "make_encoder", "ENCODERS",
            "MIN_DOCUMENT_TOKENS", "MAX_CONTEXT_TOKENS", "render_query"]
 
@@ -69,9 +71,9 @@ def register_encoder(family: str) -> Callable[[type[PairEncoder]], type[PairEnco
     return wrap
 
 
-def make_encoder(manifest: dict[str, Any], tokenizer: Any) -> PairEncoder:
-    """Build the pair encoder named by ``manifest["family"]``."""
-    family = manifest["family"]
+def make_encoder(manifest: Manifest, tokenizer: Any) -> PairEncoder:
+    """Build the pair encoder of the artifact's family."""
+    family = manifest.family
     if family not in ENCODERS:
         raise ValueError(f"no pair encoder for family {family!r}; known: {', '.join(sorted(ENCODERS))}")
     return ENCODERS[family](manifest, tokenizer)
@@ -134,10 +136,10 @@ class SplitPairs:
 class PairEncoder:
     """Turns (query, documents) into token ids following an artifact's template."""
 
-    def __init__(self, manifest: dict[str, Any], tokenizer: Any) -> None:
+    def __init__(self, manifest: Manifest, tokenizer: Any) -> None:
         self.manifest = manifest
         self.tokenizer = tokenizer
-        self.max_length = int(manifest["tokens"]["max_length"])
+        self.max_length = manifest.tokens.max_length
         self.max_context_tokens = MAX_CONTEXT_TOKENS
 
     def split(self, query: str, documents: Sequence[str], instruction: str | None = None,
@@ -198,15 +200,17 @@ class PairEncoder:
 class DecoderPairEncoder(PairEncoder):
     """Qwen3-Reranker style prompt: prefix + instruction/query body + document + suffix."""
 
-    def __init__(self, manifest: dict[str, Any], tokenizer: Any) -> None:
+    def __init__(self, manifest: Manifest, tokenizer: Any) -> None:
         super().__init__(manifest, tokenizer)
-        tpl = manifest["template"]
-        self.instruction_piece: str = tpl["instruction_piece"]
-        self.query_piece: str = tpl["query_piece"]
-        self.document_piece: str = tpl["document_piece"]
-        self.default_instruction: str = tpl["default_instruction"]
-        self.prefix_ids = list(tpl["prefix_ids"])
-        self.suffix_ids = list(tpl["suffix_ids"])
+        tpl = manifest.template
+        if not isinstance(tpl, DecoderTemplate):
+            raise TypeError(f"{type(self).__name__} needs a decoder template, got {type(tpl).__name__}")
+        self.instruction_piece = tpl.instruction_piece
+        self.query_piece = tpl.query_piece
+        self.document_piece = tpl.document_piece
+        self.default_instruction = tpl.default_instruction
+        self.prefix_ids = list(tpl.prefix_ids)
+        self.suffix_ids = list(tpl.suffix_ids)
         # document_piece is " {document}": what precedes the placeholder is prepended to every document.
         self.doc_lead = self.document_piece.split("{document}")[0]
         self._instruction_cache: dict[str, list[int]] = {}
@@ -249,18 +253,20 @@ class DecoderPairEncoder(PairEncoder):
 class EncoderPairEncoder(PairEncoder):
     """BERT/XLM-R style pair: ``P + query + M + document + S`` with segment ids from the tokenizer's template."""
 
-    def __init__(self, manifest: dict[str, Any], tokenizer: Any) -> None:
+    def __init__(self, manifest: Manifest, tokenizer: Any) -> None:
         super().__init__(manifest, tokenizer)
-        tpl = manifest["template"]
-        self.lead_ids = list(tpl["lead_ids"])
-        self.middle_ids = list(tpl["middle_ids"])
-        self.trail_ids = list(tpl["trail_ids"])
+        tpl = manifest.template
+        if not isinstance(tpl, EncoderTemplate):
+            raise TypeError(f"{type(self).__name__} needs an encoder template, got {type(tpl).__name__}")
+        self.lead_ids = list(tpl.lead_ids)
+        self.middle_ids = list(tpl.middle_ids)
+        self.trail_ids = list(tpl.trail_ids)
         # Segment ids per template piece, read off the tokenizer's own post-processor at export time.
-        self.uses_type_ids = bool(tpl["uses_type_ids"])
-        self.query_type, self.doc_type = int(tpl["query_type_id"]), int(tpl["document_type_id"])
-        self.lead_types = list(tpl["lead_type_ids"])
-        self.middle_types = list(tpl["middle_type_ids"])
-        self.trail_types = list(tpl["trail_type_ids"])
+        self.uses_type_ids = tpl.uses_type_ids
+        self.query_type, self.doc_type = tpl.query_type_id, tpl.document_type_id
+        self.lead_types = list(tpl.lead_type_ids)
+        self.middle_types = list(tpl.middle_type_ids)
+        self.trail_types = list(tpl.trail_type_ids)
 
     def split(self, query: str, documents: Sequence[str], instruction: str | None = None,
               context: Sequence[str] = ()) -> SplitPairs:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,19 +15,12 @@ from tokenizers import Tokenizer
 
 from memrerank.calibration import Calibrator
 from memrerank.errors import ArtifactError
-from memrerank.manifest import (
-    PRECISIONS,
-    TOKENIZER_NAME,
-    model_files,
-    pick_auto_precision,
-    read_manifest,
-    verify_files,
-)
 from memrerank.kernels import DEFAULT_CALL_OVERHEAD, pack_pairs
-from memrerank.runtime.backends.onnxruntime import PROVIDER_ALIASES, OrtBackend, resolve_providers
+from memrerank.manifest import PRECISIONS, TOKENIZER_NAME, Manifest, read_manifest, verify_files
+from memrerank.runtime.backends import Backend, open_backend, resolve_providers, wants_tensorrt
 from memrerank.runtime.encoding import SplitPairs, make_encoder
 
-__all__ = ["Reranker", "RankHit", "DEFAULT_BATCH_SIZE", "DEFAULT_MAX_BATCH_TOKENS"]
+__all__ = ["Reranker", "RankHit", "BatchBudget", "BATCH_BUDGETS", "DEFAULT_BATCH_SIZE", "DEFAULT_MAX_BATCH_TOKENS"]
 
 #: Most rows per model call.
 DEFAULT_BATCH_SIZE = 32
@@ -35,6 +28,31 @@ DEFAULT_BATCH_SIZE = 32
 #: 1,000 candidates × 512 tokens stay under 1.5 GB peak RSS (bench/memory.py).
 DEFAULT_MAX_BATCH_TOKENS = 2048
 _NO_HEAD = np.zeros(0, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class BatchBudget:
+    """How the packer cuts pairs into model calls on one kind of device.
+
+    Attributes:
+        batch_size: most rows per call.
+        max_batch_tokens: most padded tokens (rows × width) per call.
+        call_overhead: what one more call costs, in padded-token equivalents, weighed against padding.
+    """
+
+    batch_size: int
+    max_batch_tokens: int
+    call_overhead: int
+
+
+#: Per provider (the first one a backend runs on). The CPU budget bounds activation memory; on a GPU a call costs
+#: kernel launches and a host sync, so a typical request (up to 64 candidates of up to 512 tokens) is one call.
+BATCH_BUDGETS = {
+    "CPUExecutionProvider": BatchBudget(DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_CALL_OVERHEAD),
+    "CUDAExecutionProvider": BatchBudget(64, 64 * 512, 4096),
+    "TensorrtExecutionProvider": BatchBudget(64, 64 * 512, 4096),
+    "TensorRT engine": BatchBudget(64, 64 * 512, 4096),
+}
 
 
 @dataclass(frozen=True)
@@ -81,11 +99,16 @@ class Reranker:
 
     Thread safety: one instance may be shared by threads; onnxruntime sessions are thread-safe for ``run`` and
     the instance keeps no per-call state apart from a bounded instruction-id cache.
+
+    Public hooks (what a benchmark or an embedding application may set after loading): ``batch_size``,
+    ``max_batch_tokens``, ``prefix_reuse``, ``padding_side``, ``call_overhead`` (the packer's per-call cost in
+    padded-token equivalents) and ``packer`` (the function that cuts pairs into batches, with
+    :func:`memrerank.kernels.pack_pairs`'s signature; e.g. ``memrerank.kernels.pack_numpy``).
     """
 
-    def __init__(self, root: Path, manifest: dict[str, Any], precision: str, backend: OrtBackend,
-                 tokenizer: Tokenizer, batch_size: int, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-                 prefix_reuse: bool = False) -> None:
+    def __init__(self, root: Path, manifest: Manifest, precision: str, backend: Backend,
+                 tokenizer: Tokenizer, batch_size: int = DEFAULT_BATCH_SIZE,
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, prefix_reuse: bool = False) -> None:
         self.root = root
         self.manifest = manifest
         self.precision = precision
@@ -96,70 +119,84 @@ class Reranker:
         self.prefix_reuse = prefix_reuse
         #: Per-call cost, in padded-token equivalents, the packer weighs against padding when cutting batches.
         self.call_overhead = DEFAULT_CALL_OVERHEAD
-        self.family: str = manifest["family"]
-        self.padding_side: str = manifest["tokens"]["padding_side"]
-        self.pad_id: int = int(manifest["tokens"]["pad_id"])
+        #: Cuts pairs into padded batches (native kernel when built, else numpy).
+        self.packer: Callable[..., Any] = pack_pairs
+        self.family: str = manifest.family
+        self.padding_side: str = manifest.tokens.padding_side
+        self.pad_id: int = manifest.tokens.pad_id
         self.encoder = make_encoder(manifest, tokenizer)
-        self.calibrator = Calibrator.from_block(manifest.get("calibration", {}).get(precision))
+        calibration = manifest.calibration.get(precision)
+        self.calibrator = Calibrator.from_params(calibration.method, calibration.params) if calibration \
+            else Calibrator()
 
     @classmethod
     def load(cls, path: str | Path, precision: str = "fp32", providers: Sequence[str] | str | None = None,
-             batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None, *,
-             max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, prefix_reuse: bool | None = None) -> Reranker:
+             batch_size: int | None = None, threads: int | None = None, *,
+             max_batch_tokens: int | None = None, prefix_reuse: bool | None = None,
+             allow_tf32: bool = False, io_binding: bool | None = None) -> Reranker:
         """Open an artifact directory written by ``memrerank export``.
 
         Args:
             path: the artifact directory.
             precision: one of the exported precisions (see ``memrerank info``), or ``"auto"``: the fastest
-                exported precision for the first provider that met its fidelity budget at export.
+                exported precision for the first provider that met its fidelity budget at export. With
+                ``providers=["tensorrt"]`` a TensorRT engine precision (``build-engine``) loads on its own.
             providers: onnxruntime providers or aliases (``"cpu"``, ``"cuda"``, ``"tensorrt"``); ``None`` = CPU.
-            batch_size: most rows per model call.
+            batch_size: most rows per model call (``None``: the provider's :data:`BATCH_BUDGETS` entry, 32 on
+                the CPU, 64 on a GPU).
             threads: intra-op threads for onnxruntime (``None`` = onnxruntime's default).
-            max_batch_tokens: most padded tokens (rows × width) per model call; bounds peak memory.
+            max_batch_tokens: most padded tokens (rows × width) per model call; bounds peak memory (``None``:
+                the provider's budget, 2,048 on the CPU, 32,768 on a GPU).
             prefix_reuse: decoder artifacts: run the part every pair of a query shares (template, instruction,
                 context, query) once and score the documents against its cached keys/values. ``None`` = on
                 where the artifact supports it; ``False`` scores whole pairs. Same scores either way (1e-4, fp32).
+            allow_tf32: CUDA provider: let fp32 products use TF32 (faster; logits move by ~1e-3). Off by default.
+            io_binding: bind inputs and outputs on the provider's device, the prefix cache staying there between
+                batches; ``None`` = on for GPU providers, off on the CPU (same scores either way).
 
         Raises:
             ArtifactError: missing/corrupted files or an unknown schema, with what to do.
-            ProviderError: an unavailable provider was asked for.
+            ProviderError: an unavailable provider was asked for, or one onnxruntime could not start.
         """
         if precision not in PRECISIONS and precision != "auto":
             raise ValueError(f"precision: unknown {precision!r}; choose one of {', '.join(PRECISIONS)} or 'auto'")
-        _positive_int(batch_size, "batch_size")
-        _positive_int(max_batch_tokens, "max_batch_tokens")
+        if batch_size is not None:
+            _positive_int(batch_size, "batch_size")
+        if max_batch_tokens is not None:
+            _positive_int(max_batch_tokens, "max_batch_tokens")
         if prefix_reuse not in (None, True, False):
             raise ValueError(f"prefix_reuse must be True, False or None, got {prefix_reuse!r}")
         root = Path(path)
         manifest = read_manifest(root)
         if precision == "auto":
-            precision = pick_auto_precision(manifest, resolve_providers(providers)[0])
-        files = model_files(manifest, precision)
-        verify_files(root, files)
-        verify_files(root, manifest["tokenizer"]["files"])
+            precision = manifest.pick_auto(resolve_providers(providers)[0])
+        elif not (precision in manifest.engines and wants_tensorrt(providers)):
+            manifest.precision(precision)  # raises naming the exported precisions
+        verify_files(root, manifest.tokenizer_files)
         tokenizer = Tokenizer.from_file(str(root / TOKENIZER_NAME))
         tokenizer.no_truncation()
         tokenizer.no_padding()
         _check_tokenizer(tokenizer, manifest)
-        graph = root / manifest["precisions"][precision]["graph"]
-        engine = manifest.get("engines", {}).get(precision)
-        if engine is not None and _wants_tensorrt(providers):
-            backend = _tensorrt_backend(root, precision, engine, manifest)
-        else:
-            backend = OrtBackend(graph, providers=providers, threads=threads)
-        supported = bool(manifest.get("prefix_reuse")) and backend.has_past
+        backend = open_backend(root, manifest, precision, providers, threads, allow_tf32=allow_tf32,
+                               io_binding=io_binding)
+        supported = manifest.prefix_reuse is not None and backend.has_past
         if prefix_reuse and not supported:
             raise ArtifactError(
                 f"{root}: prefix_reuse=True needs a decoder artifact whose graph takes a shared past; this one "
-                f"({manifest['family']}) has none. Re-export it with this memrerank version "
+                f"({manifest.family}{', TensorRT engine' if precision in manifest.engines and wants_tensorrt(providers) else ''}) "
+                "has none. Re-export it with this memrerank version "
                 "(`memrerank export MODEL -o OUT --force`) or pass prefix_reuse=False")
-        meant_for = manifest["precisions"][precision].get("providers", [])
+        entry = manifest.precisions.get(precision)
+        meant_for = entry.providers if entry is not None and not wants_tensorrt(providers) else ()
         if meant_for and backend.providers[0] not in meant_for:
             warnings.warn(
                 f"precision {precision!r} is meant for {', '.join(meant_for)}; on {backend.providers[0]} it runs "
                 "correctly but is not expected to be faster than fp32", stacklevel=2)
-        return cls(root, manifest, precision, backend, tokenizer, batch_size, max_batch_tokens,
-                   supported if prefix_reuse is None else prefix_reuse)
+        budget = BATCH_BUDGETS.get(backend.providers[0], BATCH_BUDGETS["CPUExecutionProvider"])
+        reranker = cls(root, manifest, precision, backend, tokenizer, batch_size or budget.batch_size,
+                       max_batch_tokens or budget.max_batch_tokens, supported if prefix_reuse is None else prefix_reuse)
+        reranker.call_overhead = budget.call_overhead
+        return reranker
 
     # ------------------------------------------------------------------ scoring
     def _score_groups(self, groups: Iterable[tuple[str, list[int], list[str]]], n: int, instruction: str | None,
@@ -184,10 +221,10 @@ class Reranker:
         left = self.padding_side == "left"
         whole: list[tuple[np.ndarray, SplitPairs]] = []
 
-        def run(packed: Any, where: np.ndarray, past: dict[str, np.ndarray] | None = None) -> float:
+        def run(packed: Any, where: np.ndarray, past: Any = None) -> float:
             t = clock()
             for b in packed:
-                logits[where[b.rows]] = self.backend(b.input_ids, b.attention_mask, b.token_type_ids, past=past)
+                logits[where[b.rows]] = self.backend.score(b.input_ids, b.attention_mask, b.token_type_ids, past)
             return clock() - t
 
         for where, sp in splits:
@@ -198,7 +235,7 @@ class Reranker:
             past = self.backend.prefix(sp.head)
             t_model += clock() - t
             t = clock()
-            packed = pack_pairs([_NO_HEAD], np.zeros(len(sp.docs), np.int64), sp.docs, sp.tail, [sp.budget],
+            packed = self.packer([_NO_HEAD], np.zeros(len(sp.docs), np.int64), sp.docs, sp.tail, [sp.budget],
                                 pad_id=self.pad_id, left=left, max_rows=self.batch_size,
                                 max_tokens=self.max_batch_tokens, call_overhead=self.call_overhead)
             t_pack += clock() - t
@@ -212,7 +249,7 @@ class Reranker:
             row_head = np.concatenate([np.full(len(sp.docs), g, np.int64) for g, (_, sp) in enumerate(whole)])
             docs = [d for _, sp in whole for d in sp.docs]
             with_types = whole[0][1].head_types is not None
-            packed = pack_pairs([sp.head for _, sp in whole], row_head, docs, whole[0][1].tail,
+            packed = self.packer([sp.head for _, sp in whole], row_head, docs, whole[0][1].tail,
                                 [sp.budget for _, sp in whole], pad_id=self.pad_id, left=left,
                                 max_rows=self.batch_size, max_tokens=self.max_batch_tokens,
                                 head_types=[sp.head_types for _, sp in whole] if with_types else None,
@@ -229,22 +266,7 @@ class Reranker:
                 stats[key] = stats.get(key, 0) + value
         return logits, truncated
 
-    def predict(self, pairs: Sequence[tuple[str, str]], raw: bool = False, instruction: str | None = None,
-                return_truncated: bool = False, *, context: Sequence[str] | None = None,
-                stats: dict[str, float] | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        """Score pairs.
-
-        Args:
-            pairs: ``(query, document)`` tuples; pairs sharing a query are tokenized together.
-            raw: return the model logit instead of the calibrated probability.
-            instruction: decoder family only; ``None`` uses the artifact's default instruction.
-            return_truncated: also return a bool array telling which documents were shortened.
-            context: previous dialogue turns, oldest first, added to every pair's query side.
-            stats: a dict that receives seconds spent tokenizing / packing / in the model and token counts.
-
-        Returns:
-            float32 array, one score per pair, in the order given.
-        """
+    def _group_pairs(self, pairs: Sequence[tuple[str, str]]) -> dict[str, tuple[list[int], list[str]]]:
         if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
             raise TypeError("pairs must be a sequence of (query, document) tuples")
         by_query: dict[str, tuple[list[int], list[str]]] = {}
@@ -256,26 +278,52 @@ class Reranker:
             slot = by_query.setdefault(q, ([], []))
             slot[0].append(i)
             slot[1].append(d)
+        return by_query
+
+    def predict_with_truncation(self, pairs: Sequence[tuple[str, str]], raw: bool = False,
+                                instruction: str | None = None, *, context: Sequence[str] | None = None,
+                                stats: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`predict`, and also which documents were shortened to fit the model's max length.
+
+        Returns:
+            ``(scores, truncated)``: float32 scores and a bool array, one each per pair, in the order given.
+        """
+        by_query = self._group_pairs(pairs)
         if instruction is not None:
             _check_text(instruction, "instruction")
         context = _check_context(context)
         n = len(pairs)
         if n == 0:
-            empty = np.zeros(0, dtype=np.float32)
-            return (empty, np.zeros(0, dtype=bool)) if return_truncated else empty
+            return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=bool)
         logits, truncated = self._score_groups(((q, idx, docs) for q, (idx, docs) in by_query.items()), n,
                                                instruction, context, stats)
-        scores = logits if raw else self.calibrator(logits)
-        return (scores, truncated) if return_truncated else scores
+        return (logits if raw else self.calibrator(logits)), truncated
+
+    def predict(self, pairs: Sequence[tuple[str, str]], raw: bool = False, instruction: str | None = None, *,
+                context: Sequence[str] | None = None, stats: dict[str, float] | None = None) -> np.ndarray:
+        """Score pairs.
+
+        Args:
+            pairs: ``(query, document)`` tuples; pairs sharing a query are tokenized together.
+            raw: return the model logit instead of the calibrated probability.
+            instruction: decoder family only; ``None`` uses the artifact's default instruction.
+            context: previous dialogue turns, oldest first, added to every pair's query side.
+            stats: a dict that receives seconds spent tokenizing / packing / in the model and token counts.
+
+        Returns:
+            float32 array, one score per pair, in the order given (empty for no pairs). Which documents were
+            truncated: :meth:`predict_with_truncation`.
+        """
+        return self.predict_with_truncation(pairs, raw, instruction, context=context, stats=stats)[0]
 
     def rank(self, query: str, documents: Sequence[str], top_k: int | None = None, threshold: float | None = None,
-             instruction: str | None = None, context: Sequence[str] | None = None, *,
+             instruction: str | None = None, *, context: Sequence[str] | None = None,
              stats: dict[str, float] | None = None) -> list[RankHit]:
         """Rank documents for one query, best first.
 
         Args:
             query: the question.
-            documents: candidate memories (not modified).
+            documents: candidate memories (not modified); an empty list gives ``[]``.
             top_k: keep at most this many hits (``None`` = all).
             threshold: keep hits whose calibrated probability is ``>= threshold`` (in [0, 1]).
             instruction: decoder family only; ``None`` uses the artifact's default instruction.
@@ -288,8 +336,6 @@ class Reranker:
         _check_text(query, "query")
         if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
             raise TypeError("documents must be a sequence of str")
-        if len(documents) == 0:
-            raise ValueError("documents: empty list; pass at least one document")
         docs = [_check_text(d, f"documents[{i}]") for i, d in enumerate(documents)]
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
@@ -300,6 +346,8 @@ class Reranker:
         if instruction is not None:
             _check_text(instruction, "instruction")
         context = _check_context(context)
+        if not docs:
+            return []
         logits, truncated = self._score_groups([(query, list(range(len(docs))), docs)], len(docs), instruction,
                                                context, stats)
         t = time.perf_counter()
@@ -319,33 +367,12 @@ class Reranker:
                 f"providers={self.backend.providers})")
 
 
-def _wants_tensorrt(providers: Sequence[str] | str | None) -> bool:
-    """Whether the first provider asked for is TensorRT (alias or onnxruntime name, as resolve_providers reads)."""
-    names = [providers] if isinstance(providers, str) else list(providers or [])
-    first = str(names[0]) if names else ""
-    return PROVIDER_ALIASES.get(first.lower(), first) == PROVIDER_ALIASES["tensorrt"]
-
-
-def _tensorrt_backend(root: Path, precision: str, engine: dict[str, Any], manifest: dict[str, Any]) -> Any:
-    """The artifact's TensorRT engine for ``precision`` (built by ``memrerank build-engine``)."""
-    from memrerank.errors import ProviderError
-    from memrerank.runtime.backends.tensorrt import TensorRTBackend
-
-    verify_files(root, engine["files"])
-    try:
-        return TensorRTBackend(root, precision, engine, manifest)
-    except RuntimeError as exc:
-        raise ProviderError(f"providers: 'tensorrt' asked for, but {exc}") from exc
-
-
-def _check_tokenizer(tokenizer: Tokenizer, manifest: dict[str, Any]) -> None:
+def _check_tokenizer(tokenizer: Tokenizer, manifest: Manifest) -> None:
     """Refuse a tokenizer whose ids disagree with the manifest (a swapped or edited tokenizer.json)."""
-    tpl = manifest["template"]
-    checks = tpl.get("id_checks", {})
-    for text, ids in checks.items():
+    for text, ids in manifest.template.id_checks.items():
         got = tokenizer.encode(text, add_special_tokens=False).ids
-        if got != ids:
+        if tuple(got) != ids:
             raise ArtifactError(
-                f"tokenizer.json tokenizes {text!r} as {got}, the manifest records {ids}: the tokenizer does not "
+                f"tokenizer.json tokenizes {text!r} as {got}, the manifest records {list(ids)}: the tokenizer does not "
                 "belong to this artifact; re-export with `memrerank export MODEL -o OUT --force`"
             )

@@ -21,19 +21,16 @@ SPECIAL = st.sampled_from(["", "<|im_end|>", "<think>", "<|endoftext|>", "'s", "
 
 
 def _decoder_manifest(tokenizer, max_length=100_000):
-    ids = lambda t: tokenizer.encode(t, add_special_tokens=False).ids  # noqa: E731
-    return {
-        "family": "decoder-yes-no",
-        "template": {
-            "instruction_piece": "<Instruct>: {instruction}\n<Query>:",
-            "query_piece": " {query}\n<Document>:",
-            "document_piece": " {document}",
-            "default_instruction": DEFAULT_INSTRUCTION,
-            "prefix_ids": ids(PREFIX),
-            "suffix_ids": ids(SUFFIX),
-        },
-        "tokens": {"max_length": max_length, "pad_id": 151643, "padding_side": "left"},
-    }
+    from memrerank.manifest import DecoderTemplate, Manifest, Source, Tokens
+
+    ids = lambda t: tuple(tokenizer.encode(t, add_special_tokens=False).ids)  # noqa: E731
+    template = DecoderTemplate(
+        prefix=PREFIX, suffix=SUFFIX, instruction_piece="<Instruct>: {instruction}\n<Query>:",
+        query_piece=" {query}\n<Document>:", document_piece=" {document}", default_instruction=DEFAULT_INSTRUCTION,
+        prefix_ids=ids(PREFIX), suffix_ids=ids(SUFFIX), id_checks={})
+    return Manifest(family="decoder-yes-no", source=Source("test", "Qwen3ForCausalLM"), template=template,
+                    tokens=Tokens(pad_id=151643, padding_side="left", max_length=max_length), tokenizer_files={},
+                    precisions={})
 
 
 def _official_ids(tokenizer, instruction, query, doc):
@@ -80,7 +77,7 @@ def test_truncation_cuts_only_the_document(qwen_tokenizer):
     assert len(got.ids[0]) == 120
     full = _official_ids(qwen_tokenizer, DEFAULT_INSTRUCTION, query, long_doc)
     head = encoder.head_ids(query)
-    suffix = manifest["template"]["suffix_ids"]
+    suffix = list(manifest.template.suffix_ids)
     # Same as the official recipe's end-truncation of the body: head kept, document cut, suffix kept.
     assert got.ids[0].tolist() == full[: 120 - len(suffix)] + suffix
     assert got.ids[0][: len(head)].tolist() == head
@@ -108,9 +105,9 @@ def test_encoder_pairs_equal_transformers_pairs(bert_ckpt, bert_artifact):
     query = "Who is Marco?"
     docs = ["Marco is the user's climbing partner.", "", "Ünïcödé TEXT with CAPS", "long " * 200]
     got = encoder.encode(query, docs)
-    ref = hf([query] * len(docs), docs, truncation="only_second", max_length=manifest["tokens"]["max_length"])
+    ref = hf([query] * len(docs), docs, truncation="only_second", max_length=manifest.tokens.max_length)
     for i in range(len(docs)):
         assert got.ids[i].tolist() == ref["input_ids"][i]
         assert got.type_ids[i].tolist() == ref["token_type_ids"][i]
     assert got.truncated.tolist() == [False, False, False, True]
-    assert np.all([len(x) <= manifest["tokens"]["max_length"] for x in got.ids])
+    assert np.all([len(x) <= manifest.tokens.max_length for x in got.ids])

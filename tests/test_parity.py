@@ -68,7 +68,7 @@ def test_qwen3_truncated_document_matches_official_recipe(qwen_ckpt, qwen_short_
     pairs = [(q, DOCS[-1]) for q in QUERIES] + [(QUERIES[0], d) for d in DOCS[:4]]
     ref = official_qwen3_logits(qwen_ckpt, pairs, max_length=128)
     reranker = Reranker.load(qwen_short_artifact, batch_size=8, prefix_reuse=prefix_reuse)
-    got, truncated = reranker.predict(pairs, raw=True, return_truncated=True)
+    got, truncated = reranker.predict_with_truncation(pairs, raw=True)
     assert truncated[: len(QUERIES)].all() and not truncated[len(QUERIES):].any()
     np.testing.assert_allclose(got, ref, atol=PARITY_ATOL["fp32"], rtol=0)
 
@@ -113,7 +113,7 @@ def test_real_minilm_matches_transformers(minilm_ckpt, minilm_artifact, batch_si
 def test_tiny_bert_matches_transformers_with_truncation(bert_ckpt, bert_artifact):
     pairs = all_pairs()
     ref = cross_encoder_logits(bert_ckpt, pairs, 64)
-    got, truncated = Reranker.load(bert_artifact, batch_size=8).predict(pairs, raw=True, return_truncated=True)
+    got, truncated = Reranker.load(bert_artifact, batch_size=8).predict_with_truncation(pairs, raw=True)
     assert truncated.any()
     np.testing.assert_allclose(got, ref, atol=PARITY_ATOL["fp32"], rtol=0)
 
@@ -125,9 +125,9 @@ def test_xlm_roberta_family_matches_transformers(tmp_path):
 
     ckpt = models.make_xlm_roberta(tmp_path / "xlmr")
     art = export_model(str(ckpt), tmp_path / "xlmr-art", log=lambda m: None)
-    tpl = read_manifest(art)["template"]
-    assert tpl["uses_type_ids"] is False and len(tpl["middle_ids"]) == 2  # </s></s> between the segments
+    tpl = read_manifest(art).template
+    assert tpl.uses_type_ids is False and len(tpl.middle_ids) == 2  # </s></s> between the segments
     pairs = all_pairs()
-    ref = cross_encoder_logits(ckpt, pairs, read_manifest(art)["tokens"]["max_length"])
+    ref = cross_encoder_logits(ckpt, pairs, read_manifest(art).tokens.max_length)
     got = Reranker.load(art, batch_size=8).predict(pairs, raw=True)
     np.testing.assert_allclose(got, ref, atol=PARITY_ATOL["fp32"], rtol=0)

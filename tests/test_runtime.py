@@ -55,8 +55,17 @@ def test_rank_argument_errors(qwen_artifact, kwargs, exc, word):
         Reranker.load(qwen_artifact).rank("q", DOCS, **kwargs)
 
 
+def test_rank_of_no_documents_is_empty(qwen_artifact):
+    """As predict([]) returns an empty array; argument checks still run first."""
+    r = Reranker.load(qwen_artifact)
+    assert r.rank("q", []) == [] and r.rank("q", (), top_k=3, threshold=0.5) == []
+    with pytest.raises(ValueError, match="top_k"):
+        r.rank("q", [], top_k=0)
+    with pytest.raises(TypeError, match="query"):
+        r.rank(None, [])
+
+
 @pytest.mark.parametrize("docs,exc,word", [
-    ([], ValueError, "documents"),
     (["ok", None], TypeError, r"documents\[1\]"),
     (["ok", b"bytes"], TypeError, r"documents\[1\]"),
     ("a string", TypeError, "documents"),
@@ -178,3 +187,70 @@ def test_runtime_imports_without_torch(qwen_artifact):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_predict_has_one_return_type_and_truncation_has_its_own_method(qwen_short_artifact):
+    r = Reranker.load(qwen_short_artifact)
+    pairs = [("q", "short"), ("q", "long " * 400)]
+    scores = r.predict(pairs)
+    assert isinstance(scores, np.ndarray) and scores.shape == (2,)
+    again, truncated = r.predict_with_truncation(pairs)
+    np.testing.assert_array_equal(again, scores)
+    assert truncated.tolist() == [False, True]
+    empty, flags = r.predict_with_truncation([])
+    assert empty.shape == flags.shape == (0,)
+    with pytest.raises(TypeError):
+        r.predict(pairs, return_truncated=True)
+
+
+def test_context_is_keyword_only(qwen_artifact):
+    r = Reranker.load(qwen_artifact)
+    with pytest.raises(TypeError):
+        r.rank("q", ["d"], None, None, None, ["earlier turn"])
+    with pytest.raises(TypeError):
+        r.predict([("q", "d")], False, None, ["earlier turn"])
+    assert len(r.rank("q", ["d"], context=["earlier turn"])) == 1
+
+
+def test_batch_budget_follows_the_provider(qwen_artifact):
+    """CPU keeps its memory-bounding budget; a GPU budget makes a typical request (64 candidates) one call."""
+    from memrerank.kernels import pack_pairs
+    from memrerank.runtime.reranker import BATCH_BUDGETS
+
+    r = Reranker.load(qwen_artifact)
+    cpu = BATCH_BUDGETS["CPUExecutionProvider"]
+    assert (r.batch_size, r.max_batch_tokens, r.call_overhead) == (cpu.batch_size, cpu.max_batch_tokens,
+                                                                  cpu.call_overhead)
+    assert Reranker.load(qwen_artifact, batch_size=3, max_batch_tokens=99).max_batch_tokens == 99
+    gpu = BATCH_BUDGETS["CUDAExecutionProvider"]
+    head, docs, tail = np.arange(60), [list(range(5, 5 + 40 + i % 30)) for i in range(64)], np.arange(12)
+    packed = pack_pairs([head], np.zeros(64, np.int64), docs, tail, [400], pad_id=0, left=True,
+                        max_rows=gpu.batch_size, max_tokens=gpu.max_batch_tokens, call_overhead=gpu.call_overhead)
+    assert len(list(packed)) == 1
+    cpu_calls = pack_pairs([head], np.zeros(64, np.int64), docs, tail, [400], pad_id=0, left=True,
+                           max_rows=cpu.batch_size, max_tokens=cpu.max_batch_tokens, call_overhead=cpu.call_overhead)
+    assert len(list(cpu_calls)) > 1
+
+
+def test_a_provider_onnxruntime_dropped_is_an_error_not_a_cpu_run(qwen_artifact, monkeypatch):
+    """onnxruntime keeps going on CPU when CUDA's libraries fail to load; the backend checks the session itself."""
+    import onnxruntime as ort
+
+    from memrerank.errors import ProviderError
+
+    real = ort.InferenceSession
+    seen = {}
+
+    def session(path, sess_options=None, providers=None, provider_options=None):
+        seen["options"] = dict(zip(providers, provider_options))
+        return real(path, sess_options=sess_options, providers=["CPUExecutionProvider"])  # CUDA dropped
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    with pytest.raises(ProviderError, match="could not start CUDAExecutionProvider .*runs on CPUExecutionProvider"):
+        Reranker.load(qwen_artifact, providers=["cuda", "cpu"])
+    # fp32 parity on a GPU: TF32 is off unless asked for
+    assert seen["options"]["CUDAExecutionProvider"] == {"use_tf32": "0"}
+    with pytest.raises(ProviderError):
+        Reranker.load(qwen_artifact, providers="cuda", allow_tf32=True)
+    assert seen["options"]["CUDAExecutionProvider"] == {"use_tf32": "1"}

@@ -1,7 +1,7 @@
 """The few CUDA runtime calls the TensorRT engine backend needs, through ctypes (no torch, no cuda-python).
 
-Loading fails with :data:`memrerank.export.tensorrt.INSTALL_HINT`-style guidance when there is no CUDA runtime
-library or no device.
+Loading fails with :data:`CUDA_HINT` when there is no CUDA runtime library or no device. Buffers belong to whoever
+asked for them (no shared list): two threads never free each other's memory.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ class CudaRuntime:
 
     def __init__(self, lib: Any) -> None:
         self.lib = lib
-        self._live: list[int] = []
 
     @classmethod
     def load(cls) -> CudaRuntime:
@@ -62,23 +61,21 @@ class CudaRuntime:
         self.lib.cudaFree(ctypes.c_void_p(ptr))
 
     def to_device(self, array: np.ndarray) -> int:
-        """Copy ``array`` to a new device buffer (kept alive until :meth:`release`)."""
+        """Copy ``array`` to a new device buffer; the caller owns it and frees it with :meth:`free`."""
         array = np.ascontiguousarray(array)
         ptr = self.malloc(array.nbytes)
-        self._check(self.lib.cudaMemcpy(ctypes.c_void_p(ptr), array.ctypes.data_as(ctypes.c_void_p),
-                                        ctypes.c_size_t(array.nbytes), _H2D), "cudaMemcpy H2D")
-        self._live.append(ptr)
+        try:
+            self._check(self.lib.cudaMemcpy(ctypes.c_void_p(ptr), array.ctypes.data_as(ctypes.c_void_p),
+                                            ctypes.c_size_t(array.nbytes), _H2D), "cudaMemcpy H2D")
+        except BaseException:
+            self.free(ptr)
+            raise
         return ptr
 
     def to_host(self, ptr: int, out: np.ndarray) -> np.ndarray:
         self._check(self.lib.cudaMemcpy(out.ctypes.data_as(ctypes.c_void_p), ctypes.c_void_p(ptr),
                                         ctypes.c_size_t(out.nbytes), _D2H), "cudaMemcpy D2H")
         return out
-
-    def release(self) -> None:
-        for ptr in self._live:
-            self.free(ptr)
-        self._live.clear()
 
     def synchronize(self) -> None:
         self._check(self.lib.cudaDeviceSynchronize(), "cudaDeviceSynchronize")

@@ -9,6 +9,8 @@ import numpy as np
 import onnxruntime as ort
 
 from memrerank.errors import ArtifactError, ProviderError
+from memrerank.manifest import CacheLayout
+from memrerank.runtime.backends.base import PrefixCache, empty_past
 
 __all__ = ["PROVIDER_ALIASES", "resolve_providers", "OrtBackend"]
 
@@ -23,6 +25,11 @@ PROVIDER_ALIASES = {
 }
 
 
+def provider_name(provider: str) -> str:
+    """An alias (``"cuda"``) or a full onnxruntime provider name → the full name."""
+    return PROVIDER_ALIASES.get(provider.lower(), provider)
+
+
 def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
     """Map aliases to provider names and check each is available; never falls back silently.
 
@@ -32,11 +39,15 @@ def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
     if providers is None:
         return ["CPUExecutionProvider"]
     if isinstance(providers, str):
-        providers = [providers]
-    available = ort.get_available_providers()
-    names = [PROVIDER_ALIASES.get(p.lower(), p) if isinstance(p, str) else p for p in providers]
+        providers = [p for p in providers.split(",") if p.strip()] or [providers]
+    names = []
+    for p in providers:
+        if not isinstance(p, str):
+            raise TypeError(f"providers: expected provider names (str), got {type(p).__name__}")
+        names.append(provider_name(p.strip()))
     if not names:
         raise ProviderError("providers: empty list; pass None for CPU or e.g. ['cuda']")
+    available = ort.get_available_providers()
     for asked, name in zip(providers, names):
         if name not in available:
             raise ProviderError(
@@ -47,21 +58,42 @@ def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
 
 
 class OrtBackend:
-    """Runs a reranker graph whose single output is one logit per row."""
+    """Runs a reranker graph whose first output is one logit per row (see :class:`~.base.Backend`).
 
-    def __init__(self, path: str | Path, providers: Sequence[str] | str | None = None, threads: int | None = None):
+    Args:
+        path: the ONNX graph.
+        providers: onnxruntime providers or aliases; ``None`` = CPU.
+        threads: intra-op threads (``None`` = onnxruntime's default).
+        layout: the artifact's prefix-reuse layout (decoder graphs with a shared past), else ``None``.
+        allow_tf32: CUDA only: let fp32 matrix products use TF32 (faster, but logits move by ~1e-3).
+    """
+
+    def __init__(self, path: str | Path, providers: Sequence[str] | str | None = None, threads: int | None = None,
+                 layout: CacheLayout | None = None, *, allow_tf32: bool = False) -> None:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = int(threads)
         opts.log_severity_level = 3
-        self.providers = resolve_providers(providers)
+        asked = resolve_providers(providers)
+        options = [{"use_tf32": "1" if allow_tf32 else "0"} if p == "CUDAExecutionProvider" else {} for p in asked]
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=asked,
+                                                provider_options=options)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ArtifactError(
                 f"onnxruntime could not load {path}: {exc}; re-export with `memrerank export MODEL -o OUT --force`"
             ) from exc
+        # onnxruntime drops a provider whose libraries fail to load (no CUDA/cuDNN, no device) and carries on
+        # with the rest: check what the session really runs on.
+        got = self.session.get_providers()
+        dropped = [p for p in asked if p not in got]
+        if dropped:
+            raise ProviderError(
+                f"providers: onnxruntime could not start {', '.join(dropped)} (the session runs on "
+                f"{', '.join(got)}): its libraries (CUDA, cuDNN, TensorRT) or the device are missing; see "
+                "onnxruntime's log with ORT_LOGGING_LEVEL=0, or ask for providers=['cpu']")
+        self.providers: list[str] = [p for p in asked if p in got]
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
         # Decoder graphs take an optional shared past (batch 1) per layer: past_key.{i} / past_value.{i}.
@@ -71,22 +103,26 @@ class OrtBackend:
         unknown = set(self.input_names) - {"input_ids", "attention_mask", "token_type_ids"} - set(self.past_names)
         if unknown:
             raise ArtifactError(f"{path} expects inputs {sorted(unknown)} that memrerank does not provide")
-        self._empty_past: dict[str, np.ndarray] = {}
-        for i in self.session.get_inputs():
-            if i.name in self.past_names:
-                shape = [d if isinstance(d, int) else 0 for d in i.shape]
-                if len(shape) != 4 or shape[1] < 1 or shape[3] < 1:
-                    raise ArtifactError(f"{path}: past input {i.name} has unexpected shape {i.shape}")
-                shape[0], shape[2] = 1, 0
-                self._empty_past[i.name] = np.zeros(shape, dtype=np.float32)
+        if self.past_names:
+            if layout is None:
+                raise ArtifactError(f"{path} takes a past but the manifest has no prefix_reuse layout; re-export "
+                                    "with `memrerank export MODEL -o OUT --force`")
+            missing = sorted(set(self.past_names) - set(layout.past_names))
+            if missing:
+                raise ArtifactError(f"{path}: past inputs {missing[:3]} do not match the manifest's layout "
+                                    f"({layout.layers} layers); re-export the artifact")
+        self._empty_past = empty_past(layout, self.past_names) if self.past_names else {}
 
     @property
     def has_past(self) -> bool:
         """Whether the graph can reuse a shared prefix (takes past inputs and returns presents)."""
         return bool(self.past_names) and len(self.present_names) == len(self.past_names)
 
-    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None,
-                 past: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    def empty_past(self) -> dict[str, np.ndarray]:
+        return dict(self._empty_past)
+
+    def score(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None = None,
+              past: PrefixCache | None = None) -> np.ndarray:
         """Logits, one per row; ``past`` is a prefix cache from :meth:`prefix` shared by every row."""
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "token_type_ids" in self.input_names:
@@ -97,7 +133,7 @@ class OrtBackend:
         out = self.session.run([self.output_name], feeds)[0]
         return np.asarray(out, dtype=np.float32).reshape(len(input_ids))
 
-    def prefix(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+    def prefix(self, ids: np.ndarray) -> PrefixCache:
         """Run the shared prefix once (batch 1) and return its cache, keyed by the past input names."""
         if not self.has_past:
             raise ArtifactError("this graph has no past inputs; re-export the artifact to get prefix reuse")

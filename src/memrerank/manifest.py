@@ -1,15 +1,23 @@
-"""The artifact contract: ``OUT/manifest.json`` and the files it names.
+"""The artifact contract: ``OUT/manifest.json`` read into frozen dataclasses, and the one atomic writer.
 
-Export writes it, everything else only reads it. This module holds what both sides must agree on: the schema
-version, the precision names, the tolerances, and the read/verify helpers. It imports nothing heavy.
+Export writes it, everything else only reads it. :func:`read_manifest` parses the JSON once, at the edge, into a
+:class:`Manifest`; inside, code reads attributes. A missing or malformed field is an :class:`ArtifactError` that
+names the field (``manifest.json: precisions.int8.files: missing``) and says to re-export. :func:`write_manifest`
+is the only writer (export, ``calibrate``, ``build-engine``): a temporary file in the same directory, fsync,
+rename. This module imports nothing heavy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from memrerank.errors import ArtifactError
 
@@ -22,10 +30,23 @@ __all__ = [
     "PARITY_TOLERANCE",
     "PRECISION_PROVIDERS",
     "AUTO_ORDER",
-    "pick_auto_precision",
+    "FileEntry",
+    "Source",
+    "Tokens",
+    "DecoderTemplate",
+    "EncoderTemplate",
+    "Template",
+    "CacheLayout",
+    "Parity",
+    "Fidelity",
+    "PrecisionEntry",
+    "EngineEntry",
+    "CalibrationEntry",
+    "Manifest",
     "sha256_file",
+    "file_entries",
     "read_manifest",
-    "model_files",
+    "write_manifest",
     "verify_files",
 ]
 
@@ -33,7 +54,7 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
 
-#: Reranker families an artifact can hold (``manifest["family"]``).
+#: Reranker families an artifact can hold (``Manifest.family``).
 FAMILIES = ("decoder-yes-no", "encoder-cross")
 
 #: Precisions, defined once: CLI choices, manifest keys and test parametrisation all use this tuple.
@@ -59,7 +80,454 @@ AUTO_ORDER = {
     "TensorrtExecutionProvider": ("fp16", "int8-static", "fp32"),
 }
 
+_REEXPORT = "re-export with `memrerank export MODEL -o OUT --force`"
 
+
+# ----------------------------------------------------------------------------------------------- parsing helpers
+class _Reader:
+    """Reads one JSON object's fields, raising an ArtifactError that names ``where.key`` on any problem."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ArtifactError(f"{MANIFEST_NAME}: {where or 'top level'}: expected an object, got "
+                                f"{type(data).__name__}; {_REEXPORT}")
+        self.data = data
+        self.where = where
+        self.used: set[str] = set()
+
+    def _path(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def fail(self, key: str, what: str) -> ArtifactError:
+        return ArtifactError(f"{MANIFEST_NAME}: {self._path(key)}: {what}; {_REEXPORT}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], *, optional: bool = False, default: Any = None) -> Any:
+        self.used.add(key)
+        if key not in self.data or (optional and self.data[key] is None):
+            if optional:
+                return default
+            raise self.fail(key, "missing")
+        value = self.data[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise self.fail(key, f"expected {_kind_name(kind)}, got a boolean")
+        if not isinstance(value, kind):
+            raise self.fail(key, f"expected {_kind_name(kind)}, got {type(value).__name__} {value!r:.60}")
+        return value
+
+    def ints(self, key: str) -> tuple[int, ...]:
+        value = self.get(key, list)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise self.fail(key, "expected a list of integers")
+        return tuple(value)
+
+    def strs(self, key: str, *, optional: bool = False) -> tuple[str, ...]:
+        value = self.get(key, list, optional=optional, default=[])
+        if not all(isinstance(v, str) for v in value):
+            raise self.fail(key, "expected a list of strings")
+        return tuple(value)
+
+    def sub(self, key: str) -> _Reader:
+        return _Reader(self.get(key, dict), self._path(key))
+
+    def mapping(self, key: str, *, optional: bool = False) -> dict[str, Any]:
+        return dict(self.get(key, dict, optional=optional, default={}))
+
+    def rest(self) -> dict[str, Any]:
+        """The fields no typed attribute took (kept so a read-modify-write round trip loses nothing)."""
+        return {k: v for k, v in self.data.items() if k not in self.used}
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list",
+             dict: "an object"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _dump(value: Any) -> Any:
+    """Dataclasses → JSON-ready dicts (``extra`` merged back in), tuples → lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(value):
+            if f.name == "extra":
+                continue
+            key = f.metadata.get("json", f.name)
+            v = getattr(value, f.name)
+            if v is None and f.metadata.get("omit_none"):
+                continue
+            out[key] = _dump(v)
+        out.update({k: _dump(v) for k, v in getattr(value, "extra", {}).items()})
+        return out
+    if isinstance(value, Mapping):
+        return {k: _dump(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_dump(v) for v in value]
+    return value
+
+
+def _files(r: _Reader, key: str) -> dict[str, FileEntry]:
+    block = r.sub(key)
+    return {rel: FileEntry.parse(block.sub(rel)) for rel in block.data}
+
+
+# ---------------------------------------------------------------------------------------------------- the types
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of the artifact, checked before anything parses it."""
+
+    sha256: str
+    bytes: int
+
+    @classmethod
+    def parse(cls, r: _Reader) -> FileEntry:
+        return cls(r.get("sha256", str), r.get("bytes", int))
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the artifact came from."""
+
+    model: str
+    architecture: str
+    revision: str | None = None
+    model_type: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Source:
+        return cls(r.get("model", str), r.get("architecture", str), r.get("revision", str, optional=True),
+                   r.get("model_type", str, optional=True), r.rest())
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Token-level facts the runtime needs: padding, length limit, and (decoders) the yes/no ids."""
+
+    pad_id: int
+    padding_side: str
+    max_length: int
+    yes_id: int | None = field(default=None, metadata={"omit_none": True})
+    no_id: int | None = field(default=None, metadata={"omit_none": True})
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Tokens:
+        side = r.get("padding_side", str)
+        if side not in ("left", "right"):
+            raise r.fail("padding_side", f"expected 'left' or 'right', got {side!r}")
+        max_length = r.get("max_length", int)
+        if max_length < 1:
+            raise r.fail("max_length", f"must be positive, got {max_length}")
+        return cls(r.get("pad_id", int), side, max_length, r.get("yes_id", int, optional=True),
+                   r.get("no_id", int, optional=True), r.rest())
+
+
+@dataclass(frozen=True)
+class DecoderTemplate:
+    """The official prompt of a yes/no decoder reranker, as text and as ids."""
+
+    prefix: str
+    suffix: str
+    instruction_piece: str
+    query_piece: str
+    document_piece: str
+    default_instruction: str
+    prefix_ids: tuple[int, ...]
+    suffix_ids: tuple[int, ...]
+    id_checks: dict[str, tuple[int, ...]]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> DecoderTemplate:
+        return cls(r.get("prefix", str), r.get("suffix", str), r.get("instruction_piece", str),
+                   r.get("query_piece", str), r.get("document_piece", str), r.get("default_instruction", str),
+                   r.ints("prefix_ids"), r.ints("suffix_ids"), _id_checks(r), r.rest())
+
+
+@dataclass(frozen=True)
+class EncoderTemplate:
+    """Where a cross-encoder's special tokens sit around the query and the document (ids and type ids)."""
+
+    lead_ids: tuple[int, ...]
+    middle_ids: tuple[int, ...]
+    trail_ids: tuple[int, ...]
+    uses_type_ids: bool
+    query_type_id: int
+    document_type_id: int
+    lead_type_ids: tuple[int, ...]
+    middle_type_ids: tuple[int, ...]
+    trail_type_ids: tuple[int, ...]
+    id_checks: dict[str, tuple[int, ...]]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> EncoderTemplate:
+        return cls(r.ints("lead_ids"), r.ints("middle_ids"), r.ints("trail_ids"), r.get("uses_type_ids", bool),
+                   r.get("query_type_id", int), r.get("document_type_id", int), r.ints("lead_type_ids"),
+                   r.ints("middle_type_ids"), r.ints("trail_type_ids"), _id_checks(r), r.rest())
+
+
+Template = Union[DecoderTemplate, EncoderTemplate]
+_TEMPLATES: dict[str, type] = {"decoder-yes-no": DecoderTemplate, "encoder-cross": EncoderTemplate}
+
+
+def _id_checks(r: _Reader) -> dict[str, tuple[int, ...]]:
+    checks = r.sub("id_checks")
+    return {text: checks.ints(text) for text in checks.data}
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """The shared-past (prefix reuse) layout of a decoder graph: one batch-1 key/value pair per layer."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    past_batch: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> CacheLayout:
+        out = cls(r.get("layers", int), r.get("kv_heads", int), r.get("head_dim", int),
+                  r.get("past_batch", int, optional=True, default=1), r.rest())
+        if min(out.layers, out.kv_heads, out.head_dim) < 1:
+            raise r.fail("layers", "layers, kv_heads and head_dim must be positive")
+        return out
+
+    @property
+    def past_names(self) -> tuple[str, ...]:
+        """Graph input names of the past, layer by layer (keys then values)."""
+        return tuple(f"past_{kind}.{i}" for i in range(self.layers) for kind in ("key", "value"))
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How far a graph's logits are from its reference (PyTorch for fp32, the fp32 graph otherwise)."""
+
+    reference: str
+    max_abs_logit_diff: float
+    tolerance: float | None = None
+    spearman_mean: float | None = field(default=None, metadata={"omit_none": True})
+    top10_overlap: float | None = field(default=None, metadata={"omit_none": True})
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Parity:
+        return cls(r.get("reference", str), r.get("max_abs_logit_diff", float),
+                   r.get("tolerance", float, optional=True), r.get("spearman_mean", float, optional=True),
+                   r.get("top10_overlap", float, optional=True), r.rest())
+
+    @property
+    def within_tolerance(self) -> bool:
+        return self.tolerance is None or self.max_abs_logit_diff <= self.tolerance
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """A quantized precision's ranking fidelity vs fp32 and the products the sensitivity search kept in fp32."""
+
+    meets_budget: bool
+    kept_fp32: tuple[str, ...] = ()
+    budget: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict, metadata={"json": "fidelity"})
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Fidelity:
+        return cls(r.get("meets_budget", bool), r.strs("kept_fp32", optional=True), r.mapping("budget", optional=True),
+                   r.mapping("fidelity", optional=True), r.rest())
+
+
+@dataclass(frozen=True)
+class PrecisionEntry:
+    """One exported precision: its graph, files, interface, the providers it is meant for, and how good it is."""
+
+    graph: str
+    files: dict[str, FileEntry]
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    providers: tuple[str, ...] = ()
+    parity: Parity | None = field(default=None, metadata={"omit_none": True})
+    fidelity: Fidelity | None = field(default=None, metadata={"omit_none": True})
+    build: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> PrecisionEntry:
+        graph = r.get("graph", str)
+        files = _files(r, "files")
+        if graph not in files:
+            raise r.fail("graph", f"{graph!r} is not among the listed files")
+        parity = Parity.parse(r.sub("parity")) if r.data.get("parity") is not None else None
+        fidelity = Fidelity.parse(r.sub("fidelity")) if r.data.get("fidelity") is not None else None
+        r.used.update(("parity", "fidelity"))
+        return cls(graph, files, r.strs("inputs", optional=True), r.strs("outputs", optional=True),
+                   r.strs("providers", optional=True), parity, fidelity, r.mapping("build", optional=True), r.rest())
+
+    @property
+    def meets_budget(self) -> bool:
+        """Whether the precision met its fidelity budget at export (fp32 and unchecked precisions: True)."""
+        return self.fidelity is None or self.fidelity.meets_budget
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.bytes for f in self.files.values())
+
+
+@dataclass(frozen=True)
+class EngineEntry:
+    """A TensorRT engine built on one GPU with one TensorRT version (engines are not portable)."""
+
+    engine: str
+    files: dict[str, FileEntry]
+    tensorrt: str
+    gpu: str
+    compute_capability: str
+    source_graph: str
+    profile: dict[str, Any] = field(default_factory=dict)
+    method: str = ""
+    parity: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> EngineEntry:
+        engine = r.get("engine", str)
+        files = _files(r, "files")
+        if engine not in files:
+            raise r.fail("engine", f"{engine!r} is not among the listed files")
+        return cls(engine, files, r.get("tensorrt", str), r.get("gpu", str), r.get("compute_capability", str),
+                   r.get("source_graph", str), r.mapping("profile", optional=True), r.get("method", str, optional=True,
+                   default=""), r.get("parity", dict, optional=True), r.rest())
+
+
+@dataclass(frozen=True)
+class CalibrationEntry:
+    """A fitted score calibration for one precision (``memrerank calibrate``)."""
+
+    method: str
+    params: dict[str, float]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> CalibrationEntry:
+        params = r.sub("params")
+        values = {k: params.get(k, float) for k in params.data}
+        return cls(r.get("method", str), values, r.rest())
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``manifest.json`` as types. Build one with :func:`read_manifest` or :meth:`from_dict`."""
+
+    family: str
+    source: Source
+    template: Template
+    tokens: Tokens
+    tokenizer_files: dict[str, FileEntry] = field(metadata={"json": "tokenizer"})
+    precisions: dict[str, PrecisionEntry]
+    calibration: dict[str, CalibrationEntry] = field(default_factory=dict)
+    prefix_reuse: CacheLayout | None = None
+    engines: dict[str, EngineEntry] = field(default_factory=dict, metadata={"omit_empty": True})
+    export: dict[str, Any] = field(default_factory=dict)
+    calibration_data: dict[str, Any] | None = field(default=None, metadata={"omit_none": True})
+    schema_version: int = SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Manifest:
+        """Parse and check a manifest's JSON object.
+
+        Raises:
+            ArtifactError: naming the first missing or malformed field.
+        """
+        r = _Reader(data, "")
+        version = data.get("schema_version") if isinstance(data, Mapping) else None
+        if version != SCHEMA_VERSION:
+            raise ArtifactError(f"{MANIFEST_NAME} has schema_version {version!r}, this memrerank reads "
+                                f"{SCHEMA_VERSION}; re-export the model with this version "
+                                "(`memrerank export MODEL -o OUT --force`)")
+        r.used.add("schema_version")
+        family = r.get("family", str)
+        if family not in FAMILIES:
+            raise r.fail("family", f"unknown family {family!r}; known families: {', '.join(FAMILIES)}")
+        precisions_r = r.sub("precisions")
+        precisions = {}
+        for name in precisions_r.data:
+            if name not in PRECISIONS:
+                raise precisions_r.fail(name, f"unknown precision; known: {', '.join(PRECISIONS)}")
+            precisions[name] = PrecisionEntry.parse(precisions_r.sub(name))
+        if not precisions:
+            raise r.fail("precisions", "no precision exported")
+        calib_r = r.sub("calibration") if data.get("calibration") is not None else None
+        calibration = {n: CalibrationEntry.parse(calib_r.sub(n)) for n in calib_r.data} if calib_r else {}
+        r.used.add("calibration")
+        layout = CacheLayout.parse(r.sub("prefix_reuse")) if data.get("prefix_reuse") else None
+        r.used.add("prefix_reuse")
+        engines_r = r.sub("engines") if data.get("engines") else None
+        engines = {n: EngineEntry.parse(engines_r.sub(n)) for n in engines_r.data} if engines_r else {}
+        r.used.add("engines")
+        tokenizer = r.sub("tokenizer")
+        return cls(
+            family=family,
+            source=Source.parse(r.sub("source")),
+            template=_TEMPLATES[family].parse(r.sub("template")),
+            tokens=Tokens.parse(r.sub("tokens")),
+            tokenizer_files=_files(tokenizer, "files"),
+            precisions=precisions,
+            calibration=calibration,
+            prefix_reuse=layout,
+            engines=engines,
+            export=r.mapping("export", optional=True),
+            calibration_data=r.get("calibration_data", dict, optional=True),
+            extra=r.rest(),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object :func:`write_manifest` writes (``from_dict(m.to_dict()) == m``)."""
+        out = _dump(self)
+        out["tokenizer"] = {"files": out["tokenizer"]}
+        if not self.engines:
+            out.pop("engines")
+        return {"schema_version": out.pop("schema_version"), **out}
+
+    # ---------------------------------------------------------------------------------------------- queries
+    @property
+    def is_decoder(self) -> bool:
+        return self.family == "decoder-yes-no"
+
+    def precision(self, name: str) -> PrecisionEntry:
+        """The entry of one exported precision, or an ArtifactError naming those that exist."""
+        if name not in self.precisions:
+            have = ", ".join(self.precisions) or "none"
+            raise ArtifactError(
+                f"this artifact has no {name!r} precision (it has: {have}); "
+                f"export it with `memrerank export MODEL -o OUT --precision {name} --force`")
+        return self.precisions[name]
+
+    def pick_auto(self, provider: str) -> str:
+        """The best exported precision (or engine) for ``provider`` among those that met their fidelity budget."""
+        for name in AUTO_ORDER.get(provider, ("fp32",)):
+            entry = self.precisions.get(name)
+            if entry is not None and entry.meets_budget:
+                return name
+            if provider == "TensorrtExecutionProvider" and name in self.engines:
+                return name
+        return "fp32"
+
+    # ---------------------------------------------------------------------------------------------- updates
+    def with_calibration(self, entries: Mapping[str, CalibrationEntry]) -> Manifest:
+        return dataclasses.replace(self, calibration={**self.calibration, **entries})
+
+    def with_engine(self, name: str, entry: EngineEntry) -> Manifest:
+        return dataclasses.replace(self, engines={**self.engines, name: entry})
+
+    def with_precision(self, name: str, entry: PrecisionEntry) -> Manifest:
+        return dataclasses.replace(self, precisions={**self.precisions, name: entry})
+
+
+# ------------------------------------------------------------------------------------------------------ files
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Return the hex sha256 of a file, read in chunks so multi-GB weights do not load into memory."""
     digest = hashlib.sha256()
@@ -69,11 +537,17 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def read_manifest(root: str | Path) -> dict[str, Any]:
+def file_entries(root: Path, paths: list[Path] | tuple[Path, ...]) -> dict[str, FileEntry]:
+    """``{path relative to root: FileEntry}`` for files about to be listed in the manifest."""
+    return {p.relative_to(root).as_posix(): FileEntry(sha256_file(p), p.stat().st_size) for p in paths}
+
+
+def read_manifest(root: str | Path) -> Manifest:
     """Read and check ``root/manifest.json``.
 
     Raises:
-        ArtifactError: the directory or manifest is missing, unreadable, or of another schema version.
+        ArtifactError: the directory or manifest is missing, unreadable, of another schema version, or a field
+            is missing or malformed (named in the message).
     """
     root = Path(root)
     path = root / MANIFEST_NAME
@@ -82,33 +556,50 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ArtifactError(f"{path} is missing; re-export with `memrerank export MODEL -o {root} --force`")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{path} is not valid JSON ({exc}); re-export with `memrerank export --force`") from exc
-    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-    if version != SCHEMA_VERSION:
-        raise ArtifactError(
-            f"{path} has schema_version {version!r}, this memrerank reads {SCHEMA_VERSION}; "
-            "re-export the model with this version (`memrerank export MODEL -o OUT --force`)"
-        )
-    if manifest.get("family") not in FAMILIES:
-        raise ArtifactError(f"{path} names family {manifest.get('family')!r}; known families: {', '.join(FAMILIES)}")
-    return manifest
+    try:
+        return Manifest.from_dict(data)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{root}: {exc}") from None
 
 
-def model_files(manifest: dict[str, Any], precision: str) -> dict[str, dict[str, Any]]:
-    """Return ``{relative path: {"sha256", "bytes"}}`` for one precision, or raise naming what exists."""
-    entries = manifest.get("precisions", {})
-    if precision not in entries:
-        have = ", ".join(sorted(entries)) or "none"
-        raise ArtifactError(
-            f"this artifact has no {precision!r} precision (it has: {have}); "
-            f"export it with `memrerank export MODEL -o OUT --precision {precision} --force`"
-        )
-    return entries[precision]["files"]
+def write_manifest(root: str | Path, manifest: Manifest | Mapping[str, Any]) -> Manifest:
+    """Write ``root/manifest.json`` atomically: a temporary file in the same directory, fsync, rename.
+
+    A dict is checked by parsing it first, so nothing writes a manifest the runtime would refuse. A reader (or a
+    crash) sees the old manifest or the new one, never a mix.
+
+    Returns:
+        The manifest as written, typed.
+    """
+    root = Path(root)
+    typed = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest)
+    text = json.dumps(typed.to_dict(), indent=2, ensure_ascii=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", suffix=".tmp", dir=root)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, root / MANIFEST_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # the rename itself survives a power cut only once the directory entry is on disk
+        dir_fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
+        pass
+    return typed
 
 
-def verify_files(root: str | Path, files: dict[str, dict[str, Any]]) -> None:
+def verify_files(root: str | Path, files: Mapping[str, FileEntry]) -> None:
     """Check presence, size and sha256 of each listed file before anything parses it.
 
     Raises:
@@ -120,23 +611,13 @@ def verify_files(root: str | Path, files: dict[str, dict[str, Any]]) -> None:
         if not path.is_file():
             raise ArtifactError(f"{path} is missing; re-export with `memrerank export MODEL -o {root} --force`")
         size = path.stat().st_size
-        if size != meta["bytes"]:
+        if size != meta.bytes:
             raise ArtifactError(
-                f"{path} has {size} bytes, the manifest records {meta['bytes']} (truncated or replaced); "
+                f"{path} has {size} bytes, the manifest records {meta.bytes} (truncated or replaced); "
                 f"re-export with `memrerank export MODEL -o {root} --force`"
             )
-        if sha256_file(path) != meta["sha256"]:
+        if sha256_file(path) != meta.sha256:
             raise ArtifactError(
                 f"{path} does not match its sha256 in the manifest (corrupted or edited); "
                 f"re-export with `memrerank export MODEL -o {root} --force`"
             )
-
-
-def pick_auto_precision(manifest: dict[str, Any], provider: str) -> str:
-    """The best exported precision for ``provider`` among those that met their fidelity budget."""
-    entries = manifest.get("precisions", {})
-    for name in AUTO_ORDER.get(provider, ("fp32",)):
-        entry = entries.get(name)
-        if entry is not None and entry.get("fidelity", {}).get("meets_budget", True):
-            return name
-    return "fp32"
