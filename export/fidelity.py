@@ -97,13 +97,13 @@ class CalibSet:
     def feeds(self, graph: Path) -> list[dict[str, np.ndarray]]:
         import onnx
 
+        from memrerank.runtime.backends import empty_past as make_empty_past
+
         inputs = onnx.load(str(graph), load_external_data=False).graph.input
         names = {i.name for i in inputs}
-        empty_past = {  # decoder graphs: full pairs with an empty shared past (batch 1, length 0)
-            i.name: np.zeros([1, *(d.dim_value for d in i.type.tensor_type.shape.dim[1:2]), 0,
-                              i.type.tensor_type.shape.dim[3].dim_value], dtype=np.float32)
-            for i in inputs if i.name.startswith(("past_key.", "past_value."))
-        }
+        past_names = [n for n in names if n.startswith(("past_key.", "past_value."))]
+        # decoder graphs: full pairs with an empty shared past (batch 1, length 0)
+        empty_past = make_empty_past(self.reranker.manifest.prefix_reuse, past_names) if past_names else {}
         out = []
         for b in self.batches:
             feed = {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "token_type_ids": b.token_type_ids}
@@ -113,10 +113,10 @@ class CalibSet:
     def score(self, graph: Path) -> np.ndarray:
         from memrerank.runtime.backends.onnxruntime import OrtBackend
 
-        backend = OrtBackend(graph)
+        backend = OrtBackend(graph, layout=self.reranker.manifest.prefix_reuse)
         logits = np.empty(self.n_pairs, dtype=np.float64)
         for b in self.batches:
-            logits[b.rows] = backend(b.input_ids, b.attention_mask, b.token_type_ids)
+            logits[b.rows] = backend.score(b.input_ids, b.attention_mask, b.token_type_ids)
         return logits
 
     def timed_score(self, graph: Path) -> tuple[np.ndarray, float]:

@@ -1,16 +1,21 @@
-"""The export pipeline: load → build graph → validate against PyTorch → write the artifact atomically."""
+"""The export pipeline: load → build graph → validate against PyTorch → quantize → validate against fp32.
+
+Everything is written into a temporary sibling directory that is renamed into place at the end. The manifest
+is built as JSON while the steps run; every write goes through :func:`memrerank.manifest.write_manifest`
+(which parses it first, so nothing writes a manifest the runtime would refuse), and fields are read back as
+typed attributes.
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import os
 import shutil
 import sys
 import uuid
-from dataclasses import asdict
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +29,14 @@ from memrerank.export.metrics import spearman, topk_overlap
 from memrerank.export.pairs import builtin_calibration_groups, builtin_pairs
 from memrerank.export.quantize import PRECISION_BUILDERS, graph_info
 from memrerank.manifest import (
-    MANIFEST_NAME,
     PARITY_TOLERANCE,
     PRECISION_PROVIDERS,
     PRECISIONS,
     SCHEMA_VERSION,
     TOKENIZER_NAME,
-    sha256_file,
+    file_entries,
+    read_manifest,
+    write_manifest,
 )
 
 __all__ = ["export_model", "validate_artifact", "TOPK"]
@@ -39,16 +45,9 @@ TOPK = 3  # top-k agreement on the built-in groups (4–6 documents each)
 _log = logging.getLogger(__name__)
 
 
-def _file_entries(root: Path, paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
-    return {
-        p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in paths
-    }
-
-
-def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    tmp = root / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, root / MANIFEST_NAME)
+def _file_block(root: Path, paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
+    """The manifest's ``files`` object for ``paths`` (relative path → sha256 and size)."""
+    return {rel: asdict(entry) for rel, entry in file_entries(root, tuple(paths)).items()}
 
 
 def _versions() -> dict[str, str]:
@@ -134,15 +133,42 @@ def export_model(
         calib_data: JSONL of {"query","document"} pairs for static calibration and fidelity checks
             (default: the built-in pairs).
         fidelity: budget every quantized precision must meet vs fp32 (``"top10=0.95,spearman=0.99"``).
+        command: the command line recorded in the manifest's ``export`` block.
+        log: progress messages.
 
     Raises:
         FileExistsError: ``out`` exists and ``force`` is false.
         UnsupportedModelError: no family handles the checkpoint.
         ParityError: the graph misses the precision's tolerance against PyTorch.
     """
-    from transformers import AutoConfig
-
     out = Path(out)
+    budget, calib_groups = _check_arguments(out, precisions, force=force, max_length=max_length,
+                                            calib_data=calib_data, fidelity=fidelity)
+    family, config = _load_family(model, revision=revision, trust_remote_code=trust_remote_code,
+                                  instruction=instruction, max_length=max_length, log=log)
+    blocks = family.template()  # refuses options the family does not take, before anything is written
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        manifest = _write_fp32(tmp, model, config, family, blocks, revision=revision, opset=opset,
+                               command=command, log=log)
+        _validate_fp32(tmp, family, manifest, log)
+        lower = [p for p in PRECISIONS if p in precisions and p != "fp32"]
+        if lower:
+            _build_precisions(tmp, lower, calib_groups, budget, manifest, log)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out}")
+    return out
+
+
+def _check_arguments(out: Path, precisions: Sequence[str], *, force: bool, max_length: int | None,
+                     calib_data: str | Path | None, fidelity: FidelityBudget | str | None
+                     ) -> tuple[FidelityBudget, list[tuple[str, list[str]]] | None]:
+    """Refuse bad arguments before anything loads; return the fidelity budget and the ``--calib-data`` groups."""
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown or not precisions:
         raise ValueError(f"precision: unknown {unknown or 'none given'}; choose from {', '.join(PRECISIONS)}")
@@ -154,94 +180,100 @@ def export_model(
     calib_groups = load_calib_jsonl(calib_data) if calib_data else None
     if max_length is not None and max_length < 32:
         raise ValueError(f"--max-length must be at least 32, got {max_length}")
+    return budget, calib_groups
+
+
+def _load_family(model: str, *, revision: str | None, trust_remote_code: bool, instruction: str | None,
+                 max_length: int | None, log: Callable[[str], None]) -> tuple[Any, Any]:
+    """Read the checkpoint's config, pick its registered family and load the PyTorch model and tokenizer."""
+    from transformers import AutoConfig
 
     log(f"loading {model}")
     try:
         config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        where = "local directory" if Path(model).exists() else "hub id (or the hub is unreachable: set HF_HUB_OFFLINE=1 and pass a local directory)"
+        where = ("local directory" if Path(model).exists() else
+                 "hub id (or the hub is unreachable: set HF_HUB_OFFLINE=1 and pass a local directory)")
         raise ValueError(f"{model}: cannot read a transformers config.json from this {where}: {exc}") from exc
     family = family_for(config)(model, config, revision=revision, trust_remote_code=trust_remote_code,
                                 instruction=instruction, max_length=max_length)
     family.load()
-    template, tokens = family.template()
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        family.tokenizer.save_pretrained(tmp, legacy_format=False)
-        tokenizer_files = [p for p in sorted(tmp.iterdir()) if p.is_file()]
-        if not (tmp / TOKENIZER_NAME).is_file():
-            raise ValueError(f"{model}: the tokenizer did not produce {TOKENIZER_NAME}")
-
-        log(f"exporting fp32 graph ({family.name})")
-        graph = tmp / "fp32" / "model.onnx"
-        onnx_config = family.onnx_config()
-        files = export_onnx(family.graph_module(), onnx_config, graph, opset=opset)
-        src_rev = revision or getattr(config, "_commit_hash", None)
-        manifest: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION,
-            "family": family.name,
-            "source": {
-                "model": model if not Path(model).exists() else str(Path(model).resolve()),
-                "revision": src_rev,
-                "architecture": config.architectures[0],
-                "model_type": config.model_type,
-            },
-            "template": template,
-            "tokens": tokens,
-            "tokenizer": {"files": _file_entries(tmp, tokenizer_files)},
-            "precisions": {
-                "fp32": {
-                    "graph": "fp32/model.onnx",
-                    "files": _file_entries(tmp, files),
-                    "inputs": list(onnx_config.inputs),
-                    "outputs": list(onnx_config.outputs),
-                    "providers": list(PRECISION_PROVIDERS["fp32"]),
-                }
-            },
-            "calibration": {},
-            "prefix_reuse": family.cache_layout(),
-            "export": {
-                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "versions": _versions(),
-                "opset": opset,
-                "command": command,
-            },
-        }
-        _write_manifest(tmp, manifest)
-
-        log("validating fp32 graph against PyTorch")
-        report = validate_artifact(tmp, family, "fp32")
-        manifest["precisions"]["fp32"]["parity"] = report
-        _write_manifest(tmp, manifest)
-        if report["max_abs_logit_diff"] > report["tolerance"]:
-            runs = "\n".join(f"  {k}: max |Δlogit| = {v:.3e}" for k, v in report["max_abs_logit_diff_by_run"].items())
-            raise ParityError(
-                f"fp32 graph differs from PyTorch by {report['max_abs_logit_diff']:.3e} > {report['tolerance']:.0e}:\n"
-                f"{runs}\nthe export is not trustworthy; please report this checkpoint"
-            )
-        extra = [p for p in PRECISIONS if p in precisions and p != "fp32"]
-        if extra:
-            _build_precisions(tmp, graph, extra, calib_groups, budget, manifest, log)
-            _write_manifest(tmp, manifest)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log(f"wrote {out}")
-    return out
+    return family, config
 
 
-def _build_precisions(tmp: Path, graph: Path, names: Sequence[str],
-                      groups: Sequence[tuple[str, list[str]]] | None, budget: FidelityBudget,
-                      manifest: dict[str, Any], log: Callable[[str], None]) -> None:
+def _write_fp32(tmp: Path, model: str, config: Any, family: Any,
+                blocks: tuple[dict[str, Any], dict[str, Any]], *, revision: str | None, opset: int,
+                command: str | None, log: Callable[[str], None]) -> dict[str, Any]:
+    """Write the tokenizer, the fp32 graph and the first manifest into ``tmp``; return the manifest's JSON.
+
+    ``blocks`` is the family's ``(template, tokens)`` pair (:meth:`Family.template`).
+    """
+    template, tokens = blocks
+    family.tokenizer.save_pretrained(tmp, legacy_format=False)
+    tokenizer_files = [p for p in sorted(tmp.iterdir()) if p.is_file()]
+    if not (tmp / TOKENIZER_NAME).is_file():
+        raise ValueError(f"{model}: the tokenizer did not produce {TOKENIZER_NAME}")
+
+    log(f"exporting fp32 graph ({family.name})")
+    onnx_config = family.onnx_config()
+    files = export_onnx(family.graph_module(), onnx_config, tmp / "fp32" / "model.onnx", opset=opset)
+    manifest: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "family": family.name,
+        "source": {
+            "model": model if not Path(model).exists() else str(Path(model).resolve()),
+            "revision": revision or getattr(config, "_commit_hash", None),
+            "architecture": config.architectures[0],
+            "model_type": config.model_type,
+        },
+        "template": template,
+        "tokens": tokens,
+        "tokenizer": {"files": _file_block(tmp, tokenizer_files)},
+        "precisions": {
+            "fp32": {
+                "graph": "fp32/model.onnx",
+                "files": _file_block(tmp, files),
+                "inputs": list(onnx_config.inputs),
+                "outputs": list(onnx_config.outputs),
+                "providers": list(PRECISION_PROVIDERS["fp32"]),
+            }
+        },
+        "calibration": {},
+        "prefix_reuse": family.cache_layout(),
+        "export": {
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "versions": _versions(),
+            "opset": opset,
+            "command": command,
+        },
+    }
+    write_manifest(tmp, manifest)
+    return manifest
+
+
+def _validate_fp32(tmp: Path, family: Any, manifest: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Score the fp32 artifact against PyTorch, record the parity and refuse a graph outside its tolerance."""
+    log("validating fp32 graph against PyTorch")
+    manifest["precisions"]["fp32"]["parity"] = validate_artifact(tmp, family, "fp32")
+    parity = write_manifest(tmp, manifest).precision("fp32").parity
+    if parity is not None and not parity.within_tolerance:
+        by_run = parity.extra["max_abs_logit_diff_by_run"]
+        runs = "\n".join(f"  {k}: max |Δlogit| = {v:.3e}" for k, v in by_run.items())
+        raise ParityError(
+            f"fp32 graph differs from PyTorch by {parity.max_abs_logit_diff:.3e} > {parity.tolerance:.0e}:\n"
+            f"{runs}\nthe export is not trustworthy; please report this checkpoint"
+        )
+
+
+def _build_precisions(tmp: Path, names: Sequence[str], groups: Sequence[tuple[str, list[str]]] | None,
+                      budget: FidelityBudget, manifest: dict[str, Any], log: Callable[[str], None]) -> None:
     """Build each lower precision from the fp32 graph and validate it against fp32 on the calibration pairs."""
     source = "user --calib-data" if groups is not None else "built-in pairs"
     if groups is None:
         groups = builtin_calibration_groups()
         log("no --calib-data given: calibrating and checking fidelity on the built-in pairs")
+    fp32 = read_manifest(tmp).precision("fp32")
+    graph = tmp / fp32.graph
     calib = CalibSet(tmp, groups)
     info = graph_info(graph)
     manifest["calibration_data"] = {"source": source, "pairs": calib.n_pairs, "queries": len(groups)}
@@ -266,9 +298,9 @@ def _build_precisions(tmp: Path, graph: Path, names: Sequence[str],
         files = sorted(p for p in out_graph.parent.iterdir() if p.is_file())
         manifest["precisions"][name] = {
             "graph": f"{name}/model.onnx",
-            "files": _file_entries(tmp, files),
-            "inputs": manifest["precisions"]["fp32"]["inputs"],
-            "outputs": manifest["precisions"]["fp32"]["outputs"],
+            "files": _file_block(tmp, files),
+            "inputs": list(fp32.inputs),
+            "outputs": list(fp32.outputs),
             "providers": list(PRECISION_PROVIDERS[name]),
             "build": build_info,
             "fidelity": report,
@@ -283,6 +315,7 @@ def _build_precisions(tmp: Path, graph: Path, names: Sequence[str],
     if failures:
         raise ParityError("precisions below the fidelity budget vs fp32 even after the sensitivity search:\n"
                           + "\n".join(failures) + "\nrelax it with --fidelity top10=X,spearman=Y or drop the precision")
+    write_manifest(tmp, manifest)
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

@@ -10,7 +10,8 @@ The engine is built with the TensorRT Python API from the artifact's own ONNX gr
 Optimization profiles come from the manifest (``max_length``, the past-cache layout) and ``--profile
 min,opt,max`` (``BATCHxSEQ`` each). Engine + timing cache go to ``OUT/tensorrt-<precision>/`` and the manifest
 records the TensorRT version, GPU name and compute capability: engines are not portable, and loading one on
-another GPU or TensorRT version is refused with the command that rebuilds it.
+another GPU or TensorRT version is refused with the command that rebuilds it. The engine is checked against the
+fp32 ONNX graph (through the runtime's own TensorRT backend) before the manifest lists it, in one atomic write.
 
 TensorRT is not on PyPI's default index for every platform and needs an NVIDIA GPU: without them these functions
 fail fast with :data:`INSTALL_HINT`. The parts that need neither (profiles, manifest entries, the calibrator's
@@ -19,7 +20,7 @@ batch feeding, compatibility checks) are plain Python and tested on any machine.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -28,12 +29,12 @@ from typing import Any
 
 import numpy as np
 
+from memrerank.manifest import EngineEntry, Manifest, file_entries, read_manifest, write_manifest
+from memrerank.runtime.backends.tensorrt import INSTALL_HINT, check_engine_compat, require_tensorrt
+
 __all__ = ["INSTALL_HINT", "ENGINE_PRECISIONS", "Profile", "parse_profile", "default_profile", "profile_shapes",
            "CalibrationFeeder", "engine_entry", "check_engine_compat", "build_engine", "require_tensorrt"]
 
-INSTALL_HINT = ("TensorRT is not available: it needs an NVIDIA GPU with its driver and the TensorRT Python package "
-                "from NVIDIA's index — pip install 'memrerank[tensorrt]' --extra-index-url https://pypi.nvidia.com "
-                "(see the README's 'GPU and TensorRT' section). On CPU use the fp32/int8 ONNX precisions.")
 ENGINE_PRECISIONS = ("fp16", "int8")
 
 
@@ -67,27 +68,26 @@ def parse_profile(text: str, max_length: int) -> Profile:
     return Profile(lo, mid, hi)
 
 
-def default_profile(manifest: dict[str, Any]) -> Profile:
+def default_profile(manifest: Manifest) -> Profile:
     """Batch 1–64 (opt 32: a memory shortlist), sequence 1–min(max_length, 1024) (opt 128); past 0–256."""
-    max_length = int(manifest["tokens"]["max_length"])
-    top = min(max_length, 1024)
-    past = (0, min(64, top), min(256, top)) if manifest.get("prefix_reuse") else (0, 0, 0)
+    top = min(manifest.tokens.max_length, 1024)
+    past = (0, min(64, top), min(256, top)) if manifest.prefix_reuse is not None else (0, 0, 0)
     return Profile((1, 1), (32, min(128, top)), (64, top), past)
 
 
-def profile_shapes(manifest: dict[str, Any], input_names: Sequence[str], profile: Profile
+def profile_shapes(manifest: Manifest, input_names: Sequence[str], profile: Profile
                    ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """Min/opt/max shape of every graph input under ``profile`` (what ``IOptimizationProfile.set_shape`` takes)."""
     out: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {}
-    layout = manifest.get("prefix_reuse") or {}
+    layout = manifest.prefix_reuse
     for name in input_names:
         if name in ("input_ids", "attention_mask", "token_type_ids"):
             out[name] = (profile.min, profile.opt, profile.max)
         elif name.startswith(("past_key.", "past_value.")):
-            if not layout:
+            if layout is None:
                 raise ValueError(f"graph input {name} but the manifest has no prefix_reuse layout")
-            kv, hd = int(layout["kv_heads"]), int(layout["head_dim"])
-            out[name] = tuple((1, kv, p, hd) for p in profile.past)  # type: ignore[assignment]
+            out[name] = tuple((layout.past_batch, layout.kv_heads, p, layout.head_dim)  # type: ignore[assignment]
+                              for p in profile.past)
         else:
             raise ValueError(f"graph input {name!r}: no profile rule; re-export the artifact")
     return out
@@ -133,66 +133,35 @@ def calibration_batches(root: Path, max_rows: int = 16) -> list[dict[str, np.nda
         feed = {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
         if b.token_type_ids is not None:
             feed["token_type_ids"] = b.token_type_ids
-        feed.update(r.backend._empty_past)
+        feed.update(r.backend.empty_past())
         feeds.append(feed)
     return feeds
 
 
-def require_tensorrt() -> Any:
-    """Import TensorRT and check a CUDA device exists; raise RuntimeError with :data:`INSTALL_HINT` otherwise."""
-    try:
-        import tensorrt as trt  # type: ignore[import-not-found]
-    except ImportError as exc:
-        raise RuntimeError(INSTALL_HINT) from exc
-    from memrerank.runtime.backends.cuda import CudaRuntime
-
-    CudaRuntime.load()  # raises with the hint when no driver/device
-    return trt
-
-
 def engine_entry(precision: str, engine: Path, root: Path, *, trt_version: str, gpu: str, capability: str,
-                 profile: Profile, source_graph: str, method: str, parity: dict[str, Any] | None) -> dict[str, Any]:
-    """The manifest's ``engines[<precision>]`` block."""
-    from memrerank.manifest import sha256_file
-
+                 profile: Profile, source_graph: str, method: str, parity: dict[str, Any] | None) -> EngineEntry:
+    """The manifest's ``engines[<precision>]`` entry: every file of the engine's directory, hashed."""
     files = sorted(p for p in engine.parent.iterdir() if p.is_file())
-    return {
-        "engine": engine.relative_to(root).as_posix(),
-        "files": {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                  for p in files},
-        "tensorrt": trt_version, "gpu": gpu, "compute_capability": capability,
-        "profile": asdict(profile), "source_graph": source_graph, "method": method, "parity": parity,
-    }
-
-
-def check_engine_compat(entry: dict[str, Any], *, trt_version: str, gpu: str, capability: str, root: Path,
-                        precision: str) -> None:
-    """Refuse an engine built for another GPU or TensorRT version, saying how to rebuild it."""
-    from memrerank.errors import ArtifactError
-
-    problems = []
-    if entry.get("tensorrt") != trt_version:
-        problems.append(f"TensorRT {entry.get('tensorrt')} (this machine has {trt_version})")
-    if entry.get("compute_capability") != capability or entry.get("gpu") != gpu:
-        problems.append(f"{entry.get('gpu')} sm_{entry.get('compute_capability')} (this machine: {gpu} "
-                        f"sm_{capability})")
-    if problems:
-        raise ArtifactError(
-            f"{root}: the {precision} TensorRT engine was built for " + " and ".join(problems) +
-            f"; engines are not portable — rebuild it here with `memrerank build-engine {root} --precision "
-            f"{precision}`")
+    return EngineEntry(
+        engine=engine.relative_to(root).as_posix(),
+        files=file_entries(root, files),
+        tensorrt=trt_version, gpu=gpu, compute_capability=capability, source_graph=source_graph,
+        profile={k: list(v) for k, v in asdict(profile).items()},  # as JSON stores it
+        method=method, parity=parity,
+    )
 
 
 def build_engine(root: str | Path, precision: str, profile: Profile | None = None, workspace_gb: float = 4.0,
                  log: Callable[[str], None] = print) -> Path:
     """Build ``OUT/tensorrt-<precision>/model.engine`` and record it in the manifest (see the module docstring).
 
+    The engine's parity vs the fp32 ONNX graph is measured before the manifest is touched; the manifest is then
+    written once, atomically, with the engine's entry and its parity.
+
     Raises:
         RuntimeError: TensorRT or a GPU is missing (with the install hint).
         ValueError: unknown precision or a profile outside the artifact's limits.
     """
-    from memrerank.manifest import MANIFEST_NAME, read_manifest
-
     if precision not in ENGINE_PRECISIONS:
         raise ValueError(f"--precision: TensorRT engines are built for {', '.join(ENGINE_PRECISIONS)}, not {precision!r}")
     root = Path(root)
@@ -202,13 +171,29 @@ def build_engine(root: str | Path, precision: str, profile: Profile | None = Non
 
     cuda = CudaRuntime.load()
     profile = profile or default_profile(manifest)
-    if precision == "int8" and "int8-static" in manifest["precisions"]:
+    if precision == "int8" and "int8-static" in manifest.precisions:
         source, method = "int8-static", "explicit quantization (QDQ graph calibrated on query-document pairs)"
     elif precision == "int8":
         source, method = "fp32", "implicit INT8, entropy calibrator fed the built-in query-document pairs"
     else:
         source, method = "fp32", "FP16 builder flag; head and final norm pinned to fp32"
-    graph = root / manifest["precisions"][source]["graph"]
+    engine_path = _build(trt, cuda, root, manifest, precision, source, profile, workspace_gb, log)
+    gpu, capability = cuda.device_name(), cuda.capability()
+    entry = engine_entry(precision, engine_path, root, trt_version=trt.__version__, gpu=gpu, capability=capability,
+                         profile=profile, source_graph=source, method=method, parity=None)
+    parity = _engine_parity(root, manifest.with_engine(precision, entry), precision)
+    entry = dataclasses.replace(entry, parity=parity)
+    # re-read: a calibration written while the engine was building is kept
+    write_manifest(root, read_manifest(root).with_engine(precision, entry))
+    log(f"wrote {engine_path} ({gpu}, sm_{capability}, TensorRT {trt.__version__}); parity vs fp32: "
+        f"{entry.parity}")
+    return engine_path
+
+
+def _build(trt: Any, cuda: Any, root: Path, manifest: Manifest, precision: str, source: str, profile: Profile,
+           workspace_gb: float, log: Callable[[str], None]) -> Path:
+    """Parse the ``source`` graph and build the engine; write it and the timing cache; return the engine's path."""
+    graph = root / manifest.precision(source).graph
     out_dir = root / f"tensorrt-{precision}"
     out_dir.mkdir(exist_ok=True)
     logger = trt.Logger(trt.Logger.WARNING)
@@ -250,16 +235,6 @@ def build_engine(root: str | Path, precision: str, profile: Profile | None = Non
     tmp.write_bytes(bytes(blob))
     os.replace(tmp, engine_path)
     cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
-    gpu, capability = cuda.device_name(), cuda.capability()
-    entry = engine_entry(precision, engine_path, root, trt_version=trt.__version__, gpu=gpu, capability=capability,
-                         profile=profile, source_graph=source, method=method, parity=None)
-    manifest.setdefault("engines", {})[precision] = entry
-    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    entry["parity"] = _engine_parity(root, precision)
-    manifest["engines"][precision] = entry
-    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    log(f"wrote {engine_path} ({gpu}, sm_{capability}, TensorRT {trt.__version__}); parity vs fp32: "
-        f"{entry['parity']}")
     return engine_path
 
 
@@ -313,14 +288,22 @@ def _entropy_calibrator(trt: Any, feeder: CalibrationFeeder, cache: Path) -> Any
     return Calibrator()
 
 
-def _engine_parity(root: Path, precision: str) -> dict[str, Any]:
-    """Engine vs the fp32 ONNX artifact on the built-in pairs (as for the other precisions)."""
+def _engine_parity(root: Path, manifest: Manifest, precision: str) -> dict[str, Any]:
+    """Engine vs the fp32 ONNX artifact on the built-in pairs (as for the other precisions).
+
+    ``manifest`` already lists the engine (it is not on disk yet): the engine is opened with the runtime's own
+    :func:`~memrerank.runtime.backends.open_backend` (file hashes, GPU/TensorRT compatibility) and scored through
+    a :class:`~memrerank.runtime.Reranker` sharing the fp32 one's tokenizer, exactly as
+    ``Reranker.load(root, precision, providers=["tensorrt"], prefix_reuse=False)`` will run it.
+    """
     from memrerank.export.metrics import spearman, topk_overlap
     from memrerank.export.pairs import builtin_pairs
     from memrerank.runtime import Reranker
+    from memrerank.runtime.backends import open_backend
 
     ref = Reranker.load(root, "fp32", prefix_reuse=False)
-    eng = Reranker.load(root, precision, providers=["tensorrt"], prefix_reuse=False)
+    backend = open_backend(root, manifest, precision, ["tensorrt"])
+    eng = Reranker(root, manifest, precision, backend, ref.tokenizer, prefix_reuse=False)
     diffs, sp, tk = [], [], []
     for q, docs in builtin_pairs():
         a = ref.predict([(q, d) for d in docs], raw=True)

@@ -12,7 +12,7 @@ from memrerank import Reranker
 from memrerank.calibration import Calibrator, sigmoid
 from memrerank.calibration.fit import fit_platt, fit_temperature, log_loss
 from memrerank.calibration.metrics import brier, decision_agreement, ece
-from memrerank.calibration.run import calibrate_artifact
+from memrerank.calibrate import calibrate_artifact
 from memrerank.cli import main
 
 

@@ -11,7 +11,7 @@ __all__ = ["Family"]
 
 
 class Family:
-    """One reranker family (subclasses are registered with :func:`register_family`).
+    """One reranker family; subclasses register with ``@register_family`` (``families.registry``).
 
     Attributes:
         name: the manifest ``family`` value.

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from memrerank.export.families import register_family
 from memrerank.export.families.base import Family
+from memrerank.export.families.registry import register_family
 
 __all__ = ["EncoderCrossFamily"]
 

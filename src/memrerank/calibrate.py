@@ -1,12 +1,22 @@
-"""``memrerank calibrate``: fit per-precision calibration on pairs and write it into the manifest."""
+"""``memrerank calibrate``: fit per-precision score calibration on pairs and record it in the manifest.
+
+The job lives here, outside :mod:`memrerank.calibration` (which the runtime imports and which keeps only the
+maths: :class:`~memrerank.calibration.Calibrator`, the fits and the metrics). Two modes:
+
+* **labels** (every line has a 0/1 ``label``): each precision is fitted to the labels;
+* **teacher** (no labels): each lower precision is fitted to fp32's calibrated probabilities, so a threshold
+  means the same at every precision.
+
+Queries are split deterministically into a train part and a held-out part on which before/after metrics are
+reported. The manifest is written once, atomically, through :func:`memrerank.manifest.write_manifest`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
-import json
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +25,22 @@ import numpy as np
 from memrerank.calibration import Calibrator, sigmoid
 from memrerank.calibration.fit import fit_platt, fit_temperature, log_loss
 from memrerank.calibration.metrics import brier, decision_agreement, ece, reliability_bins
+from memrerank.manifest import CalibrationEntry, read_manifest, write_manifest
 
 __all__ = ["load_calibration_pairs", "calibrate_artifact", "CALIBRATION_METHODS"]
 
+#: ``--method`` choices: ``auto`` fits both and keeps Platt only where its bias lowers the log-loss by 1 %.
 CALIBRATION_METHODS = ("auto", "temperature", "platt")
 
 
-def load_calibration_pairs(path: str | Path, limit: int | None = None) -> tuple[list[str], list[str], np.ndarray | None]:
-    """(queries, documents, labels or None) from a JSONL of {"query","document","label"?} or LoCoMo's json."""
+def load_calibration_pairs(path: str | Path, limit: int | None = None
+                           ) -> tuple[list[str], list[str], np.ndarray | None]:
+    """(queries, documents, labels or None) from a JSONL of {"query","document","label"?} or LoCoMo's json.
+
+    Raises:
+        ValueError: the file is missing, a line lacks its fields, labels are mixed with unlabelled lines, or a
+            label is not 0/1.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--data: {path} does not exist")
@@ -65,16 +83,20 @@ def _holdout_mask(queries: Sequence[str], fraction: float) -> np.ndarray:
     return np.array([bucket(q) < fraction for q in queries])
 
 
-def _fit(method: str, logits: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
+def _calibrator(entry: CalibrationEntry | None) -> Calibrator:
+    return Calibrator.from_params(entry.method, entry.params) if entry is not None else Calibrator()
+
+
+def _fit(method: str, logits: np.ndarray, targets: np.ndarray) -> CalibrationEntry:
     if method == "temperature":
-        return {"method": "temperature", "params": {"temperature": fit_temperature(logits, targets)}}
+        return CalibrationEntry("temperature", {"temperature": fit_temperature(logits, targets)})
     if method == "platt":
         a, b = fit_platt(logits, targets)
-        return {"method": "platt", "params": {"a": a, "b": b}}
+        return CalibrationEntry("platt", {"a": a, "b": b})
     t = _fit("temperature", logits, targets)
     p = _fit("platt", logits, targets)
-    lt = log_loss(Calibrator.from_block(t)(logits), targets)
-    lp = log_loss(Calibrator.from_block(p)(logits), targets)
+    lt = log_loss(_calibrator(t)(logits), targets)
+    lp = log_loss(_calibrator(p)(logits), targets)
     return p if lp < lt * 0.99 else t  # the bias only where it helps
 
 
@@ -89,10 +111,32 @@ def _metrics(probs: np.ndarray, targets: np.ndarray, labelled: bool) -> dict[str
 
 def calibrate_artifact(artifact: str | Path, data: str | Path, method: str = "auto",
                        precisions: Sequence[str] | None = None, holdout: float = 0.2, limit: int | None = None,
-                       plot: str | Path | None = None, log=print) -> dict[str, Any]:
-    """Fit, report and store calibration for each precision of ``artifact``."""
+                       plot: str | Path | None = None, log: Callable[[str], None] = print,
+                       **load_options: Any) -> dict[str, Any]:
+    """Fit, report and store calibration for each precision of ``artifact``.
+
+    Args:
+        artifact: the artifact directory (its manifest gets a ``calibration`` entry per fitted precision).
+        data: JSONL of {"query","document","label"?} (labels mode when every line has a label, teacher mode when
+            none has) or a LoCoMo json (labels from its evidence).
+        method: one of :data:`CALIBRATION_METHODS`.
+        precisions: precisions to fit (default: every exported one).
+        holdout: fraction of queries held out for the before/after report.
+        limit: LoCoMo only: most conversations to read.
+        plot: write a reliability diagram (PNG) there (needs matplotlib).
+        log: progress messages.
+        load_options: passed to every :meth:`Reranker.load` (``providers``, ``threads``, ``max_batch_tokens``,
+            ``prefix_reuse``): calibrate on the device and settings the artifact will be served with.
+
+    Returns:
+        The report: mode, pair counts, and per precision the fitted method and parameters with before/after
+        metrics on the held-out pairs (and agreement with fp32's decisions for lower precisions).
+
+    Raises:
+        ValueError: a bad argument or data file.
+        ArtifactError: the artifact is missing, corrupted, or lacks a precision asked for.
+    """
     from memrerank import Reranker
-    from memrerank.manifest import MANIFEST_NAME, read_manifest
 
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"--method: choose one of {', '.join(CALIBRATION_METHODS)}")
@@ -100,7 +144,7 @@ def calibrate_artifact(artifact: str | Path, data: str | Path, method: str = "au
         raise ValueError(f"--holdout must be in (0, 1), got {holdout}")
     root = Path(artifact)
     manifest = read_manifest(root)
-    names = list(precisions or manifest["precisions"])
+    names = list(precisions or manifest.precisions)
     queries, docs, labels = load_calibration_pairs(data, limit)
     labelled = labels is not None
     held = _holdout_mask(queries, holdout)
@@ -108,10 +152,9 @@ def calibrate_artifact(artifact: str | Path, data: str | Path, method: str = "au
         raise ValueError("--holdout leaves an empty train or held-out part; give more queries")
     pairs = list(zip(queries, docs))
     log(f"{len(pairs)} pairs ({'labels' if labelled else 'teacher'} mode), {int(held.sum())} held out")
-    logits = {p: Reranker.load(root, precision=p).predict(pairs, raw=True).astype(np.float64)
+    logits = {p: Reranker.load(root, precision=p, **load_options).predict(pairs, raw=True).astype(np.float64)
               for p in dict.fromkeys(["fp32", *names])}
-    existing_fp32 = Calibrator.from_block(manifest.get("calibration", {}).get("fp32"))
-    blocks: dict[str, dict[str, Any]] = {}
+    existing_fp32 = _calibrator(manifest.calibration.get("fp32"))
     report: dict[str, Any] = {"mode": "labels" if labelled else "teacher", "pairs": len(pairs),
                               "held_out": int(held.sum()), "precisions": {}}
     if labelled:
@@ -123,45 +166,40 @@ def calibrate_artifact(artifact: str | Path, data: str | Path, method: str = "au
     order = [p for p in names if p != "fp32"]
     if labelled and "fp32" in names:
         order = ["fp32", *order]
-    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    fits: dict[str, CalibrationEntry] = {}
+    metrics: dict[str, dict[str, Any]] = {}
     for p in order:
         z = logits[p]
-        block = _fit(method, z[~held], teacher[~held])
-        cal = Calibrator.from_block(block)
-        before, after = sigmoid(z).astype(np.float64), cal(z).astype(np.float64)
-        entry = {"before": _metrics(before[held], teacher[held], labelled),
-                 "after": _metrics(after[held], teacher[held], labelled)}
-        block.update({"mode": report["mode"], "data": str(data), "data_size": len(pairs),
-                      "train_pairs": int((~held).sum()), "fit_date": now, "metrics": entry})
-        blocks[p] = block
-        report["precisions"][p] = {"method": block["method"], "params": block["params"], **entry}
-    # decision agreement vs fp32 at the usual thresholds, before and after
-    fp32_after = (Calibrator.from_block(blocks["fp32"]) if "fp32" in blocks else existing_fp32)(logits["fp32"])
+        fits[p] = _fit(method, z[~held], teacher[~held])
+        before, after = sigmoid(z).astype(np.float64), _calibrator(fits[p])(z).astype(np.float64)
+        metrics[p] = {"before": _metrics(before[held], teacher[held], labelled),
+                      "after": _metrics(after[held], teacher[held], labelled)}
+        report["precisions"][p] = {"method": fits[p].method, "params": fits[p].params, **metrics[p]}
+    fp32_after = (_calibrator(fits["fp32"]) if "fp32" in fits else existing_fp32)(logits["fp32"])
     for p in order:
-        if p == "fp32":
-            continue
-        cal = Calibrator.from_block(blocks[p])
-        report["precisions"][p]["agreement_vs_fp32"] = {
-            "before": decision_agreement(sigmoid(logits[p])[held], sigmoid(logits["fp32"])[held]),
-            "after": decision_agreement(cal(logits[p])[held], fp32_after[held]),
-        }
-        blocks[p]["metrics"]["agreement_vs_fp32"] = report["precisions"][p]["agreement_vs_fp32"]
+        if p != "fp32":  # decision agreement with fp32 at the usual thresholds, before and after
+            metrics[p]["agreement_vs_fp32"] = report["precisions"][p]["agreement_vs_fp32"] = {
+                "before": decision_agreement(sigmoid(logits[p])[held], sigmoid(logits["fp32"])[held]),
+                "after": decision_agreement(_calibrator(fits[p])(logits[p])[held], fp32_after[held]),
+            }
     if labelled:
-        for p, r in report["precisions"].items():
+        for r in report["precisions"].values():
             r["beats_uncalibrated"] = r["after"]["log_loss"] < r["before"]["log_loss"]
             r["beats_base_rate"] = r["after"]["log_loss"] < report["base_rate_log_loss"]
-    manifest.setdefault("calibration", {}).update(blocks)
-    tmp = root / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, root / MANIFEST_NAME)
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    entries = {p: dataclasses.replace(fit, extra={
+        "mode": report["mode"], "data": str(data), "data_size": len(pairs), "train_pairs": int((~held).sum()),
+        "fit_date": now, "metrics": metrics[p]}) for p, fit in fits.items()}
+    write_manifest(root, read_manifest(root).with_calibration(entries))
     if plot:
-        _plot(plot, {p: (sigmoid(logits[p])[held], Calibrator.from_block(blocks[p])(logits[p])[held]) for p in order},
+        _plot(plot, {p: (sigmoid(logits[p])[held], _calibrator(fits[p])(logits[p])[held]) for p in order},
               teacher[held], labelled)
     return report
 
 
 def _plot(path: str | Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], targets: np.ndarray,
           labelled: bool) -> None:
+    """Reliability diagram of each precision before and after calibration, on the held-out pairs."""
     try:
         import matplotlib
 
@@ -174,8 +212,8 @@ def _plot(path: str | Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], ta
     for name, (before, after) in curves.items():
         for probs, style, tag in ((before, "--", "before"), (after, "-", "after")):
             bins = reliability_bins(probs, targets)
-            line, = ax.plot([b[0] for b in bins], [b[1] for b in bins], style, marker="o", ms=3,
-                            label=f"{name} {tag}" + (f" (ECE {ece(probs, targets):.3f})" if labelled else ""))
+            ax.plot([b[0] for b in bins], [b[1] for b in bins], style, marker="o", ms=3,
+                    label=f"{name} {tag}" + (f" (ECE {ece(probs, targets):.3f})" if labelled else ""))
     ax.set_xlabel("predicted probability")
     ax.set_ylabel("observed relevance rate" if labelled else "teacher (fp32) probability")
     ax.set_title("Reliability (held-out pairs, 15 bins)")
