@@ -34,7 +34,7 @@ def main() -> int:
     data.write_text("\n".join(json.dumps({"query": q.query, "document": d, "label": int(i in q.relevant)})
                               for q in held for i, d in enumerate(q.documents)))
     return cli(["calibrate", str(args.artifact), "--data", str(data), "--method", "auto",
-                "--plot", str(args.out / "reliability.png"), "--json", str(args.out / "calibration.json")])
+                "--plot", str(args.out / "reliability.png"), "-o", str(args.out / "calibration.json")])
 
 
 if __name__ == "__main__":

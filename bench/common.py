@@ -60,6 +60,13 @@ def environment(threads: int) -> dict[str, object]:
     return env
 
 
+def int8_fidelity(artifact: Path) -> dict | None:
+    """The int8 precision's fidelity record, read through the typed manifest, as manifest.json spells it."""
+    from memrerank.manifest import read_manifest
+
+    return read_manifest(artifact).to_dict()["precisions"]["int8"].get("fidelity")
+
+
 def write(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2))

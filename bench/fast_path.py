@@ -48,7 +48,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=HERE / "out" / "fast_path.json")
     args = ap.parse_args()
 
-    from memrerank.benchmark import markdown_table, run_bench
+    from memrerank.benchmark import run_bench
+    from memrerank.report import markdown_table
 
     report: dict = {"environment": environment(args.threads)}
     dec_data = _jsonl(HERE / "out" / "locomo_q32.jsonl", locomo_workload(args.locomo, args.queries, 32))

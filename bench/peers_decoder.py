@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import DEFAULT_LOCOMO, environment, locomo_workload, time_it, write  # noqa: E402
+from common import DEFAULT_LOCOMO, environment, int8_fidelity, locomo_workload, time_it, write  # noqa: E402
 
 PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
           "provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n")
@@ -159,7 +159,7 @@ def main() -> int:
     tokens = [len(Reranker.load(artifact).encoder.encode(q, d).ids[0]) for q, d in work[:1]]
     write(args.out, {"workload": f"{args.queries} LoCoMo queries x {args.k} candidate turns ({n_pairs} pairs)",
                      "example_pair_tokens": tokens, "environment": environment(args.threads), "results": results,
-                     "manifest_int8": json.loads((artifact / "manifest.json").read_text())["precisions"]["int8"]["fidelity"]})
+                     "manifest_int8": int8_fidelity(artifact)})
     print(json.dumps(results, indent=2))
     return 0
 

@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from common import DEFAULT_LOCOMO, environment, time_it, write  # noqa: E402
+from common import DEFAULT_LOCOMO, environment, int8_fidelity, time_it, write  # noqa: E402
 
 
 def split_queries(locomo: Path):
@@ -165,7 +165,7 @@ def main() -> int:
                      "quality_set": f"{len(quality_set)} held-out LoCoMo queries (conversations 6-10), "
                                     "candidates = turns of the evidence sessions",
                      "speed_set": f"{len(speed_set)} queries, {n_speed} pairs", "results": results,
-                     "manifest_int8": json.loads((artifact / "manifest.json").read_text())["precisions"]["int8"]["fidelity"]})
+                     "manifest_int8": int8_fidelity(artifact)})
     print(json.dumps(results, indent=2))
     return 0
 

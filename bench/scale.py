@@ -84,7 +84,7 @@ def main() -> int:
     import ray
 
     from memrerank import Reranker
-    from memrerank.scale import rescore
+    from memrerank.scale import RescoreJob, rescore
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifact", type=Path, default=HERE / "out" / "minilm-locomo" / "artifact")
@@ -116,8 +116,8 @@ def main() -> int:
             for actors, threads in CONFIGS:
                 out = tmp / f"out-{actors}x{threads}-{r}"
                 with ActorMemory(skip=seen) as mem:
-                    rep = rescore(src, out, args.artifact, precision=args.precision, actors=actors,
-                                  threads_per_actor=threads, batch_size=args.batch_size)
+                    rep = rescore(RescoreJob(src, out, args.artifact, precision=args.precision, actors=actors,
+                                             threads_per_actor=threads, batch_size=args.batch_size))
                 assert rep.rows == len(pairs), (rep.rows, len(pairs))
                 peaks = sorted(v / 1024 for v in mem.peak_kib.values())
                 runs[f"{actors}x{threads}"].append({"seconds": rep.seconds, "pairs_per_s": rep.pairs_per_s,

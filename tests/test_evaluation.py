@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from memrerank.benchmark import load_bench_data, markdown_table
 from memrerank.cli import main
 from memrerank.evaluation import (
     average_precision,
@@ -79,6 +80,11 @@ def test_locomo_loader_repairs_and_counts(locomo_file):
         bad = locomo_file.parent / "bad.json"
         bad.write_text("{}")
         load_locomo(bad)
+    sample = json.loads(locomo_file.read_text())[0]
+    sample["qa"][0]["evidence"] = [7]  # not a string: a format error, not a crash
+    bad.write_text(json.dumps([sample]))
+    with pytest.raises(ValueError, match=r"sample 0 does not follow LoCoMo's locomo10.json format \(TypeError"):
+        load_locomo(bad)
 
 
 def test_jsonl_queries_validation(tmp_path):
@@ -92,11 +98,27 @@ def test_jsonl_queries_validation(tmp_path):
 
 def test_eval_command(bert_artifact, locomo_file, tmp_path, capsys):
     out = tmp_path / "m.json"
-    assert main(["eval", str(bert_artifact), "--data", str(locomo_file), "--json", str(out)]) == 0
+    assert main(["eval", str(bert_artifact), "--data", str(locomo_file), "-o", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "dropped 1 ids naming no turn and 2 queries without evidence" in text
+    assert "dropped 1 ids naming no turn and 2 queries without evidence" in text and "| overall | 4 |" in text
     metrics = json.loads(out.read_text())["fp32"]
     assert metrics["overall"]["queries"] == 4 and 0 <= metrics["overall"]["MAP"] <= 1
+    # --json: the metrics on stdout, the loader's counts on stderr; the load options change nothing
+    assert main(["eval", str(bert_artifact), "--data", str(locomo_file), "--precision", "fp32", "--json",
+                 "--providers", "cpu", "--max-batch-tokens", "64", "--no-prefix-reuse"]) == 0
+    captured = capsys.readouterr()
+    assert "dropped 1 ids" in captured.err
+    again = json.loads(captured.out)["fp32"]
+    assert set(again) == set(metrics) and all(again[c] == pytest.approx(metrics[c]) for c in metrics)
+    assert main(["eval", str(bert_artifact), "--data", str(locomo_file), "--precision", "int8"]) == 2
+    assert "no 'int8' precision" in capsys.readouterr().err
+
+
+def test_eval_rejects_documents_that_are_not_strings(bert_artifact, tmp_path, capsys):
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"query": "q", "documents": ["a", 3], "relevant": [0]}) + "\n")
+    assert main(["eval", str(bert_artifact), "--data", str(data)]) == 2
+    assert "list of strings" in capsys.readouterr().err
 
 
 def test_bench_command(bert_artifact, tmp_path, capsys):
@@ -104,9 +126,25 @@ def test_bench_command(bert_artifact, tmp_path, capsys):
     data.write_text("\n".join(json.dumps({"query": "q", "document": d, "label": int(i == 0)})
                               for i, d in enumerate(["cat", "dog", "tea", "sun"])))
     js = tmp_path / "b.json"
-    assert main(["bench", str(bert_artifact), "--data", str(data), "--repeats", "2", "--json", str(js)]) == 0
-    table = capsys.readouterr().out
+    assert main(["bench", str(bert_artifact), "--data", str(data), "--repeats", "1", "--precision", "fp32",
+                 "--providers", "cpu", "--max-batch-tokens", "256", "--no-prefix-reuse", "--json",
+                 "-o", str(js)]) == 0
+    report = json.loads(capsys.readouterr().out)  # --json: stdout is the report, nothing else
+    assert report == json.loads(js.read_text()) and report["providers"] == ["CPUExecutionProvider"]
+    table = markdown_table(report)  # what `memrerank bench` prints without --json
     assert "| fp32 |" in table and "ΔMAP" in table
-    rep = json.loads(js.read_text())["precisions"]["fp32"]
+    rep = report["precisions"]["fp32"]
     assert rep["fidelity"] == pytest.approx({"spearman_mean": 1.0, "top10_overlap": 1.0, "delta_MAP": 0.0})
     assert set(rep["latency_ms"]) == {"8", "32", "128"} and rep["peak_rss_mb"] > 0 and rep["cold_start_s"] > 0
+    assert main(["bench", str(bert_artifact), "--precision", "int8", "--repeats", "1"]) == 2
+    assert "--precision" in capsys.readouterr().err
+
+
+def test_bench_data_is_checked_before_any_worker(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"query": "q", "documents": ["a", None]}) + "\n")
+    with pytest.raises(ValueError, match="list of strings"):
+        load_bench_data(data)
+    data.write_text(json.dumps({"query": "q", "documents": ["a"], "relevant": [2]}) + "\n")
+    with pytest.raises(ValueError, match="indices"):
+        load_bench_data(data)

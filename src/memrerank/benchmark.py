@@ -3,7 +3,8 @@
 Each precision is measured in a fresh subprocess so cold start and peak RSS are its own. Besides latency and
 throughput each worker measures the fast path: shared-prefix reuse on vs off (decoder artifacts; measured speed-up
 next to the ideal token ratio), padding waste of the length-bucketed batches, the host share of wall time
-(tokenize + pack + post-process) at :data:`HOST_K` candidates, and the packer on the native vs the numpy path.
+(tokenize + pack + post-process) at :data:`HOST_K` candidates, and the packer on the native vs the numpy path
+(set through the reranker's ``packer`` hook). :func:`memrerank.report.markdown_table` renders the report.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from memrerank.report import markdown_table
 
 __all__ = ["run_bench", "load_bench_data", "markdown_table", "KS", "BATCH_SIZES"]
 
@@ -48,9 +51,18 @@ def load_bench_data(path: str | Path | None) -> list[tuple[str, list[str], set[i
         if not isinstance(row, dict) or not isinstance(row.get("query"), str):
             raise ValueError(f"--data: {where} needs a string 'query'")
         if "documents" in row:
-            rel = set(row["relevant"]) if "relevant" in row else None
-            groups[row["query"]] = (list(row["documents"]), rel)
+            docs = row["documents"]
+            if not isinstance(docs, list) or not all(isinstance(d, str) for d in docs):
+                raise ValueError(f"--data: {where} 'documents' must be a list of strings")
+            rel = row.get("relevant")
+            if rel is not None and (not isinstance(rel, list) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(docs) for i in rel)):
+                raise ValueError(f"--data: {where} 'relevant' must list indices into 'documents' "
+                                 f"(0..{len(docs) - 1})")
+            groups[row["query"]] = (list(docs), set(rel) if rel is not None else None)
         elif "document" in row:
+            if not isinstance(row["document"], str):
+                raise ValueError(f"--data: {where} 'document' must be a string")
             docs, rel = groups.setdefault(row["query"], ([], set() if "label" in row else None))
             if rel is not None and row.get("label"):
                 rel.add(len(docs))
@@ -70,8 +82,10 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     from memrerank import Reranker
 
     data = spec["data"]
-    r = Reranker.load(spec["artifact"], precision=spec["precision"], batch_size=spec["batch_size"],
-                      threads=spec["threads"])
+    options = {"max_batch_tokens": spec["max_batch_tokens"]} if spec.get("max_batch_tokens") else {}
+    r = Reranker.load(spec["artifact"], precision=spec["precision"], providers=spec.get("providers"),
+                      batch_size=spec["batch_size"], threads=spec["threads"],
+                      prefix_reuse=spec.get("prefix_reuse"), **options)
     q0, docs0 = data[0][0], data[0][1]
     r.predict([(q0, docs0[0])], raw=True)
     cold = time.perf_counter() - t0
@@ -114,8 +128,10 @@ def _timed(fn: Any, repeats: int) -> float:
 
 
 def _fast_path(r: Any, data: list, pool: list[str], repeats: int, host_k: int | None = HOST_K) -> dict[str, Any]:
-    """Prefix reuse, padding waste, host-overhead share and native-vs-numpy packing for one loaded reranker."""
-    import memrerank.runtime.reranker as rr
+    """Prefix reuse, padding waste, host-overhead share and native-vs-numpy packing for one loaded reranker.
+
+    The packer comparison swaps the reranker's public ``packer`` hook and puts the original back afterwards.
+    """
     from memrerank import kernels
 
     out: dict[str, Any] = {"packer": kernels.backend_name()}
@@ -162,10 +178,10 @@ def _fast_path(r: Any, data: list, pool: list[str], repeats: int, host_k: int | 
     docs = [pool[i % len(pool)] for i in range(host_k)]
     paths = [("numpy", kernels.pack_numpy)] + ([("native", kernels.pack_native)] if kernels.NATIVE else [])
     host: dict[str, Any] = {}
-    original = rr.pack_pairs
+    original = r.packer
     try:
         for name, fn in paths:
-            rr.pack_pairs = fn
+            r.packer = fn
             r.rank(q0, docs)
             walls, shares, packs = [], [], []
             for _ in range(max(3, repeats)):
@@ -179,7 +195,7 @@ def _fast_path(r: Any, data: list, pool: list[str], repeats: int, host_k: int | 
             host[name] = {"candidates": host_k, "wall_ms": 1e3 * float(np.median(walls)),
                           "host_share": float(np.median(shares)), "pack_ms": 1e3 * float(np.median(packs))}
     finally:
-        rr.pack_pairs = original
+        r.packer = original
     out["host"] = host
     return out
 
@@ -198,20 +214,49 @@ def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_bench(artifact: str | Path, precisions: Sequence[str] | None = None, data: str | Path | None = None,
               batch_size: int = 32, threads: int | None = None, repeats: int = 10, ks: Sequence[int] = KS,
-              batch_sizes: Sequence[int] = BATCH_SIZES, progress: bool = True, host_k: int | None = HOST_K
-              ) -> dict[str, Any]:
-    """Measure every requested precision of ``artifact``; fidelity is computed against fp32."""
+              batch_sizes: Sequence[int] = BATCH_SIZES, progress: bool = True, host_k: int | None = HOST_K, *,
+              providers: Sequence[str] | str | None = None, max_batch_tokens: int | None = None,
+              prefix_reuse: bool | None = None) -> dict[str, Any]:
+    """Measure every requested precision of ``artifact``; fidelity is computed against fp32.
+
+    Args:
+        artifact: the artifact directory.
+        precisions: precisions to measure (``None`` = all exported); fp32 is always measured, as the reference.
+        data: bench data (see :func:`load_bench_data`); ``None`` = the built-in pairs.
+        batch_size: the reranker's rows per model call.
+        threads: onnxruntime intra-op threads (``None`` = its default).
+        repeats: timed repeats per latency point.
+        ks: candidates per query for the latency points.
+        batch_sizes: batch sizes for the throughput points.
+        progress: print a progress bar on stderr.
+        host_k: candidates for the host-overhead share (``None`` or 0 = not measured).
+        providers: onnxruntime providers or aliases for every worker (``None`` = CPU); checked before any
+            worker starts.
+        max_batch_tokens: the reranker's padded-token budget per model call (``None`` = its default).
+        prefix_reuse: ``False`` scores whole pairs; ``None`` = on where the artifact supports it.
+
+    Raises:
+        ValueError: a precision not in the artifact, or bad bench data.
+        ProviderError: a provider this onnxruntime build does not have (the message lists those it has).
+    """
     from memrerank.evaluation import average_precision
     from memrerank.export.metrics import spearman, topk_overlap
     from memrerank.manifest import read_manifest
+    from memrerank.runtime.backends import resolve_providers
+    from memrerank.runtime.reranker import _positive_int
 
+    _positive_int(batch_size, "batch_size")
+    _positive_int(repeats, "repeats")
+    if max_batch_tokens is not None:
+        _positive_int(max_batch_tokens, "max_batch_tokens")
     root = Path(artifact)
     manifest = read_manifest(root)
-    available = list(manifest["precisions"])
+    available = list(manifest.precisions)
     precisions = list(precisions or available)
     missing = [p for p in precisions if p not in available]
     if missing:
-        raise ValueError(f"--precisions: {missing} not in this artifact (it has {', '.join(available)})")
+        raise ValueError(f"--precision: {missing} not in this artifact (it has {', '.join(available)})")
+    resolved = resolve_providers(providers) if providers is not None else None
     if "fp32" not in precisions:
         precisions = ["fp32", *precisions]
     groups = load_bench_data(data)
@@ -223,9 +268,10 @@ def run_bench(artifact: str | Path, precisions: Sequence[str] | None = None, dat
                   file=sys.stderr, flush=True)
         spec = {"artifact": str(root), "precision": p, "data": spec_data, "batch_size": batch_size,
                 "threads": threads, "repeats": repeats, "ks": list(ks), "batch_sizes": list(batch_sizes),
-                "host_k": host_k}
+                "host_k": host_k, "providers": resolved, "max_batch_tokens": max_batch_tokens,
+                "prefix_reuse": prefix_reuse}
         results[p] = _run_child(spec)
-        results[p]["size_mb"] = sum(f["bytes"] for f in manifest["precisions"][p]["files"].values()) / 2**20
+        results[p]["size_mb"] = manifest.precisions[p].size_bytes / 2**20
     ref = results["fp32"]["logits"]
     for p, res in results.items():
         sp = [spearman(np.array(a), np.array(b)) for a, b in zip(res["logits"], ref)]
@@ -239,8 +285,9 @@ def run_bench(artifact: str | Path, precisions: Sequence[str] | None = None, dat
             res["fidelity"]["delta_MAP"] = res["MAP"] - results["fp32"]["MAP"]
         del res["logits"]
     return {
-        "artifact": str(root), "family": manifest["family"], "threads": threads or "onnxruntime default",
-        "batch_size": batch_size, "data": str(data) if data else "built-in pairs", "queries": len(groups),
+        "artifact": str(root), "family": manifest.family, "threads": threads or "onnxruntime default",
+        "providers": resolved or ["CPUExecutionProvider"], "batch_size": batch_size,
+        "data": str(data) if data else "built-in pairs", "queries": len(groups),
         "machine": _machine(), "precisions": results,
     }
 
@@ -260,54 +307,6 @@ def _machine() -> dict[str, Any]:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
             "python": platform.python_version()}
-
-
-def markdown_table(report: dict[str, Any]) -> str:
-    """The bench report as a Markdown table."""
-    ks = sorted({int(k) for r in report["precisions"].values() for k in r["latency_ms"]})
-    bss = sorted({int(b) for r in report["precisions"].values() for b in r["pairs_per_s"]})
-    head = (["precision", "size MiB", "cold start s"] + [f"p50/p95 ms K={k}" for k in ks]
-            + [f"pairs/s b={b}" for b in bss] + ["peak RSS MiB", "Spearman", "top-10", "ΔMAP"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for p, r in report["precisions"].items():
-        f = r["fidelity"]
-        row = [p, f"{r['size_mb']:.1f}", f"{r['cold_start_s']:.2f}"]
-        row += [f"{r['latency_ms'][str(k)]['p50']:.1f} / {r['latency_ms'][str(k)]['p95']:.1f}" for k in ks]
-        row += [f"{r['pairs_per_s'][str(b)]:.0f}" for b in bss]
-        row += [f"{r['peak_rss_mb']:.0f}", f"{f['spearman_mean']:.4f}", f"{f['top10_overlap']:.3f}",
-                f"{f['delta_MAP']:+.4f}" if "delta_MAP" in f else "n/a"]
-        lines.append("| " + " | ".join(row) + " |")
-    lines += _fast_path_table(report)
-    m = report["machine"]
-    lines.append(f"\n{m['cpu']}, {m['cores']} cores, threads={report['threads']}, batch={report['batch_size']}, "
-                 f"onnxruntime {m['onnxruntime']}, data: {report['data']} ({report['queries']} queries)")
-    return "\n".join(lines)
-
-
-def _fast_path_table(report: dict[str, Any]) -> list[str]:
-    lines = ["", "| precision | prefix reuse off → on pairs/s | speed-up | ideal token ratio | share of ideal | "
-             "padding waste | host share (numpy packer) | host share (native packer) | pack ms numpy / native |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for p, r in report["precisions"].items():
-        f = r.get("fast_path")
-        if not f:
-            continue
-        pr = f.get("prefix_reuse")
-        reuse = (f"{pr['pairs_per_s_off']:.1f} → {pr['pairs_per_s_on']:.1f}", f"{pr['speedup']:.2f}×",
-                 f"{pr['ideal_token_ratio']:.2f}×", f"{100 * pr['share_of_ideal']:.0f} %") if pr else ("n/a",) * 4
-        host = f.get("host")
-        if not host:
-            lines.append("| " + " | ".join([p, *reuse, f"{100 * f['padding_waste']:.1f} %", "not measured",
-                                            "not measured", "-"]) + " |")
-            continue
-        nat = host.get("native")
-        lines.append("| " + " | ".join([
-            p, *reuse, f"{100 * f['padding_waste']:.1f} %",
-            f"{100 * host['numpy']['host_share']:.1f} % of {host['numpy']['wall_ms']:.0f} ms",
-            f"{100 * nat['host_share']:.1f} % of {nat['wall_ms']:.0f} ms" if nat else "not built",
-            f"{host['numpy']['pack_ms']:.2f} / {nat['pack_ms']:.2f}" if nat else f"{host['numpy']['pack_ms']:.2f} / -",
-        ]) + " |")
-    return lines if len(lines) > 3 else []
 
 
 def plot(report: dict[str, Any], path: str | Path) -> None:

@@ -1,20 +1,56 @@
-"""``memrerank`` command line: export, rank, info, demo."""
+"""The ``memrerank`` console script: export, rank, serve, rescore, build-engine, info, bench, eval, calibrate,
+demo.
+
+One vocabulary across the commands:
+
+* ``--precision``: one precision or ``auto`` where one reranker is loaded (rank, serve, rescore); a comma list
+  where several are (export, build-engine, bench, eval, calibrate).
+* ``--providers``, ``--threads``, ``--max-batch-tokens``, ``--prefix-reuse/--no-prefix-reuse``: how a reranker
+  is loaded (:meth:`memrerank.Reranker.load`), wherever one is.
+* ``--json``: print JSON to stdout instead of text; ``-o/--output``: where a file (bench, eval, calibrate: the
+  JSON report) or a directory (export: the artifact, rescore: the scores) goes.
+
+memrerank's own errors (bad input, a missing artifact, an unavailable provider) print one line and exit 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from memrerank import __version__
 from memrerank.errors import MemrerankError
 from memrerank.manifest import PRECISIONS
+from memrerank.report import calibration_table, eval_table, info_text, markdown_table, rank_table
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "system_info", "COMMANDS"]
+
+#: One line per command, in the order ``memrerank -h`` lists them.
+COMMANDS = {
+    "export": "export a Hugging Face reranker to an artifact",
+    "rank": "rank documents for a query with an artifact",
+    "serve": "HTTP rerank service (Cohere and TEI APIs)",
+    "rescore": "re-score a JSONL/Parquet table of pairs on Ray",
+    "build-engine": "build TensorRT engines for an artifact (NVIDIA GPU)",
+    "info": "describe an artifact, or this machine (--system)",
+    "bench": "speed, memory and fidelity per precision",
+    "eval": "retrieval quality (MAP, MRR, NDCG@10) on a benchmark",
+    "calibrate": "fit score calibration and store it in the artifact",
+    "demo": "export a default reranker and rank example memories",
+}
+_DESCRIPTION = ("Export Hugging Face rerankers to validated ONNX artifacts and score\n"
+                "query-document pairs with them, without torch.\n\ncommands:\n"
+                + "\n".join(f"  {name:<14}{text}" for name, text in COMMANDS.items()))
+_EPILOG = ("'memrerank COMMAND -h' shows a command's options. --json prints JSON to\n"
+           "stdout in every command; -o/--output names the file or directory written.")
 
 
+# ------------------------------------------------------------------------------------------- argument types
 def _precision_list(text: str) -> list[str]:
     items = [p.strip() for p in text.split(",") if p.strip()]
     bad = [p for p in items if p not in PRECISIONS]
@@ -23,17 +59,79 @@ def _precision_list(text: str) -> list[str]:
     return items
 
 
+def _provider_list(text: str) -> tuple[str, ...]:
+    items = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not items:
+        raise argparse.ArgumentTypeError("expected comma-separated providers, e.g. cpu or cuda,cpu")
+    return items
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ the parser
+def _add_precision(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--precision", choices=PRECISIONS + ("auto",), default=default,
+                   help="exported precision, or auto: the fastest that met its fidelity budget "
+                        f"(default {default})")
+
+
+def _add_precisions(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", type=_precision_list, default=None,
+                   help=f"comma-separated precisions ({', '.join(PRECISIONS)}); default: every exported one")
+
+
+def _add_load_options(p: argparse.ArgumentParser, threads: bool = True) -> None:
+    """The options of Reranker.load, the same in every command that loads one."""
+    p.add_argument("--providers", type=_provider_list, default=None,
+                   help="comma-separated onnxruntime providers, best first: cpu, cuda, tensorrt or full names "
+                        "(default: cpu)")
+    if threads:
+        p.add_argument("--threads", type=_positive_int, default=None,
+                       help="onnxruntime intra-op threads (default: onnxruntime's)")
+    p.add_argument("--max-batch-tokens", type=_positive_int, default=None, metavar="N",
+                   help="most padded tokens per model call; bounds peak memory (default: the runtime's)")
+    p.add_argument("--prefix-reuse", action=argparse.BooleanOptionalAction, default=None,
+                   help="decoder artifacts: score documents against the query's cached prefix (default: on where "
+                        "the artifact supports it; same scores either way)")
+
+
+def _add_json(p: argparse.ArgumentParser, what: str, output: bool = False) -> None:
+    p.add_argument("--json", action="store_true", help=f"print {what} as JSON to stdout instead of text")
+    if output:
+        p.add_argument("-o", "--output", type=Path, default=None, metavar="FILE",
+                       help=f"also write {what} here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
-    parser = argparse.ArgumentParser(prog="memrerank", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="memrerank", description=_DESCRIPTION, epilog=_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"memrerank {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="one of the commands above")
 
-    p = sub.add_parser("export", help="export a Hugging Face reranker to a validated artifact directory")
+    def command(name: str, description: str | None = None) -> argparse.ArgumentParser:
+        # no help= here: the description above lists the commands, one line each
+        line = COMMANDS[name]
+        return sub.add_parser(name, description=description or line[0].upper() + line[1:] + ".")
+
+    p = command("export",
+                "Export a Hugging Face reranker to a validated artifact directory (ONNX graphs, tokenizer, "
+                "manifest).")
     p.add_argument("model", help="hub id (e.g. Qwen/Qwen3-Reranker-0.6B) or local checkpoint directory")
     p.add_argument("-o", "--output", required=True, type=Path, help="artifact directory to write")
     p.add_argument("--precision", type=_precision_list, default=["fp32"],
                    help=f"comma-separated precisions ({', '.join(PRECISIONS)}); default fp32")
-    p.add_argument("--max-length", type=int, default=None, help="longest pair in tokens (default: the model's)")
+    p.add_argument("--max-length", type=_positive_int, default=None,
+                   help="longest pair in tokens (default: the model's)")
     p.add_argument("--instruction", default=None, help="default instruction for decoder rerankers")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code")
@@ -48,42 +146,47 @@ def build_parser() -> argparse.ArgumentParser:
                         "NVIDIA GPU and TensorRT)")
     p.add_argument("--profile", default=None,
                    help="TensorRT optimization profile min,opt,max as BATCHxSEQ (default: 1x1,32x128,64x1024)")
+    _add_json(p, "the artifact's manifest")
 
-    p = sub.add_parser("rank", help="rank documents for a query with an artifact")
+    p = command("rank")
     p.add_argument("artifact", type=Path)
     p.add_argument("--query", required=True)
     p.add_argument("--docs", required=True, type=Path,
                    help="documents: a .jsonl of strings or {'text'|'document': ...} objects, or a text file, one per line")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-k", type=_positive_int, default=None)
     p.add_argument("--threshold", type=float, default=None, help="keep hits with calibrated probability >= T")
     p.add_argument("--instruction", default=None)
-    p.add_argument("--precision", choices=PRECISIONS + ("auto",), default="fp32")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_precision(p, "fp32")
+    _add_load_options(p)
+    _add_json(p, "the hits")
 
-    p = sub.add_parser("serve", help="local rerank service (Cohere /v1/rerank and TEI /rerank APIs)")
+    p = command("serve",
+                "Local rerank service: Cohere /v1/rerank and TEI /rerank APIs, dynamic batching, limits.")
     p.add_argument("artifact", type=Path)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--precision", choices=PRECISIONS + ("auto",), default="auto")
-    p.add_argument("--workers", type=int, default=1, help="server processes (each loads the artifact)")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads per worker")
+    _add_precision(p, "auto")
+    _add_load_options(p)
+    p.add_argument("--workers", type=_positive_int, default=1, help="server processes (each loads the artifact)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="dynamic batching: longest wait for company")
-    p.add_argument("--max-batch-pairs", type=int, default=256, help="dynamic batching: most pairs merged")
-    p.add_argument("--max-documents", type=int, default=1000, help="limit: documents per request")
-    p.add_argument("--max-request-bytes", type=int, default=4 * 2**20, help="limit: request body bytes")
-    p.add_argument("--max-tokens-per-document", type=int, default=8192, help="limit: tokens per document")
+    p.add_argument("--max-batch-pairs", type=_positive_int, default=256, help="dynamic batching: most pairs merged")
+    p.add_argument("--max-documents", type=_positive_int, default=1000, help="limit: documents per request")
+    p.add_argument("--max-request-bytes", type=_positive_int, default=4 * 2**20, help="limit: request body bytes")
+    p.add_argument("--max-tokens-per-document", type=_positive_int, default=8192, help="limit: tokens per document")
     p.add_argument("--ray", action="store_true", help="serve on Ray Serve instead of uvicorn (the ray extra)")
-    p.add_argument("--replicas", type=int, default=1, help="--ray: replicas, each loading the artifact")
+    p.add_argument("--replicas", type=_positive_int, default=1, help="--ray: replicas, each loading the artifact")
     p.add_argument("--address", default=None, help="--ray: Ray cluster address (default: a local Ray instance)")
 
-    p = sub.add_parser("rescore", help="re-score a JSONL/Parquet table of (id, query, document) rows on Ray")
+    p = command("rescore",
+                "Re-score a JSONL/Parquet table of (id, query, document) rows with Reranker actors on Ray Data.")
     p.add_argument("artifact", type=Path)
     p.add_argument("input", nargs="+", help="input file(s) or directories (*.jsonl or *.parquet)")
     p.add_argument("-o", "--output", required=True, help="output directory")
-    p.add_argument("--precision", choices=PRECISIONS + ("auto",), default="auto")
-    p.add_argument("--actors", type=int, default=1, help="Reranker actors (each loads the artifact once)")
-    p.add_argument("--threads-per-actor", type=int, default=1, help="CPUs and onnxruntime threads per actor")
-    p.add_argument("--batch-size", type=int, default=256, help="rows per actor call")
+    _add_precision(p, "auto")
+    _add_load_options(p, threads=False)
+    p.add_argument("--actors", type=_positive_int, default=1, help="Reranker actors (each loads the artifact once)")
+    p.add_argument("--threads-per-actor", type=_positive_int, default=1, help="CPUs and onnxruntime threads per actor")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="rows per actor call")
     p.add_argument("--id-column", default="id")
     p.add_argument("--query-column", default="query")
     p.add_argument("--document-column", default="document")
@@ -92,62 +195,93 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-prefix", default="", help="prefix of the score/logit/truncated column names")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray instance)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--num-cpus", type=_positive_int, default=None,
+                   help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--instruction", default=None, help="decoder artifacts: task instruction (default: the artifact's)")
+    _add_json(p, "the job report")
 
-    p = sub.add_parser("build-engine", help="build TensorRT engines for an existing artifact (NVIDIA GPU)")
+    p = command("build-engine")
     p.add_argument("artifact", type=Path)
-    p.add_argument("--precision", default="fp16", help="comma-separated: fp16, int8")
+    p.add_argument("--precision", type=_precision_list, default=["fp16"], help="comma-separated: fp16, int8")
     p.add_argument("--profile", default=None, help="min,opt,max as BATCHxSEQ (default: 1x1,32x128,64x1024)")
     p.add_argument("--workspace-gb", type=float, default=4.0)
 
-    p = sub.add_parser("info", help="summarise an artifact's manifest (or, with --system, this machine's runtime)")
+    p = command("info",
+                "Summarise an artifact's manifest or, with --system, what the runtime uses on this machine.")
     p.add_argument("artifact", type=Path, nargs="?")
-    p.add_argument("--json", action="store_true", help="print the whole manifest (or the system report) as JSON")
     p.add_argument("--system", action="store_true",
                    help="which kernel path (native/numpy), onnxruntime providers and CPU features are in use")
+    _add_json(p, "the whole manifest (or the system report)")
 
-    p = sub.add_parser("bench", help="latency, throughput, memory, size and fidelity per precision")
+    p = command("bench",
+                "Latency, throughput, cold start, peak memory, size and fidelity vs fp32 per precision of an "
+                "artifact (each precision in its own process).")
     p.add_argument("artifact", type=Path)
-    p.add_argument("--precisions", type=_precision_list, default=None, help="comma-separated (default: all exported)")
+    _add_precisions(p)
     p.add_argument("--data", type=Path, default=None,
                    help="JSONL of {query,documents[,relevant]} or {query,document[,label]} (default: built-in pairs)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
-    p.add_argument("--repeats", type=int, default=10, help="timed repeats per latency point")
-    p.add_argument("--json", type=Path, default=None, help="write the full report here")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--repeats", type=_positive_int, default=10, help="timed repeats per latency point")
+    _add_load_options(p)
+    _add_json(p, "the full report", output=True)
     p.add_argument("--plot", type=Path, default=None, help="write a latency/fidelity plot (PNG, needs matplotlib)")
 
-    p = sub.add_parser("eval", help="retrieval quality (MAP, MRR, NDCG@10, Recall@k) on a memory benchmark")
+    p = command("eval",
+                "Retrieval quality (MAP, MRR, NDCG@10, Recall@k) per category on a memory benchmark.")
     p.add_argument("artifact", type=Path)
     p.add_argument("--data", required=True, type=Path, help="LoCoMo's locomo10.json, or a JSONL of queries")
     p.add_argument("--benchmark", choices=("locomo", "jsonl"), default=None, help="default: from the file suffix")
-    p.add_argument("--precisions", type=_precision_list, default=None, help="comma-separated (default: all exported)")
+    _add_precisions(p)
     p.add_argument("--candidates", choices=("sessions", "turns"), default="sessions",
                    help="LoCoMo candidates: turns of the evidence sessions (± --window) or of the whole conversation")
     p.add_argument("--window", type=int, default=0, help="LoCoMo: neighbouring sessions added on each side")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N queries only")
-    p.add_argument("--json", type=Path, default=None, help="write the metrics here")
+    p.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N queries only")
+    _add_load_options(p)
+    _add_json(p, "the metrics", output=True)
 
-    p = sub.add_parser("calibrate", help="fit per-precision score calibration and store it in the manifest")
+    p = command("calibrate",
+                "Fit per-precision score calibration on pairs and store it in the artifact's manifest.")
     p.add_argument("artifact", type=Path)
     p.add_argument("--data", required=True, type=Path,
                    help="JSONL of {query,document,label?} (no labels = teacher mode: match fp32) or LoCoMo's json")
     p.add_argument("--method", choices=("auto", "temperature", "platt"), default="auto",
                    help="auto: Platt (temperature + bias) where the bias helps, else temperature")
-    p.add_argument("--precisions", type=_precision_list, default=None, help="comma-separated (default: all exported)")
+    _add_precisions(p)
     p.add_argument("--holdout", type=float, default=0.2, help="share of queries held out for the report")
-    p.add_argument("--limit", type=int, default=None, help="LoCoMo: first N questions only")
+    p.add_argument("--limit", type=_positive_int, default=None, help="LoCoMo: first N questions only")
     p.add_argument("--plot", type=Path, default=None, help="reliability diagram PNG (needs matplotlib)")
-    p.add_argument("--json", type=Path, default=None, help="write the report here")
+    _add_load_options(p)
+    _add_json(p, "the report", output=True)
 
-    p = sub.add_parser("demo", help="export the default reranker, rank example agent memories, print figures")
+    p = command("demo",
+                "Export the default reranker, rank example agent memories, print latency and fidelity.")
     p.add_argument("--model", default=None,
                    help="checkpoint to use (default: Qwen/Qwen3-Reranker-0.6B when the hub is reachable, "
                         "else the embedded all-MiniLM-L6-v2 body)")
     p.add_argument("-o", "--output", type=Path, default=Path.home() / ".cache" / "memrerank" / "demo")
     p.add_argument("--force", action="store_true", help="re-export even if the demo artifact exists")
     return parser
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def _load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments for Reranker.load from the shared options (only those given)."""
+    out: dict[str, Any] = {"providers": list(args.providers) if args.providers else None,
+                           "prefix_reuse": args.prefix_reuse}
+    if getattr(args, "threads", None) is not None:
+        out["threads"] = args.threads
+    if args.max_batch_tokens is not None:
+        out["max_batch_tokens"] = args.max_batch_tokens
+    return out
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def _write_json(path: Path | None, obj: Any) -> None:
+    if path is not None:
+        path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _read_docs(path: Path) -> list[str]:
@@ -167,90 +301,6 @@ def _read_docs(path: Path) -> list[str]:
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
-    from memrerank.export import export_model
-
-    engines: list[str] = []
-    if args.target == "tensorrt":  # fail fast, before minutes of export, when TensorRT or the GPU is missing
-        from memrerank.export.tensorrt import require_tensorrt
-
-        engines = [p for p in ("fp16", "int8") if p in args.precision]
-        if not engines:
-            raise ValueError("--target tensorrt builds fp16 and/or int8 engines: add them to --precision")
-        try:
-            require_tensorrt()
-        except RuntimeError as exc:
-            raise MemrerankError(str(exc)) from exc
-    elif args.profile:
-        raise ValueError("--profile is a TensorRT option; pass --target tensorrt")
-    out = export_model(args.model, args.output, precisions=args.precision, max_length=args.max_length,
-                       instruction=args.instruction, force=args.force, revision=args.revision,
-                       trust_remote_code=args.trust_remote_code, calib_data=args.calib_data,
-                       fidelity=args.fidelity, command=" ".join(sys.argv),
-                       log=lambda m: print(m, file=sys.stderr))
-    if engines:
-        _build_engines(out, engines, args.profile, 4.0)
-    print(info_text(out))
-    return 0
-
-
-def _cmd_rank(args: argparse.Namespace) -> int:
-    from memrerank import Reranker
-
-    docs = _read_docs(args.docs)
-    reranker = Reranker.load(args.artifact, precision=args.precision)
-    hits = reranker.rank(args.query, docs, top_k=args.top_k, threshold=args.threshold, instruction=args.instruction)
-    if args.json:
-        print(json.dumps([h.__dict__ for h in hits], ensure_ascii=False, indent=2))
-    else:
-        print(f"{'rank':>4}  {'score':>6}  {'logit':>8}  {'idx':>4}  text")
-        for r, h in enumerate(hits, 1):
-            text = h.text.replace("\n", " ")
-            text = text if len(text) <= 80 else text[:77] + "..."
-            print(f"{r:>4}  {h.score:6.3f}  {h.logit:8.3f}  {h.index:>4}  {text}{' [truncated]' if h.truncated else ''}")
-    return 0
-
-
-def info_text(root: Path) -> str:
-    """Human summary of an artifact: family, source, precisions with parity, calibration."""
-    from memrerank.manifest import read_manifest
-
-    m = read_manifest(root)
-    src, tok = m["source"], m["tokens"]
-    lines = [
-        f"artifact    {root}",
-        f"family      {m['family']}",
-        f"source      {src['model']} ({src['architecture']}, revision {src.get('revision') or 'unknown'})",
-        f"tokens      max_length={tok['max_length']} padding={tok['padding_side']} pad_id={tok['pad_id']}"
-        + (f" yes_id={tok['yes_id']} no_id={tok['no_id']}" if tok.get("yes_id") is not None else ""),
-    ]
-    if m["family"] == "decoder-yes-no":
-        lines.append(f"instruction {m['template']['default_instruction']!r}")
-    for name, entry in m["precisions"].items():
-        size = sum(f["bytes"] for f in entry["files"].values())
-        par = entry.get("parity", {})
-        tol = par.get("tolerance")
-        parity = (f"max|Δlogit| vs {par.get('reference', '?')} = {par.get('max_abs_logit_diff', float('nan')):.2e} "
-                  f"(tol {f'{tol:.0e}' if tol is not None else 'n/a'}), "
-                  f"spearman {par.get('spearman_mean', float('nan')):.4f}")
-        if "top10_overlap" in par:
-            fid = entry.get("fidelity", {})
-            parity += (f", top10 {par['top10_overlap']:.3f}, budget {'met' if fid.get('meets_budget') else 'MISSED'}"
-                       f", kept fp32: {', '.join(fid.get('kept_fp32') or []) or 'none'}")
-        lines.append(f"precision   {name:<11} {size / 2**20:8.1f} MiB  {parity}")
-    calib = m.get("calibration") or {}
-    for name in m["precisions"]:
-        block = calib.get(name)
-        if block:
-            after = block.get("metrics", {}).get("after", {})
-            extra = f", held-out ECE {after['ece']:.4f}" if "ece" in after else ""
-            lines.append(f"calibration {name:<11} {block['method']} {block.get('params')} "
-                         f"({block.get('mode', '?')} mode, {block.get('data_size', '?')} pairs, {block.get('fit_date', '?')}{extra})")
-        else:
-            lines.append(f"calibration {name:<11} none: scores are sigmoid(logit)")
-    return "\n".join(lines)
-
-
 def _build_engines(artifact: Path, precisions: list[str], profile_text: str | None, workspace_gb: float) -> None:
     from memrerank.export.tensorrt import ENGINE_PRECISIONS, build_engine, parse_profile, require_tensorrt
     from memrerank.manifest import read_manifest
@@ -259,56 +309,13 @@ def _build_engines(artifact: Path, precisions: list[str], profile_text: str | No
     if bad:
         raise ValueError(f"--precision: TensorRT engines are built for {', '.join(ENGINE_PRECISIONS)}, not {bad}")
     manifest = read_manifest(artifact)
-    profile = parse_profile(profile_text, int(manifest["tokens"]["max_length"])) if profile_text else None
+    profile = parse_profile(profile_text, manifest.tokens.max_length) if profile_text else None
     try:
         require_tensorrt()
     except RuntimeError as exc:
         raise MemrerankError(str(exc)) from exc
     for p in precisions:
         build_engine(artifact, p, profile, workspace_gb, log=lambda m: print(m, file=sys.stderr))
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from memrerank.serve import Limits, serve
-
-    if args.workers < 1 or args.max_documents < 1 or args.max_request_bytes < 1 or args.max_tokens_per_document < 1:
-        raise ValueError("--workers and the --max-* limits must be positive")
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"memrerank serve: listening on {args.host}, reachable beyond this machine", file=sys.stderr)
-    if args.ray:
-        from memrerank.scale import serve_on_ray
-
-        if args.workers != 1:
-            raise ValueError("--workers is for the uvicorn server; with --ray use --replicas")
-        serve_on_ray(args.artifact, host=args.host, port=args.port, address=args.address,
-                     precision=args.precision, num_replicas=args.replicas, threads=args.threads or 1,
-                     max_wait_ms=args.max_wait_ms, max_batch_pairs=args.max_batch_pairs,
-                     max_documents=args.max_documents, max_request_bytes=args.max_request_bytes,
-                     max_tokens_per_document=args.max_tokens_per_document)
-        return 0
-    serve(args.artifact, args.host, args.port, args.precision, args.workers,
-          Limits(args.max_documents, args.max_request_bytes, args.max_tokens_per_document), args.max_wait_ms,
-          args.max_batch_pairs, args.threads)
-    return 0
-
-
-def _cmd_rescore(args: argparse.Namespace) -> int:
-    from memrerank.scale import rescore
-
-    report = rescore(args.input, args.output, args.artifact, precision=args.precision, actors=args.actors,
-                     threads_per_actor=args.threads_per_actor, batch_size=args.batch_size,
-                     id_column=args.id_column, query_column=args.query_column,
-                     document_column=args.document_column, keep_text=args.keep_text,
-                     output_format=args.output_format, output_prefix=args.output_prefix, overwrite=args.overwrite,
-                     address=args.address, num_cpus=args.num_cpus, instruction=args.instruction)
-    print(json.dumps(report.as_dict(), indent=2))
-    return 0
-
-
-def _cmd_build_engine(args: argparse.Namespace) -> int:
-    _build_engines(args.artifact, [p.strip() for p in args.precision.split(",") if p.strip()], args.profile,
-                   args.workspace_gb)
-    return 0
 
 
 def system_info() -> dict[str, Any]:
@@ -319,7 +326,7 @@ def system_info() -> dict[str, Any]:
     import onnxruntime
     import tokenizers
 
-    from memrerank import __version__, kernels
+    from memrerank import kernels
 
     flags: list[str] = []
     cpu = platform.processor() or platform.machine()
@@ -344,11 +351,107 @@ def system_info() -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------------------------------ commands
+def _cmd_export(args: argparse.Namespace) -> int:
+    from memrerank.export import export_model
+
+    engines: list[str] = []
+    if args.target == "tensorrt":  # fail fast, before minutes of export, when TensorRT or the GPU is missing
+        from memrerank.runtime.backends.tensorrt import require_tensorrt
+
+        engines = [p for p in ("fp16", "int8") if p in args.precision]
+        if not engines:
+            raise ValueError("--target tensorrt builds fp16 and/or int8 engines: add them to --precision")
+        try:
+            require_tensorrt()
+        except RuntimeError as exc:
+            raise MemrerankError(str(exc)) from exc
+    elif args.profile:
+        raise ValueError("--profile is a TensorRT option; pass --target tensorrt")
+    out = export_model(args.model, args.output, precisions=args.precision, max_length=args.max_length,
+                       instruction=args.instruction, force=args.force, revision=args.revision,
+                       trust_remote_code=args.trust_remote_code, calib_data=args.calib_data,
+                       fidelity=args.fidelity, command=" ".join(sys.argv),
+                       log=lambda m: print(m, file=sys.stderr))
+    if engines:
+        _build_engines(out, engines, args.profile, 4.0)
+    if args.json:
+        from memrerank.manifest import read_manifest
+
+        _print_json(read_manifest(out).to_dict())
+    else:
+        print(info_text(out))
+    return 0
+
+
+def _cmd_rank(args: argparse.Namespace) -> int:
+    from memrerank import Reranker
+
+    docs = _read_docs(args.docs)
+    reranker = Reranker.load(args.artifact, precision=args.precision, **_load_options(args))
+    hits = reranker.rank(args.query, docs, top_k=args.top_k, threshold=args.threshold,
+                         instruction=args.instruction)
+    if args.json:
+        _print_json([dataclasses.asdict(h) for h in hits])
+    else:
+        print(rank_table(hits))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from memrerank.serve import Limits, ServeConfig, serve
+
+    if args.ray and args.workers != 1:
+        raise ValueError("--workers is for the uvicorn server; with --ray use --replicas")
+    config = ServeConfig(
+        artifact=str(args.artifact), precision=args.precision, providers=args.providers, threads=args.threads,
+        max_batch_tokens=args.max_batch_tokens, prefix_reuse=args.prefix_reuse,
+        limits=Limits(args.max_documents, args.max_request_bytes, args.max_tokens_per_document),
+        max_wait_ms=args.max_wait_ms, max_batch_pairs=args.max_batch_pairs)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"memrerank serve: listening on {args.host}, reachable beyond this machine", file=sys.stderr)
+    if args.ray:
+        from memrerank.scale import serve_on_ray
+
+        serve_on_ray(config, host=args.host, port=args.port, replicas=args.replicas, address=args.address)
+        return 0
+    if args.providers:  # each worker loads the artifact in its own process: refuse a missing provider here
+        from memrerank.runtime.backends import resolve_providers
+
+        resolve_providers(list(args.providers))
+    serve(config, args.host, args.port, args.workers)
+    return 0
+
+
+def _cmd_rescore(args: argparse.Namespace) -> int:
+    from memrerank.scale import RescoreJob, rescore
+
+    job = RescoreJob(
+        input=args.input, output=args.output, artifact=str(args.artifact), precision=args.precision,
+        providers=args.providers, max_batch_tokens=args.max_batch_tokens, prefix_reuse=args.prefix_reuse,
+        actors=args.actors, threads_per_actor=args.threads_per_actor, batch_size=args.batch_size,
+        id_column=args.id_column, query_column=args.query_column, document_column=args.document_column,
+        keep_text=args.keep_text, output_format=args.output_format, output_prefix=args.output_prefix,
+        overwrite=args.overwrite, address=args.address, num_cpus=args.num_cpus, instruction=args.instruction)
+    report = rescore(job).as_dict()
+    if args.json:
+        _print_json(report)
+    else:
+        for key, value in report.items():
+            print(f"{key:<16} {value}")
+    return 0
+
+
+def _cmd_build_engine(args: argparse.Namespace) -> int:
+    _build_engines(args.artifact, args.precision, args.profile, args.workspace_gb)
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     if args.system:
         info = system_info()
         if args.json:
-            print(json.dumps(info, indent=2))
+            _print_json(info)
         else:
             for key, value in info.items():
                 print(f"{key:<14} {', '.join(value) if isinstance(value, list) else value}")
@@ -358,7 +461,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         from memrerank.manifest import read_manifest
 
-        print(json.dumps(read_manifest(args.artifact), indent=2, ensure_ascii=False))
+        _print_json(read_manifest(args.artifact).to_dict())
     else:
         print(info_text(args.artifact))
     return 0
@@ -371,25 +474,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from memrerank.benchmark import markdown_table, plot, run_bench
+    from memrerank.benchmark import plot, run_bench
 
-    report = run_bench(args.artifact, args.precisions, args.data, batch_size=args.batch_size, threads=args.threads,
-                       repeats=args.repeats)
-    print(markdown_table(report))
-    for name, r in report["precisions"].items():
-        if name == "fp16":
-            print("note: fp16 is a GPU precision; on the CPU provider it is not expected to be faster than fp32")
+    options = _load_options(args)
+    report = run_bench(args.artifact, args.precision, args.data, batch_size=args.batch_size,
+                       threads=options.pop("threads", None), repeats=args.repeats, **options)
+    if "fp16" in report["precisions"] and report["providers"][0] == "CPUExecutionProvider":
+        print("note: fp16 is a GPU precision; on the CPU provider it is not expected to be faster than fp32",
+              file=sys.stderr)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+        _print_json(report)
+    else:
+        print(markdown_table(report))
+    _write_json(args.output, report)
     if args.plot:
         plot(report, args.plot)
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from memrerank import Reranker
-    from memrerank.evaluation import evaluate_scores, load_jsonl_queries, load_locomo
-    from memrerank.manifest import read_manifest
+    from memrerank.evaluation import evaluate_artifact, load_jsonl_queries, load_locomo
 
     kind = args.benchmark or ("jsonl" if args.data.suffix == ".jsonl" else "locomo")
     if not args.data.is_file():
@@ -397,67 +501,52 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if kind == "locomo":
         loaded = load_locomo(args.data, candidates=args.candidates, window=args.window, limit=args.limit)
         print(f"LoCoMo: {len(loaded.queries)} queries; repaired {loaded.repaired_ids} malformed evidence ids, "
-              f"dropped {loaded.dropped_ids} ids naming no turn and {loaded.dropped_queries} queries without evidence")
+              f"dropped {loaded.dropped_ids} ids naming no turn and {loaded.dropped_queries} queries without "
+              "evidence", file=sys.stderr if args.json else sys.stdout)
     else:
         loaded = load_jsonl_queries(args.data)
         loaded.queries = loaded.queries[: args.limit] if args.limit else loaded.queries
-    precisions = args.precisions or list(read_manifest(args.artifact)["precisions"])
-    results: dict[str, Any] = {}
-    for p in precisions:
-        r = Reranker.load(args.artifact, precision=p)
-        scores = [r.predict([(q.query, d) for d in q.documents], raw=True) for q in loaded.queries]
-        results[p] = evaluate_scores(loaded.queries, scores)
-        cats = sorted(results[p], key=lambda c: (c == "overall", c))
-        metrics = [k for k in results[p]["overall"] if k != "queries"]
-        print(f"\n{p}\n| category | queries | " + " | ".join(metrics) + " |\n|" + "---|" * (len(metrics) + 2))
-        for c in cats:
-            row = results[p][c]
-            print(f"| {c} | {row['queries']} | " + " | ".join(f"{row[m]:.4f}" for m in metrics) + " |")
+    results = evaluate_artifact(args.artifact, loaded.queries, args.precision, **_load_options(args))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        _print_json(results)
+    else:
+        print("\n\n".join(eval_table(p, r) for p, r in results.items()))
+    _write_json(args.output, results)
     return 0
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from memrerank.calibration.run import calibrate_artifact
+    from memrerank.calibrate import calibrate_artifact
 
-    rep = calibrate_artifact(args.artifact, args.data, method=args.method, precisions=args.precisions,
-                             holdout=args.holdout, limit=args.limit, plot=args.plot,
-                             log=lambda m: print(m, file=sys.stderr))
-    print(calibration_table(rep))
+    report = calibrate_artifact(args.artifact, args.data, method=args.method, precisions=args.precision,
+                                holdout=args.holdout, limit=args.limit, plot=args.plot,
+                                log=lambda m: print(m, file=sys.stderr), **_load_options(args))
     if args.json:
-        args.json.write_text(json.dumps(rep, indent=2))
+        _print_json(report)
+    else:
+        print(calibration_table(report))
+    _write_json(args.output, report)
     return 0
 
 
-def calibration_table(rep: dict[str, Any]) -> str:
-    """Before/after Markdown table of a calibration report."""
-    labelled = rep["mode"] == "labels"
-    cols = ["ece", "brier", "log_loss"] if labelled else ["mean_abs_diff_to_teacher", "log_loss"]
-    head = ["precision", "method"] + [f"{c} before → after" for c in cols] + ["agree@0.3/0.5/0.7 vs fp32 before → after"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for p, r in rep["precisions"].items():
-        row = [p, r["method"]] + [f"{r['before'][c]:.4f} → {r['after'][c]:.4f}" for c in cols]
-        ag = r.get("agreement_vs_fp32")
-        row.append(" / ".join(f"{ag['before'][t]:.3f}" for t in ag["before"]) + " → "
-                   + " / ".join(f"{ag['after'][t]:.3f}" for t in ag["after"]) if ag else "—")
-        lines.append("| " + " | ".join(row) + " |")
-    tail = f"\n{rep['mode']} mode, {rep['pairs']} pairs, {rep['held_out']} held out"
-    if labelled:
-        tail += f"; base rate {rep['base_rate']:.4f} (constant predictor log-loss {rep['base_rate_log_loss']:.4f})"
-    return "\n".join(lines) + tail
-
-
-_COMMANDS: dict[str, Any] = {"build-engine": _cmd_build_engine, "serve": _cmd_serve, "rescore": _cmd_rescore, "calibrate": _cmd_calibrate, "export": _cmd_export, "rank": _cmd_rank, "info": _cmd_info, "demo": _cmd_demo,
-                             "bench": _cmd_bench, "eval": _cmd_eval}
+_COMMANDS: dict[str, Any] = {
+    "export": _cmd_export, "rank": _cmd_rank, "serve": _cmd_serve, "rescore": _cmd_rescore,
+    "build-engine": _cmd_build_engine, "info": _cmd_info, "bench": _cmd_bench, "eval": _cmd_eval,
+    "calibrate": _cmd_calibrate, "demo": _cmd_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``memrerank`` console script."""
+    """Entry point of the ``memrerank`` console script.
+
+    Returns:
+        0 on success, 2 after a one-line message for memrerank's own errors (bad input, a missing or altered
+        artifact, an unavailable provider). Anything else is a bug and keeps its traceback.
+    """
     args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (MemrerankError, FileExistsError, FileNotFoundError, ValueError, TypeError) as exc:
+    except (MemrerankError, FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"memrerank {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

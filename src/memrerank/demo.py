@@ -71,8 +71,8 @@ def _embedded_checkpoint(path: Path) -> Path:
 def run_demo(model: str | None, out: Path, force: bool = False) -> int:
     """Export (once), rank the demo memories, print latency and parity."""
     from memrerank import Reranker
-    from memrerank.cli import info_text
     from memrerank.export import export_model
+    from memrerank.report import info_text
 
     out = Path(out)
     artifact = out / "artifact"
@@ -103,7 +103,7 @@ def run_demo(model: str | None, out: Path, force: bool = False) -> int:
         for hit in reranker.rank(q, DEMO_MEMORIES, top_k=3):
             print(f"  {hit.score:.3f}  [{hit.index:>2}] {hit.text}")
     print()
-    for precision in reranker.manifest["precisions"]:
+    for precision in reranker.manifest.precisions:
         r = Reranker.load(artifact, precision=precision)
         times = []
         for _ in range(10):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import numpy as np
 
 __all__ = [
     "Query", "LOCOMO_CATEGORIES", "load_locomo", "load_jsonl_queries", "average_precision", "reciprocal_rank",
-    "ndcg_at_k", "recall_at_k", "evaluate_scores", "RECALL_KS",
+    "ndcg_at_k", "recall_at_k", "evaluate_scores", "evaluate_artifact", "RECALL_KS",
 ]
 
 LOCOMO_CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop", 5: "adversarial"}
@@ -41,6 +41,8 @@ class Query:
 
 @dataclass
 class LoadReport:
+    """Loaded queries, and what the loader repaired or dropped on the way."""
+
     queries: list[Query] = field(default_factory=list)
     repaired_ids: int = 0
     dropped_ids: int = 0
@@ -70,42 +72,53 @@ def load_locomo(path: str | Path, candidates: str = "sessions", window: int = 0,
     if not isinstance(data, list) or not data or "conversation" not in data[0]:
         raise ValueError(f"{path} does not look like LoCoMo's locomo10.json (a list of samples with 'conversation')")
     report = LoadReport()
-    for sample in data:
-        conv = sample["conversation"]
-        sessions: dict[int, list[tuple[str, str]]] = {}
-        for key, turns in conv.items():
-            m = re.fullmatch(r"session_(\d+)", key)
-            if m and isinstance(turns, list):
-                date = conv.get(f"{key}_date_time", "")
-                sessions[int(m.group(1))] = [(t["dia_id"], _turn_text(t, date)) for t in turns]
-        known = {did for turns in sessions.values() for did, _ in turns}
-        for qa in sample["qa"]:
-            ids: list[str] = []
-            found: list[str] = []
-            for raw in qa.get("evidence") or []:
-                found = [f"D{int(a)}:{int(b)}" for a, b in _EVIDENCE.findall(raw)]
-                if len(found) != 1 or found[0] != raw:
-                    report.repaired_ids += 1
-                for did in found:
-                    if did in known:
-                        ids.append(did)
-                    else:
-                        report.dropped_ids += 1
-            if not ids:
-                report.dropped_queries += 1
-                continue
-            ev_sessions = sorted({int(d[1:].split(":")[0]) for d in ids})
-            if candidates == "turns":
-                chosen = sorted(sessions)
-            else:
-                chosen = sorted({s + o for s in ev_sessions for o in range(-window, window + 1)} & set(sessions))
-            turns = [t for s in chosen for t in sessions[s]]
-            relevant = {i for i, (did, _) in enumerate(turns) if did in set(ids)}
-            cat = LOCOMO_CATEGORIES.get(int(qa.get("category", 0)), str(qa.get("category")))
-            report.queries.append(Query(qa["question"], [t for _, t in turns], relevant, cat, sample.get("sample_id", "")))
-            if limit is not None and len(report.queries) >= limit:
-                return report
+    for n, sample in enumerate(data):
+        try:
+            for query in _sample_queries(sample, candidates, window, report):
+                report.queries.append(query)
+                if limit is not None and len(report.queries) >= limit:
+                    return report
+        except (KeyError, TypeError, AttributeError) as exc:  # a field missing or of the wrong kind
+            raise ValueError(f"{path}: sample {n} does not follow LoCoMo's locomo10.json format "
+                             f"({type(exc).__name__}: {exc})") from exc
     return report
+
+
+def _sample_queries(sample: dict[str, Any], candidates: str, window: int, report: LoadReport) -> Iterator[Query]:
+    """One LoCoMo sample's questions with evidence as queries; counts repairs and drops in ``report``."""
+    conv = sample["conversation"]
+    sessions: dict[int, list[tuple[str, str]]] = {}
+    for key, turns in conv.items():
+        m = re.fullmatch(r"session_(\d+)", key)
+        if m and isinstance(turns, list):
+            date = conv.get(f"{key}_date_time", "")
+            sessions[int(m.group(1))] = [(t["dia_id"], _turn_text(t, date)) for t in turns]
+    known = {did for turns in sessions.values() for did, _ in turns}
+    for qa in sample["qa"]:
+        ids: list[str] = []
+        for raw in qa.get("evidence") or []:
+            found = [f"D{int(a)}:{int(b)}" for a, b in _EVIDENCE.findall(raw)]
+            if len(found) != 1 or found[0] != raw:
+                report.repaired_ids += 1
+            for did in found:
+                if did in known:
+                    ids.append(did)
+                else:
+                    report.dropped_ids += 1
+        if not ids:
+            report.dropped_queries += 1
+            continue
+        if not isinstance(qa.get("question"), str):
+            raise TypeError(f"a question with evidence {ids[:3]} has no 'question' string")
+        ev_sessions = sorted({int(d[1:].split(":")[0]) for d in ids})
+        if candidates == "turns":
+            chosen = sorted(sessions)
+        else:
+            chosen = sorted({s + o for s in ev_sessions for o in range(-window, window + 1)} & set(sessions))
+        turns = [t for s in chosen for t in sessions[s]]
+        relevant = {i for i, (did, _) in enumerate(turns) if did in set(ids)}
+        cat = LOCOMO_CATEGORIES.get(int(qa.get("category", 0)), str(qa.get("category")))
+        yield Query(qa["question"], [t for _, t in turns], relevant, cat, sample.get("sample_id", ""))
 
 
 def load_jsonl_queries(path: str | Path) -> LoadReport:
@@ -120,6 +133,8 @@ def load_jsonl_queries(path: str | Path) -> LoadReport:
         docs, rel = row.get("documents"), row.get("relevant")
         if not isinstance(row.get("query"), str) or not isinstance(docs, list) or not isinstance(rel, list):
             raise ValueError(f"--data: {where} needs 'query' (str), 'documents' (list) and 'relevant' (list of indices)")
+        if not all(isinstance(d, str) for d in docs):
+            raise ValueError(f"--data: {where} 'documents' must be a list of strings")
         bad = [r for r in rel if not isinstance(r, int) or not 0 <= r < len(docs)]
         if bad:
             raise ValueError(f"--data: {where} relevant indices {bad} are outside 0..{len(docs) - 1}")
@@ -176,3 +191,29 @@ def evaluate_scores(queries: Sequence[Query], scores: Sequence[np.ndarray]) -> d
         rows.setdefault("overall", []).append(m)
     return {cat: {**{k: float(np.mean([r[k] for r in rs])) for k in rs[0]}, "queries": len(rs)}
             for cat, rs in rows.items()}
+
+
+def evaluate_artifact(artifact: str | Path, queries: Sequence[Query], precisions: Sequence[str] | None = None,
+                      **load_options: Any) -> dict[str, dict[str, dict[str, float]]]:
+    """Score every query's candidates with each precision of an artifact and compute :func:`evaluate_scores`.
+
+    Args:
+        artifact: the artifact directory.
+        queries: the evaluation queries (:func:`load_locomo`, :func:`load_jsonl_queries`).
+        precisions: precisions to evaluate (``None`` = every exported one).
+        **load_options: passed to :meth:`memrerank.Reranker.load` (``providers``, ``threads``,
+            ``max_batch_tokens``, ``prefix_reuse``, ...).
+
+    Returns:
+        ``{precision: {category: {metric: value, "queries": n}}}``, ranked by the raw logits.
+    """
+    from memrerank import Reranker
+    from memrerank.manifest import read_manifest
+
+    names = list(precisions or read_manifest(artifact).precisions)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for p in names:
+        r = Reranker.load(artifact, precision=p, **load_options)
+        scores = [r.predict([(q.query, d) for d in q.documents], raw=True) for q in queries]
+        results[p] = evaluate_scores(queries, scores)
+    return results
