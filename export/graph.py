@@ -12,9 +12,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-__all__ = ["export_onnx", "DEFAULT_OPSET"]
+__all__ = ["export_onnx", "DEFAULT_OPSET", "EXTERNAL_DATA_BYTES"]
 
 DEFAULT_OPSET = 17
+#: Graphs whose weights pass this many bytes keep them in one external-data file (``model.onnx_data``).
+#: Protobuf cannot serialize a message above 2 GiB, so every later step (fp16 conversion, quantizers, shape
+#: inference) then works through file paths, never an in-memory copy; tests lower this to run that path on
+#: tiny models.
+EXTERNAL_DATA_BYTES = 2**30
 _log = logging.getLogger(__name__)
 
 
@@ -28,4 +33,20 @@ def export_onnx(module: Any, onnx_config: Any, path: Path, opset: int = DEFAULT_
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about python-side shape values are expected here
         export(model=module, config=onnx_config, output=path, opset=opset)
+    _externalize(path)
     return sorted(path.parent.iterdir(), key=lambda p: (p != path, p.name))
+
+
+def _externalize(path: Path) -> None:
+    """Move inline weights to ``<graph>_data`` when they pass :data:`EXTERNAL_DATA_BYTES` (Optimum already does
+    so above protobuf's 2 GiB; a graph between the two is moved here)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return
+    inline = sum(len(t.raw_data) for t in model.graph.initializer)
+    if inline <= EXTERNAL_DATA_BYTES:
+        return
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=path.name + "_data", size_threshold=1024)

@@ -200,10 +200,12 @@ def build_fp16(fp32: Path, out: Path, info: GraphInfo, calib: Any = None, exclud
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = onnx.load(str(fp32))
-    final_norm = [n.name for n in model.graph.node if re.search(r"^/(body|model)/norm/", n.name)]
+    nodes = onnx.load(str(fp32), load_external_data=False).graph.node
+    final_norm = [n.name for n in nodes if re.search(r"^/(body|model)/norm/", n.name)]
     blocked = list(dict.fromkeys(info.head_nodes + final_norm + list(exclude or [])))
-    converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked)
+    # A path, not a ModelProto: the converter then infers shapes with infer_shapes_path, which works above
+    # protobuf's 2 GiB (in-memory shape inference serializes the whole model and fails at real decoder size).
+    converted = convert_float_to_float16(str(fp32), keep_io_types=True, node_block_list=blocked)
     _save(converted, out, info.external_data)
     return {"method": "onnxruntime.transformers.float16 (keep_io_types)", "fp32_nodes": blocked,
             "note": "a GPU precision: expect no speed-up on CPU"}

@@ -19,11 +19,11 @@ CONTEXT = ["I have two sisters, Caroline and Melanie.", "Caroline lives in Lisbo
 def test_artifact_has_one_graph_with_past_inputs(qwen_artifact):
     """Prefix/suffix passes use the same graph (weights stored once): past_* inputs, present_* outputs."""
     m = read_manifest(qwen_artifact)
-    layout = m["prefix_reuse"]
-    assert layout["past_batch"] == 1 and layout["layers"] == 2
-    fp32 = m["precisions"]["fp32"]
-    assert [f for f in fp32["files"] if f.endswith(".onnx")] == ["fp32/model.onnx"]
-    assert "past_key.0" in fp32["inputs"] and "present_value.1" in fp32["outputs"]
+    layout = m.prefix_reuse
+    assert layout.past_batch == 1 and layout.layers == 2
+    fp32 = m.precisions["fp32"]
+    assert [f for f in fp32.files if f.endswith(".onnx")] == ["fp32/model.onnx"]
+    assert "past_key.0" in fp32.inputs and "present_value.1" in fp32.outputs
     r = Reranker.load(qwen_artifact)
     assert r.prefix_reuse is True and r.backend.has_past
 
@@ -35,18 +35,46 @@ def test_prefix_reuse_equals_full_graph_row_by_row(qwen_short_artifact, padding_
     full = Reranker.load(qwen_short_artifact, prefix_reuse=False, batch_size=4)
     reuse = Reranker.load(qwen_short_artifact, prefix_reuse=True, batch_size=4)
     full.padding_side = reuse.padding_side = padding_side
-    a, ta = full.predict(pairs, raw=True, return_truncated=True)
-    b, tb = reuse.predict(pairs, raw=True, return_truncated=True)
+    a, ta = full.predict_with_truncation(pairs, raw=True)
+    b, tb = reuse.predict_with_truncation(pairs, raw=True)
     assert ta.any() and np.array_equal(ta, tb)
     np.testing.assert_allclose(b, a, atol=PARITY_ATOL["fp32"], rtol=0)
 
 
 def test_prefix_reuse_past_is_not_copied_per_row(qwen_artifact):
-    """The prefix pass returns batch-1 keys/values; the suffix pass takes them as they are for any batch size."""
+    """The prefix pass returns batch-1 keys/values, and in the graph every data path from a past input reaches the
+    attention MatMul through views only (Unsqueeze/Transpose/Reshape): nothing expands or tiles the cache to the
+    batch — MatMul broadcasts the one batch-1 cache over the rows."""
+    import onnx
+
     r = Reranker.load(qwen_artifact)
     head = r.encoder.head_ids(QUERIES[0])
     past = r.backend.prefix(np.asarray(head))
     assert all(v.shape[0] == 1 and v.shape[2] == len(head) for v in past.values())
+    graph = onnx.load(str(qwen_artifact / "fp32" / "model.onnx")).graph
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    views = {"Unsqueeze", "Squeeze", "Transpose", "Reshape"}
+    for name in (i.name for i in graph.input if i.name.startswith("past_")):
+        on_path, frontier, reached_matmul = [], [name], 0
+        while frontier:
+            for node in consumers.get(frontier.pop(), []):
+                if node.op_type in ("Shape", "Size"):  # reads the shape, not the data
+                    continue
+                if node.op_type == "MatMul":
+                    reached_matmul += 1
+                    continue
+                on_path.append(node.op_type)
+                frontier.extend(node.output)
+        assert reached_matmul >= 1 and set(on_path) <= views, f"{name}: {on_path} before the attention MatMul"
+    # and the cache really is shared: one batch-1 past scores a batch of many rows
+    docs = [d for d in DOCS for _ in range(4)]
+    with_reuse = r.predict([(QUERIES[0], d) for d in docs], raw=True)
+    r.prefix_reuse = False
+    np.testing.assert_allclose(with_reuse, r.predict([(QUERIES[0], d) for d in docs], raw=True),
+                               atol=PARITY_ATOL["fp32"], rtol=0)
 
 
 def test_prefix_reuse_refused_where_unsupported(bert_artifact):
@@ -73,9 +101,9 @@ class _Spy:
     def __init__(self, inner):
         self.inner, self.shapes = inner, []
 
-    def __call__(self, ids, mask, types, past=None):
+    def score(self, ids, mask, types=None, past=None):
         self.shapes.append(ids.shape)
-        return self.inner(ids, mask, types, past=past)
+        return self.inner.score(ids, mask, types, past)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -140,3 +168,26 @@ def test_context_argument_errors(qwen_artifact):
     with pytest.raises(TypeError, match=r"context\[1\]"):
         r.rank("q", ["d"], context=["ok", None])
     assert len(r.rank("q", ["d"], context=[])) == 1
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_io_binding_backend_scores_the_same_and_keeps_the_cache_bound(qwen_short_artifact, reuse):
+    """The GPU path's IO binding, run on the CPU device: same scores; the prefix cache is never turned into numpy
+    (on CUDA it stays in device memory and is bound to every batch of the query)."""
+    import onnxruntime as ort
+
+    from memrerank.runtime.backends.iobinding import BoundOrtBackend
+
+    pairs = [(q, d) for q in QUERIES for d in DOCS]
+    plain = Reranker.load(qwen_short_artifact, prefix_reuse=reuse, batch_size=3)
+    bound = Reranker.load(qwen_short_artifact, prefix_reuse=reuse, batch_size=3, io_binding=True)
+    assert isinstance(bound.backend, BoundOrtBackend) and not isinstance(plain.backend, BoundOrtBackend)
+    a, ta = plain.predict_with_truncation(pairs, raw=True)
+    b, tb = bound.predict_with_truncation(pairs, raw=True)
+    np.testing.assert_array_equal(ta, tb)
+    np.testing.assert_allclose(b, a, atol=1e-6, rtol=0)
+    past = bound.backend.prefix(np.asarray(bound.encoder.head_ids(QUERIES[0])))
+    assert past and all(isinstance(v, ort.OrtValue) for v in past.values())
+    with pytest.raises(ArtifactError, match="same backend"):
+        bound.backend.score(np.ones((1, 3), np.int64), np.ones((1, 3), np.int64), None,
+                            plain.backend.prefix(np.arange(3)))
