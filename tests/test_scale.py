@@ -15,7 +15,7 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
 from memrerank import Reranker  # noqa: E402
-from memrerank.scale import RescoreError, rescore  # noqa: E402
+from memrerank.scale import RescoreError, RescoreJob, rescore  # noqa: E402
 from texts import DOCS  # noqa: E402
 
 #: Scores written by the Ray job vs the same artifact scored in-process (fp32; batch composition differs).
@@ -55,8 +55,8 @@ def test_rescore_jsonl_with_two_actors_keeps_ids(local_ray, tmp_path, request, a
     src = tmp_path / "pairs.jsonl"
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     instruction = "Find the memory that answers the question" if artifact_fixture == "qwen_artifact" else None
-    report = rescore(src, tmp_path / "out", artifact, precision="fp32", actors=2, batch_size=32,
-                     instruction=instruction)
+    report = rescore(RescoreJob(src, tmp_path / "out", artifact, precision="fp32", actors=2, batch_size=32,
+                                instruction=instruction))
     assert report.rows == len(rows) and report.actors == 2 and report.output_format == "jsonl"
     got = _read_output(tmp_path / "out")
     assert sorted(r["id"] for r in got) == [r["id"] for r in rows]  # every id once: nothing lost or doubled
@@ -109,6 +109,10 @@ def test_rescore_input_errors_are_clear(local_ray, tmp_path, bert_artifact):
         rescore(src, tmp_path / "o2", bert_artifact, precision="int4")
     with pytest.raises(ValueError, match="actors must be a positive integer"):
         rescore(src, tmp_path / "o3", bert_artifact, actors=0)
+    with pytest.raises(ValueError, match=r"RescoreJob\.threads_per_actor must be a positive integer"):
+        RescoreJob(src, tmp_path / "o3", bert_artifact, threads_per_actor=0)
+    with pytest.raises(TypeError, match="on the RescoreJob"):  # one job, its options inside it
+        rescore(RescoreJob(src, tmp_path / "o3", bert_artifact), actors=2)
     with pytest.raises(FileNotFoundError):
         rescore(tmp_path / "missing.jsonl", tmp_path / "o4", bert_artifact)
     (tmp_path / "notes.txt").write_text("x")
@@ -132,7 +136,7 @@ def test_rescore_cli(local_ray, tmp_path, bert_artifact, capsys):
     src = tmp_path / "pairs.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in _rows(12)))
     assert main(["rescore", str(bert_artifact), str(src), "-o", str(tmp_path / "out"), "--precision", "fp32",
-                 "--output-format", "parquet"]) == 0
+                 "--output-format", "parquet", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == 12
     assert sorted(r["id"] for r in _read_output(tmp_path / "out")) == [r["id"] for r in _rows(12)]
     assert main(["rescore", str(bert_artifact), str(src), "-o", str(tmp_path / "out")]) == 2
@@ -146,12 +150,13 @@ def test_ray_serve_deployment_speaks_the_same_api(local_ray, bert_artifact):
     from ray import serve
 
     from memrerank.scale import serve_on_ray
+    from memrerank.serve import Limits, ServeConfig
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    serve_on_ray(bert_artifact, port=port, blocking=False, precision="fp32", num_replicas=2, threads=1,
-                 max_documents=20)
+    serve_on_ray(ServeConfig(bert_artifact, "fp32", threads=1, limits=Limits(max_documents=20)), port=port,
+                 replicas=2, blocking=False)
     try:
         url = f"http://127.0.0.1:{port}"
         ref = Reranker.load(bert_artifact, "fp32")
@@ -189,3 +194,10 @@ def test_build_app_is_a_serve_run_builder(bert_artifact):
         build_app({"artifact": str(bert_artifact), "num_replicas": "two"})
     with pytest.raises(ValueError, match="needs artifact"):
         build_app({})
+    with pytest.raises(ValueError, match=r"Limits\.max_documents must be a positive integer"):
+        build_app({"artifact": str(bert_artifact), "max_documents": "0"})
+    app = build_app({"artifact": str(bert_artifact), "providers": "cpu", "prefix_reuse": "false",
+                     "max_batch_tokens": "1024"})
+    config = app._bound_deployment.init_args[0]
+    assert config.providers == ("cpu",) and config.prefix_reuse is False and config.max_batch_tokens == 1024
+    assert config.threads == 1 and config.artifact == str(Path(bert_artifact).resolve())

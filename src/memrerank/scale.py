@@ -1,13 +1,14 @@
 """Scale-out on Ray (the ``ray`` extra): batch re-scoring with Ray Data and the rerank service on Ray Serve.
 
-* :func:`rescore` re-scores a large JSONL or Parquet table of ``(id, query, document)`` rows with a pool of
-  :class:`Reranker` actors (``map_batches``, one artifact loaded per actor) and writes ``id`` (and every other input
-  column but the texts) with ``score``, ``logit`` and ``truncated``. Works on a local Ray instance (started for you)
-  or any cluster ``ray.init(address=...)`` reaches; every node must see the artifact at the same path.
+* :func:`rescore` runs a :class:`RescoreJob`: it re-scores a large JSONL or Parquet table of
+  ``(id, query, document)`` rows with a pool of :class:`RerankActor` (``map_batches``, one artifact loaded per
+  actor) and writes ``id`` (and every other input column but the texts) with ``score``, ``logit`` and
+  ``truncated``. Works on a local Ray instance (started for you) or any cluster ``ray.init(address=...)`` reaches;
+  every node must see the artifact at the same path.
 * :func:`build_app` / :func:`serve_on_ray` wrap the same FastAPI service as ``memrerank serve`` (Cohere
   ``/v1/rerank``, TEI ``/rerank``, ``/health``, ``/v1/models``, ``/metrics``) in a Ray Serve deployment with
-  ``num_replicas`` replicas, each loading the artifact once; ``serve run memrerank.scale:build_app artifact=OUT``
-  works too.
+  ``num_replicas`` replicas, each building its app from one :class:`memrerank.serve.ServeConfig`;
+  ``serve run memrerank.scale:build_app artifact=OUT`` works too.
 
 ``import memrerank.scale`` needs no Ray; the functions import it when called.
 """
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -23,15 +25,16 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import KW_ONLY, asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from memrerank.errors import ArtifactError, MemrerankError
-from memrerank.manifest import PRECISIONS, pick_auto_precision, read_manifest
+from memrerank.manifest import PRECISIONS, read_manifest
+from memrerank.serve import Limits, ServeConfig, _check_positive, _provider_tuple
 
-__all__ = ["RerankActor", "RescoreError", "RescoreReport", "build_app", "rescore", "serve_on_ray"]
+__all__ = ["RerankActor", "RescoreError", "RescoreJob", "RescoreReport", "build_app", "rescore", "serve_on_ray"]
 
 FORMATS = ("jsonl", "parquet")
 _SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
@@ -50,6 +53,104 @@ def _ray() -> Any:
     except ImportError as exc:
         raise ValueError("memrerank.scale needs the ray extra: pip install 'memrerank[ray]'") from exc
     return ray
+
+
+@dataclass(frozen=True)
+class RescoreJob:
+    """One re-scoring job: what to read, which artifact scores it and how, where to write, on which Ray.
+
+    Args:
+        input: a file, a directory of files, or a list of them (local paths or any URI Ray Data reads); stored
+            as a tuple of strings.
+        output: the output directory (JSONL ``*.json`` files or Parquet, see ``output_format``).
+        artifact: an artifact directory written by ``memrerank export``, at the same path on every node.
+        precision: an exported precision, or ``"auto"`` (the fastest one that met its fidelity budget on the
+            first provider; CPU by default).
+        providers: onnxruntime providers or aliases for every actor (``("cuda",)``); ``None`` = CPU.
+        actors: size of the :class:`RerankActor` pool (each loads the artifact once).
+        threads_per_actor: CPUs each actor reserves and its onnxruntime intra-op threads.
+        batch_size: rows per ``map_batches`` call (the reranker cuts them again by its token budget).
+        id_column: input column written back with the scores.
+        query_column: input column of the queries.
+        document_column: input column of the documents.
+        keep_text: also write the query and document columns (default: ids, other input columns and scores).
+        input_format: ``"jsonl"`` or ``"parquet"``; default: from the file names.
+        output_format: ``"jsonl"`` or ``"parquet"``; default: the input's.
+        output_prefix: prepended to the ``score``, ``logit`` and ``truncated`` column names (when the input
+            already has columns of those names, e.g. when re-scoring an earlier output).
+        overwrite: replace a non-empty output directory.
+        address: Ray cluster address (``"auto"``, ``"ray://head:10001"``); ``None`` = the running Ray instance
+            if any, else a local one.
+        num_cpus: CPUs of a local Ray instance started here (``None`` = all).
+        max_batch_tokens: the reranker's token budget per model call (``None`` = its default).
+        prefix_reuse: decoder artifacts: score documents against each query's cached prefix (``None`` = where
+            the artifact supports it).
+        instruction: decoder artifacts: the task instruction (``None`` = the artifact's default).
+        verbose: keep Ray Data's progress bars and INFO logs (default: warnings only).
+
+    Raises:
+        ValueError: a value out of range, naming the field.
+        TypeError: a value of the wrong type, naming the field.
+    """
+
+    input: str | Path | Sequence[str | Path]
+    output: str
+    artifact: str
+    _: KW_ONLY
+    precision: str = "auto"
+    providers: tuple[str, ...] | None = None
+    actors: int = 1
+    threads_per_actor: int = 1
+    batch_size: int = 256
+    id_column: str = "id"
+    query_column: str = "query"
+    document_column: str = "document"
+    keep_text: bool = False
+    input_format: str | None = None
+    output_format: str | None = None
+    output_prefix: str = ""
+    overwrite: bool = False
+    address: str | None = None
+    num_cpus: int | None = None
+    max_batch_tokens: int | None = None
+    prefix_reuse: bool | None = None
+    instruction: str | None = None
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        paths = self.input if isinstance(self.input, (list, tuple)) else [self.input]
+        object.__setattr__(self, "input", tuple(_path(p, "RescoreJob.input") for p in paths))
+        if not self.input:
+            raise ValueError("RescoreJob.input: no paths given")
+        object.__setattr__(self, "output", _path(self.output, "RescoreJob.output"))
+        object.__setattr__(self, "artifact", _path(self.artifact, "RescoreJob.artifact"))
+        if self.precision not in PRECISIONS + ("auto",):
+            raise ValueError(f"RescoreJob.precision: unknown {self.precision!r}; choose one of "
+                             f"{', '.join(PRECISIONS)} or 'auto'")
+        object.__setattr__(self, "providers", _provider_tuple(self.providers, "RescoreJob.providers"))
+        for name in ("actors", "threads_per_actor", "batch_size"):
+            _check_positive(getattr(self, name), f"RescoreJob.{name}")
+        for name in ("num_cpus", "max_batch_tokens"):
+            _check_positive(getattr(self, name), f"RescoreJob.{name}", optional=True)
+        for name in ("input_format", "output_format"):
+            if getattr(self, name) not in FORMATS + (None,):
+                raise ValueError(f"RescoreJob.{name}: unknown {getattr(self, name)!r}; choose one of "
+                                 f"{', '.join(FORMATS)}")
+        for name in ("id_column", "query_column", "document_column"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise TypeError(f"RescoreJob.{name} must be a column name (str), got {getattr(self, name)!r}")
+        if not isinstance(self.output_prefix, str):
+            raise TypeError(f"RescoreJob.output_prefix must be a str, got {type(self.output_prefix).__name__}")
+        if self.prefix_reuse not in (None, True, False):
+            raise ValueError(f"RescoreJob.prefix_reuse must be True, False or None, got {self.prefix_reuse!r}")
+        if self.instruction is not None and not isinstance(self.instruction, str):
+            raise TypeError(f"RescoreJob.instruction must be a str or None, got {type(self.instruction).__name__}")
+
+
+def _path(value: Any, name: str) -> str:
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise TypeError(f"{name} must be a path or URI (str or Path), got {value!r}")
+    return os.fspath(value)
 
 
 @dataclass(frozen=True)
@@ -74,38 +175,42 @@ class RerankActor:
 
     Rows sharing a query inside a batch are tokenized together (and share the decoder prefix), so inputs sorted or
     grouped by query score fastest.
+
+    Args:
+        job: the job; the actor reads its artifact, precision, providers, threads, token budget, prefix reuse,
+            instruction and column options.
     """
 
-    def __init__(self, artifact: str, precision: str, threads: int, query_column: str, document_column: str,
-                 id_column: str, keep_text: bool, prefix: str, batch_tokens: int | None = None,
-                 instruction: str | None = None) -> None:
+    def __init__(self, job: RescoreJob) -> None:
         from memrerank import Reranker
 
-        kwargs = {"max_batch_tokens": batch_tokens} if batch_tokens else {}
-        self.reranker = Reranker.load(artifact, precision=precision, threads=threads, **kwargs)
-        self.query_column, self.document_column, self.id_column = query_column, document_column, id_column
-        self.keep_text, self.prefix, self.instruction = keep_text, prefix, instruction
+        n = job.max_batch_tokens
+        self.reranker = Reranker.load(job.artifact, precision=job.precision, providers=job.providers,
+                                      threads=job.threads_per_actor, prefix_reuse=job.prefix_reuse,
+                                      **({"max_batch_tokens": n} if n else {}))
+        self.job = job
 
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa
 
-        queries = batch.column(self.query_column).to_pylist()
-        docs = batch.column(self.document_column).to_pylist()
-        for name, values in ((self.query_column, queries), (self.document_column, docs)):
+        job = self.job
+        queries = batch.column(job.query_column).to_pylist()
+        docs = batch.column(job.document_column).to_pylist()
+        for name, values in ((job.query_column, queries), (job.document_column, docs)):
             bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
             if bad is not None:
-                row_id = batch.column(self.id_column)[bad].as_py()
+                row_id = batch.column(job.id_column)[bad].as_py()
                 raise ValueError(
-                    f"row {self.id_column}={row_id!r}: column {name!r} is {type(values[bad]).__name__}, not a "
+                    f"row {job.id_column}={row_id!r}: column {name!r} is {type(values[bad]).__name__}, not a "
                     "string; every row needs a text query and document (drop or fill such rows before rescoring)")
-        logits, truncated = self.reranker.predict(list(zip(queries, docs)), raw=True, return_truncated=True,
-                                                  instruction=self.instruction)
+        logits, truncated = self.reranker.predict_with_truncation(list(zip(queries, docs)), raw=True,
+                                                                  instruction=job.instruction)
         scores = self.reranker.calibrator(logits)
         out = batch
-        if not self.keep_text:
-            out = out.drop_columns([self.query_column, self.document_column])
+        if not job.keep_text:
+            out = out.drop_columns([job.query_column, job.document_column])
         for name, values in zip(OUTPUT_COLUMNS, (scores, logits, truncated)):
-            out = out.append_column(self.prefix + name, pa.array(values))
+            out = out.append_column(job.output_prefix + name, pa.array(values))
         return out
 
 
@@ -135,128 +240,151 @@ def _check_output(output: str, overwrite: bool) -> None:
                               "overwrite=True (--overwrite) to replace its contents")
 
 
-def rescore(input: str | Path | list[str | Path], output: str | Path, artifact: str | Path, *,
-            precision: str = "auto", actors: int = 1, threads_per_actor: int = 1, batch_size: int = 256,
-            id_column: str = "id", query_column: str = "query", document_column: str = "document",
-            keep_text: bool = False, input_format: str | None = None, output_format: str | None = None,
-            output_prefix: str = "", overwrite: bool = False, address: str | None = None,
-            num_cpus: int | None = None, max_batch_tokens: int | None = None, instruction: str | None = None,
-            verbose: bool = False) -> RescoreReport:
-    """Re-score every ``(query, document)`` row of a JSONL/Parquet table on Ray; writes a directory of files.
-
-    Args:
-        input: a file, a directory of files, or a list of them (local paths or any URI Ray Data reads).
-        output: the output directory (JSONL ``*.json`` files or Parquet, see ``output_format``).
-        artifact: an artifact directory written by ``memrerank export``, at the same path on every node.
-        precision: an exported precision, or ``"auto"`` (the fastest one that met its fidelity budget on CPU).
-        actors: size of the :class:`RerankActor` pool (each loads the artifact once).
-        threads_per_actor: CPUs each actor reserves and its onnxruntime intra-op threads.
-        batch_size: rows per ``map_batches`` call (the reranker cuts them again by its token budget).
-        id_column / query_column / document_column: input column names; ``id_column`` is written back.
-        keep_text: also write the query and document columns (default: ids, other input columns and scores).
-        input_format / output_format: ``"jsonl"`` or ``"parquet"``; default: from the file names / the input's.
-        output_prefix: prepended to the ``score``, ``logit`` and ``truncated`` column names (when the input
-            already has columns of those names, e.g. when re-scoring an earlier output).
-        overwrite: replace a non-empty output directory.
-        address: Ray cluster address (``"auto"``, ``"ray://head:10001"``); ``None`` = the running Ray instance
-            if any, else a local one.
-        num_cpus: CPUs of a local Ray instance started here (``None`` = all).
-        max_batch_tokens: the reranker's token budget per model call (``None`` = its default).
-        instruction: decoder artifacts: the task instruction (``None`` = the artifact's default).
-        verbose: keep Ray Data's progress bars and INFO logs (default: warnings only).
-
-    Returns:
-        A :class:`RescoreReport` (rows written, wall seconds including actor start-up, pairs/s).
-    """
-    from memrerank.runtime.reranker import _positive_int
-
-    ray = _ray()
-    if precision not in PRECISIONS and precision != "auto":
-        raise ValueError(f"precision: unknown {precision!r}; choose one of {', '.join(PRECISIONS)} or 'auto'")
-    for name, value in (("actors", actors), ("threads_per_actor", threads_per_actor), ("batch_size", batch_size)):
-        _positive_int(value, name)
-    if instruction is not None and not isinstance(instruction, str):
-        raise TypeError(f"instruction must be a str or None, got {type(instruction).__name__}")
-    paths = [str(p) for p in (input if isinstance(input, (list, tuple)) else [input])]
-    if not paths:
-        raise ValueError("input: no paths given")
-    for p in paths:
+def _check_io(job: RescoreJob) -> tuple[str, str]:
+    """The input and output formats, once the inputs exist and the output may be written."""
+    for p in job.input:
         if "://" not in p and not Path(p).exists():
             raise FileNotFoundError(f"input {p!r} does not exist")
-    fmt = _input_format(paths, input_format)
-    out_fmt = output_format or fmt
-    if out_fmt not in FORMATS:
-        raise ValueError(f"output_format: unknown {out_fmt!r}; choose one of {', '.join(FORMATS)}")
-    output = str(output)
-    _check_output(output, overwrite)
-    artifact = str(artifact)
-    if Path(artifact).exists():  # checked here when the driver sees it; actors check it again where they run
-        manifest = read_manifest(artifact)
-        if precision == "auto":
-            precision = pick_auto_precision(manifest, "CPUExecutionProvider")
-        elif precision not in manifest.get("precisions", {}):
-            raise ArtifactError(f"{artifact}: precision {precision!r} was not exported; it has "
-                                f"{', '.join(manifest.get('precisions', {}))}")
+    fmt = _input_format(list(job.input), job.input_format)
+    _check_output(job.output, job.overwrite)
+    return fmt, job.output_format or fmt
 
-    _init_ray(ray, address, num_cpus)
-    need, have = actors * threads_per_actor, ray.cluster_resources().get("CPU", 0)
-    if need > have:
-        msg = (f"{actors} actors x {threads_per_actor} threads need {need} CPUs; the Ray cluster has {have:g}. "
-               "Lower actors / threads_per_actor")
-        if address is None:
-            raise ValueError(msg + " (or start Ray with more CPUs)")
-        warnings.warn(msg + "; the job waits until the cluster grows to fit them", stacklevel=2)
 
-    with _job_settings(ray, verbose):
-        # Reading and writing reserve no CPU: the actors hold theirs, and an I/O task waiting for a CPU that an
-        # actor keeps would wait forever (seen with actors x threads = the cluster's CPUs).
-        read = getattr(ray.data, f"read_{_RAY_FORMAT[fmt]}")
-        ds = read(paths if len(paths) > 1 else paths[0], num_cpus=0)
-        columns = ds.schema().names
-        missing = [c for c in (id_column, query_column, document_column) if c not in columns]
-        if missing:
-            raise ValueError(f"input has no column {', '.join(map(repr, missing))}; it has {', '.join(columns)}. "
-                             "Name them with id_column= / query_column= / document_column= (--id-column ...)")
-        kept = [c for c in columns if keep_text or c not in (query_column, document_column)]
-        clash = [output_prefix + c for c in OUTPUT_COLUMNS if output_prefix + c in kept]
-        if clash:
-            raise ValueError(f"input already has column(s) {', '.join(clash)}; pass output_prefix= "
-                             "(--output-prefix, e.g. 'new_') so the earlier values are not overwritten")
+def _driver_precision(job: RescoreJob) -> str:
+    """The precision every actor loads: ``"auto"`` resolved and an exported one checked, where the driver sees
+    the artifact (actors check it again where they run)."""
+    if not Path(job.artifact).exists():
+        return job.precision
+    manifest = read_manifest(job.artifact)
+    provider = "CPUExecutionProvider"
+    if job.providers:
+        from memrerank.runtime.backends.onnxruntime import provider_name
 
-        t0 = time.perf_counter()
-        scored = ds.map_batches(
-            RerankActor, batch_format="pyarrow", batch_size=batch_size, zero_copy_batch=True,
-            # one task in flight per actor: the first actor up (others still loading the model) would otherwise
-            # queue several bundles and leave the rest idle on small and medium inputs
-            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
-            num_cpus=threads_per_actor,
-            fn_constructor_kwargs={"artifact": artifact, "precision": precision, "threads": threads_per_actor,
-                                   "query_column": query_column, "document_column": document_column,
-                                   "id_column": id_column, "keep_text": keep_text, "prefix": output_prefix,
-                                   "batch_tokens": max_batch_tokens, "instruction": instruction})
-        local = "://" not in output
-        # Local output is written beside its destination and renamed into place when every row is in: a failed
-        # or killed job leaves no partial directory that looks finished.
-        target = str(Path(output).parent / f".{Path(output).name}.partial-{uuid.uuid4().hex[:8]}") if local \
-            else output
-        mode = {"mode": "overwrite"} if overwrite and not local else {}
+        provider = provider_name(job.providers[0])
+    if job.precision == "auto":
+        return manifest.pick_auto(provider)
+    if not (job.precision in manifest.engines and provider == "TensorrtExecutionProvider"):
         try:
-            getattr(scored, f"write_{_RAY_FORMAT[out_fmt]}")(target, **mode, ray_remote_args={"num_cpus": 0})
-            rows = getattr(ray.data, f"read_{_RAY_FORMAT[out_fmt]}")(target, num_cpus=0).count()
-        except BaseException as exc:
-            if local:
-                shutil.rmtree(target, ignore_errors=True)
-            if isinstance(exc, ray.exceptions.RayTaskError):
-                raise RescoreError(f"rescore failed in a Reranker actor: {_root_cause(exc)}") from exc
-            raise
+            manifest.precision(job.precision)
+        except ArtifactError as exc:
+            raise ArtifactError(f"{job.artifact}: {exc}") from None
+    return job.precision
+
+
+def _check_cpus(ray: Any, job: RescoreJob) -> None:
+    need, have = job.actors * job.threads_per_actor, ray.cluster_resources().get("CPU", 0)
+    if need > have:
+        msg = (f"{job.actors} actors x {job.threads_per_actor} threads need {need} CPUs; the Ray cluster has "
+               f"{have:g}. Lower actors / threads_per_actor")
+        if job.address is None:
+            raise ValueError(msg + " (or start Ray with more CPUs)")
+        warnings.warn(msg + "; the job waits until the cluster grows to fit them", stacklevel=3)
+
+
+def _read_input(ray: Any, job: RescoreJob, fmt: str) -> Any:
+    """The input dataset, its columns checked against the job's names and output columns."""
+    # Reading and writing reserve no CPU: the actors hold theirs, and an I/O task waiting for a CPU that an
+    # actor keeps would wait forever (seen with actors x threads = the cluster's CPUs).
+    read = getattr(ray.data, f"read_{_RAY_FORMAT[fmt]}")
+    ds = read(list(job.input) if len(job.input) > 1 else job.input[0], num_cpus=0)
+    columns = ds.schema().names
+    missing = [c for c in (job.id_column, job.query_column, job.document_column) if c not in columns]
+    if missing:
+        raise ValueError(f"input has no column {', '.join(map(repr, missing))}; it has {', '.join(columns)}. "
+                         "Name them with id_column= / query_column= / document_column= (--id-column ...)")
+    texts = (job.query_column, job.document_column)
+    kept = [c for c in columns if job.keep_text or c not in texts]
+    clash = [job.output_prefix + c for c in OUTPUT_COLUMNS if job.output_prefix + c in kept]
+    if clash:
+        raise ValueError(f"input already has column(s) {', '.join(clash)}; pass output_prefix= "
+                         "(--output-prefix, e.g. 'new_') so the earlier values are not overwritten")
+    return ds
+
+
+def _write_output(ray: Any, scored: Any, output: str, out_fmt: str, overwrite: bool) -> int:
+    """Write the scored dataset (this runs the job) and return the rows written."""
+    local = "://" not in output
+    # Local output is written beside its destination and renamed into place when every row is in: a failed
+    # or killed job leaves no partial directory that looks finished.
+    target = str(Path(output).parent / f".{Path(output).name}.partial-{uuid.uuid4().hex[:8]}") if local \
+        else output
+    mode = {"mode": "overwrite"} if overwrite and not local else {}
+    try:
+        getattr(scored, f"write_{_RAY_FORMAT[out_fmt]}")(target, **mode, ray_remote_args={"num_cpus": 0})
+        rows = getattr(ray.data, f"read_{_RAY_FORMAT[out_fmt]}")(target, num_cpus=0).count()
+    except BaseException as exc:
+        if local:
+            shutil.rmtree(target, ignore_errors=True)
+        if isinstance(exc, ray.exceptions.RayTaskError):
+            raise RescoreError(f"rescore failed in a Reranker actor: {_root_cause(exc)}") from exc
+        raise
     if local:
         if Path(output).exists():
             shutil.rmtree(output)  # empty, or overwrite=True (checked before the job)
         os.replace(target, output)
+    return rows
+
+
+def rescore(job: RescoreJob | str | Path | Sequence[str | Path] | None = None,
+            output: str | Path | None = None, artifact: str | Path | None = None, **options: Any) -> RescoreReport:
+    """Re-score every ``(query, document)`` row of a JSONL/Parquet table on Ray; writes a directory of files.
+
+    ``rescore(RescoreJob(input, output, artifact, actors=2))``, or the same as keywords:
+    ``rescore(input, output, artifact, actors=2)`` (which fills a :class:`RescoreJob`; see it for every option).
+
+    Args:
+        job: a :class:`RescoreJob`, or the input path(s) (``input=`` works too) with ``output``, ``artifact`` and
+            the job's options as keywords.
+        output: keyword form only: the output directory.
+        artifact: keyword form only: the artifact directory.
+        **options: keyword form only: the other :class:`RescoreJob` fields.
+
+    Returns:
+        A :class:`RescoreReport` (rows written, wall seconds including actor start-up, pairs/s).
+
+    Raises:
+        ValueError: a bad option, missing columns, more CPUs asked for than a local Ray instance has.
+        FileNotFoundError / FileExistsError: a missing input, an output that exists (without ``overwrite``).
+        RescoreError: the job failed in an actor (names the row or the cause).
+    """
+    job = _as_job(job, output, artifact, options)
+    ray = _ray()
+    fmt, out_fmt = _check_io(job)
+    precision = _driver_precision(job)
+    _init_ray(ray, job.address, job.num_cpus)
+    _check_cpus(ray, job)
+    with _job_settings(ray, job.verbose):
+        ds = _read_input(ray, job, fmt)
+        t0 = time.perf_counter()
+        scored = ds.map_batches(
+            RerankActor, batch_format="pyarrow", batch_size=job.batch_size, zero_copy_batch=True,
+            # one task in flight per actor: the first actor up (others still loading the model) would otherwise
+            # queue several bundles and leave the rest idle on small and medium inputs
+            compute=ray.data.ActorPoolStrategy(size=job.actors, max_tasks_in_flight_per_actor=1),
+            num_cpus=job.threads_per_actor,
+            fn_constructor_kwargs={"job": dataclasses.replace(job, precision=precision)})
+        rows = _write_output(ray, scored, job.output, out_fmt, job.overwrite)
     seconds = time.perf_counter() - t0
-    return RescoreReport(rows=rows, seconds=seconds, pairs_per_s=rows / seconds if seconds else 0.0, actors=actors,
-                         threads_per_actor=threads_per_actor, precision=precision, output=output,
-                         output_format=out_fmt)
+    return RescoreReport(rows=rows, seconds=seconds, pairs_per_s=rows / seconds if seconds else 0.0,
+                         actors=job.actors, threads_per_actor=job.threads_per_actor, precision=precision,
+                         output=job.output, output_format=out_fmt)
+
+
+def _as_job(job: Any, output: Any, artifact: Any, options: dict[str, Any]) -> RescoreJob:
+    """``rescore``'s argument(s) as one RescoreJob (the keyword form fills one)."""
+    if isinstance(job, RescoreJob):
+        if output is not None or artifact is not None or options:
+            raise TypeError("rescore(job): set the options on the RescoreJob (dataclasses.replace(job, ...)), "
+                            "not beside it")
+        return job
+    if job is not None:
+        if "input" in options:
+            raise TypeError("rescore: input given twice (positionally and as input=)")
+        options["input"] = job
+    if output is None or artifact is None or "input" not in options:
+        raise TypeError("rescore takes a RescoreJob, or input, output and artifact (then the job's options as "
+                        "keywords)")
+    return RescoreJob(output=output, artifact=artifact, **options)
 
 
 def _init_ray(ray: Any, address: str | None, num_cpus: int | None) -> None:
@@ -301,85 +429,119 @@ def _deployment_class() -> Any:
 
     @serve.ingress()  # late-bound: the replica builds the FastAPI app (and loads the artifact) in its own process
     class MemrerankDeployment:
-        def __init__(self, config: dict[str, Any]) -> None:
+        def __init__(self, config: ServeConfig) -> None:
             self.config = config
 
         def __serve_build_asgi_app__(self) -> Any:
-            from memrerank.serve import Limits, create_app
+            from memrerank.serve import create_app
 
-            cfg = dict(self.config)
-            return create_app(cfg.pop("artifact"), cfg.pop("precision"), limits=Limits(**cfg.pop("limits")), **cfg)
+            return create_app(self.config)
 
     return MemrerankDeployment
+
+
+_APP_INTS = ("num_replicas", "threads", "max_batch_tokens", "max_batch_pairs", "max_documents",
+             "max_request_bytes", "max_tokens_per_document")
+_APP_KEYS = frozenset(_APP_INTS + ("artifact", "precision", "providers", "prefix_reuse", "max_wait_ms",
+                                   "model_name"))
+_LIMIT_KEYS = ("max_documents", "max_request_bytes", "max_tokens_per_document")
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "none": None, "": None}
+
+
+def _parse_app_args(args: dict[str, Any]) -> tuple[ServeConfig, int]:
+    """``build_app``'s dict (values may be strings) → the ServeConfig and the number of replicas."""
+    if not isinstance(args, dict):
+        raise TypeError(f"build_app takes one dict of options, got {type(args).__name__}")
+    opts = dict(args)
+    if "artifact" not in opts:
+        raise ValueError("build_app needs artifact=<artifact directory>")
+    unknown = sorted(set(opts) - _APP_KEYS)
+    if unknown:
+        raise ValueError(f"build_app: unknown option(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(_APP_KEYS))}")
+    try:
+        opts = {k: int(v) if k in _APP_INTS else float(v) if k == "max_wait_ms" else v for k, v in opts.items()}
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"build_app: {exc}; {', '.join(_APP_INTS)} take integers, max_wait_ms a number") from exc
+    reuse = opts.get("prefix_reuse")
+    if isinstance(reuse, str):
+        if reuse.strip().lower() not in _BOOLS:
+            raise ValueError(f"build_app: prefix_reuse={reuse!r}; pass true, false or none")
+        opts["prefix_reuse"] = _BOOLS[reuse.strip().lower()]
+    replicas = opts.pop("num_replicas", 1)
+    try:
+        _check_positive(replicas, "num_replicas")
+        limits = Limits(**{k: opts.pop(k) for k in _LIMIT_KEYS if k in opts})
+        return ServeConfig(**opts, limits=limits), replicas
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"build_app: {exc}") from exc
+
+
+def _application(config: ServeConfig, replicas: int) -> Any:
+    """The Ray Serve application: ``replicas`` replicas, each reserving ``config.threads`` CPUs (1 if unset)."""
+    from ray import serve
+
+    if not isinstance(config, ServeConfig):
+        raise TypeError(f"expected a memrerank.serve.ServeConfig, got {type(config).__name__}")
+    _check_positive(replicas, "replicas")
+    if Path(config.artifact).exists():
+        config = dataclasses.replace(config, artifact=str(Path(config.artifact).resolve()))
+        read_manifest(config.artifact)  # fail here, not in every replica
+    if config.threads is None:  # a replica's onnxruntime threads match the CPUs Ray reserves for it
+        config = dataclasses.replace(config, threads=1)
+    deployment = serve.deployment(_deployment_class(), name="memrerank", num_replicas=replicas,
+                                  ray_actor_options={"num_cpus": config.threads})
+    return deployment.bind(config)
 
 
 def build_app(args: dict[str, Any]) -> Any:
     """A Ray Serve application serving one artifact with ``memrerank serve``'s JSON API.
 
     Ray Serve's application-builder form: one dict, as ``serve run memrerank.scale:build_app artifact=OUT
-    precision=int8 num_replicas=2`` passes it (values may be strings). Keys: ``artifact`` (required), ``precision``
-    (``"auto"``), ``num_replicas`` (1), ``threads`` (1, CPUs per replica), ``max_wait_ms`` (5),
-    ``max_batch_pairs`` (256), ``max_documents`` / ``max_request_bytes`` / ``max_tokens_per_document`` (limits),
-    ``model_name``.
+    precision=int8 num_replicas=2`` passes it (values may be strings). Keys: ``num_replicas`` (1) and the
+    :class:`memrerank.serve.ServeConfig` fields ``artifact`` (required), ``precision`` (``"auto"``),
+    ``providers`` (comma-separated), ``threads`` (1, CPUs per replica), ``max_batch_tokens``, ``prefix_reuse``
+    (true/false/none), ``max_wait_ms`` (5), ``max_batch_pairs`` (256), ``model_name``, and the limits
+    ``max_documents`` / ``max_request_bytes`` / ``max_tokens_per_document``.
+
+    Raises:
+        ValueError: a missing artifact, an unknown option, a value that is not a number or out of range.
     """
     _ray()
     try:
-        from ray import serve
+        from ray import serve  # noqa: F401
     except ImportError as exc:
         raise ValueError("Ray Serve is missing: pip install 'memrerank[ray]'") from exc
-    from memrerank.serve import Limits
-
-    if not isinstance(args, dict):
-        raise TypeError(f"build_app takes one dict of options, got {type(args).__name__}")
-    opts = dict(args)
-    if "artifact" not in opts:
-        raise ValueError("build_app needs artifact=<artifact directory>")
-    known = {"artifact", "precision", "num_replicas", "threads", "max_wait_ms", "max_batch_pairs", "model_name",
-             "max_documents", "max_request_bytes", "max_tokens_per_document"}
-    unknown = sorted(set(opts) - known)
-    if unknown:
-        raise ValueError(f"build_app: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    ints = ("num_replicas", "threads", "max_batch_pairs", "max_documents", "max_request_bytes",
-            "max_tokens_per_document")
-    try:
-        opts = {k: int(v) if k in ints else float(v) if k == "max_wait_ms" else v for k, v in opts.items()}
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"build_app: {exc}; {', '.join(ints)} take integers, max_wait_ms a number") from exc
-    bad = [k for k in ints if k in opts and opts[k] < 1]
-    if bad:
-        raise ValueError(f"build_app: {', '.join(bad)} must be positive")
-    artifact = str(Path(opts["artifact"]).resolve()) if Path(opts["artifact"]).exists() else str(opts["artifact"])
-    if Path(artifact).exists():
-        read_manifest(artifact)  # fail here, not in every replica
-    threads = opts.get("threads", 1)
-    limits = Limits(**{k: opts[k] for k in ("max_documents", "max_request_bytes", "max_tokens_per_document")
-                       if k in opts})
-    config = {"artifact": artifact, "precision": opts.get("precision", "auto"), "limits": asdict(limits),
-              "max_wait_ms": opts.get("max_wait_ms", 5.0), "max_batch_pairs": opts.get("max_batch_pairs", 256),
-              "threads": threads, "model_name": opts.get("model_name")}
-    deployment = serve.deployment(_deployment_class(), name="memrerank", num_replicas=opts.get("num_replicas", 1),
-                                  ray_actor_options={"num_cpus": threads})
-    return deployment.bind(config)
+    config, replicas = _parse_app_args(args)
+    return _application(config, replicas)
 
 
-def serve_on_ray(artifact: str | Path, *, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True,
-                 address: str | None = None, num_cpus: int | None = None, **options: Any) -> Any:
-    """Start Ray Serve's HTTP proxy on ``host:port`` and deploy :func:`build_app` at ``/``.
+def serve_on_ray(config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
+                 address: str | None = None, num_cpus: int | None = None, blocking: bool = True) -> Any:
+    """Start Ray Serve's HTTP proxy on ``host:port`` and deploy ``config``'s service at ``/``.
 
-    ``blocking=False`` returns the deployment handle (tests, notebooks); stop with ``ray.serve.shutdown()``.
+    Args:
+        config: what each replica serves (its ``threads`` are the CPUs a replica reserves; 1 if unset).
+        host: the proxy's bind address.
+        port: the proxy's port.
+        replicas: replicas, each its own process loading the artifact once.
+        address: Ray cluster address; ``None`` = the running Ray instance if any, else a local one.
+        num_cpus: CPUs of a local Ray instance started here (``None`` = all).
+        blocking: serve until Ctrl-C; ``False`` returns the deployment handle (tests, notebooks; stop with
+            ``ray.serve.shutdown()``).
     """
     ray = _ray()
     from ray import serve
 
-    app = build_app({"artifact": str(artifact), **options})
+    app = _application(config, replicas)
     _init_ray(ray, address, num_cpus)
     serve.start(http_options={"host": host, "port": port})
     if not blocking:
         return serve.run(app, name="memrerank", route_prefix="/", blocking=False)
     try:
         serve.run(app, name="memrerank", route_prefix="/", blocking=False)
-        print(f"memrerank on Ray Serve: http://{host}:{port} ({options.get('num_replicas', 1)} replica(s)); "
-              "Ctrl-C stops it", file=sys.stderr)
+        print(f"memrerank on Ray Serve: http://{host}:{port} ({replicas} replica(s)); Ctrl-C stops it",
+              file=sys.stderr)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
