@@ -15,7 +15,7 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 from memrerank import Reranker  # noqa: E402
-from memrerank.serve import Limits, create_app  # noqa: E402
+from memrerank.serve import Limits, ServeConfig, create_app  # noqa: E402
 from texts import DOCS  # noqa: E402
 
 
@@ -24,8 +24,8 @@ def server(bert_artifact):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(bert_artifact, "fp32", limits=Limits(max_documents=50, max_request_bytes=20_000,
-                                                          max_tokens_per_document=200), max_wait_ms=20)
+    app = create_app(ServeConfig(bert_artifact, "fp32", limits=Limits(max_documents=50, max_request_bytes=20_000,
+                                                                       max_tokens_per_document=200), max_wait_ms=20))
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -117,19 +117,50 @@ def test_concurrent_clients_are_batched_and_split_back(server, bert_artifact):
     assert merged < len(queries), "concurrent requests should share model calls"
 
 
-def test_workers_2_processes_serve_the_same_answers(bert_artifact):
-    """``memrerank serve --workers 2`` as a user runs it: two server processes behind one port."""
+@pytest.mark.parametrize("field,value,kind", [
+    ("precision", "int4", ValueError),
+    ("threads", 0, ValueError),
+    ("max_batch_tokens", -1, ValueError),
+    ("max_batch_pairs", 0, ValueError),
+    ("max_wait_ms", -0.5, ValueError),
+    ("prefix_reuse", "yes", ValueError),
+    ("providers", [], ValueError),
+    ("limits", {"max_documents": 5}, TypeError),
+    ("artifact", None, TypeError),
+])
+def test_serve_config_rejects_bad_values_naming_the_field(field, value, kind):
+    kwargs = {"artifact": "some/artifact", field: value}
+    with pytest.raises(kind, match=rf"ServeConfig\.{field}\b"):
+        ServeConfig(**kwargs)
+    with pytest.raises(ValueError, match=r"Limits\.max_documents must be a positive integer"):
+        Limits(max_documents=0)
+
+
+def test_serve_config_normalizes_and_travels_to_worker_processes(tmp_path):
+    """``serve(config, workers=N)`` pickles ``partial(create_app, config)`` into each spawned worker."""
+    import functools
+    import pickle
+
+    cfg = ServeConfig(tmp_path, providers="cuda, cpu", limits=Limits(max_documents=5), max_wait_ms=0)
+    assert cfg.artifact == str(tmp_path) and cfg.providers == ("cuda", "cpu")
+    back = pickle.loads(pickle.dumps(functools.partial(create_app, cfg)))
+    assert back.func is create_app and back.args == (cfg,)
+    with pytest.raises(TypeError, match="ServeConfig"):
+        create_app(str(tmp_path))
+
+
+def _two_workers_serve_the_same_answers(bert_artifact, command):
+    """Start ``command`` (its ``{port}`` filled in), check two worker processes answer like the in-process
+    reranker, then stop it with SIGINT."""
     import os
     import signal
     import subprocess
-    import sys
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "memrerank.cli", "serve", str(bert_artifact), "--precision",
-                             "fp32", "--workers", "2", "--port", str(port), "--threads", "1"],
+    proc = subprocess.Popen([c.format(port=port) for c in command],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
     try:
         deadline = time.time() + 90
@@ -168,3 +199,21 @@ def test_workers_2_processes_serve_the_same_answers(bert_artifact):
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
+
+
+def test_workers_2_processes_serve_the_same_answers(bert_artifact):
+    """``memrerank serve --workers 2`` as a user runs it: two server processes behind one port."""
+    import sys
+
+    _two_workers_serve_the_same_answers(bert_artifact, [
+        sys.executable, "-m", "memrerank.cli", "serve", str(bert_artifact), "--precision", "fp32", "--workers", "2",
+        "--port", "{port}", "--threads", "1"])
+
+
+def test_serve_api_with_workers_2(bert_artifact):
+    """``serve(ServeConfig(...), workers=2)`` from Python: each worker builds its app from the config itself."""
+    import sys
+
+    code = ("import sys; from memrerank.serve import ServeConfig, serve; "
+            "serve(ServeConfig(sys.argv[1], 'fp32', threads=1), port=int(sys.argv[2]), workers=2)")
+    _two_workers_serve_the_same_answers(bert_artifact, [sys.executable, "-c", code, str(bert_artifact), "{port}"])

@@ -4,6 +4,9 @@ APIs clients already speak:
 
 * Cohere / vLLM style ``POST /v1/rerank`` ``{"model", "query", "documents", "top_n", "return_documents"}`` →
   ``{"id", "model", "results": [{"index", "relevance_score", "document"?}], "usage": {...}}``;
+* Cohere v2 ``POST /v2/rerank`` ``{"model", "query", "documents" (strings), "top_n", "max_tokens_per_doc"}``
+  → ``{"id", "results": [{"index", "relevance_score"}], "meta": {"api_version": {"version": "2"},
+  "billed_units": {"search_units": 1}}}`` (what ``cohere.ClientV2.rerank`` parses);
 * Hugging Face TEI ``POST /rerank`` ``{"query", "texts", "raw_scores", "return_text", "truncate"}`` →
   ``[{"index", "score", "text"?}]``;
 * ``GET /health``, ``GET /v1/models``, ``GET /metrics`` (Prometheus text: requests, pairs, latency histogram).
@@ -11,35 +14,145 @@ APIs clients already speak:
 Concurrent requests are merged by a :class:`DynamicBatcher` (one scoring thread; it waits at most ``max_wait_ms``
 for more requests, up to ``max_batch_pairs`` pairs) and split again per request. Limits (documents per request,
 request bytes, tokens per document) answer 413 with a JSON error naming the limit. Binds to 127.0.0.1 unless told.
+
+Every setting travels as one :class:`ServeConfig`: the CLI builds it, :func:`create_app` and :func:`serve` take it,
+``serve(config, workers=N)`` hands it to each worker process, and ``memrerank.scale`` gives it to each Ray Serve
+replica.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at runtime.
 
 import asyncio
+import functools
 import json
+import math
 import os
 import queue
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Limits", "DynamicBatcher", "Metrics", "create_app", "serve"]
+from memrerank.manifest import PRECISIONS
+
+__all__ = ["Limits", "ServeConfig", "DynamicBatcher", "Metrics", "create_app", "serve"]
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_SERVE_EXTRA = "memrerank serve needs the serve extra: pip install 'memrerank[serve]'"
+
+
+def _check_positive(value: Any, name: str, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}")
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-request limits; exceeding one is an HTTP 413 naming it."""
+    """Per-request limits; exceeding one is an HTTP 413 naming it.
+
+    Raises:
+        ValueError: a limit that is not a positive integer (naming it).
+    """
 
     max_documents: int = 1000
     max_request_bytes: int = 4 * 2**20
     max_tokens_per_document: int = 8192
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _check_positive(getattr(self, f.name), f"Limits.{f.name}")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything one rerank service needs: the artifact, how to load it, batching and request limits.
+
+    Args:
+        artifact: an artifact directory written by ``memrerank export`` (a ``Path`` is stored as ``str``).
+        precision: an exported precision or ``"auto"`` (the fastest that met its fidelity budget on the provider).
+        providers: onnxruntime providers or aliases, best first (``("cuda",)``); ``None`` = CPU. A list or a
+            comma-separated string is stored as a tuple.
+        threads: onnxruntime intra-op threads per worker (``None`` = onnxruntime's default).
+        max_batch_tokens: the reranker's padded-token budget per model call (``None`` = its default).
+        prefix_reuse: decoder artifacts: score documents against the query's cached prefix (``None`` = where the
+            artifact supports it).
+        limits: per-request :class:`Limits`.
+        max_wait_ms: dynamic batching: the longest a request waits for company (0 = each request alone).
+        max_batch_pairs: dynamic batching: the most pairs merged into one model call.
+        model_name: the name ``/v1/models`` and responses report (``None`` = the artifact directory's name).
+
+    Raises:
+        ValueError: a value out of range, naming the field.
+        TypeError: a value of the wrong type, naming the field.
+    """
+
+    artifact: str
+    precision: str = "auto"
+    providers: tuple[str, ...] | None = None
+    threads: int | None = None
+    max_batch_tokens: int | None = None
+    prefix_reuse: bool | None = None
+    limits: Limits = Limits()
+    max_wait_ms: float = 5.0
+    max_batch_pairs: int = 256
+    model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.artifact, (str, os.PathLike)) or not os.fspath(self.artifact):
+            raise TypeError(f"ServeConfig.artifact must be an artifact directory (str or Path), got "
+                            f"{self.artifact!r}")
+        object.__setattr__(self, "artifact", os.fspath(self.artifact))
+        if self.precision not in PRECISIONS + ("auto",):
+            raise ValueError(f"ServeConfig.precision: unknown {self.precision!r}; choose one of "
+                             f"{', '.join(PRECISIONS)} or 'auto'")
+        object.__setattr__(self, "providers", _provider_tuple(self.providers))
+        _check_positive(self.threads, "ServeConfig.threads", optional=True)
+        _check_positive(self.max_batch_tokens, "ServeConfig.max_batch_tokens", optional=True)
+        _check_positive(self.max_batch_pairs, "ServeConfig.max_batch_pairs")
+        if self.prefix_reuse not in (None, True, False):
+            raise ValueError(f"ServeConfig.prefix_reuse must be True, False or None, got {self.prefix_reuse!r}")
+        if not isinstance(self.limits, Limits):
+            raise TypeError(f"ServeConfig.limits must be a memrerank.serve.Limits, got "
+                            f"{type(self.limits).__name__}")
+        wait = self.max_wait_ms
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not math.isfinite(wait) or wait < 0:
+            raise ValueError(f"ServeConfig.max_wait_ms must be a number >= 0, got {wait!r}")
+        if self.model_name is not None and (not isinstance(self.model_name, str) or not self.model_name):
+            raise ValueError(f"ServeConfig.model_name must be a non-empty string or None, got {self.model_name!r}")
+
+    def load_reranker(self) -> Any:
+        """Load the artifact as this config says (one :class:`memrerank.Reranker` per worker or replica)."""
+        from memrerank import Reranker
+
+        n = self.max_batch_tokens
+        return Reranker.load(self.artifact, precision=self.precision, providers=self.providers,
+                             threads=self.threads, prefix_reuse=self.prefix_reuse,
+                             **({"max_batch_tokens": n} if n else {}))
+
+    @property
+    def name(self) -> str:
+        """The model name the service reports."""
+        return self.model_name or Path(self.artifact).resolve().name
+
+
+def _provider_tuple(providers: Any, name: str = "ServeConfig.providers") -> tuple[str, ...] | None:
+    """Provider names as a tuple (a comma-separated string or a list accepted); None stays None."""
+    if providers is None:
+        return None
+    items = providers.split(",") if isinstance(providers, str) else providers
+    try:
+        names = tuple(p.strip() for p in items if not isinstance(p, str) or p.strip())
+    except (TypeError, AttributeError):
+        raise TypeError(f"{name} must be provider names (e.g. ('cuda',)) or None, got {providers!r}") from None
+    if not names:
+        raise ValueError(f"{name} is empty; pass None for CPU or e.g. ('cuda',)")
+    return names
 
 
 class Metrics:
@@ -121,7 +234,7 @@ class DynamicBatcher:
                 n += len(item[1])
             pairs = [(q, d) for q, docs, _, _ in items for d in docs]
             try:
-                logits, truncated = self.reranker.predict(pairs, raw=True, return_truncated=True)
+                logits, truncated = self.reranker.predict_with_truncation(pairs, raw=True)
                 results: list[Any] = []
                 start = 0
                 for _, docs, _, _ in items:
@@ -145,171 +258,274 @@ def _deliver(future: asyncio.Future, result: Any) -> None:
         future.set_result(result)
 
 
-def create_app(artifact: str | Path, precision: str = "auto", *, limits: Limits = Limits(),
-               max_wait_ms: float = 5.0, max_batch_pairs: int = 256, threads: int | None = None,
-               model_name: str | None = None) -> Any:
-    """The FastAPI application (load the artifact once; see the module docstring for the API)."""
-    try:
-        from fastapi import FastAPI, Request
-        from fastapi.responses import JSONResponse, PlainTextResponse
-    except ImportError as exc:
-        raise ValueError("memrerank serve needs the serve extra: pip install 'memrerank[serve]'") from exc
-    from memrerank import Reranker
-    from memrerank.runtime.encoding import utf8_safe
 
-    reranker = Reranker.load(artifact, precision=precision, threads=threads)
-    name = model_name or Path(artifact).resolve().name
-    metrics = Metrics()
-    batcher = DynamicBatcher(reranker, max_batch_pairs=max_batch_pairs, max_wait_ms=max_wait_ms, metrics=metrics)
-    app = FastAPI(title="memrerank", version=__import__("memrerank").__version__)
-    app.state.reranker, app.state.batcher, app.state.metrics, app.state.limits = reranker, batcher, metrics, limits
+def _error(status: int, kind: str, message: str) -> Any:
+    from fastapi.responses import JSONResponse
 
-    def error(status: int, kind: str, message: str) -> JSONResponse:
-        return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status)
+    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status)
 
-    async def read_body(request: Request) -> tuple[dict[str, Any] | None, JSONResponse | None]:
+
+class _Service:
+    """The request side of one service: body reading under the limits, validation, and the rerank APIs.
+
+    Each handler takes the Starlette request and returns ``(response, pairs scored)``; a response is a JSON-able
+    value or a JSONResponse carrying an error.
+    """
+
+    def __init__(self, config: ServeConfig, reranker: Any) -> None:
+        self.config, self.limits, self.reranker = config, config.limits, reranker
+        self.name = config.name
+        self.metrics = Metrics()
+        self.batcher = DynamicBatcher(reranker, max_batch_pairs=config.max_batch_pairs,
+                                      max_wait_ms=config.max_wait_ms, metrics=self.metrics)
+
+    async def read_body(self, request: Any) -> tuple[dict[str, Any] | None, Any]:
+        """The JSON object of the body, or an error response (413 over ``max_request_bytes``, 400, 422)."""
+        cap = self.limits.max_request_bytes
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limits.max_request_bytes:
-            return None, error(413, "max_request_bytes", f"request body of {declared} bytes exceeds the limit of "
-                                                         f"{limits.max_request_bytes} bytes")
+        if declared and declared.isdigit() and int(declared) > cap:
+            return None, _error(413, "max_request_bytes",
+                                f"request body of {declared} bytes exceeds the limit of {cap} bytes")
         body = b""
         async for chunk in request.stream():
             body += chunk
-            if len(body) > limits.max_request_bytes:
-                return None, error(413, "max_request_bytes",
-                                   f"request body exceeds the limit of {limits.max_request_bytes} bytes")
+            if len(body) > cap:
+                return None, _error(413, "max_request_bytes", f"request body exceeds the limit of {cap} bytes")
         try:
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return None, error(400, "invalid_json", f"request body is not JSON: {exc}")
+            return None, _error(400, "invalid_json", f"request body is not JSON: {exc}")
         if not isinstance(data, dict):
-            return None, error(422, "invalid_request", "request body must be a JSON object")
+            return None, _error(422, "invalid_request", "request body must be a JSON object")
         return data, None
 
-    def check_docs(query: Any, docs: Any, field: str, truncate: bool = True) -> JSONResponse | None:
+    def check_docs(self, query: Any, docs: Any, field: str, max_tokens: int | None = None) -> Any:
+        """None when ``query`` and ``docs`` are valid and within the limits, else the error response.
+
+        ``max_tokens``: the request cuts documents to this many tokens (v2's ``max_tokens_per_doc``), so the
+        per-document token limit applies to the cut length.
+        """
+        from memrerank.runtime.encoding import utf8_safe
+
+        limits = self.limits
         if not isinstance(query, str):
-            return error(422, "invalid_request", "'query' must be a string")
+            return _error(422, "invalid_request", "'query' must be a string")
         if not isinstance(docs, list) or not docs:
-            return error(422, "invalid_request", f"'{field}' must be a non-empty list of strings")
+            return _error(422, "invalid_request", f"'{field}' must be a non-empty list of strings")
         if len(docs) > limits.max_documents:
-            return error(413, "max_documents", f"{len(docs)} documents exceed the limit of {limits.max_documents} "
-                                               "per request; split the request")
+            return _error(413, "max_documents", f"{len(docs)} documents exceed the limit of "
+                                                f"{limits.max_documents} per request; split the request")
         bad = next((i for i, d in enumerate(docs) if not isinstance(d, str)), None)
         if bad is not None:
-            return error(422, "invalid_request", f"'{field}[{bad}]' must be a string")
-        lengths = [len(e.ids) for e in reranker.tokenizer.encode_batch(
+            return _error(422, "invalid_request", f"'{field}[{bad}]' must be a string")
+        lengths = [len(e.ids) for e in self.reranker.tokenizer.encode_batch(
             [utf8_safe(d) for d in docs], add_special_tokens=False)]
+        if max_tokens is not None:
+            lengths = [min(n, max_tokens) for n in lengths]
         worst = int(np.argmax(lengths))
         if lengths[worst] > limits.max_tokens_per_document:
-            return error(413, "max_tokens_per_document", f"'{field}[{worst}]' has {lengths[worst]} tokens, over the "
-                                                         f"limit of {limits.max_tokens_per_document}")
+            return _error(413, "max_tokens_per_document", f"'{field}[{worst}]' has {lengths[worst]} tokens, over "
+                                                          f"the limit of {limits.max_tokens_per_document}")
         return None
 
-    async def timed(endpoint: str, handler: Any, request: Request) -> Any:
+    async def timed(self, endpoint: str, handler: Any, request: Any) -> Any:
+        """Run one handler and record its status, latency and pairs in the metrics."""
         t = time.perf_counter()
         response, pairs = await handler(request)
         status = getattr(response, "status_code", 200)
-        metrics.observe(endpoint, status, time.perf_counter() - t, pairs)
+        self.metrics.observe(endpoint, status, time.perf_counter() - t, pairs)
         return response
 
-    async def cohere(request: Request) -> tuple[Any, int]:
-        data, err = await read_body(request)
+    async def cohere(self, request: Any) -> tuple[Any, int]:
+        """``POST /v1/rerank``: calibrated relevance scores, best first, ``top_n`` of them."""
+        data, err = await self.read_body(request)
         if err:
             return err, 0
         query, docs = data.get("query"), data.get("documents")
         if isinstance(docs, list):  # Cohere also accepts {"text": ...} objects
             docs = [d.get("text") if isinstance(d, dict) else d for d in docs]
-        if (err := check_docs(query, docs, "documents")) is not None:
+        if (err := self.check_docs(query, docs, "documents")) is not None:
             return err, 0
         top_n = data.get("top_n")
         if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
-            return error(422, "invalid_request", "'top_n' must be a positive integer"), 0
+            return _error(422, "invalid_request", "'top_n' must be a positive integer"), 0
         try:
-            logits, _ = await batcher.score(query, docs)
+            logits, _ = await self.batcher.score(query, docs)
         except (TypeError, ValueError) as exc:
-            return error(422, "invalid_request", str(exc)), 0
-        probs = reranker.calibrator(logits)
-        order = np.argsort(-logits, kind="stable")[: top_n or len(docs)]
+            return _error(422, "invalid_request", str(exc)), 0
+        probs = self.reranker.calibrator(logits)
         results = []
-        for i in order:
+        for i in np.argsort(-logits, kind="stable")[: top_n or len(docs)]:
             item: dict[str, Any] = {"index": int(i), "relevance_score": float(probs[i])}
             if data.get("return_documents"):
                 item["document"] = {"text": docs[i]}
             results.append(item)
-        return {"id": str(uuid.uuid4()), "model": data.get("model") or name, "results": results,
+        return {"id": str(uuid.uuid4()), "model": data.get("model") or self.name, "results": results,
                 "usage": {"search_units": 1, "documents": len(docs)}}, len(docs)
 
-    async def tei(request: Request) -> tuple[Any, int]:
-        data, err = await read_body(request)
+    def cut_docs(self, docs: list[str], max_tokens: int) -> list[str]:
+        """``docs`` with each document longer than ``max_tokens`` tokens cut after its ``max_tokens``-th.
+
+        Tokens are the artifact tokenizer's, without special tokens (what ``max_tokens_per_document``
+        counts). A document is cut at the character where that token ends, so the scored text is a prefix of
+        the original; a character whose bytes that token splits (byte-level BPE) is dropped whole.
+        """
+        from memrerank.runtime.encoding import utf8_safe
+
+        safe = [utf8_safe(d) for d in docs]
+        out = []
+        for doc, enc in zip(safe, self.reranker.tokenizer.encode_batch(safe, add_special_tokens=False)):
+            if len(enc.ids) <= max_tokens:
+                out.append(doc)
+                continue
+            start, end = enc.offsets[max_tokens - 1]
+            if enc.offsets[max_tokens][0] < end:  # the first dropped token holds part of the same character
+                end = start
+            out.append(doc[:end])
+        return out
+
+    async def cohere_v2(self, request: Any) -> tuple[Any, int]:
+        """``POST /v2/rerank`` (Cohere v2): calibrated relevance scores, best first, ``top_n`` of them.
+
+        ``max_tokens_per_doc`` cuts each document to that many tokens before scoring (see :meth:`cut_docs`);
+        without it a document is scored as v1 scores it (the model's own max length applies either way).
+        """
+        data, err = await self.read_body(request)
+        if err:
+            return err, 0
+        query, docs = data.get("query"), data.get("documents")
+        for key in ("top_n", "max_tokens_per_doc"):
+            value = data.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                return _error(422, "invalid_request", f"'{key}' must be a positive integer"), 0
+        max_tokens = data.get("max_tokens_per_doc")
+        if (err := self.check_docs(query, docs, "documents", max_tokens=max_tokens)) is not None:
+            return err, 0
+        if max_tokens is not None:
+            docs = self.cut_docs(docs, max_tokens)
+        try:
+            logits, _ = await self.batcher.score(query, docs)
+        except (TypeError, ValueError) as exc:
+            return _error(422, "invalid_request", str(exc)), 0
+        probs = self.reranker.calibrator(logits)
+        order = np.argsort(-logits, kind="stable")[: data.get("top_n") or len(docs)]
+        results = [{"index": int(i), "relevance_score": float(probs[i])} for i in order]
+        return {"id": str(uuid.uuid4()), "results": results,
+                "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}}, len(docs)
+
+    async def tei(self, request: Any) -> tuple[Any, int]:
+        """``POST /rerank`` (Hugging Face TEI): every text's score, best first; 413 if truncate is false and a
+        text does not fit the model."""
+        data, err = await self.read_body(request)
         if err:
             return err, 0
         query, docs = data.get("query"), data.get("texts")
-        if (err := check_docs(query, docs, "texts")) is not None:
+        if (err := self.check_docs(query, docs, "texts")) is not None:
             return err, 0
         try:
-            logits, truncated = await batcher.score(query, docs)
+            logits, truncated = await self.batcher.score(query, docs)
         except (TypeError, ValueError) as exc:
-            return error(422, "invalid_request", str(exc)), 0
+            return _error(422, "invalid_request", str(exc)), 0
         if data.get("truncate") is False and truncated.any():
             i = int(np.argmax(truncated))
-            return error(413, "max_tokens_per_document", f"'texts[{i}]' does not fit the model's max length "
-                                                         "and truncate is false"), 0
-        scores = logits if data.get("raw_scores") else reranker.calibrator(logits)
-        order = np.argsort(-logits, kind="stable")
+            return _error(413, "max_tokens_per_document", f"'texts[{i}]' does not fit the model's max length "
+                                                          "and truncate is false"), 0
+        scores = logits if data.get("raw_scores") else self.reranker.calibrator(logits)
         out = []
-        for i in order:
+        for i in np.argsort(-logits, kind="stable"):
             item = {"index": int(i), "score": float(scores[i])}
             if data.get("return_text"):
                 item["text"] = docs[i]
             out.append(item)
         return out, len(docs)
 
+
+def _add_routes(app: Any, service: _Service) -> None:
+    from fastapi import Request
+    from fastapi.responses import PlainTextResponse
+
+    reranker = service.reranker
+
     @app.post("/v1/rerank")
     async def v1_rerank(request: Request) -> Any:
-        return await timed("/v1/rerank", cohere, request)
+        return await service.timed("/v1/rerank", service.cohere, request)
+
+    @app.post("/v2/rerank")
+    async def v2_rerank(request: Request) -> Any:
+        return await service.timed("/v2/rerank", service.cohere_v2, request)
 
     @app.post("/rerank")
     async def tei_rerank(request: Request) -> Any:
-        return await timed("/rerank", tei, request)
+        return await service.timed("/rerank", service.tei, request)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": name, "precision": reranker.precision, "pid": os.getpid()}
+        return {"status": "ok", "model": service.name, "precision": reranker.precision, "pid": os.getpid()}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "memrerank",
+        return {"object": "list", "data": [{"id": service.name, "object": "model", "owned_by": "memrerank",
                                             "family": reranker.family, "precision": reranker.precision}]}
 
     @app.get("/metrics")
     async def prometheus() -> Any:
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
+
+def create_app(config: ServeConfig) -> Any:
+    """The FastAPI application: loads the artifact once (see the module docstring for the API).
+
+    ``app.state`` holds ``config``, ``reranker``, ``batcher``, ``metrics`` and ``limits``.
+
+    Raises:
+        TypeError: ``config`` is not a :class:`ServeConfig`.
+        ValueError: the serve extra (FastAPI) is not installed.
+    """
+    if not isinstance(config, ServeConfig):
+        raise TypeError(f"create_app takes a memrerank.serve.ServeConfig (ServeConfig(artifact, precision=...)), "
+                        f"got {type(config).__name__}")
+    try:
+        from fastapi import FastAPI
+    except ImportError as exc:
+        raise ValueError(_SERVE_EXTRA) from exc
+
+    service = _Service(config, config.load_reranker())
+    app = FastAPI(title="memrerank", version=__import__("memrerank").__version__)
+    app.state.config, app.state.reranker, app.state.batcher = config, service.reranker, service.batcher
+    app.state.metrics, app.state.limits = service.metrics, config.limits
+    _add_routes(app, service)
     return app
 
 
-def app_from_env() -> Any:
-    """uvicorn factory for ``--workers N`` (each worker process loads the artifact once)."""
-    cfg = json.loads(os.environ["MEMRERANK_SERVE_CONFIG"])
-    return create_app(cfg["artifact"], cfg["precision"], limits=Limits(**cfg["limits"]),
-                      max_wait_ms=cfg["max_wait_ms"], max_batch_pairs=cfg["max_batch_pairs"], threads=cfg["threads"])
+def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8080, workers: int = 1) -> None:
+    """Run the service on ``host:port`` until interrupted (blocking).
 
-
-def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8080, precision: str = "auto",
-          workers: int = 1, limits: Limits = Limits(), max_wait_ms: float = 5.0, max_batch_pairs: int = 256,
-          threads: int | None = None) -> None:
-    """Run the service (blocking)."""
+    Args:
+        config: what to serve and how.
+        host: bind address (loopback unless told).
+        port: TCP port.
+        workers: server processes sharing the port; each loads the artifact once. With more than one, uvicorn
+            spawns them and each builds its app from ``config`` (pickled with the app factory).
+    """
+    if not isinstance(config, ServeConfig):
+        raise TypeError(f"serve takes a memrerank.serve.ServeConfig, got {type(config).__name__}")
+    _check_positive(workers, "workers")
     try:
         import uvicorn
+        from uvicorn.supervisors import Multiprocess
     except ImportError as exc:
-        raise ValueError("memrerank serve needs the serve extra: pip install 'memrerank[serve]'") from exc
-    if workers > 1:
-        os.environ["MEMRERANK_SERVE_CONFIG"] = json.dumps({
-            "artifact": str(artifact), "precision": precision, "limits": asdict(limits), "max_wait_ms": max_wait_ms,
-            "max_batch_pairs": max_batch_pairs, "threads": threads})
-        uvicorn.run("memrerank.serve:app_from_env", factory=True, host=host, port=port, workers=workers,
-                    log_level="warning")
-    else:
-        uvicorn.run(create_app(artifact, precision, limits=limits, max_wait_ms=max_wait_ms,
-                               max_batch_pairs=max_batch_pairs, threads=threads), host=host, port=port,
-                    log_level="warning")
+        raise ValueError(_SERVE_EXTRA) from exc
+    if workers == 1:
+        uvicorn.run(create_app(config), host=host, port=port, log_level="warning")
+        return
+    # What uvicorn.run does for an import string and workers > 1, with the factory and its config as one
+    # picklable partial instead: the supervisor binds the socket and loads nothing itself.
+    uv_config = uvicorn.Config(functools.partial(create_app, config), factory=True, host=host, port=port,
+                               workers=workers, log_level="warning")
+    sock = uv_config.bind_socket()
+    try:
+        Multiprocess(uv_config, sockets=[sock]).run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()

@@ -1,0 +1,118 @@
+"""LangChain: :class:`MemrerankRerank`, a document compressor that reranks retrieved documents.
+
+Needs ``langchain-core`` (``pip install "memrerank[langchain]"``)::
+
+    from memrerank.integrations.langchain import MemrerankRerank
+
+    rerank = MemrerankRerank(artifact="qwen3-rr", precision="int8", top_n=3)
+    top = rerank.compress_documents(docs, "When does my passport expire?")
+    top[0].metadata["relevance_score"]  # the calibrated probability
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from copy import deepcopy
+from typing import Any
+
+from memrerank.integrations._common import (
+    check_precision,
+    check_threshold,
+    check_top_n,
+    missing_extra,
+    resolve_reranker,
+)
+
+try:
+    from langchain_core.callbacks import Callbacks
+    from langchain_core.documents import BaseDocumentCompressor, Document
+    from pydantic import ConfigDict, field_validator
+except ImportError as exc:
+    raise ImportError(missing_extra("langchain", "langchain-core", "langchain")) from exc
+
+__all__ = ["MemrerankRerank"]
+
+
+class MemrerankRerank(BaseDocumentCompressor):
+    """Reranks LangChain documents by their ``page_content`` with a memrerank artifact, best first.
+
+    Use it wherever LangChain takes a document compressor, e.g.
+    ``ContextualCompressionRetriever(base_compressor=MemrerankRerank(...), base_retriever=...)``.
+
+    Args:
+        artifact: an artifact directory written by ``memrerank export`` (loaded once, on the CPU); or
+        reranker: an already loaded :class:`memrerank.Reranker` (any providers, shared with other code).
+            Exactly one of the two.
+        precision: with ``artifact``: an exported precision or ``"auto"``.
+        top_n: keep at most this many documents (``None`` = all).
+        threshold: keep documents whose calibrated probability is ``>= threshold`` (``None`` = no cut).
+
+    Raises:
+        ValueError: a bad argument (a pydantic ``ValidationError`` naming it); neither or both of
+            ``artifact`` and ``reranker``; an artifact that does not load (an ``ArtifactError`` saying what
+            to do).
+        TypeError: ``reranker`` is not a :class:`memrerank.Reranker`.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+
+    artifact: str | None = None
+    precision: str = "auto"
+    top_n: int | None = 3
+    threshold: float | None = None
+    reranker: Any = None
+
+    @field_validator("artifact", mode="before")
+    @classmethod
+    def _artifact_path(cls, value: Any) -> Any:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision(cls, value: Any) -> str:
+        return check_precision(value)
+
+    @field_validator("top_n", mode="before")
+    @classmethod
+    def _top_n(cls, value: Any) -> int | None:
+        return check_top_n(value)
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _threshold(cls, value: Any) -> float | None:
+        return check_threshold(value)
+
+    def __init__(self, **data: Any) -> None:
+        super().__init__(**data)
+        # after pydantic's validation, so an ArtifactError reaches the caller as itself, not wrapped
+        self.reranker = resolve_reranker(self.artifact, self.precision, self.reranker)
+
+    def compress_documents(self, documents: Sequence[Document], query: str,
+                           callbacks: Callbacks | None = None) -> Sequence[Document]:
+        """The best ``top_n`` documents for ``query``, best first, each with ``metadata["relevance_score"]``.
+
+        Args:
+            documents: the retrieved documents (not modified: the results are copies with their own metadata).
+            query: the question.
+            callbacks: accepted for LangChain's interface; scoring emits no callback events.
+
+        Returns:
+            Copies of the kept documents, best first; an empty list for no documents.
+
+        Raises:
+            TypeError: ``query`` is not a string or an item of ``documents`` is not a LangChain ``Document``.
+        """
+        docs = list(documents)
+        bad = next((i for i, d in enumerate(docs) if not isinstance(d, Document)), None)
+        if bad is not None:
+            raise TypeError(f"documents[{bad}] must be a langchain_core.documents.Document, got "
+                            f"{type(docs[bad]).__name__}")
+        hits = self.reranker.rank(query, [d.page_content for d in docs], top_k=self.top_n,
+                                  threshold=self.threshold)
+        out = []
+        for hit in hits:
+            doc = docs[hit.index]
+            metadata = {**deepcopy(doc.metadata), "relevance_score": hit.score}
+            out.append(doc.model_copy(update={"metadata": metadata}))
+        return out
