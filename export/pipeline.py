@@ -1,19 +1,18 @@
 """The export pipeline: load → build graph → validate against PyTorch → quantize → validate against fp32.
 
-Everything is written into a temporary sibling directory that is renamed into place at the end. The manifest
-is built as JSON while the steps run; every write goes through :func:`memrerank.manifest.write_manifest`
-(which parses it first, so nothing writes a manifest the runtime would refuse), and fields are read back as
-typed attributes.
+Everything is written into a staging sibling directory that is swapped into place at the end
+(:mod:`memrerank.atomic`: a kill at any moment leaves the previous artifact, or puts it back at the next
+start, which also removes the siblings killed exports left). The manifest is built as JSON while the steps
+run; every write goes through :func:`memrerank.manifest.write_manifest` (which parses it first, so nothing
+writes a manifest the runtime would refuse), and fields are read back as typed attributes.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import logging
-import os
 import shutil
 import sys
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from memrerank.atomic import recover, staging_path, swap_into_place
 from memrerank.errors import ParityError
 from memrerank.export.families import family_for
 from memrerank.export.fidelity import CalibSet, FidelityBudget, load_calib_jsonl, search_exclusions
@@ -62,40 +62,45 @@ def _versions() -> dict[str, str]:
 
 def validate_artifact(root: Path, family: Any, precision: str = "fp32",
                       groups: Sequence[tuple[str, list[str]]] | None = None) -> dict[str, Any]:
-    """Score the built-in groups with the artifact (each padding side the family supports, batch 1 and 8)
-    and with PyTorch.
+    """Score the built-in groups with the artifact and with PyTorch.
+
+    Every run is checked: each padding side the family supports, batch 1 and 8, and for decoder artifacts
+    both scoring paths: ``reuse`` (the shared prefix run once per query, the default on onnxruntime) and
+    ``whole`` (whole pairs with an empty past: ``prefix_reuse=False``, TensorRT engines, single documents).
 
     Returns:
-        The parity report stored in the manifest.
+        The parity report stored in the manifest; ``max_abs_logit_diff_by_run`` is keyed
+        ``[reuse|whole/]side/batchN`` and ``max_abs_logit_diff`` is the worst run.
     """
     from memrerank.runtime import Reranker
 
     groups = list(groups) if groups is not None else builtin_pairs()
     ref = [family.reference(q, docs, None) for q, docs in groups]
-    reranker = Reranker.load(root, precision=precision)
-    by_padding: dict[str, float] = {}
-    worst = 0.0
+    paths: tuple[tuple[str, bool | None], ...] = (("", None),)
+    if read_manifest(root).prefix_reuse is not None:
+        paths = (("reuse/", True), ("whole/", False))
+    by_run: dict[str, float] = {}
     spear, topk = [], []
-    for side in family.padding_sides:
-        reranker.padding_side = side
-        for batch_size in (1, 8):
-            reranker.batch_size = batch_size
-            diffs = []
-            for (q, docs), r in zip(groups, ref):
-                got = reranker.predict([(q, d) for d in docs], raw=True).astype(np.float64)
-                diffs.append(float(np.max(np.abs(got - r))))
-                if side == family.padding_side and batch_size == 8:
-                    spear.append(spearman(got, r))
-                    topk.append(topk_overlap(got, r, TOPK))
-            key = f"{side}/batch{batch_size}"
-            by_padding[key] = max(diffs)
-            worst = max(worst, by_padding[key])
+    for path, prefix_reuse in paths:
+        reranker = Reranker.load(root, precision=precision, prefix_reuse=prefix_reuse)
+        for side in family.padding_sides:
+            reranker.padding_side = side
+            for batch_size in (1, 8):
+                reranker.batch_size = batch_size
+                diffs = []
+                for (q, docs), r in zip(groups, ref):
+                    got = reranker.predict([(q, d) for d in docs], raw=True).astype(np.float64)
+                    diffs.append(float(np.max(np.abs(got - r))))
+                    if side == family.padding_side and batch_size == 8:
+                        spear.append(spearman(got, r))
+                        topk.append(topk_overlap(got, r, TOPK))
+                by_run[f"{path}{side}/batch{batch_size}"] = max(diffs)
     return {
         "reference": "pytorch (transformers, fp32)",
         "pairs": sum(len(d) for _, d in groups),
         "queries": len(groups),
-        "max_abs_logit_diff": worst,
-        "max_abs_logit_diff_by_run": by_padding,
+        "max_abs_logit_diff": max(by_run.values()),
+        "max_abs_logit_diff_by_run": by_run,
         "spearman_mean": float(np.mean(spear)),
         f"top{TOPK}_agreement": float(np.mean(topk)),
         "tolerance": PARITY_TOLERANCE[precision],
@@ -115,10 +120,15 @@ def export_model(
     opset: int = DEFAULT_OPSET,
     calib_data: str | Path | None = None,
     fidelity: FidelityBudget | str | None = None,
+    allow_pickle: bool = False,
     command: str | None = None,
     log: Callable[[str], None] = _log.info,
 ) -> Path:
     """Turn a Hugging Face checkpoint into a validated artifact directory.
+
+    The artifact is built beside ``out`` and swapped in at the end (:func:`memrerank.atomic.swap_into_place`):
+    killed at any moment, ``out`` is the previous artifact or, for a kill at the swap itself, is put back
+    when the next export of ``out`` starts (which also removes what killed exports left beside it).
 
     Args:
         model: hub id or local directory.
@@ -133,31 +143,36 @@ def export_model(
         calib_data: JSONL of {"query","document"} pairs for static calibration and fidelity checks
             (default: the built-in pairs).
         fidelity: budget every quantized precision must meet vs fp32 (``"top10=0.95,spearman=0.99"``).
+        allow_pickle: load a checkpoint whose weights are only a pickle (``pytorch_model.bin``). Off by
+            default: weights load from safetensors only, because unpickling can run code.
         command: the command line recorded in the manifest's ``export`` block.
         log: progress messages.
 
     Raises:
         FileExistsError: ``out`` exists and ``force`` is false.
         UnsupportedModelError: no family handles the checkpoint.
+        UnsafeCheckpointError: the weights are only a pickle and ``allow_pickle`` is false.
         ParityError: the graph misses the precision's tolerance against PyTorch.
     """
     out = Path(out)
+    recover(out, log)  # an artifact a killed export left aside comes back before anything looks at ``out``
     budget, calib_groups = _check_arguments(out, precisions, force=force, max_length=max_length,
                                             calib_data=calib_data, fidelity=fidelity)
     family, config = _load_family(model, revision=revision, trust_remote_code=trust_remote_code,
-                                  instruction=instruction, max_length=max_length, log=log)
+                                  instruction=instruction, max_length=max_length, allow_pickle=allow_pickle,
+                                  log=log)
     blocks = family.template()  # refuses options the family does not take, before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp = staging_path(out)
     tmp.mkdir()
     try:
         manifest = _write_fp32(tmp, model, config, family, blocks, revision=revision, opset=opset,
-                               command=command, log=log)
+                               command=command, allow_pickle=allow_pickle, log=log)
         _validate_fp32(tmp, family, manifest, log)
         lower = [p for p in PRECISIONS if p in precisions and p != "fp32"]
         if lower:
             _build_precisions(tmp, lower, calib_groups, budget, manifest, log)
-        _swap_into_place(tmp, out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -184,7 +199,7 @@ def _check_arguments(out: Path, precisions: Sequence[str], *, force: bool, max_l
 
 
 def _load_family(model: str, *, revision: str | None, trust_remote_code: bool, instruction: str | None,
-                 max_length: int | None, log: Callable[[str], None]) -> tuple[Any, Any]:
+                 max_length: int | None, allow_pickle: bool, log: Callable[[str], None]) -> tuple[Any, Any]:
     """Read the checkpoint's config, pick its registered family and load the PyTorch model and tokenizer."""
     from transformers import AutoConfig
 
@@ -196,14 +211,14 @@ def _load_family(model: str, *, revision: str | None, trust_remote_code: bool, i
                  "hub id (or the hub is unreachable: set HF_HUB_OFFLINE=1 and pass a local directory)")
         raise ValueError(f"{model}: cannot read a transformers config.json from this {where}: {exc}") from exc
     family = family_for(config)(model, config, revision=revision, trust_remote_code=trust_remote_code,
-                                instruction=instruction, max_length=max_length)
+                                instruction=instruction, max_length=max_length, allow_pickle=allow_pickle)
     family.load()
     return family, config
 
 
 def _write_fp32(tmp: Path, model: str, config: Any, family: Any,
                 blocks: tuple[dict[str, Any], dict[str, Any]], *, revision: str | None, opset: int,
-                command: str | None, log: Callable[[str], None]) -> dict[str, Any]:
+                command: str | None, allow_pickle: bool, log: Callable[[str], None]) -> dict[str, Any]:
     """Write the tokenizer, the fp32 graph and the first manifest into ``tmp``; return the manifest's JSON.
 
     ``blocks`` is the family's ``(template, tokens)`` pair (:meth:`Family.template`).
@@ -245,6 +260,7 @@ def _write_fp32(tmp: Path, model: str, config: Any, family: Any,
             "versions": _versions(),
             "opset": opset,
             "command": command,
+            "allow_pickle": allow_pickle,
         },
     }
     write_manifest(tmp, manifest)
@@ -316,18 +332,3 @@ def _build_precisions(tmp: Path, names: Sequence[str], groups: Sequence[tuple[st
         raise ParityError("precisions below the fidelity budget vs fp32 even after the sensitivity search:\n"
                           + "\n".join(failures) + "\nrelax it with --fidelity top10=X,spearman=Y or drop the precision")
     write_manifest(tmp, manifest)
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` stays complete until the new one is in place."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            os.replace(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -10,7 +11,7 @@ import pytest
 
 import models
 from memrerank import Reranker
-from memrerank.errors import ParityError, UnsupportedModelError
+from memrerank.errors import ParityError, UnsafeCheckpointError, UnsupportedModelError
 from memrerank.export import export_model
 from memrerank.manifest import PARITY_TOLERANCE, SCHEMA_VERSION, sha256_file
 
@@ -30,7 +31,10 @@ def test_manifest_records_the_contract(qwen_artifact):
     assert set(m["tokenizer"]["files"]) >= {"tokenizer.json", "tokenizer_config.json"}
     parity = fp32["parity"]
     assert parity["max_abs_logit_diff"] <= PARITY_TOLERANCE["fp32"]
-    assert set(parity["max_abs_logit_diff_by_run"]) == {"left/batch1", "left/batch8", "right/batch1", "right/batch8"}
+    # both decoder paths are checked against PyTorch: the shared prefix reused and whole pairs (empty past)
+    assert set(parity["max_abs_logit_diff_by_run"]) == {f"{path}/{side}/batch{n}" for path in ("reuse", "whole")
+                                                        for side in ("left", "right") for n in (1, 8)}
+    assert max(parity["max_abs_logit_diff_by_run"].values()) == parity["max_abs_logit_diff"]
     assert parity["spearman_mean"] > 0.999 and parity["top3_agreement"] == 1.0
 
 
@@ -94,6 +98,85 @@ def test_parity_failure_is_typed_and_leaves_nothing(tmp_path, bert_ckpt, monkeyp
         export_model(str(bert_ckpt), out, log=lambda m: None)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == [], "the partial directory must be removed"
+
+
+def test_broken_whole_pair_path_fails_the_export(tmp_path, qwen_ckpt, monkeypatch):
+    """The whole-pair path (empty past: prefix_reuse=False, TensorRT, single documents) is checked on its own:
+    a graph right with a reused prefix but wrong on whole pairs is refused, naming the runs that missed."""
+    from memrerank.runtime.backends.onnxruntime import OrtBackend
+
+    score = OrtBackend.score
+
+    def whole_pairs_off_by_one(self, input_ids, attention_mask, token_type_ids=None, past=None):
+        return score(self, input_ids, attention_mask, token_type_ids, past) + (1.0 if past is None else 0.0)
+
+    monkeypatch.setattr(OrtBackend, "score", whole_pairs_off_by_one)
+    out = tmp_path / "out"
+    with pytest.raises(ParityError) as err:
+        export_model(str(qwen_ckpt), out, max_length=128, log=lambda m: None)
+    msg = str(err.value)
+    for side in ("left", "right"):
+        for n in (1, 8):
+            assert re.search(rf"whole/{side}/batch{n}: max \|Δlogit\| = 1\.0\d*e\+00", msg), msg
+            reuse = float(re.search(rf"reuse/{side}/batch{n}: max \|Δlogit\| = (\S+)", msg).group(1))
+            assert reuse <= PARITY_TOLERANCE["fp32"]
+    assert list(tmp_path.iterdir()) == [], "nothing written, no sibling left"
+
+
+def _pickle_only_checkpoint(src, dst, cls_name):
+    """``src`` re-saved with ``safe_serialization=False``: ``pytorch_model.bin`` and no safetensors."""
+    import shutil
+
+    import transformers
+
+    model = getattr(transformers, cls_name).from_pretrained(src)
+    model.save_pretrained(dst, safe_serialization=False)
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(f, dst / f.name)
+    assert (dst / "pytorch_model.bin").exists() and not list(dst.glob("*.safetensors"))
+    return dst
+
+
+@pytest.mark.parametrize("ckpt_fixture,cls_name", [("bert_ckpt", "BertForSequenceClassification"),
+                                                   ("qwen_ckpt", "Qwen3ForCausalLM")])
+def test_pickle_only_checkpoint_is_refused(request, tmp_path, ckpt_fixture, cls_name, monkeypatch):
+    """A checkpoint whose weights are only pytorch_model.bin is refused before anything unpickles it; the error
+    names the file and how to convert it."""
+    import torch
+
+    ckpt = _pickle_only_checkpoint(request.getfixturevalue(ckpt_fixture), tmp_path / "bin-only", cls_name)
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(UnsafeCheckpointError) as err:
+        export_model(str(ckpt), tmp_path / "out", log=lambda m: None)
+    msg = str(err.value)
+    assert str(ckpt.resolve() / "pytorch_model.bin") in msg
+    assert "safe_serialization=True" in msg and "--allow-pickle" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_allow_pickle_and_the_printed_conversion_both_work(tmp_path, bert_ckpt, bert_artifact):
+    """--allow-pickle loads the pickle (recorded in the manifest); the conversion the error prints gives a
+    checkpoint that exports without it. Both score as the safetensors original."""
+    ckpt = _pickle_only_checkpoint(bert_ckpt, tmp_path / "bin-only", "BertForSequenceClassification")
+    pair = [("Who painted the lake?", "Ana painted the lake at dawn.")]
+    want = Reranker.load(bert_artifact).predict(pair, raw=True)
+    out = export_model(str(ckpt), tmp_path / "pickled", max_length=64, allow_pickle=True, log=lambda m: None)
+    assert json.loads((out / "manifest.json").read_text())["export"]["allow_pickle"] is True
+    np.testing.assert_allclose(Reranker.load(out).predict(pair, raw=True), want, atol=1e-6, rtol=0)
+
+    with pytest.raises(UnsafeCheckpointError) as err:
+        export_model(str(ckpt), tmp_path / "refused", log=lambda m: None)
+    snippet = "\n".join(line.strip() for line in str(err.value).splitlines() if line.startswith("    "))
+    exec(snippet, {})  # noqa: S102 - runs the conversion the message prints, on this test's own checkpoint
+    assert (ckpt / "model.safetensors").exists()
+    out = export_model(str(ckpt), tmp_path / "converted", max_length=64, log=lambda m: None)
+    assert json.loads((out / "manifest.json").read_text())["export"]["allow_pickle"] is False
+    np.testing.assert_allclose(Reranker.load(out).predict(pair, raw=True), want, atol=1e-6, rtol=0)
 
 
 def test_force_replaces_atomically(tmp_path, bert_ckpt):

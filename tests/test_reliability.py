@@ -264,3 +264,168 @@ def test_remote_code_is_never_run_without_the_flag(tmp_path):
     with pytest.raises(ValueError, match="trust_remote_code|config.json"):
         export_model(str(ckpt), tmp_path / "out", log=lambda m: None)
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_model_weights_load_from_safetensors_only():
+    """Every from_pretrained of a model in export/families passes use_safetensors (tokenizers hold no pickle)."""
+    import ast
+
+    root = Path(__file__).parents[1] / "export" / "families"
+    unchecked = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "from_pretrained"):
+                continue
+            owner = node.func.value
+            if isinstance(owner, ast.Name) and owner.id == "AutoTokenizer":
+                continue
+            if not any(k.arg == "use_safetensors" for k in node.keywords):
+                unchecked.append(f"{path.name}:{node.lineno}")
+    assert not unchecked, f"model loads that could unpickle: {unchecked}"
+
+
+# ------------------------------------------------------------------------------- kills at the swap itself
+SWAP_KILL_SCRIPT = """
+import os, signal, sys
+from memrerank import atomic
+atomic._FAULT = lambda point: os.kill(os.getpid(), signal.SIGKILL) if point == "swap" else None
+from memrerank.export import export_model
+export_model(sys.argv[1], sys.argv[2], max_length=48, force=True, log=lambda m: None)
+"""
+
+
+def _siblings(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name != out.name)
+
+
+def test_export_killed_at_the_swap_is_restored_at_the_next_start(bert_ckpt, tmp_path):
+    """SIGKILL exactly between the two renames of the swap (OUT moved aside, the new one not yet in): the
+    next export puts the previous artifact back before it looks at OUT, and no sibling is left."""
+    from memrerank.export import export_model
+
+    out = tmp_path / "dir" / "art"
+    export_model(str(bert_ckpt), out, max_length=64, log=lambda m: None)
+    before = (out / "manifest.json").read_bytes()
+    reference = Reranker.load(out).predict([("q", "d")], raw=True)
+    proc = subprocess.run([sys.executable, "-c", SWAP_KILL_SCRIPT, str(bert_ckpt), str(out)], timeout=600)
+    assert proc.returncode == -signal.SIGKILL
+    left = _siblings(out)
+    assert not out.exists() and any(".old-" in n for n in left) and any(".partial-" in n for n in left), left
+
+    messages: list[str] = []
+    with pytest.raises(FileExistsError, match="--force"):  # the next start: recovery, then the usual refusal
+        export_model(str(bert_ckpt), out, log=messages.append)
+    assert (out / "manifest.json").read_bytes() == before
+    np.testing.assert_array_equal(Reranker.load(out).predict([("q", "d")], raw=True), reference)
+    assert _siblings(out) == []
+    assert any(m.startswith("restored") for m in messages) and any(m.startswith("removed") for m in messages)
+
+
+def test_export_failing_at_the_swap_keeps_the_previous_artifact(bert_ckpt, tmp_path, monkeypatch):
+    """An exception between the two renames puts the previous artifact back at once; nothing is left beside."""
+    from memrerank import atomic
+    from memrerank.export import export_model
+
+    out = tmp_path / "dir" / "art"
+    export_model(str(bert_ckpt), out, max_length=64, log=lambda m: None)
+    before = (out / "manifest.json").read_bytes()
+
+    def fail(point: str) -> None:
+        assert not out.exists(), "the fault runs between the renames"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic, "_FAULT", fail)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(str(bert_ckpt), out, max_length=48, force=True, log=lambda m: None)
+    assert (out / "manifest.json").read_bytes() == before and _siblings(out) == []
+
+
+def test_recovery_leaves_running_jobs_alone(tmp_path):
+    """Recovery restores and removes only what a finished process left: a running job's siblings (a concurrent
+    export of the same OUT) are untouched, a reused process id is recognised by its start time, and siblings
+    named before owners were recorded count as stale."""
+    from memrerank import atomic
+
+    out = tmp_path / "art"
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stat = atomic._process_stat(running.pid)
+        start = stat[1] if stat else 0
+        live = [tmp_path / f".art.old-{running.pid}-{start}-0000aaaa",
+                tmp_path / f".art.partial-{running.pid}-{start}-0000aaaa"]
+        for p in live:
+            p.mkdir()
+        assert atomic.recover(out) == [] and not out.exists(), "a running job's swap is never disturbed"
+        (live[0] / "manifest.json").write_text("previous")
+        dead = [tmp_path / f".art.old-{done.pid}-1-0000bbbb", tmp_path / f".art.partial-{done.pid}-1-0000bbbb",
+                tmp_path / ".art.partial-0000cccc"]
+        if stat is not None:  # /proc tells the start time: the same id with another start time is another process
+            dead.append(tmp_path / f".art.partial-{running.pid}-{start + 1}-0000dddd")
+        for p in dead:
+            p.mkdir()
+        (dead[0] / "manifest.json").write_text("killed at the swap")
+        atomic.recover(out)
+        assert (out / "manifest.json").read_text() == "killed at the swap"
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["art"] + [p.name for p in live])
+    finally:
+        running.kill()
+        running.wait()
+    atomic.recover(out)  # its owner gone, the live job's siblings are stale too; OUT exists, so they go
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+RESCORE_SWAP_KILL_SCRIPT = """
+import os, signal, sys, types
+from pathlib import Path
+from memrerank import atomic, scale
+
+class Written:  # stands in for the scored Ray dataset: writes one file where Ray Data would
+    def write_json(self, target, **kw):
+        Path(target).mkdir(parents=True)
+        (Path(target) / "new.json").write_text('{"id": "new"}\\n')
+
+read = types.SimpleNamespace(count=lambda: 1)
+ray = types.SimpleNamespace(data=types.SimpleNamespace(read_json=lambda *a, **kw: read),
+                            exceptions=types.SimpleNamespace(RayTaskError=RuntimeError))
+atomic._FAULT = lambda point: os.kill(os.getpid(), signal.SIGKILL) if point == "swap" else None
+scale._write_output(ray, Written(), sys.argv[1], "jsonl", True)
+"""
+
+
+def test_rescore_overwrite_killed_at_the_swap_is_restored_at_the_next_start(tmp_path):
+    """rescore --overwrite swaps its output in the same way: a SIGKILL between the renames leaves the previous
+    scores aside, and the next rescore puts them back (then refuses to overwrite without the flag)."""
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    from memrerank.scale import rescore
+
+    out = tmp_path / "dir" / "scores"
+    out.mkdir(parents=True)
+    (out / "old.json").write_text('{"id": "old"}\n')
+    proc = subprocess.run([sys.executable, "-c", RESCORE_SWAP_KILL_SCRIPT, str(out)], timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists() and any(".old-" in n for n in _siblings(out))
+    src = tmp_path / "pairs.jsonl"
+    src.write_text('{"id": "a", "query": "q", "document": "d"}\n')
+    with pytest.raises(FileExistsError, match="overwrite"):
+        rescore(src, out, tmp_path / "no-artifact-needed-to-refuse")
+    assert [p.name for p in out.iterdir()] == ["old.json"] and _siblings(out) == []
+
+
+def test_export_without_the_extra_prints_the_install_line(tmp_path):
+    """`memrerank export` where torch cannot be imported: exit 2 and one line with the pip command, no
+    traceback (a fake `torch` that raises ImportError comes first on PYTHONPATH)."""
+    fake = tmp_path / "fake" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('torch is not installed here (test)')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(fake.parent),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "memrerank.cli", "export", "some/model", "-o", str(tmp_path / "o")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'pip install "memrerank[export]"' in lines[0] and "torch" in lines[0], lines
+    assert not (tmp_path / "o").exists()

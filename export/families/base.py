@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from memrerank.errors import UnsafeCheckpointError
 
 __all__ = ["Family"]
 
@@ -25,19 +28,65 @@ class Family:
     padding_sides: tuple[str, ...] = ("right",)
 
     def __init__(self, source: str, config: Any, *, revision: str | None, trust_remote_code: bool,
-                 instruction: str | None, max_length: int | None) -> None:
+                 instruction: str | None, max_length: int | None, allow_pickle: bool = False) -> None:
         self.source = source
         self.config = config
         self.revision = revision
         self.trust_remote_code = trust_remote_code
         self.instruction = instruction
         self.max_length = max_length
+        self.allow_pickle = allow_pickle
         self.model: Any = None
         self.tokenizer: Any = None
 
     def load(self) -> None:
-        """Load the PyTorch model (fp32, eval) and the fast tokenizer."""
+        """Load the PyTorch model (fp32, eval; through :meth:`_from_pretrained`) and the fast tokenizer."""
         raise NotImplementedError
+
+    def _from_pretrained(self, cls: Any, **kwargs: Any) -> Any:
+        """``cls.from_pretrained`` of the checkpoint, reading its weights from safetensors only.
+
+        Unpickling a ``pytorch_model.bin`` can run code (torch.load with ``weights_only`` still unpickles),
+        so a checkpoint without safetensors is refused unless ``allow_pickle`` was given.
+
+        Raises:
+            UnsafeCheckpointError: the weights exist only as a pickle; the message names the file and how to
+                convert it.
+        """
+        if not self.allow_pickle:
+            root = Path(self.source)
+            if root.is_dir() and not any(root.glob("*.safetensors")):
+                pickled = sorted(p.name for p in root.glob("pytorch_model*.bin*"))
+                if pickled:
+                    where = root.resolve() / pickled[0]
+                    found = f"{where}: the weights are a pickle ({', '.join(pickled)}), with no *.safetensors"
+                    raise UnsafeCheckpointError(self._pickle_message(cls, found))
+        try:
+            return cls.from_pretrained(self.source, revision=self.revision,
+                                       trust_remote_code=self.trust_remote_code,
+                                       use_safetensors=None if self.allow_pickle else True, **kwargs)
+        except OSError as exc:  # a hub checkpoint: transformers found no model.safetensors there
+            if self.allow_pickle or "safetensors" not in str(exc):
+                raise
+            raise UnsafeCheckpointError(self._pickle_message(
+                cls, f"{self.source}: no safetensors weights ({exc})")) from exc
+
+    def _pickle_message(self, cls: Any, found: str) -> str:
+        """``found``, then why it is refused and the lines that convert the checkpoint to safetensors."""
+        local = Path(self.source).is_dir()
+        src = str(Path(self.source).resolve()) if local else self.source
+        dst = src if local else f"{self.source.rsplit('/', 1)[-1]}-safetensors"
+        name = cls.__name__
+        lines = [f"from transformers import {name}" + ("" if local else ", AutoTokenizer"),
+                 f"{name}.from_pretrained({src!r}, use_safetensors=False).save_pretrained({dst!r}, "
+                 "safe_serialization=True)"]
+        if not local:
+            lines.append(f"AutoTokenizer.from_pretrained({src!r}).save_pretrained({dst!r})")
+        snippet = "".join(f"\n    {line}" for line in lines)
+        return (f"{found}. memrerank loads safetensors only: unpickling a checkpoint can run arbitrary code. "
+                f"Convert it once (this unpickles it: only for a checkpoint you trust):{snippet}\n"
+                f"then export {dst}; or pass --allow-pickle (the allow_pickle argument) to load the pickle as "
+                "it is.")
 
     def template(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Return the manifest's ``template`` and ``tokens`` blocks."""

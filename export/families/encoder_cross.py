@@ -29,9 +29,7 @@ class EncoderCrossFamily(Family):
         import torch
         from transformers import AutoModelForSequenceClassification
 
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            self.source, revision=self.revision, dtype=torch.float32,
-            trust_remote_code=self.trust_remote_code).eval()
+        self.model = self._from_pretrained(AutoModelForSequenceClassification, dtype=torch.float32).eval()
         if self.model.config.num_labels != 1:
             raise ValueError(
                 f"{self.source}: a cross-encoder reranker has one output label, this one has "

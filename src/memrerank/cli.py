@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction", default=None, help="default instruction for decoder rerankers")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load weights that exist only as a pickle (pytorch_model.bin); by default only "
+                        "safetensors load, because unpickling can run code")
     p.add_argument("--calib-data", type=Path, default=None,
                    help="JSONL of {\"query\",\"document\"} pairs for int8-static ranges and fidelity checks "
                         "(default: built-in pairs)")
@@ -353,8 +356,9 @@ def system_info() -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ commands
 def _cmd_export(args: argparse.Namespace) -> int:
-    from memrerank.export import export_model
+    from memrerank.export import export_model, require_export_extra
 
+    require_export_extra()  # without the export extra: one install line (MissingExtraError), no traceback
     engines: list[str] = []
     if args.target == "tensorrt":  # fail fast, before minutes of export, when TensorRT or the GPU is missing
         from memrerank.runtime.backends.tensorrt import require_tensorrt
@@ -371,7 +375,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     out = export_model(args.model, args.output, precisions=args.precision, max_length=args.max_length,
                        instruction=args.instruction, force=args.force, revision=args.revision,
                        trust_remote_code=args.trust_remote_code, calib_data=args.calib_data,
-                       fidelity=args.fidelity, command=" ".join(sys.argv),
+                       fidelity=args.fidelity, allow_pickle=args.allow_pickle, command=" ".join(sys.argv),
                        log=lambda m: print(m, file=sys.stderr))
     if engines:
         _build_engines(out, engines, args.profile, 4.0)

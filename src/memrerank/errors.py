@@ -6,7 +6,8 @@ message says what to do next.
 
 from __future__ import annotations
 
-__all__ = ["MemrerankError", "ArtifactError", "UnsupportedModelError", "ParityError", "ProviderError"]
+__all__ = ["MemrerankError", "ArtifactError", "UnsupportedModelError", "UnsafeCheckpointError", "ParityError",
+           "ProviderError", "MissingExtraError"]
 
 
 class MemrerankError(ValueError):
@@ -21,9 +22,20 @@ class UnsupportedModelError(MemrerankError):
     """The checkpoint's architecture has no registered reranker family."""
 
 
+class UnsafeCheckpointError(MemrerankError):
+    """The checkpoint's weights are a pickle (``pytorch_model.bin``) and loading pickles was not allowed."""
+
+
 class ParityError(MemrerankError):
     """The exported graph does not reproduce the reference model within tolerance."""
 
 
 class ProviderError(MemrerankError):
     """An execution provider was asked for that this onnxruntime build does not have."""
+
+
+class MissingExtraError(MemrerankError, ImportError):
+    """A feature needs an optional extra that is not installed; the message is the ``pip install`` line.
+
+    Also an ``ImportError``, so code that guards an optional import keeps catching it.
+    """

@@ -23,13 +23,13 @@ import re
 import shutil
 import sys
 import time
-import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import KW_ONLY, asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from memrerank.atomic import recover, staging_path, swap_into_place
 from memrerank.errors import ArtifactError, MemrerankError
 from memrerank.manifest import PRECISIONS, read_manifest
 from memrerank.serve import Limits, ServeConfig, _check_positive, _provider_tuple
@@ -40,6 +40,7 @@ FORMATS = ("jsonl", "parquet")
 _SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 OUTPUT_COLUMNS = ("score", "logit", "truncated")
 _RAY_FORMAT = {"jsonl": "json", "parquet": "parquet"}  # Ray Data's read_*/write_* names
+_log = logging.getLogger(__name__)
 
 
 class RescoreError(MemrerankError):
@@ -235,6 +236,7 @@ def _check_output(output: str, overwrite: bool) -> None:
     if "://" in output:  # remote filesystems: Ray Data's SaveMode decides
         return
     out = Path(output)
+    recover(out, _log.warning)  # an output a killed job left aside comes back; stale siblings go
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"output {output!r} exists and is not empty; choose a new directory or pass "
                               "overwrite=True (--overwrite) to replace its contents")
@@ -304,24 +306,22 @@ def _read_input(ray: Any, job: RescoreJob, fmt: str) -> Any:
 def _write_output(ray: Any, scored: Any, output: str, out_fmt: str, overwrite: bool) -> int:
     """Write the scored dataset (this runs the job) and return the rows written."""
     local = "://" not in output
-    # Local output is written beside its destination and renamed into place when every row is in: a failed
-    # or killed job leaves no partial directory that looks finished.
-    target = str(Path(output).parent / f".{Path(output).name}.partial-{uuid.uuid4().hex[:8]}") if local \
-        else output
+    # Local output is written beside its destination and swapped into place when every row is in: a failed
+    # or killed job leaves no partial directory that looks finished, and an overwritten output stays whole
+    # until the new one is in (memrerank.atomic; the next job restores it if a kill hit the swap itself).
+    target = str(staging_path(output)) if local else output
     mode = {"mode": "overwrite"} if overwrite and not local else {}
     try:
         getattr(scored, f"write_{_RAY_FORMAT[out_fmt]}")(target, **mode, ray_remote_args={"num_cpus": 0})
         rows = getattr(ray.data, f"read_{_RAY_FORMAT[out_fmt]}")(target, num_cpus=0).count()
+        if local:
+            swap_into_place(target, output)  # an empty output, or any with overwrite=True (checked before)
     except BaseException as exc:
         if local:
             shutil.rmtree(target, ignore_errors=True)
         if isinstance(exc, ray.exceptions.RayTaskError):
             raise RescoreError(f"rescore failed in a Reranker actor: {_root_cause(exc)}") from exc
         raise
-    if local:
-        if Path(output).exists():
-            shutil.rmtree(output)  # empty, or overwrite=True (checked before the job)
-        os.replace(target, output)
     return rows
 
 
