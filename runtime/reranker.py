@@ -19,6 +19,7 @@ from memrerank.kernels import DEFAULT_CALL_OVERHEAD, pack_pairs
 from memrerank.manifest import PRECISIONS, TOKENIZER_NAME, Manifest, read_manifest, verify_files
 from memrerank.runtime.backends import Backend, open_backend, resolve_providers, wants_tensorrt
 from memrerank.runtime.encoding import SplitPairs, make_encoder
+from memrerank.runtime.hub import resolve_artifact
 
 __all__ = ["Reranker", "RankHit", "BatchBudget", "BATCH_BUDGETS", "DEFAULT_BATCH_SIZE", "DEFAULT_MAX_BATCH_TOKENS"]
 
@@ -103,7 +104,8 @@ class Reranker:
     Public hooks (what a benchmark or an embedding application may set after loading): ``batch_size``,
     ``max_batch_tokens``, ``prefix_reuse``, ``padding_side``, ``call_overhead`` (the packer's per-call cost in
     padded-token equivalents) and ``packer`` (the function that cuts pairs into batches, with
-    :func:`memrerank.kernels.pack_pairs`'s signature; e.g. ``memrerank.kernels.pack_numpy``).
+    :func:`memrerank.kernels.pack_pairs`'s signature; e.g. ``memrerank.kernels.pack_numpy``). To tokenize once
+    and score later (after looking at the token ids): ``encoder.split(query, documents)`` then :meth:`score_split`.
     """
 
     def __init__(self, root: Path, manifest: Manifest, precision: str, backend: Backend,
@@ -137,7 +139,10 @@ class Reranker:
         """Open an artifact directory written by ``memrerank export``.
 
         Args:
-            path: the artifact directory.
+            path: the artifact directory — or a hub id (``"Qwen/Qwen3-Reranker-0.6B"``) or a Hugging Face checkpoint
+                directory, exported on first use into the cache (``$MEMRERANK_CACHE``, default
+                ``~/.cache/memrerank``; needs the export extra and, for a hub id, the network) and loaded from
+                there afterwards (:mod:`memrerank.runtime.hub`).
             precision: one of the exported precisions (see ``memrerank info``), or ``"auto"``: the fastest
                 exported precision for the first provider that met its fidelity budget at export. With
                 ``providers=["tensorrt"]`` a TensorRT engine precision (``build-engine``) loads on its own.
@@ -166,7 +171,7 @@ class Reranker:
             _positive_int(max_batch_tokens, "max_batch_tokens")
         if prefix_reuse not in (None, True, False):
             raise ValueError(f"prefix_reuse must be True, False or None, got {prefix_reuse!r}")
-        root = Path(path)
+        root = resolve_artifact(path, precision, resolve_providers(providers)[0])
         manifest = read_manifest(root)
         if precision == "auto":
             precision = manifest.pick_auto(resolve_providers(providers)[0])
@@ -202,18 +207,26 @@ class Reranker:
     def _score_groups(self, groups: Iterable[tuple[str, list[int], list[str]]], n: int, instruction: str | None,
                       context: Sequence[str] = (), stats: dict[str, float] | None = None
                       ) -> tuple[np.ndarray, np.ndarray]:
-        """Score every group's pairs; returns logits and truncation flags in the caller's order.
+        """Tokenize every group's pairs and score them; returns logits and truncation flags in the caller's order.
 
-        Groups of two or more documents reuse their shared prefix when ``prefix_reuse`` is on; the others are
-        packed together as whole pairs. ``stats`` (if given) accumulates seconds spent tokenizing, packing and
-        in the model, and token/pad counts.
+        ``stats`` (if given) accumulates seconds spent tokenizing, packing and in the model, and token/pad counts.
         """
-        clock = time.perf_counter
-        t0 = clock()
+        t0 = time.perf_counter()
         splits: list[tuple[np.ndarray, SplitPairs]] = [
             (np.asarray(idx, dtype=np.int64), self.encoder.split(q, docs, instruction, context))
             for q, idx, docs in groups]
-        t_tok = clock() - t0
+        if stats is not None:
+            stats["tokenize_s"] = stats.get("tokenize_s", 0) + time.perf_counter() - t0
+        return self._score_splits(splits, n, stats)
+
+    def _score_splits(self, splits: list[tuple[np.ndarray, SplitPairs]], n: int,
+                      stats: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Score tokenized groups; ``splits`` pairs each group with where its rows go in the ``n`` results.
+
+        Groups of two or more documents reuse their shared prefix when ``prefix_reuse`` is on; the others are
+        packed together as whole pairs.
+        """
+        clock = time.perf_counter
         t_pack = t_model = 0.0
         tokens = padded = 0
         logits = np.empty(n, dtype=np.float32)
@@ -261,7 +274,7 @@ class Reranker:
             padded += int(packed.offsets[-1])
             t_model += run(packed, where)
         if stats is not None:
-            for key, value in (("tokenize_s", t_tok), ("pack_s", t_pack), ("model_s", t_model),
+            for key, value in (("pack_s", t_pack), ("model_s", t_model),
                                ("tokens", tokens), ("padded_tokens", padded)):
                 stats[key] = stats.get(key, 0) + value
         return logits, truncated
@@ -297,6 +310,40 @@ class Reranker:
             return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=bool)
         logits, truncated = self._score_groups(((q, idx, docs) for q, (idx, docs) in by_query.items()), n,
                                                instruction, context, stats)
+        return (logits if raw else self.calibrator(logits)), truncated
+
+    def score_split(self, splits: Sequence[SplitPairs], raw: bool = False, *,
+                    stats: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Score documents tokenized beforehand by ``self.encoder.split(query, documents)``, one split per query.
+
+        For a caller that needs the token ids before scoring and should not tokenize twice: ``memrerank serve``
+        tokenizes each request once, off its event loop, checks the per-document token limit on the ids and
+        may keep only each document's first tokens (``split.docs[i][:n]``), then merges requests into one call
+        here. Scores equal :meth:`predict_with_truncation` on the same pairs.
+
+        Args:
+            splits: :class:`~memrerank.runtime.encoding.SplitPairs` made by this reranker's ``encoder``.
+            raw: return the model logit instead of the calibrated probability.
+            stats: as in :meth:`predict` (no tokenizing time: that happened before).
+
+        Returns:
+            ``(scores, truncated)``: one float32 score and one bool per document, split after split.
+
+        Raises:
+            TypeError: an item is not a ``SplitPairs``.
+        """
+        if isinstance(splits, SplitPairs) or not isinstance(splits, Sequence):
+            raise TypeError("splits must be a sequence of SplitPairs (from reranker.encoder.split)")
+        where, start = [], 0
+        for i, sp in enumerate(splits):
+            if not isinstance(sp, SplitPairs):
+                raise TypeError(f"splits[{i}] must be a SplitPairs (from reranker.encoder.split), got "
+                                f"{type(sp).__name__}")
+            where.append((np.arange(start, start + len(sp.docs), dtype=np.int64), sp))
+            start += len(sp.docs)
+        if start == 0:
+            return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=bool)
+        logits, truncated = self._score_splits([w for w in where if len(w[0])], start, stats)
         return (logits if raw else self.calibrator(logits)), truncated
 
     def predict(self, pairs: Sequence[tuple[str, str]], raw: bool = False, instruction: str | None = None, *,

@@ -540,6 +540,23 @@ _COMMANDS: dict[str, Any] = {
 }
 
 
+def _resolve_artifact_argument(args: argparse.Namespace) -> None:
+    """A hub id or checkpoint directory given as ARTIFACT: export it into the cache on first use (runtime.hub)."""
+    if getattr(args, "artifact", None) is None or args.command == "export":
+        return
+    from memrerank.runtime.backends import resolve_providers
+    from memrerank.runtime.hub import is_model_reference, resolve_artifact
+
+    if not is_model_reference(args.artifact):
+        return
+    precision = getattr(args, "precision", "fp32") or "auto"  # info: fp32; bench/eval/calibrate default: auto
+    if args.command == "build-engine":
+        precision = "fp32"  # engines are built from the fp32 (or int8-static) graph
+    providers = getattr(args, "providers", None)
+    provider = resolve_providers(list(providers) if providers else None)[0]
+    args.artifact = resolve_artifact(args.artifact, precision, provider)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``memrerank`` console script.
 
@@ -549,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
+        _resolve_artifact_argument(args)
         return _COMMANDS[args.command](args)
     except (MemrerankError, FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"memrerank {args.command}: error: {exc}", file=sys.stderr)
