@@ -22,6 +22,7 @@ import numpy as np
 
 from memrerank.atomic import recover, staging_path, swap_into_place
 from memrerank.errors import ParityError
+from memrerank.progress import Steps
 from memrerank.export.families import family_for
 from memrerank.export.fidelity import CalibSet, FidelityBudget, load_calib_jsonl, search_exclusions
 from memrerank.export.graph import DEFAULT_OPSET, export_onnx
@@ -123,6 +124,7 @@ def export_model(
     allow_pickle: bool = False,
     command: str | None = None,
     log: Callable[[str], None] = _log.info,
+    progress: bool | None = False,
 ) -> Path:
     """Turn a Hugging Face checkpoint into a validated artifact directory.
 
@@ -147,6 +149,8 @@ def export_model(
             default: weights load from safetensors only, because unpickling can run code.
         command: the command line recorded in the manifest's ``export`` block.
         log: progress messages.
+        progress: a progress bar over the export's steps on stderr (``None``: when stderr is a terminal). Each
+            step's seconds are logged at the end and recorded in the manifest (``export.step_seconds``).
 
     Raises:
         FileExistsError: ``out`` exists and ``force`` is false.
@@ -158,25 +162,38 @@ def export_model(
     recover(out, log)  # an artifact a killed export left aside comes back before anything looks at ``out``
     budget, calib_groups = _check_arguments(out, precisions, force=force, max_length=max_length,
                                             calib_data=calib_data, fidelity=fidelity)
-    family, config = _load_family(model, revision=revision, trust_remote_code=trust_remote_code,
-                                  instruction=instruction, max_length=max_length, allow_pickle=allow_pickle,
-                                  log=log)
-    blocks = family.template()  # refuses options the family does not take, before anything is written
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_path(out)
-    tmp.mkdir()
+    lower = [p for p in PRECISIONS if p in precisions and p != "fp32"]
+    steps = Steps(3 + len(lower), desc=f"export {Path(model).name}", enabled=progress, log=log)
+    log = steps.log
     try:
+        steps.start("load")
+        family, config = _load_family(model, revision=revision, trust_remote_code=trust_remote_code,
+                                      instruction=instruction, max_length=max_length, allow_pickle=allow_pickle,
+                                      log=log)
+        blocks = family.template()  # refuses options the family does not take, before anything is written
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = staging_path(out)
+        tmp.mkdir()
+    except BaseException:
+        steps.finish()
+        raise
+    try:
+        steps.start("fp32 graph")
         manifest = _write_fp32(tmp, model, config, family, blocks, revision=revision, opset=opset,
                                command=command, allow_pickle=allow_pickle, log=log)
+        steps.start("validate fp32")
         _validate_fp32(tmp, family, manifest, log)
-        lower = [p for p in PRECISIONS if p in precisions and p != "fp32"]
         if lower:
-            _build_precisions(tmp, lower, calib_groups, budget, manifest, log)
+            _build_precisions(tmp, lower, calib_groups, budget, manifest, log, steps)
+        seconds = steps.finish()
+        manifest["export"]["step_seconds"] = {k: round(v, 2) for k, v in seconds.items()}
+        write_manifest(tmp, manifest)
         swap_into_place(tmp, out)
     except BaseException:
+        steps.finish()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"wrote {out}")
+    log(f"wrote {out} (" + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) + ")")
     return out
 
 
@@ -282,7 +299,8 @@ def _validate_fp32(tmp: Path, family: Any, manifest: dict[str, Any], log: Callab
 
 
 def _build_precisions(tmp: Path, names: Sequence[str], groups: Sequence[tuple[str, list[str]]] | None,
-                      budget: FidelityBudget, manifest: dict[str, Any], log: Callable[[str], None]) -> None:
+                      budget: FidelityBudget, manifest: dict[str, Any], log: Callable[[str], None],
+                      steps: Steps | None = None) -> None:
     """Build each lower precision from the fp32 graph and validate it against fp32 on the calibration pairs."""
     source = "user --calib-data" if groups is not None else "built-in pairs"
     if groups is None:
@@ -295,6 +313,8 @@ def _build_precisions(tmp: Path, names: Sequence[str], groups: Sequence[tuple[st
     manifest["calibration_data"] = {"source": source, "pairs": calib.n_pairs, "queries": len(groups)}
     failures = []
     for name in names:
+        if steps is not None:
+            steps.start(name)
         log(f"building {name}")
         out_graph = tmp / name / "model.onnx"
         builder = PRECISION_BUILDERS[name]

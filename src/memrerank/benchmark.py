@@ -214,7 +214,7 @@ def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_bench(artifact: str | Path, precisions: Sequence[str] | None = None, data: str | Path | None = None,
               batch_size: int = 32, threads: int | None = None, repeats: int = 10, ks: Sequence[int] = KS,
-              batch_sizes: Sequence[int] = BATCH_SIZES, progress: bool = True, host_k: int | None = HOST_K, *,
+              batch_sizes: Sequence[int] = BATCH_SIZES, progress: bool | None = None, host_k: int | None = HOST_K, *,
               providers: Sequence[str] | str | None = None, max_batch_tokens: int | None = None,
               prefix_reuse: bool | None = None) -> dict[str, Any]:
     """Measure every requested precision of ``artifact``; fidelity is computed against fp32.
@@ -228,7 +228,7 @@ def run_bench(artifact: str | Path, precisions: Sequence[str] | None = None, dat
         repeats: timed repeats per latency point.
         ks: candidates per query for the latency points.
         batch_sizes: batch sizes for the throughput points.
-        progress: print a progress bar on stderr.
+        progress: a progress bar over the precisions on stderr (``None``: when stderr is a terminal).
         host_k: candidates for the host-overhead share (``None`` or 0 = not measured).
         providers: onnxruntime providers or aliases for every worker (``None`` = CPU); checked before any
             worker starts.
@@ -262,10 +262,9 @@ def run_bench(artifact: str | Path, precisions: Sequence[str] | None = None, dat
     groups = load_bench_data(data)
     spec_data = [(q, d, None) for q, d, _ in groups]
     results: dict[str, Any] = {}
-    for i, p in enumerate(precisions, 1):
-        if progress:
-            print(f"[{'#' * i}{'.' * (len(precisions) - i)}] {i}/{len(precisions)} measuring {p} ...",
-                  file=sys.stderr, flush=True)
+    from memrerank.progress import bar
+
+    for p in bar(precisions, desc="bench", enabled=progress, unit="precision"):
         spec = {"artifact": str(root), "precision": p, "data": spec_data, "batch_size": batch_size,
                 "threads": threads, "repeats": repeats, "ks": list(ks), "batch_sizes": list(batch_sizes),
                 "host_k": host_k, "providers": resolved, "max_batch_tokens": max_batch_tokens,

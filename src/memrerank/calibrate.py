@@ -24,6 +24,7 @@ import numpy as np
 
 from memrerank.calibration import Calibrator, sigmoid
 from memrerank.calibration.fit import fit_platt, fit_temperature, log_loss
+from memrerank.progress import bar
 from memrerank.calibration.metrics import brier, decision_agreement, ece, reliability_bins
 from memrerank.manifest import CalibrationEntry, read_manifest, write_manifest
 
@@ -112,7 +113,7 @@ def _metrics(probs: np.ndarray, targets: np.ndarray, labelled: bool) -> dict[str
 def calibrate_artifact(artifact: str | Path, data: str | Path, method: str = "auto",
                        precisions: Sequence[str] | None = None, holdout: float = 0.2, limit: int | None = None,
                        plot: str | Path | None = None, log: Callable[[str], None] = print,
-                       **load_options: Any) -> dict[str, Any]:
+                       progress: bool | None = False, **load_options: Any) -> dict[str, Any]:
     """Fit, report and store calibration for each precision of ``artifact``.
 
     Args:
@@ -125,6 +126,7 @@ def calibrate_artifact(artifact: str | Path, data: str | Path, method: str = "au
         limit: LoCoMo only: most conversations to read.
         plot: write a reliability diagram (PNG) there (needs matplotlib).
         log: progress messages.
+        progress: a progress bar over the precisions being scored (``None``: when stderr is a terminal).
         load_options: passed to every :meth:`Reranker.load` (``providers``, ``threads``, ``max_batch_tokens``,
             ``prefix_reuse``): calibrate on the device and settings the artifact will be served with.
 
@@ -153,7 +155,8 @@ def calibrate_artifact(artifact: str | Path, data: str | Path, method: str = "au
     pairs = list(zip(queries, docs))
     log(f"{len(pairs)} pairs ({'labels' if labelled else 'teacher'} mode), {int(held.sum())} held out")
     logits = {p: Reranker.load(root, precision=p, **load_options).predict(pairs, raw=True).astype(np.float64)
-              for p in dict.fromkeys(["fp32", *names])}
+              for p in bar(list(dict.fromkeys(["fp32", *names])), desc="calibrate: scoring", enabled=progress,
+                           unit="precision")}
     existing_fp32 = _calibrator(manifest.calibration.get("fp32"))
     report: dict[str, Any] = {"mode": "labels" if labelled else "teacher", "pairs": len(pairs),
                               "held_out": int(held.sum()), "precisions": {}}

@@ -103,6 +103,20 @@ def _add_load_options(p: argparse.ArgumentParser, threads: bool = True) -> None:
                         "the artifact supports it; same scores either way)")
 
 
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars or progress messages (bars show only when stderr is a terminal)")
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    """False with --quiet, else None: a bar when stderr is a terminal."""
+    return False if getattr(args, "quiet", False) else None
+
+
+def _log(args: argparse.Namespace) -> Any:
+    return (lambda m: None) if getattr(args, "quiet", False) else (lambda m: print(m, file=sys.stderr))
+
+
 def _add_json(p: argparse.ArgumentParser, what: str, output: bool = False) -> None:
     p.add_argument("--json", action="store_true", help=f"print {what} as JSON to stdout instead of text")
     if output:
@@ -149,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "NVIDIA GPU and TensorRT)")
     p.add_argument("--profile", default=None,
                    help="TensorRT optimization profile min,opt,max as BATCHxSEQ (default: 1x1,32x128,64x1024)")
+    _add_quiet(p)
     _add_json(p, "the artifact's manifest")
 
     p = command("rank")
@@ -201,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=_positive_int, default=None,
                    help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--instruction", default=None, help="decoder artifacts: task instruction (default: the artifact's)")
+    _add_quiet(p)
     _add_json(p, "the job report")
 
     p = command("build-engine")
@@ -226,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--repeats", type=_positive_int, default=10, help="timed repeats per latency point")
     _add_load_options(p)
+    _add_quiet(p)
     _add_json(p, "the full report", output=True)
     p.add_argument("--plot", type=Path, default=None, help="write a latency/fidelity plot (PNG, needs matplotlib)")
 
@@ -240,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=0, help="LoCoMo: neighbouring sessions added on each side")
     p.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N queries only")
     _add_load_options(p)
+    _add_quiet(p)
     _add_json(p, "the metrics", output=True)
 
     p = command("calibrate",
@@ -254,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, default=None, help="LoCoMo: first N questions only")
     p.add_argument("--plot", type=Path, default=None, help="reliability diagram PNG (needs matplotlib)")
     _add_load_options(p)
+    _add_quiet(p)
     _add_json(p, "the report", output=True)
 
     p = command("demo",
@@ -376,7 +395,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                        instruction=args.instruction, force=args.force, revision=args.revision,
                        trust_remote_code=args.trust_remote_code, calib_data=args.calib_data,
                        fidelity=args.fidelity, allow_pickle=args.allow_pickle, command=" ".join(sys.argv),
-                       log=lambda m: print(m, file=sys.stderr))
+                       log=_log(args), progress=_progress(args))
     if engines:
         _build_engines(out, engines, args.profile, 4.0)
     if args.json:
@@ -428,6 +447,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_rescore(args: argparse.Namespace) -> int:
+    from memrerank.progress import on_terminal
     from memrerank.scale import RescoreJob, rescore
 
     job = RescoreJob(
@@ -436,7 +456,8 @@ def _cmd_rescore(args: argparse.Namespace) -> int:
         actors=args.actors, threads_per_actor=args.threads_per_actor, batch_size=args.batch_size,
         id_column=args.id_column, query_column=args.query_column, document_column=args.document_column,
         keep_text=args.keep_text, output_format=args.output_format, output_prefix=args.output_prefix,
-        overwrite=args.overwrite, address=args.address, num_cpus=args.num_cpus, instruction=args.instruction)
+        overwrite=args.overwrite, address=args.address, num_cpus=args.num_cpus, instruction=args.instruction,
+        verbose=_progress(args) is None and on_terminal())  # Ray Data's own progress bars
     report = rescore(job).as_dict()
     if args.json:
         _print_json(report)
@@ -482,7 +503,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     options = _load_options(args)
     report = run_bench(args.artifact, args.precision, args.data, batch_size=args.batch_size,
-                       threads=options.pop("threads", None), repeats=args.repeats, **options)
+                       threads=options.pop("threads", None), repeats=args.repeats, progress=_progress(args),
+                       **options)
     if "fp16" in report["precisions"] and report["providers"][0] == "CPUExecutionProvider":
         print("note: fp16 is a GPU precision; on the CPU provider it is not expected to be faster than fp32",
               file=sys.stderr)
@@ -510,7 +532,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         loaded = load_jsonl_queries(args.data)
         loaded.queries = loaded.queries[: args.limit] if args.limit else loaded.queries
-    results = evaluate_artifact(args.artifact, loaded.queries, args.precision, **_load_options(args))
+    results = evaluate_artifact(args.artifact, loaded.queries, args.precision, progress=_progress(args),
+                                **_load_options(args))
     if args.json:
         _print_json(results)
     else:
@@ -524,7 +547,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     report = calibrate_artifact(args.artifact, args.data, method=args.method, precisions=args.precision,
                                 holdout=args.holdout, limit=args.limit, plot=args.plot,
-                                log=lambda m: print(m, file=sys.stderr), **_load_options(args))
+                                log=_log(args), progress=_progress(args), **_load_options(args))
     if args.json:
         _print_json(report)
     else:

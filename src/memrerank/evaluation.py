@@ -194,13 +194,14 @@ def evaluate_scores(queries: Sequence[Query], scores: Sequence[np.ndarray]) -> d
 
 
 def evaluate_artifact(artifact: str | Path, queries: Sequence[Query], precisions: Sequence[str] | None = None,
-                      **load_options: Any) -> dict[str, dict[str, dict[str, float]]]:
+                      progress: bool | None = False, **load_options: Any) -> dict[str, dict[str, dict[str, float]]]:
     """Score every query's candidates with each precision of an artifact and compute :func:`evaluate_scores`.
 
     Args:
         artifact: the artifact directory.
         queries: the evaluation queries (:func:`load_locomo`, :func:`load_jsonl_queries`).
         precisions: precisions to evaluate (``None`` = every exported one).
+        progress: a progress bar over the queries on stderr (``None``: when stderr is a terminal).
         **load_options: passed to :meth:`memrerank.Reranker.load` (``providers``, ``threads``,
             ``max_batch_tokens``, ``prefix_reuse``, ...).
 
@@ -209,11 +210,13 @@ def evaluate_artifact(artifact: str | Path, queries: Sequence[Query], precisions
     """
     from memrerank import Reranker
     from memrerank.manifest import read_manifest
+    from memrerank.progress import bar
 
     names = list(precisions or read_manifest(artifact).precisions)
     results: dict[str, dict[str, dict[str, float]]] = {}
     for p in names:
         r = Reranker.load(artifact, precision=p, **load_options)
-        scores = [r.predict([(q.query, d) for d in q.documents], raw=True) for q in queries]
+        scores = [r.predict([(q.query, d) for d in q.documents], raw=True)
+                  for q in bar(queries, desc=f"eval {p}", enabled=progress, unit="query")]
         results[p] = evaluate_scores(queries, scores)
     return results
