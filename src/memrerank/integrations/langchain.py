@@ -11,30 +11,23 @@ Needs ``langchain-core`` (``pip install "memrerank[langchain]"``)::
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from copy import deepcopy
-from typing import Any
 
-from memrerank.integrations._common import (
-    check_precision,
-    check_threshold,
-    check_top_n,
-    missing_extra,
-    resolve_reranker,
-)
+from memrerank.integrations._common import missing_extra
 
 try:
     from langchain_core.callbacks import Callbacks
     from langchain_core.documents import BaseDocumentCompressor, Document
-    from pydantic import ConfigDict, field_validator
+    from pydantic import ConfigDict
+    from memrerank.integrations._fields import RerankFields
 except ImportError as exc:
     raise ImportError(missing_extra("langchain", "langchain-core", "langchain")) from exc
 
 __all__ = ["MemrerankRerank"]
 
 
-class MemrerankRerank(BaseDocumentCompressor):
+class MemrerankRerank(RerankFields, BaseDocumentCompressor):
     """Reranks LangChain documents by their ``page_content`` with a memrerank artifact, best first.
 
     Use it wherever LangChain takes a document compressor, e.g.
@@ -56,37 +49,6 @@ class MemrerankRerank(BaseDocumentCompressor):
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
-
-    artifact: str | None = None
-    precision: str = "auto"
-    top_n: int | None = 3
-    threshold: float | None = None
-    reranker: Any = None
-
-    @field_validator("artifact", mode="before")
-    @classmethod
-    def _artifact_path(cls, value: Any) -> Any:
-        return os.fspath(value) if isinstance(value, os.PathLike) else value
-
-    @field_validator("precision", mode="before")
-    @classmethod
-    def _precision(cls, value: Any) -> str:
-        return check_precision(value)
-
-    @field_validator("top_n", mode="before")
-    @classmethod
-    def _top_n(cls, value: Any) -> int | None:
-        return check_top_n(value)
-
-    @field_validator("threshold", mode="before")
-    @classmethod
-    def _threshold(cls, value: Any) -> float | None:
-        return check_threshold(value)
-
-    def __init__(self, **data: Any) -> None:
-        super().__init__(**data)
-        # after pydantic's validation, so an ArtifactError reaches the caller as itself, not wrapped
-        self.reranker = resolve_reranker(self.artifact, self.precision, self.reranker)
 
     def compress_documents(self, documents: Sequence[Document], query: str,
                            callbacks: Callbacks | None = None) -> Sequence[Document]:

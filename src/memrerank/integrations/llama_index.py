@@ -10,25 +10,18 @@ Needs ``llama-index-core`` (``pip install "memrerank[llama-index]"``)::
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-from memrerank.integrations._common import (
-    check_precision,
-    check_threshold,
-    check_top_n,
-    missing_extra,
-    resolve_reranker,
-)
+from memrerank.integrations._common import missing_extra
 
 try:
-    from llama_index.core.bridge.pydantic import Field, field_validator
     from llama_index.core.callbacks import CBEventType, EventPayload
     from llama_index.core.instrumentation import get_dispatcher
     from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
     from llama_index.core.postprocessor.types import BaseNodePostprocessor
     from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
+    from memrerank.integrations._fields import RerankFields
 except ImportError as exc:
     raise ImportError(missing_extra("llama_index", "llama-index-core", "llama-index")) from exc
 
@@ -37,7 +30,7 @@ __all__ = ["MemrerankRerank"]
 dispatcher = get_dispatcher(__name__)
 
 
-class MemrerankRerank(BaseNodePostprocessor):
+class MemrerankRerank(RerankFields, BaseNodePostprocessor):
     """Reranks LlamaIndex nodes with a memrerank artifact; a kept node's score is the calibrated probability.
 
     A node is scored by ``node.get_content(metadata_mode=MetadataMode.EMBED)`` (its text with the metadata it
@@ -58,37 +51,6 @@ class MemrerankRerank(BaseNodePostprocessor):
             to do).
         TypeError: ``reranker`` is not a :class:`memrerank.Reranker`.
     """
-
-    artifact: str | None = Field(default=None, description="Artifact directory written by memrerank export.")
-    precision: str = Field(default="auto", description="Exported precision, or 'auto'.")
-    top_n: int | None = Field(default=3, description="Most nodes to keep (None = all).")
-    threshold: float | None = Field(default=None, description="Least calibrated probability to keep.")
-    reranker: Any = Field(default=None, exclude=True, description="A loaded memrerank.Reranker.")
-
-    @field_validator("artifact", mode="before")
-    @classmethod
-    def _artifact_path(cls, value: Any) -> Any:
-        return os.fspath(value) if isinstance(value, os.PathLike) else value
-
-    @field_validator("precision", mode="before")
-    @classmethod
-    def _precision(cls, value: Any) -> str:
-        return check_precision(value)
-
-    @field_validator("top_n", mode="before")
-    @classmethod
-    def _top_n(cls, value: Any) -> int | None:
-        return check_top_n(value)
-
-    @field_validator("threshold", mode="before")
-    @classmethod
-    def _threshold(cls, value: Any) -> float | None:
-        return check_threshold(value)
-
-    def __init__(self, **data: Any) -> None:
-        super().__init__(**data)
-        # after pydantic's validation, so an ArtifactError reaches the caller as itself, not wrapped
-        self.reranker = resolve_reranker(self.artifact, self.precision, self.reranker)
 
     @classmethod
     def class_name(cls) -> str:
