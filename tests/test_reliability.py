@@ -4,17 +4,20 @@ independent of batch composition, inputs never mutated, thread safety, flat memo
 from __future__ import annotations
 
 import gc
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import PARITY_ATOL
@@ -111,27 +114,102 @@ def test_inputs_are_never_mutated_and_indices_are_the_callers(qwen):
     np.testing.assert_allclose(qwen.predict(pairs, raw=True), alone, atol=PARITY_ATOL["fp32"], rtol=0)
 
 
-text = st.text(st.characters(codec=None, exclude_categories=()), max_size=40)
+UNICODE = st.characters(codec=None, exclude_categories=())  # all of unicode: surrogates, controls, NUL ...
+SHORT = st.text(UNICODE, max_size=40)
+#: Documents up to 5,000 characters from a handful of draws: a short piece repeated.
+LONG = st.builds(lambda piece, n: (piece * n)[:5000], st.text(UNICODE, min_size=1, max_size=8), st.integers(1, 5000))
+NOT_STR = st.one_of(st.none(), st.binary(max_size=3), st.integers(), st.floats(), st.lists(SHORT, max_size=2))
+
+
+@st.composite
+def rank_calls(draw):
+    """``(query, documents, top_k, threshold)``: each argument wrong (type or value) in about one call in ten,
+    so most calls score; one call in twenty has up to 64 documents, one document in ten is up to 5,000
+    characters, one query in ten is up to 300 (often too long for the 128-token artifact)."""
+    def one_in(n: int) -> bool:
+        return draw(st.integers(0, n - 1)) == 0
+
+    if one_in(20):
+        query = draw(NOT_STR)
+    else:
+        query = draw(st.builds(lambda piece, n: (piece * n)[:300], SHORT, st.integers(1, 300))) if one_in(10) \
+            else draw(SHORT)
+    n = draw(st.integers(0, 64)) if one_in(20) else draw(st.integers(0, 6))
+    docs = [draw(LONG) if one_in(10) else draw(SHORT) for _ in range(n)]
+    if docs and one_in(10):
+        docs[draw(st.integers(0, len(docs) - 1))] = draw(NOT_STR)
+    if one_in(10):
+        docs = tuple(docs)  # any sequence will do
+    if one_in(30):  # not a sequence of documents at all
+        docs = draw(st.one_of(SHORT, st.none(), st.binary(max_size=3), st.dictionaries(SHORT, SHORT, max_size=2)))
+    top_k = draw(st.one_of(st.integers(-3, 0), st.booleans(), st.floats(-2, 70), st.just("3"))) if one_in(10) \
+        else draw(st.one_of(st.none(), st.integers(1, 70)))
+    threshold = draw(st.one_of(st.floats(), st.booleans(), st.integers(-1, 2), st.just("0.5"))) if one_in(10) \
+        else draw(st.one_of(st.none(), st.floats(0, 1)))
+    return query, docs, top_k, threshold
+
+
+def _query_too_long(r: Reranker, query: str) -> bool:
+    """Whether the template, default instruction and query leave no token for a document: the whole query-side
+    string tokenized at once (not the runtime's piece-wise tokenization), lone surrogates as U+FFFD."""
+    tpl = r.manifest.template
+    query = re.sub("[\ud800-\udfff]", "\ufffd", query)
+    body = tpl.instruction_piece.format(instruction=tpl.default_instruction) + tpl.query_piece.format(query=query)
+    head = len(tpl.prefix_ids) + len(r.tokenizer.encode(body, add_special_tokens=False).ids)
+    return head + len(tpl.suffix_ids) >= r.manifest.tokens.max_length
+
+
+def _documented_error(r: Reranker, query, docs, top_k, threshold) -> tuple[type, str] | None:
+    """The error ``rank`` documents for these arguments (type and message pattern), checked in its order."""
+    if not isinstance(query, str):
+        return TypeError, r"^query must be str"
+    if isinstance(docs, (str, bytes)) or not isinstance(docs, Sequence):
+        return TypeError, r"^documents must be a sequence of str"
+    bad = next((i for i, d in enumerate(docs) if not isinstance(d, str)), None)
+    if bad is not None:
+        return TypeError, rf"^documents\[{bad}\] must be str"
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        return ValueError, r"^top_k must be a positive int"
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0 <= threshold <= 1):  # NaN fails the comparison too
+        return ValueError, r"^threshold must be a probability in \[0, 1\]"
+    if len(docs) and _query_too_long(r, query):
+        max_length = r.manifest.tokens.max_length
+        return ValueError, rf"^query: .* leaving no room for a document within max_length={max_length}"
+    return None
 
 
 @pytest.mark.slow
 @settings(max_examples=10_000, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(query=text, docs=st.lists(text, min_size=1, max_size=4), top_k=st.one_of(st.none(), st.integers(-2, 6)),
-       threshold=st.one_of(st.none(), st.floats(-0.5, 1.5), st.just(float("nan"))))
-def test_property_ten_thousand_inputs_never_crash(qwen, query, docs, top_k, threshold):
-    """≥ 10,000 generated calls over all of unicode (surrogates, controls, NUL ...) and edge arguments: either a
-    result or the documented ValueError/TypeError; never any other exception, never a non-finite score."""
-    try:
-        hits = qwen.rank(query, docs, top_k=top_k, threshold=threshold)
-    except (ValueError, TypeError) as exc:
-        bad_top_k = top_k is not None and top_k <= 0
-        bad_threshold = threshold is not None and not (0.0 <= threshold <= 1.0)
-        query_too_long = isinstance(exc, ValueError) and "max_length" in str(exc)  # short artifact: 128 tokens
-        assert bad_top_k or bad_threshold or query_too_long, f"unexpected error {exc!r}"
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
+@given(call=rank_calls())
+def test_property_ten_thousand_inputs_never_crash(qwen, call):
+    """≥ 10,000 generated calls over all of unicode (surrogates, controls, NUL ...), up to 64 documents of up to
+    5,000 characters, and edge or wrong-typed arguments. Two-sided: a bad argument raises exactly the documented
+    error (type and message), a good call returns a result — never any other exception; every score is a finite
+    probability in [0, 1], hits are the caller's documents, best first, cut by top_k and threshold."""
+    query, docs, top_k, threshold = call
+    expected = _documented_error(qwen, query, docs, top_k, threshold)
+    # --hypothesis-show-statistics reports how often each outcome and size came up
+    event("outcome: " + ("hits" if expected is None else re.sub(r"\\\[\d+\\\]", "[i]", expected[1][1:]).split()[0]))
+    if isinstance(docs, (list, tuple)):
+        longest = max((len(d) for d in docs if isinstance(d, str)), default=0)
+        event(f"documents: {'33-64' if len(docs) > 32 else '0-32'}, "
+              f"longest {'1,001-5,000' if longest > 1000 else '0-1,000'} chars")
+    if expected is not None:
+        with pytest.raises(expected[0], match=expected[1]):
+            qwen.rank(query, docs, top_k=top_k, threshold=threshold)
         return
-    assert len(hits) <= len(docs)
-    assert all(np.isfinite(h.logit) and docs[h.index] == h.text for h in hits)
+    hits = qwen.rank(query, docs, top_k=top_k, threshold=threshold)
+    indices = [h.index for h in hits]
+    assert len(set(indices)) == len(indices) and all(0 <= i < len(docs) for i in indices)
+    assert all(h.text is docs[h.index] for h in hits)
+    assert all(math.isfinite(h.logit) and math.isfinite(h.score) and 0.0 <= h.score <= 1.0 for h in hits)
+    assert [h.logit for h in hits] == sorted((h.logit for h in hits), reverse=True)
+    if threshold is None:
+        assert len(hits) == min(len(docs), top_k or len(docs))
+    else:
+        assert all(h.score >= threshold for h in hits) and len(hits) <= min(len(docs), top_k or len(docs))
 
 
 @pytest.mark.slow
@@ -176,6 +254,68 @@ def test_eight_threads_times_a_thousand_calls_match_serial(bert_artifact):
         t.join()
     assert not errors and not mismatches
     assert _rss_mb() - rss0 < 200, "8 threads x 1000 calls should not grow memory"
+
+
+@pytest.mark.slow
+def test_decoder_with_prefix_reuse_eight_threads_times_500_calls_match_serial(qwen_short_artifact):
+    """The same contract for a decoder scoring against its cached query prefix (the past each call computes
+    and feeds back): 8 threads x 500 small calls give exactly the serial results."""
+    r = Reranker.load(qwen_short_artifact, threads=1, prefix_reuse=True)
+    assert r.prefix_reuse and r.backend.has_past
+    prefix, prefixes = r.backend.prefix, []
+
+    def counted(ids):
+        prefixes.append(len(ids))
+        return prefix(ids)
+
+    r.backend.prefix = counted
+    queries = [f"question {i} about {DOCS[i % 9][:20]}" for i in range(16)]
+    docs = {q: [DOCS[(i + k) % 9] for k in range(2 + i % 3)] for i, q in enumerate(queries)}
+    serial = {q: r.predict([(q, d) for d in docs[q]], raw=True) for q in queries}
+    errors: list[BaseException] = []
+    mismatches = []
+
+    def worker(k: int) -> None:
+        try:
+            for i in range(500):
+                q = queries[(k * 5 + i) % len(queries)]
+                if not np.array_equal(r.predict([(q, d) for d in docs[q]], raw=True), serial[q]):
+                    mismatches.append((k, i, q))
+        except BaseException as exc:  # noqa: BLE001 - the test reports any failure in a thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and not mismatches[:5]
+    assert len(prefixes) == len(queries) + 8 * 500, "every call scored against its own cached prefix"
+
+
+@pytest.mark.parametrize("fixture", ["qwen_short_artifact", "bert_artifact"])
+def test_pre_tokenized_requests_score_as_predict(request, fixture):
+    """``score_split`` (serve tokenizes each request once, then merges requests into one call) gives each
+    request the scores and truncation flags ``predict_with_truncation`` gives it alone."""
+    r = Reranker.load(request.getfixturevalue(fixture))
+    requests = [("Who painted the lake?", DOCS[:5]), ("dentist?", [DOCS[1]]), ("Who painted the lake?", DOCS[5:]),
+                ("what did she say?", NASTY[:6]), ("empty", [])]
+    splits = [r.encoder.split(q, docs) for q, docs in requests]
+    logits, truncated = r.score_split(splits, raw=True)
+    assert logits.shape == truncated.shape == (sum(len(d) for _, d in requests),)
+    start = 0
+    for q, docs in requests:
+        want, cut = r.predict_with_truncation([(q, d) for d in docs], raw=True)
+        np.testing.assert_allclose(logits[start:start + len(docs)], want, atol=1e-6, rtol=0)
+        np.testing.assert_array_equal(truncated[start:start + len(docs)], cut)
+        start += len(docs)
+    assert truncated.any()  # DOCS[-1] does not fit either artifact
+    np.testing.assert_allclose(r.score_split(splits)[0], r.calibrator(logits), atol=1e-7, rtol=0)
+    assert r.score_split([])[0].shape == (0,)
+    with pytest.raises(TypeError, match=r"splits\[1\] must be a SplitPairs"):
+        r.score_split([splits[0], ("q", ["d"])])
+    with pytest.raises(TypeError, match="splits must be a sequence"):
+        r.score_split(splits[0])
 
 
 @pytest.mark.slow

@@ -11,9 +11,12 @@ APIs clients already speak:
   ``[{"index", "score", "text"?}]``;
 * ``GET /health``, ``GET /v1/models``, ``GET /metrics`` (Prometheus text: requests, pairs, latency histogram).
 
-Concurrent requests are merged by a :class:`DynamicBatcher` (one scoring thread; it waits at most ``max_wait_ms``
-for more requests, up to ``max_batch_pairs`` pairs) and split again per request. Limits (documents per request,
-request bytes, tokens per document) answer 413 with a JSON error naming the limit. Binds to 127.0.0.1 unless told.
+Each request is checked and tokenized once, in a worker thread, before it joins a batch: a wrong type or a query
+that leaves no room for a document answers 422, a limit (documents per request, request bytes, tokens per
+document) 413 with a JSON error naming it. Concurrent requests are then merged by a :class:`DynamicBatcher` (one
+scoring thread; it waits at most ``max_wait_ms`` for more requests, up to ``max_batch_pairs`` pairs) and split
+again per request; a merged call that fails is retried request by request, so one bad request never fails its
+neighbours. Binds to 127.0.0.1 unless told.
 
 Every setting travels as one :class:`ServeConfig`: the CLI builds it, :func:`create_app` and :func:`serve` take it,
 ``serve(config, workers=N)`` hands it to each worker process, and ``memrerank.scale`` gives it to each Ray Serve
@@ -163,6 +166,7 @@ class Metrics:
         self.requests: dict[tuple[str, int], int] = {}
         self.pairs = 0
         self.batches = 0
+        self.retried = 0
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
 
@@ -181,6 +185,8 @@ class Metrics:
                       for (e, s), n in sorted(self.requests.items())]
             lines += ["# TYPE memrerank_pairs_total counter", f"memrerank_pairs_total {self.pairs}",
                       "# TYPE memrerank_batches_total counter", f"memrerank_batches_total {self.batches}",
+                      "# TYPE memrerank_batches_retried_total counter",
+                      f"memrerank_batches_retried_total {self.retried}",
                       "# TYPE memrerank_request_seconds histogram"]
             cum = 0
             for b, n in zip(LATENCY_BUCKETS, self.buckets):
@@ -196,9 +202,14 @@ class Metrics:
 class DynamicBatcher:
     """Merges concurrent scoring requests into one model call and splits the results again.
 
-    One background thread owns the model calls; requests wait at most ``max_wait_ms`` for company, and a merged
+    Requests arrive tokenized (a :class:`~memrerank.runtime.encoding.SplitPairs` each, from
+    ``reranker.encoder.split``), so nothing is tokenized twice and nothing here tokenizes on the event loop. One
+    background thread owns the model calls; requests wait at most ``max_wait_ms`` for company, and a merged
     batch holds at most ``max_batch_pairs`` pairs (the reranker then cuts it by its own token budget).
     ``max_wait_ms=0`` scores each request alone (for comparison).
+
+    A merged call that fails is retried one request at a time, so a request that breaks the model gets its own
+    error and the requests that shared its batch get their results (``metrics.retried`` counts such batches).
     """
 
     def __init__(self, reranker: Any, max_batch_pairs: int = 256, max_wait_ms: float = 5.0,
@@ -211,18 +222,22 @@ class DynamicBatcher:
         self._thread = threading.Thread(target=self._run, name="memrerank-batcher", daemon=True)
         self._thread.start()
 
-    async def score(self, query: str, documents: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Raw logits and truncation flags for one request's documents."""
+    async def score(self, split: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Raw logits and truncation flags for one request's documents.
+
+        Args:
+            split: the request tokenized by ``reranker.encoder.split(query, documents)``.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
-        self._queue.put((query, documents, future, loop))
+        self._queue.put((split, future, loop))
         return await future
 
     def _run(self) -> None:
         while True:
             first = self._queue.get()
             items = [first]
-            n = len(first[1])
+            n = len(first[0].docs)
             deadline = time.perf_counter() + self.max_wait
             while self.max_wait > 0 and n < self.max_batch_pairs:  # max_wait_ms=0: strictly one request per call
                 remaining = deadline - time.perf_counter()
@@ -231,22 +246,32 @@ class DynamicBatcher:
                 except queue.Empty:
                     break
                 items.append(item)
-                n += len(item[1])
-            pairs = [(q, d) for q, docs, _, _ in items for d in docs]
-            try:
-                logits, truncated = self.reranker.predict_with_truncation(pairs, raw=True)
-                results: list[Any] = []
-                start = 0
-                for _, docs, _, _ in items:
-                    results.append((logits[start:start + len(docs)], truncated[start:start + len(docs)]))
-                    start += len(docs)
-            except Exception as exc:  # noqa: BLE001 - delivered to every waiting request
-                results = [exc] * len(items)
+                n += len(item[0].docs)
+            results = self._score([split for split, _, _ in items])
             if self.metrics is not None:
                 with self.metrics.lock:
                     self.metrics.batches += 1
-            for (_, _, future, loop), result in zip(items, results):
+            for (_, future, loop), result in zip(items, results):
                 loop.call_soon_threadsafe(_deliver, future, result)
+
+    def _score(self, splits: list[Any]) -> list[Any]:
+        """Each request's ``(logits, truncated)``, or the exception scoring it alone raised."""
+        try:
+            logits, truncated = self.reranker.score_split(splits, raw=True)
+        except Exception as exc:  # noqa: BLE001 - delivered to the request(s) it belongs to
+            if len(splits) == 1:
+                return [exc]
+            if self.metrics is not None:
+                with self.metrics.lock:
+                    self.metrics.retried += 1
+            return [self._score([split])[0] for split in splits]  # one by one: only the bad request fails
+        results: list[Any] = []
+        start = 0
+        for split in splits:
+            end = start + len(split.docs)
+            results.append((logits[start:end], truncated[start:end]))
+            start = end
+        return results
 
 
 def _deliver(future: asyncio.Future, result: Any) -> None:
@@ -299,34 +324,52 @@ class _Service:
             return None, _error(422, "invalid_request", "request body must be a JSON object")
         return data, None
 
-    def check_docs(self, query: Any, docs: Any, field: str, max_tokens: int | None = None) -> Any:
-        """None when ``query`` and ``docs`` are valid and within the limits, else the error response.
+    async def prepare(self, query: Any, docs: Any, field: str, max_tokens: int | None = None) -> tuple[Any, Any]:
+        """The request tokenized once, off the event loop, and checked before it joins a batch.
 
-        ``max_tokens``: the request cuts documents to this many tokens (v2's ``max_tokens_per_doc``), so the
-        per-document token limit applies to the cut length.
+        Returns ``(split, None)`` — a :class:`~memrerank.runtime.encoding.SplitPairs` ready for the batcher — or
+        ``(None, error response)``: 422 for a value of the wrong type or a query that leaves no room for a
+        document in the model's input, 413 for a limit (naming it). ``max_tokens`` (v2's
+        ``max_tokens_per_doc``) keeps each document's first ``max_tokens`` tokens, and the per-document token
+        limit applies to what is kept. Tokens are the artifact tokenizer's ids of the document as the model reads
+        it (for decoder templates, with the template's leading space).
         """
-        from memrerank.runtime.encoding import utf8_safe
-
         limits = self.limits
         if not isinstance(query, str):
-            return _error(422, "invalid_request", "'query' must be a string")
+            return None, _error(422, "invalid_request", "'query' must be a string")
         if not isinstance(docs, list) or not docs:
-            return _error(422, "invalid_request", f"'{field}' must be a non-empty list of strings")
+            return None, _error(422, "invalid_request", f"'{field}' must be a non-empty list of strings")
         if len(docs) > limits.max_documents:
-            return _error(413, "max_documents", f"{len(docs)} documents exceed the limit of "
-                                                f"{limits.max_documents} per request; split the request")
+            return None, _error(413, "max_documents", f"{len(docs)} documents exceed the limit of "
+                                                      f"{limits.max_documents} per request; split the request")
         bad = next((i for i, d in enumerate(docs) if not isinstance(d, str)), None)
         if bad is not None:
-            return _error(422, "invalid_request", f"'{field}[{bad}]' must be a string")
-        lengths = [len(e.ids) for e in self.reranker.tokenizer.encode_batch(
-            [utf8_safe(d) for d in docs], add_special_tokens=False)]
+            return None, _error(422, "invalid_request", f"'{field}[{bad}]' must be a string")
+        try:  # tokenizers releases the GIL: other requests and the batcher carry on meanwhile
+            split = await asyncio.to_thread(self.reranker.encoder.split, query, docs)
+        except ValueError as exc:  # the query cannot fit the model with the template
+            return None, _error(422, "invalid_request", str(exc))
         if max_tokens is not None:
-            lengths = [min(n, max_tokens) for n in lengths]
+            split.docs = [d[:max_tokens] for d in split.docs]
+        lengths = [len(d) for d in split.docs]
         worst = int(np.argmax(lengths))
         if lengths[worst] > limits.max_tokens_per_document:
-            return _error(413, "max_tokens_per_document", f"'{field}[{worst}]' has {lengths[worst]} tokens, over "
-                                                          f"the limit of {limits.max_tokens_per_document}")
-        return None
+            return None, _error(413, "max_tokens_per_document",
+                                f"'{field}[{worst}]' has {lengths[worst]} tokens, over the limit of "
+                                f"{limits.max_tokens_per_document}")
+        return split, None
+
+    async def score(self, split: Any) -> tuple[Any, Any, Any]:
+        """``(logits, truncated, None)`` for one prepared request, or ``(None, None, error response)``.
+
+        A ``TypeError``/``ValueError`` from scoring this request (alone, if its merged batch failed) is a 422;
+        anything else propagates (a 500).
+        """
+        try:
+            logits, truncated = await self.batcher.score(split)
+        except (TypeError, ValueError) as exc:
+            return None, None, _error(422, "invalid_request", str(exc))
+        return logits, truncated, None
 
     async def timed(self, endpoint: str, handler: Any, request: Any) -> Any:
         """Run one handler and record its status, latency and pairs in the metrics."""
@@ -344,15 +387,15 @@ class _Service:
         query, docs = data.get("query"), data.get("documents")
         if isinstance(docs, list):  # Cohere also accepts {"text": ...} objects
             docs = [d.get("text") if isinstance(d, dict) else d for d in docs]
-        if (err := self.check_docs(query, docs, "documents")) is not None:
-            return err, 0
         top_n = data.get("top_n")
         if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
             return _error(422, "invalid_request", "'top_n' must be a positive integer"), 0
-        try:
-            logits, _ = await self.batcher.score(query, docs)
-        except (TypeError, ValueError) as exc:
-            return _error(422, "invalid_request", str(exc)), 0
+        split, err = await self.prepare(query, docs, "documents")
+        if err:
+            return err, 0
+        logits, _, err = await self.score(split)
+        if err:
+            return err, 0
         probs = self.reranker.calibrator(logits)
         results = []
         for i in np.argsort(-logits, kind="stable")[: top_n or len(docs)]:
@@ -363,32 +406,11 @@ class _Service:
         return {"id": str(uuid.uuid4()), "model": data.get("model") or self.name, "results": results,
                 "usage": {"search_units": 1, "documents": len(docs)}}, len(docs)
 
-    def cut_docs(self, docs: list[str], max_tokens: int) -> list[str]:
-        """``docs`` with each document longer than ``max_tokens`` tokens cut after its ``max_tokens``-th.
-
-        Tokens are the artifact tokenizer's, without special tokens (what ``max_tokens_per_document``
-        counts). A document is cut at the character where that token ends, so the scored text is a prefix of
-        the original; a character whose bytes that token splits (byte-level BPE) is dropped whole.
-        """
-        from memrerank.runtime.encoding import utf8_safe
-
-        safe = [utf8_safe(d) for d in docs]
-        out = []
-        for doc, enc in zip(safe, self.reranker.tokenizer.encode_batch(safe, add_special_tokens=False)):
-            if len(enc.ids) <= max_tokens:
-                out.append(doc)
-                continue
-            start, end = enc.offsets[max_tokens - 1]
-            if enc.offsets[max_tokens][0] < end:  # the first dropped token holds part of the same character
-                end = start
-            out.append(doc[:end])
-        return out
-
     async def cohere_v2(self, request: Any) -> tuple[Any, int]:
         """``POST /v2/rerank`` (Cohere v2): calibrated relevance scores, best first, ``top_n`` of them.
 
-        ``max_tokens_per_doc`` cuts each document to that many tokens before scoring (see :meth:`cut_docs`);
-        without it a document is scored as v1 scores it (the model's own max length applies either way).
+        ``max_tokens_per_doc`` keeps each document's first that many tokens (see :meth:`prepare`); without it a
+        document is scored as v1 scores it (the model's own max length applies either way).
         """
         data, err = await self.read_body(request)
         if err:
@@ -398,15 +420,12 @@ class _Service:
             value = data.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 return _error(422, "invalid_request", f"'{key}' must be a positive integer"), 0
-        max_tokens = data.get("max_tokens_per_doc")
-        if (err := self.check_docs(query, docs, "documents", max_tokens=max_tokens)) is not None:
+        split, err = await self.prepare(query, docs, "documents", max_tokens=data.get("max_tokens_per_doc"))
+        if err:
             return err, 0
-        if max_tokens is not None:
-            docs = self.cut_docs(docs, max_tokens)
-        try:
-            logits, _ = await self.batcher.score(query, docs)
-        except (TypeError, ValueError) as exc:
-            return _error(422, "invalid_request", str(exc)), 0
+        logits, _, err = await self.score(split)
+        if err:
+            return err, 0
         probs = self.reranker.calibrator(logits)
         order = np.argsort(-logits, kind="stable")[: data.get("top_n") or len(docs)]
         results = [{"index": int(i), "relevance_score": float(probs[i])} for i in order]
@@ -420,16 +439,16 @@ class _Service:
         if err:
             return err, 0
         query, docs = data.get("query"), data.get("texts")
-        if (err := self.check_docs(query, docs, "texts")) is not None:
+        split, err = await self.prepare(query, docs, "texts")
+        if err:
             return err, 0
-        try:
-            logits, truncated = await self.batcher.score(query, docs)
-        except (TypeError, ValueError) as exc:
-            return _error(422, "invalid_request", str(exc)), 0
-        if data.get("truncate") is False and truncated.any():
+        if data.get("truncate") is False and (truncated := split.truncated).any():
             i = int(np.argmax(truncated))
             return _error(413, "max_tokens_per_document", f"'texts[{i}]' does not fit the model's max length "
                                                           "and truncate is false"), 0
+        logits, _, err = await self.score(split)
+        if err:
+            return err, 0
         scores = logits if data.get("raw_scores") else self.reranker.calibrator(logits)
         out = []
         for i in np.argsort(-logits, kind="stable"):
