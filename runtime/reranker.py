@@ -18,6 +18,7 @@ from memrerank.errors import ArtifactError
 from memrerank.kernels import DEFAULT_CALL_OVERHEAD, pack_pairs
 from memrerank.manifest import PRECISIONS, TOKENIZER_NAME, Manifest, read_manifest, verify_files
 from memrerank.runtime.backends import Backend, open_backend, resolve_providers, wants_tensorrt
+from memrerank.runtime.backends.onnxruntime import provider_name
 from memrerank.runtime.encoding import SplitPairs, make_encoder
 from memrerank.runtime.hub import resolve_artifact
 
@@ -171,7 +172,10 @@ class Reranker:
             _positive_int(max_batch_tokens, "max_batch_tokens")
         if prefix_reuse not in (None, True, False):
             raise ValueError(f"prefix_reuse must be True, False or None, got {prefix_reuse!r}")
-        root = resolve_artifact(path, precision, resolve_providers(providers)[0])
+        # the provider only picks what a hub id exports; availability is checked where the backend opens
+        first = providers.split(",")[0] if isinstance(providers, str) else (list(providers)[0] if providers else None)
+        root = resolve_artifact(path, precision, provider_name(first.strip()) if isinstance(first, str)
+                                else "CPUExecutionProvider")
         manifest = read_manifest(root)
         if precision == "auto":
             precision = manifest.pick_auto(resolve_providers(providers)[0])
