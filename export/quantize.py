@@ -1,8 +1,9 @@
-"""Precision builders: fp16, int8 (dynamic) and int8-static (QDQ), registered by name.
+"""Precision builders: fp16, int8 (dynamic, per-row activation scales) and int8-static (QDQ), registered by name.
 
 Each builder turns the validated fp32 graph into ``OUT/<precision>/model.onnx``. Only MatMul/Gemm nodes that
 multiply by a weight are quantized (attention's activation×activation products and the folded reranker head
-stay fp32): quantizing every op — the all-op static default — ruins the ranking.
+stay fp32): quantizing every op — the all-op static default — ruins the ranking. Both int8 precisions are
+batch-independent (a document's score never depends on what shares its call) and record it in their build.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PRECISION_BUILDERS", "register_precision", "GraphInfo", "graph_info", "weight_matmuls"]
+__all__ = ["PRECISION_BUILDERS", "register_precision", "GraphInfo", "graph_info", "weight_matmuls",
+           "quantize_per_row", "build_int8_per_tensor"]
 
 PRECISION_BUILDERS: dict[str, Callable[..., dict[str, Any]]] = {}
 
@@ -258,15 +260,180 @@ def _move_graph(work: Path, out: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
+#: Smallest activation scale: a row whose max |x| / 127 is below it (an all-zero row) gets this scale, so its
+#: codes are finite (128, i.e. zero) and its product exactly zero.
+ROW_SCALE_FLOOR = 1e-30
+
+def quantize_per_row(fp32: Path, out: Path, nodes: list[str], external: bool) -> int:
+    """Quantize weight MatMul/Gemm nodes with per-row (per-token) dynamic activation scales; write ``out``.
+
+    Dynamic quantization as onnxruntime does it (``DynamicQuantizeLinear``) takes one activation scale for the
+    whole input tensor, i.e. over every row of the batch, so a document's codes, and its score, move with the
+    other documents in its call. Here each row of the activation ``x`` (one token) gets its own symmetric scale
+    ``s = max|x_row| / 127``::
+
+        x_q = QuantizeLinear(x, s, 128)   per row (axis 0 of x viewed as rows × K; uint8 for the u8 × s8 kernels)
+        y   = MatMulIntegerToFloat(x_q, W_q, s, w_scale, 128)   (W_q: int8, one symmetric scale per column)
+
+    onnxruntime applies a per-row ``a_scale`` to the product in place, after the integer GEMM. Integer products
+    are exact and every scale belongs to one row or one column, so each token's result depends on that token
+    alone. Nodes sharing an input share its codes. A Gemm is quantized when it is a plain ``A·B (+C)``
+    (``transA`` 0, ``alpha``/``beta`` 1; its bias is added after the scaling); other products stay fp32.
+
+    Returns:
+        The number of nodes quantized.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(fp32))
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    inits = {i.name: i for i in graph.initializer}
+    wanted = set(nodes)
+    consts = {"_pr_zp": np.array(128, np.uint8), "_pr_inv127": np.array(1.0 / 127.0, np.float32),
+              "_pr_floor": np.array(ROW_SCALE_FLOOR, np.float32), "_pr_flat": np.array([-1], np.int64)}
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+    rows: dict[str, tuple[str, str]] = {}  # activation name -> (its uint8 codes, its row scales)
+    weights: dict[tuple[str, bool], str] = {}  # (initializer, transposed) -> prefix of its codes and scales
+    replaced: set[str] = set()
+    new_nodes = []
+    done = 0
+    for node in graph.node:
+        weight = _plain_weight(node, inits) if node.name in wanted else None
+        if weight is None:
+            new_nodes.append(node)
+            continue
+        w, bias, transposed = weight
+        x, tag = node.input[0], node.name or node.output[0]
+        if x not in rows:
+            nodes_x, inits_x, rows[x] = _row_codes(x, f"{tag}_row", w.shape[0], opset)
+            new_nodes += nodes_x
+            graph.initializer.extend(inits_x)
+        codes, row_scale = rows[x]
+        key = (node.input[1], transposed)
+        if key not in weights:  # a weight shared by several products is stored once
+            scale = np.abs(w).max(axis=0) / 127.0
+            scale[scale == 0] = 1.0
+            q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+            graph.initializer.extend([numpy_helper.from_array(q, tag + "_w_int8"),
+                                      numpy_helper.from_array(scale.astype(np.float32), tag + "_w_scale")])
+            weights[key] = tag
+        w_tag = weights[key]
+        out_name = node.output[0]
+        product = out_name if bias is None else out_name + "_nobias"
+        new_nodes.append(helper.make_node(
+            "MatMulIntegerToFloat", [codes, w_tag + "_w_int8", row_scale, w_tag + "_w_scale", "_pr_zp"], [product],
+            name=tag + "_quant", domain="com.microsoft"))
+        if bias is not None:
+            new_nodes.append(helper.make_node("Add", [product, bias], [out_name], name=tag + "_bias"))
+        replaced.add(node.input[1])
+        done += 1
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for name in replaced - used:
+        graph.initializer.remove(inits[name])
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    for stale in (out, out.parent / (out.name + "_data")):
+        stale.unlink(missing_ok=True)
+    _save(model, out, external)
+    return done
+
+
+def _row_codes(x: str, p: str, k: int, opset: int) -> tuple[list[Any], list[Any], tuple[str, str]]:
+    """Nodes turning activation ``x`` (last axis ``k``) into uint8 codes with one symmetric scale per row.
+
+    Returns the nodes, the initializers they add, and the names of the codes (shaped like ``x``) and of the row
+    scales (``x``'s shape with a last axis of 1).
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array([-1, k], np.int64), p + "_2d")]
+    if opset < 18:  # ReduceMax/ReduceMin took their axes as an attribute before opset 18
+        reduce = [helper.make_node(op, [x], [p + suffix], keepdims=1, axes=[-1], name=p + suffix)
+                  for op, suffix in (("ReduceMax", "_max"), ("ReduceMin", "_min"))]
+    else:
+        inits.append(numpy_helper.from_array(np.array([-1], np.int64), p + "_axis"))
+        reduce = [helper.make_node(op, [x, p + "_axis"], [p + suffix], keepdims=1, name=p + suffix)
+                  for op, suffix in (("ReduceMax", "_max"), ("ReduceMin", "_min"))]
+    nodes = reduce + [
+        # max|x| per row without writing |x|: max(max x, -min x)
+        helper.make_node("Neg", [p + "_min"], [p + "_neg_min"], name=p + "_neg_min"),
+        helper.make_node("Max", [p + "_max", p + "_neg_min"], [p + "_absmax"], name=p + "_absmax"),
+        helper.make_node("Mul", [p + "_absmax", "_pr_inv127"], [p + "_scale_raw"], name=p + "_scale_raw"),
+        # an all-zero row: a tiny scale, codes 128 (zero), and a product of exactly zero
+        helper.make_node("Max", [p + "_scale_raw", "_pr_floor"], [p + "_scale"], name=p + "_scale"),
+        # QuantizeLinear takes per-axis scales as a 1-D tensor: view x as (rows, k), one scale per row
+        helper.make_node("Reshape", [p + "_scale", "_pr_flat"], [p + "_scale_1d"], name=p + "_scale_1d"),
+        helper.make_node("Shape", [p + "_scale_1d"], [p + "_rows"], name=p + "_rows"),
+        helper.make_node("Expand", ["_pr_zp", p + "_rows"], [p + "_zp_1d"], name=p + "_zp_1d"),
+        helper.make_node("Reshape", [x, p + "_2d"], [p + "_x2d"], name=p + "_x2d"),
+        helper.make_node("QuantizeLinear", [p + "_x2d", p + "_scale_1d", p + "_zp_1d"], [p + "_u8_2d"], axis=0,
+                         name=p + "_quant"),
+        helper.make_node("Shape", [x], [p + "_shape"], name=p + "_shape"),
+        helper.make_node("Reshape", [p + "_u8_2d", p + "_shape"], [p + "_u8"], name=p + "_u8"),
+    ]
+    return nodes, inits, (p + "_u8", p + "_scale")
+
+
+def _plain_weight(node: Any, inits: dict[str, Any]) -> tuple[Any, str | None, bool] | None:
+    """``(W as (K, N) float32, bias input or None, whether W was stored transposed)`` of a MatMul/Gemm by a 2-D
+    weight, or None when the node is not a plain product by an initializer (left in fp32)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+        return None
+    w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+    if w.ndim != 2:
+        return None
+    if node.op_type == "MatMul":
+        return w, None, False
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+        return None
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    transposed = bool(attrs.get("transB", 0))
+    return (w.T if transposed else w), bias, transposed
+
+
+#: The int8 precision is batch-independent: a row's codes and scales depend on that row alone (see
+#: :func:`quantize_per_row`), so a document scores the same alone or among any others.
+INT8_METHOD = ("per-row (per-token) symmetric dynamic activation scales, U8 codes with zero point 128, "
+               "per-channel symmetric S8 weights, MatMulIntegerToFloat (per-row a_scale) on weight MatMul/Gemm")
+
+
 @register_precision("int8")
 def build_int8(fp32: Path, out: Path, info: GraphInfo, calib: Any = None, exclude: list[str] | None = None
                ) -> dict[str, Any]:
-    """Dynamic quantization: signed int8 weights per channel on weight MatMul/Gemm (Optimum's ORTQuantizer,
-    AVX-512 VNNI preset); activations quantized on the fly."""
+    """Per-row dynamic quantization: int8 weights per channel, activations quantized per token on the fly
+    (:func:`quantize_per_row`), so scores do not depend on what shares a batch; int8 embedding tables."""
+    exclude = list(exclude or [])
+    nodes = [n for n in info.weight_nodes if n not in set(exclude)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if nodes:
+        quantize_per_row(fp32, out, nodes, info.external_data)
+    else:
+        _copy_graph(fp32, out, info)
+    tables = quantize_embeddings(out, [n for n in info.embedding_nodes if n not in set(exclude)], info.external_data)
+    return {"method": INT8_METHOD, "batch_independent": True,
+            "embeddings": f"{tables} table(s) int8 with one symmetric scale per row" if tables else "fp32"}
+
+
+def build_int8_per_tensor(fp32: Path, out: Path, info: GraphInfo, calib: Any = None,
+                          exclude: list[str] | None = None) -> dict[str, Any]:
+    """The former int8 (kept for comparison; not a precision an export writes): Optimum's ORTQuantizer dynamic
+    preset, whose ``DynamicQuantizeLinear`` takes one activation scale per input tensor, i.e. per batch, so a
+    score moves with the other documents in its call."""
     exclude = list(exclude or [])
     _dynamic(fp32, out, info, exclude)
     tables = quantize_embeddings(out, [n for n in info.embedding_nodes if n not in set(exclude)], info.external_data)
     return {"method": "optimum ORTQuantizer dynamic, avx512_vnni preset, per-channel S8 weights, MatMul/Gemm",
+            "batch_independent": False,
             "embeddings": f"{tables} table(s) int8 with one symmetric scale per row" if tables else "fp32"}
 
 
@@ -298,7 +465,8 @@ def build_int8_static(fp32: Path, out: Path, info: GraphInfo, calib: Any = None,
         stale.unlink(missing_ok=True)
     if not nodes:  # everything kept in fp32
         _copy_graph(fp32, out, info)
-        return {"method": "all weight products kept in fp32", "calibration_pairs": calib.n_pairs}
+        return {"method": "all weight products kept in fp32", "calibration_pairs": calib.n_pairs,
+                "batch_independent": True}
     with _quiet():
         quantize_static(
             str(fp32), str(out), _Reader(calib.feeds(fp32)), quant_format=QuantFormat.QDQ,
@@ -309,4 +477,5 @@ def build_int8_static(fp32: Path, out: Path, info: GraphInfo, calib: Any = None,
             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
         )
     return {"method": "onnxruntime quantize_static QDQ, MinMax ranges, per-channel S8 weights, U8 activations, "
-                      "weight MatMul/Gemm only", "calibration_pairs": calib.n_pairs}
+                      "weight MatMul/Gemm only", "calibration_pairs": calib.n_pairs,
+            "batch_independent": True}  # activation scales fixed at export

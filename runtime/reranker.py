@@ -227,8 +227,9 @@ class Reranker:
                       stats: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Score tokenized groups; ``splits`` pairs each group with where its rows go in the ``n`` results.
 
-        Groups of two or more documents reuse their shared prefix when ``prefix_reuse`` is on; the others are
-        packed together as whole pairs.
+        With ``prefix_reuse`` on, every query group (one document included) runs its shared prefix once and its
+        documents on top of it, so a document takes the same path, and gets the same score, whatever else shares
+        the call; with it off, all pairs are packed together as whole pairs.
         """
         clock = time.perf_counter
         t_pack = t_model = 0.0
@@ -245,7 +246,7 @@ class Reranker:
             return clock() - t
 
         for where, sp in splits:
-            if not (self.prefix_reuse and len(sp.docs) >= 2):
+            if not self.prefix_reuse:
                 whole.append((where, sp))
                 continue
             t = clock()

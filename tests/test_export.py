@@ -22,7 +22,7 @@ def test_manifest_records_the_contract(qwen_artifact):
     assert m["family"] == "decoder-yes-no"
     assert m["source"]["architecture"] == "Qwen3ForCausalLM"
     assert m["tokens"]["yes_id"] == 9693 and m["tokens"]["no_id"] == 2152
-    assert m["tokens"]["padding_side"] == "left"
+    assert m["tokens"]["padding_side"] == "right"  # batch-independent scores (tests/test_batch_independence.py)
     assert m["template"]["default_instruction"].startswith("Given a web search query")
     assert m["calibration"] == {}
     fp32 = m["precisions"]["fp32"]

@@ -133,7 +133,8 @@ def test_int8_quantizes_weight_matmuls_only(qwen_all):
     entry = json.loads((qwen_all / "manifest.json").read_text())["precisions"]["int8"]
     _, ops = _ops(qwen_all / "int8" / "model.onnx")
     kept = len(entry["fidelity"].get("kept_fp32_nodes", []))
-    quantized = ops.count("MatMulInteger") + ops.count("DynamicQuantizeMatMul")
+    quantized = ops.count("MatMulIntegerToFloat")  # per-row activation scales (quantize_per_row)
+    assert "DynamicQuantizeLinear" not in ops  # no activation scale taken over the whole batch
     assert quantized == len(weights) - 1 - kept  # minus the folded head and the products kept in fp32
     # the folded head (hidden x 1) stays a float MatMul
     assert ops.count("MatMul") >= 1 + 4  # head + attention's activation x activation products (2 per layer)

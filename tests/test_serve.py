@@ -299,9 +299,6 @@ def bert_cpu_auto_artifact(tmp_path_factory, bert_ckpt):
 #: Max |Δlogit| between a request alone and under load for a precision whose scores depend on the batch
 #: (dynamic int8: activation scales per call, the README's documented exception): 1.4e-4 measured on this
 #: tiny BERT over 20 random batch mixes (its logits span only ~2e-3, so this is no bound for real models).
-BATCH_DEPENDENT_ATOL = 1e-3
-
-
 def _batch_independent(reranker) -> bool:
     """Whether a document scores the same (1e-6) alone and among documents of other lengths."""
     q = "Who painted the lake?"
@@ -313,18 +310,15 @@ def _batch_independent(reranker) -> bool:
 @pytest.mark.parametrize("precision", ["fp32", "auto"])
 def test_a_request_served_alone_equals_it_under_concurrent_load(request, precision, monkeypatch):
     """One request's scores when it is the only one, and when it shares model calls with 15 others (three
-    rounds): equal to 1e-6 wherever the precision is batch-independent (fp32 always; the int8 ``auto`` picks on
-    the CPU once its activation scales are fixed), within BATCH_DEPENDENT_ATOL where it is not."""
+    rounds): equal to 1e-6 at fp32 and at the int8 ``auto`` picks on the CPU (per-row activation scales; the
+    per-batch flavour fails this, see tests/test_batch_independence.py)."""
     artifact = request.getfixturevalue("bert_artifact" if precision == "fp32" else "bert_cpu_auto_artifact")
     app = create_app(ServeConfig(artifact, precision, max_wait_ms=150))
     reranker = app.state.reranker
     if precision == "auto":
         assert reranker.precision.startswith("int8"), reranker.precision
-    independent = _batch_independent(reranker)
-    request.node.user_properties.append(("batch_independent", independent))
-    if precision == "fp32":
-        assert independent
-    atol = 1e-6 if independent else BATCH_DEPENDENT_ATOL
+    assert _batch_independent(reranker), reranker.precision
+    atol = 1e-6
     probe = ("Who painted the lake?", DOCS[:6])
     load = [(f"question {i} about {DOCS[i % 9][:20]}", [DOCS[(i + k) % len(DOCS)] for k in range(1 + i % 5)])
             for i in range(15)]
@@ -335,7 +329,7 @@ def test_a_request_served_alone_equals_it_under_concurrent_load(request, precisi
             results = _at_once(url, load[:7] + [probe] + load[7:])
             assert all(status == 200 for status, _ in results)
             np.testing.assert_allclose(results[7][1], alone, atol=atol, rtol=0,
-                                       err_msg=f"{reranker.precision}, batch-independent: {independent}")
+                                       err_msg=f"{reranker.precision}")
     head = _head(reranker, probe[0])
     mixed = [ModelCalls.rows_with(x, head) for x in calls.inputs]
     assert any(m.any() and not m.all() for m in mixed), "the probe must share model calls with other requests"

@@ -30,6 +30,7 @@ __all__ = [
     "PARITY_TOLERANCE",
     "PRECISION_PROVIDERS",
     "AUTO_ORDER",
+    "BATCH_DEPENDENT_UNLESS_RECORDED",
     "FileEntry",
     "Source",
     "Tokens",
@@ -73,12 +74,18 @@ PRECISION_PROVIDERS = {
     "int8-static": ("CPUExecutionProvider", "TensorrtExecutionProvider"),
 }
 
-#: ``precision="auto"`` preference per provider: the first exported precision that met its budget wins.
+#: ``precision="auto"`` preference per provider: the first exported precision that met its budget and is
+#: batch-independent (a score never moves with the other documents of its call) wins.
 AUTO_ORDER = {
     "CPUExecutionProvider": ("int8", "int8-static", "fp32"),
     "CUDAExecutionProvider": ("fp16", "fp32"),
     "TensorrtExecutionProvider": ("fp16", "int8-static", "fp32"),
 }
+
+#: Precisions ``auto`` treats as batch-dependent unless their build records ``batch_independent: true``: int8
+#: exported before per-row activation scales took one scale per input tensor, i.e. per batch. The others compute
+#: each row alone or with fixed scales; a build recording ``batch_independent: false`` is skipped whatever its name.
+BATCH_DEPENDENT_UNLESS_RECORDED = ("int8",)
 
 _REEXPORT = "re-export with `memrerank export MODEL -o OUT --force`"
 
@@ -507,10 +514,14 @@ class Manifest:
         return self.precisions[name]
 
     def pick_auto(self, provider: str) -> str:
-        """The best exported precision (or engine) for ``provider`` among those that met their fidelity budget."""
+        """The best exported precision (or engine) for ``provider`` among those that met their fidelity budget and
+        are batch-independent (see :data:`BATCH_DEPENDENT_UNLESS_RECORDED`); ``serve`` and ``rescore`` default to it,
+        so a request's scores never depend on other requests batched with it."""
         for name in AUTO_ORDER.get(provider, ("fp32",)):
             entry = self.precisions.get(name)
-            if entry is not None and entry.meets_budget:
+            independent = entry is not None and entry.build.get("batch_independent",
+                                                                name not in BATCH_DEPENDENT_UNLESS_RECORDED)
+            if entry is not None and entry.meets_budget and independent is True:
                 return name
             if provider == "TensorrtExecutionProvider" and name in self.engines:
                 return name

@@ -1,0 +1,258 @@
+"""CPU int8 flavours side by side: speed, fidelity vs fp32 and batch independence, one artifact, one run.
+
+Flavours (each built from the artifact's fp32 graph, weight MatMul/Gemm only, int8 embedding tables):
+
+- ``per-tensor``: the former ``int8`` (Optimum ORTQuantizer dynamic preset). ``DynamicQuantizeLinear`` takes one
+  activation scale per input tensor, i.e. per batch: a score moves with the other documents in its call.
+- ``per-row``: what ``int8`` builds now (``memrerank.export.quantize.quantize_per_row``): one activation scale
+  per token row, so a row's result depends on that row alone.
+- ``static``: ``int8-static`` (QDQ, activation ranges calibrated at export; batch-independent as well).
+
+Each flavour is measured as built plainly (every weight product quantized) and, when the plain build misses the
+fidelity budget, after the export's sensitivity search (what ``memrerank export`` would write). Speed: the
+LoCoMo workload through ``Reranker.predict`` (the fp32 artifact's reranker with its backend swapped for the
+flavour's graph), variants interleaved round by round, same thread count; wall-clock and CPU-time (this thread:
+with one intra-op thread onnxruntime runs on the caller's thread, so CPU time is what a loaded machine perturbs
+least). Fidelity: the export's budget metrics on the built-in calibration pairs, and the same metrics on the
+timing workload (held out). Batch independence: max |Δlogit| of documents scored alone vs among 200 others.
+
+    python bench/int8_flavours.py --model minilm --workdir /tmp/int8-minilm --threads 1
+    python bench/int8_flavours.py --model qwen3-0.6b-shape --workdir /tmp/int8-q06 --threads 1 \\
+        --fidelity top10=0,spearman=0 --flavours per-tensor,per-row
+
+Results: ``bench/results/int8_flavours_<model>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from common import DEFAULT_LOCOMO, environment, locomo_workload, write  # noqa: E402
+
+FLAVOURS = ("per-tensor", "per-row", "static")
+
+
+def _artifact(model: str, workdir: Path) -> Path:
+    """The fp32 artifact of ``model`` under ``workdir`` (exported once, reused)."""
+    from memrerank.export import export_model
+
+    artifact = workdir / "artifact"
+    if (artifact / "manifest.json").exists():
+        return artifact
+    if model == "minilm":
+        import models
+
+        ckpt = models.make_minilm_cross_encoder(workdir / "checkpoint")
+    else:
+        from peers_decoder import build_checkpoint
+
+        ckpt = build_checkpoint(workdir / "checkpoint")
+    export_model(str(ckpt), artifact, precisions=["fp32"], log=lambda m: print(m, file=sys.stderr))
+    return artifact
+
+
+def _builders() -> dict[str, object]:
+    from memrerank.export.quantize import build_int8, build_int8_per_tensor, build_int8_static
+
+    return {"per-tensor": build_int8_per_tensor, "per-row": build_int8, "static": build_int8_static}
+
+
+def _build(name, fp32: Path, out: Path, info, calib, budget, searched: bool) -> dict:
+    """Build one flavour (plain, or through the export's sensitivity search) and return its record."""
+    from memrerank.export.fidelity import search_exclusions
+
+    builder = _builders()[name]
+    build_info: dict = {}
+
+    def build(exclude: list[str]) -> None:
+        build_info.update(builder(fp32, out, info, calib, exclude))
+
+    t0 = time.perf_counter()
+    if searched:
+        report = search_exclusions(build, out, calib, info.groups, budget, lambda m: print(m, file=sys.stderr))
+        fid, kept = report["fidelity"], report.get("kept_fp32_nodes", [])
+    else:
+        build([])
+        fid, kept = calib.fidelity(calib.score(out)), []
+    return {"graph": str(out), "build_s": round(time.perf_counter() - t0, 1), "fidelity": fid,
+            "meets_budget": budget.met(fid), "kept_fp32_nodes": len(kept), "quantized_nodes": len(info.weight_nodes)
+            - len(kept), "batch_independent": build_info.get("batch_independent", name != "per-tensor"),
+            "size_bytes": sum(p.stat().st_size for p in out.parent.iterdir() if p.is_file())}
+
+
+def _held_out(logits: np.ndarray, ref: np.ndarray, sizes: list[int]) -> dict:
+    from memrerank.export.metrics import spearman, topk_overlap
+
+    sp, top, start = [], [], 0
+    for n in sizes:
+        a, b = logits[start:start + n], ref[start:start + n]
+        sp.append(spearman(a, b))
+        top.append(topk_overlap(a, b, 10))
+        start += n
+    return {"spearman_mean": float(np.mean(sp)), "top10_overlap": float(np.mean(top)),
+            "max_abs_logit_diff": float(np.max(np.abs(logits - ref)))}
+
+
+def _batch_independence(artifact: Path, graph: str | None, docs: list[str], query: str, threads: int) -> dict:
+    """Max |Δlogit| of two documents scored alone vs first and last among 200 others.
+
+    ``default``: the reranker as ``serve`` runs it (the manifest's padding side; a decoder's single pair goes
+    through the whole-pair path, a crowd through prefix reuse). ``aligned`` (decoders): right padding and one
+    path (no prefix reuse), so only batch composition differs.
+    """
+    from memrerank import Reranker
+    from memrerank.runtime.backends.onnxruntime import OrtBackend
+
+    others = [docs[i % len(docs)] for i in range(200)]
+    configs = {"default": (None, None)}
+    if read_family(artifact) == "decoder-yes-no":
+        configs["aligned"] = ("right", False)
+    out = {}
+    for name, (side, reuse) in configs.items():
+        reranker = Reranker.load(artifact, "fp32", threads=threads, prefix_reuse=reuse)
+        if graph is not None:
+            reranker.backend = OrtBackend(graph, threads=threads, layout=reranker.manifest.prefix_reuse)
+        if side is not None:
+            reranker.padding_side = side
+        worst = 0.0
+        for target, pos in ((docs[0], 0), (docs[1], 200)):
+            alone = reranker.predict([(query, target)], raw=True)[0]
+            crowd = reranker.predict([(query, d) for d in others[:pos] + [target] + others[pos:]], raw=True)[pos]
+            worst = max(worst, abs(float(crowd) - float(alone)))
+        out[name] = worst
+    return out
+
+
+def read_family(artifact: Path) -> str:
+    from memrerank.manifest import read_manifest
+
+    return read_manifest(artifact).family
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=("minilm", "qwen3-0.6b-shape"), required=True)
+    ap.add_argument("--workdir", type=Path, required=True, help="artifact and flavour graphs (reused when present)")
+    ap.add_argument("--locomo", type=Path, default=DEFAULT_LOCOMO)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--queries", type=int, default=8)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--fidelity", default=None, help="budget as for memrerank export (default: its default)")
+    ap.add_argument("--flavours", default=",".join(FLAVOURS))
+    ap.add_argument("--no-search", action="store_true", help="plain builds only")
+    ap.add_argument("--rebuild", action="store_true", help="rebuild flavour graphs that already exist")
+    ap.add_argument("--check-threads", type=int, default=2, help="threads for the alone-vs-200 check (untimed)")
+    ap.add_argument("--no-check", action="store_true", help="skip the alone-vs-200 check (speed and fidelity only)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    flavours = [f for f in args.flavours.split(",") if f]
+    bad = [f for f in flavours if f not in FLAVOURS]
+    if bad:
+        raise SystemExit(f"--flavours: unknown {bad}; choose from {', '.join(FLAVOURS)}")
+
+    from memrerank import Reranker
+    from memrerank.export.fidelity import CalibSet, FidelityBudget
+    from memrerank.export.pairs import builtin_calibration_groups
+    from memrerank.export.quantize import graph_info
+    from memrerank.runtime.backends.onnxruntime import OrtBackend
+
+    artifact = _artifact(args.model, args.workdir)
+    fp32 = artifact / "fp32" / "model.onnx"
+    info = graph_info(fp32)
+    budget = FidelityBudget.parse(args.fidelity)
+    calib = None  # the fp32 reference on the calibration pairs: computed only when a flavour is (re)built
+    records_path = args.workdir / "flavours.json"
+    records: dict[str, dict] = json.loads(records_path.read_text()) if records_path.exists() else {}
+    for name in flavours:
+        for searched in (False, True):
+            if searched and (args.no_search or records.get(f"{name} plain", {}).get("meets_budget")):
+                continue
+            key = f"{name} {'searched' if searched else 'plain'}"
+            out = args.workdir / "flavours" / key.replace(" ", "-") / "model.onnx"
+            if key in records and out.exists() and not args.rebuild and records[key].get("budget") == vars(budget):
+                continue
+            print(f"building {key}", file=sys.stderr, flush=True)
+            calib = calib or CalibSet(artifact, builtin_calibration_groups())
+            records[key] = {**_build(name, fp32, out, info, calib, budget, searched), "budget": vars(budget)}
+            records_path.write_text(json.dumps(records, indent=2))
+            gc.collect()
+    variants = ["fp32"] + [k for k in records if k.split()[0] in flavours]
+
+    work = locomo_workload(args.locomo, args.queries, args.k)
+    pairs = [(q, d) for q, docs in work for d in docs]
+    sizes = [len(docs) for _, docs in work]
+    reranker = Reranker.load(artifact, "fp32", threads=args.threads)
+    backends = {"fp32": reranker.backend}
+    for key in variants[1:]:
+        backends[key] = OrtBackend(records[key]["graph"], threads=args.threads, layout=reranker.manifest.prefix_reuse)
+
+    def score(key: str) -> np.ndarray:
+        reranker.backend = backends[key]
+        return reranker.predict(pairs, raw=True)
+
+    logits = {k: score(k) for k in variants}  # also the warm-up
+    wall: dict[str, list[float]] = {k: [] for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
+    for rnd in range(args.repeats):
+        for key in variants if rnd % 2 == 0 else variants[::-1]:  # interleaved, alternating order
+            t, c = time.perf_counter(), time.thread_time()
+            score(key)
+            cpu[key].append(time.thread_time() - c)
+            wall[key].append(time.perf_counter() - t)
+        print(f"round {rnd + 1}/{args.repeats}: " + ", ".join(f"{k} {len(pairs) / min(wall[k]):.1f}"
+                                                            for k in variants), file=sys.stderr, flush=True)
+    results: dict[str, dict] = {}
+    for key in variants:
+        results[key] = {
+            "pairs_per_s": len(pairs) / min(wall[key]), "pairs_per_cpu_s": len(pairs) / min(cpu[key]),
+            "wall_s": {"min": min(wall[key]), "median": statistics.median(wall[key])},
+            "cpu_s": {"min": min(cpu[key]), "median": statistics.median(cpu[key])},
+            "held_out": _held_out(logits[key], logits["fp32"], sizes) if key != "fp32" else None,
+            "alone_vs_200_max_abs_logit_diff": {} if args.no_check else _batch_independence(
+                artifact, records[key]["graph"] if key != "fp32" else None, work[0][1], work[0][0],
+                args.check_threads),
+            **({k: v for k, v in records[key].items() if k != "graph"} if key != "fp32" else {}),
+        }
+    for key in variants[1:]:
+        base = f"per-tensor {key.split()[1]}"
+        if base in results and not key.startswith("per-tensor"):
+            results[key]["vs_per_tensor_same_build"] = {
+                "pairs_per_s": results[key]["pairs_per_s"] / results[base]["pairs_per_s"],
+                "pairs_per_cpu_s": results[key]["pairs_per_cpu_s"] / results[base]["pairs_per_cpu_s"]}
+    tokens = [len(reranker.encoder.encode(q, d).ids[0]) for q, d in work[:1]]
+    out = args.out or HERE / "results" / f"int8_flavours_{args.model}.json"
+    write(out, {
+        "model": args.model, "artifact": str(artifact),
+        "workload": f"{len(work)} LoCoMo queries x {args.k} candidate turns ({len(pairs)} pairs), "
+                    f"Reranker.predict, batch_size {reranker.batch_size}, prefix_reuse {reranker.prefix_reuse}",
+        "example_pair_tokens": tokens, "repeats": args.repeats, "budget": vars(budget),
+        "calibration_pairs": len(builtin_calibration_groups()[0][1]) * len(builtin_calibration_groups()),
+        "environment": environment(args.threads), "results": results})
+    print(f"{'variant':<22} {'pairs/s':>8} {'pairs/cpu-s':>11} {'spearman':>9} {'top10':>6} {'kept':>5} "
+          f"{'Δ alone/200':>11} {'(aligned)':>10}")
+    nan = float("nan")
+    for key, r in results.items():
+        f = r.get("fidelity") or {}
+        delta = r["alone_vs_200_max_abs_logit_diff"]
+        print(f"{key:<22} {r['pairs_per_s']:8.2f} {r['pairs_per_cpu_s']:11.2f} {f.get('spearman_mean', 1):9.4f} "
+              f"{f.get('top10_overlap', 1):6.3f} {r.get('kept_fp32_nodes', 0):5d} {delta.get('default', nan):11.2e} "
+              f"{delta.get('aligned', nan):10.2e}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
