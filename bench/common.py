@@ -37,7 +37,29 @@ def time_it(fn: Callable[[], object], repeats: int = 3) -> dict[str, float]:
     return {"min_s": min(times), "median_s": statistics.median(times)}
 
 
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _git_commit() -> str:
+    """The checkout's commit, with ``-dirty`` when tracked files differ from it (``unknown`` outside git)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
 def environment(threads: int) -> dict[str, object]:
+    """What a result depends on: versions, CPU, threads, the date (UTC), the git commit and the load average
+    when the run started (the machines here are shared: a high load average means noisy absolute figures)."""
+    import datetime
+
     import onnxruntime
     import torch
     import transformers
@@ -50,7 +72,9 @@ def environment(threads: int) -> dict[str, object]:
         pass
     env = {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
            "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__,
-           "python": platform.python_version()}
+           "python": platform.python_version(),
+           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "commit": _git_commit(), "loadavg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     try:
         import sentence_transformers
 
