@@ -1,5 +1,6 @@
 """Calibration figures on LoCoMo-derived labelled pairs (held-out conversations 6–10, which the MiniLM head never
-saw): writes the pairs as JSONL under bench/out and runs ``memrerank calibrate`` on the peers_encoder artifact.
+saw): writes the pairs as JSONL under bench/out and runs ``memrerank calibrate`` on the peers_encoder artifact; the
+report goes to bench/results/calibration.json (with the environment), the reliability diagram to docs/reliability.png.
 
     python bench/calibrate_locomo.py --locomo ../shared/data/locomo/locomo10.json
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import DEFAULT_LOCOMO  # noqa: E402
+from common import DEFAULT_LOCOMO, RESULTS, environment, write  # noqa: E402
 
 
 def main() -> int:
@@ -30,11 +31,17 @@ def main() -> int:
     queries = load_locomo(args.locomo).queries
     samples = sorted({q.group for q in queries})
     held = [q for q in queries if q.group in samples[5:]][: args.queries]
+    args.out.mkdir(parents=True, exist_ok=True)
     data = args.out / "locomo_labelled_pairs.jsonl"
     data.write_text("\n".join(json.dumps({"query": q.query, "document": d, "label": int(i in q.relevant)})
                               for q in held for i, d in enumerate(q.documents)))
-    return cli(["calibrate", str(args.artifact), "--data", str(data), "--method", "auto",
-                "--plot", str(args.out / "reliability.png"), "-o", str(args.out / "calibration.json")])
+    report = args.out / "calibration.json"
+    code = cli(["calibrate", str(args.artifact), "--data", str(data), "--method", "auto",
+                "--plot", str(Path(__file__).parents[1] / "docs" / "reliability.png"), "-o", str(report)])
+    if code == 0:
+        write(RESULTS / "calibration.json", {"environment": environment(None), "questions": len(held),
+                                            "report": json.loads(report.read_text())})
+    return code
 
 
 if __name__ == "__main__":

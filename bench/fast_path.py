@@ -5,7 +5,7 @@ import time, and the peak RSS of bench/memory.py.
     python bench/fast_path.py --locomo ../shared/data/locomo/locomo10.json --threads 2
 
 Prefix reuse and host overhead come from ``memrerank bench`` (memrerank.benchmark), run here on LoCoMo
-queries × 32 candidate turns (decoder) and × 100 (encoder); results go to out/fast_path.json and .md.
+queries × 32 candidate turns (decoder) and × 100 (encoder); results go to bench/results/fast_path.json (and out/fast_path.md).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import DEFAULT_LOCOMO, environment, locomo_workload, write  # noqa: E402
+from common import DEFAULT_LOCOMO, RESULTS, environment, locomo_workload, write  # noqa: E402
 
 HERE = Path(__file__).parent
 IMPORT_PROBE = ("import time; t=time.perf_counter(); import memrerank; a=time.perf_counter()-t; "
@@ -45,7 +45,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--queries", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=6)
-    ap.add_argument("--out", type=Path, default=HERE / "out" / "fast_path.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "fast_path.json")
     args = ap.parse_args()
 
     from memrerank.benchmark import run_bench
@@ -71,16 +71,13 @@ def main() -> int:
                              capture_output=True, text=True, check=True)
         colds.append(float(out.stdout.split()[-1]))
     report["cold_start_int8_0.6b_s"] = {"min": min(colds), "runs": colds}
-    mem = HERE / "out" / "memory.json"
-    if mem.exists():
-        report["memory"] = {k: v for k, v in json.loads(mem.read_text()).items() if k != "rss_trace_mb"}
     write(args.out, report)
     md = ["## decoder (0.6B shape, random weights), LoCoMo queries × 32 turns", markdown_table(report["decoder"]),
           "", "## encoder (real all-MiniLM-L6-v2 + LoCoMo head), LoCoMo queries × 100 turns",
           markdown_table(report["encoder"]), "", f"import: {report['import']}",
           f"cold start int8 0.6B (load + first rank, fresh process): {report['cold_start_int8_0.6b_s']}",
-          f"memory: {report.get('memory', 'run bench/memory.py first')}"]
-    args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
+          "memory: bench/memory.py (bench/results/memory.json)"]
+    (HERE / "out" / "fast_path.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

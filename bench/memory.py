@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import DEFAULT_LOCOMO, write
+from common import DEFAULT_LOCOMO, RESULTS, environment, write
 
 
 def rss_mb() -> float:
@@ -54,7 +54,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-batch-tokens", type=int, default=None)
     ap.add_argument("--locomo", type=Path, default=DEFAULT_LOCOMO)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "memory.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "memory.json")
     args = ap.parse_args()
 
     samples: list[tuple[float, float]] = []
@@ -82,6 +82,7 @@ def main() -> int:
     stop.set()
     peak = max(s for _, s in samples + [(0, rss_mb())])
     result = {
+        "environment": environment(args.threads),
         "artifact": str(args.artifact), "precision": args.precision, "candidates": args.n,
         "tokens_per_pair": args.tokens, "prefix_reuse": r.prefix_reuse,
         "max_batch_tokens": args.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS,

@@ -6,6 +6,7 @@ scoring, write. The in-process `Reranker.predict` over the same pairs is the no-
 the peak RSS (VmHWM) of each `MapBatches(RerankActor)` worker process, read from /proc while the job runs.
 
     python bench/scale.py --artifact bench/out/minilm-locomo/artifact --precision int8 --queries 200 --k 20
+    python bench/scale.py --artifact bench/out/qwen3-0.6b-shape/artifact --name qwen3-0.6b-shape --queries 24 --rounds 1
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import DEFAULT_LOCOMO, environment, locomo_workload, write  # noqa: E402
+from common import DEFAULT_LOCOMO, RESULTS, environment, locomo_workload, write  # noqa: E402
 
 HERE = Path(__file__).parent
 CONFIGS = ((1, 1), (2, 1), (1, 2))  # (actors, threads per actor); 2 CPUs in all
@@ -94,7 +95,8 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=20, help="candidates per question")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--out", type=Path, default=HERE / "out" / "scale.json")
+    ap.add_argument("--name", default="minilm", help="results go to bench/results/scale_<name>.json")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
     work = locomo_workload(args.locomo, args.queries, args.k)
@@ -148,7 +150,7 @@ def main() -> int:
         "speedup_2_actors_vs_1": best["2x1"]["pairs_per_s"] / best["1x1"]["pairs_per_s"],
         "runs": runs, "in_process": inproc, "environment": environment(2),
     }
-    write(args.out, summary)
+    write(args.out or RESULTS / f"scale_{args.name}.json", summary)
     print(json.dumps({k: summary[k] for k in ("rescore_best", "in_process_best_pairs_per_s",
                                               "speedup_2_actors_vs_1")}, indent=2))
     return 0

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import DEFAULT_LOCOMO, environment, locomo_workload, write  # noqa: E402
+from common import DEFAULT_LOCOMO, RESULTS, environment, locomo_workload, write  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -49,7 +49,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=120)
     ap.add_argument("--k", type=int, default=20, help="documents per request")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=HERE / "out" / "serve_load.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "serve_load.json")
     args = ap.parse_args()
     work = locomo_workload(args.locomo, 40, args.k)
     results = []

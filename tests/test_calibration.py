@@ -148,6 +148,9 @@ def test_calibrate_teacher_mode_aligns_a_stretched_precision_with_fp32(minilm_ar
     assert (r["params"]["a"], r["params"]["b"]) == pytest.approx((1 / 1.7, -0.8 / 1.7), abs=1e-3)
     assert r["agreement_vs_fp32"]["before"]["0.5"] < 0.99
     assert r["agreement_vs_fp32"]["after"] == {"0.3": 1.0, "0.5": 1.0, "0.7": 1.0}
+    q = r["agreement_at_fp32_quantiles"]  # thresholds where fp32's held-out scores are: its 90/95/99th percentiles
+    assert q["quantiles"] == [0.9, 0.95, 0.99] and q["thresholds"] == sorted(q["thresholds"])
+    assert 0.0 < q["thresholds"][0] < 1.0 and q["after"] == [1.0, 1.0, 1.0]
     fp32, int8 = Reranker.load(art, "fp32"), Reranker.load(art, "int8")
     pairs = [("what about tea?", "tea cat river"), ("what about tea?", "piano cabin")]
     np.testing.assert_allclose(int8.predict(pairs), fp32.predict(pairs), atol=1e-3)

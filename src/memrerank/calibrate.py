@@ -28,6 +28,10 @@ from memrerank.progress import bar
 from memrerank.calibration.metrics import brier, decision_agreement, ece, reliability_bins
 from memrerank.manifest import CalibrationEntry, read_manifest, write_manifest
 
+#: Quantiles of fp32's calibrated held-out scores at which decision agreement is also reported: a weak model's
+#: calibrated scores may never reach 0.3, where agreement at fixed thresholds is trivially 1.
+QUANTILES = (0.9, 0.95, 0.99)
+
 __all__ = ["load_calibration_pairs", "calibrate_artifact", "CALIBRATION_METHODS"]
 
 #: ``--method`` choices: ``auto`` fits both and keeps Platt only where its bias lowers the log-loss by 1 %.
@@ -185,6 +189,12 @@ def calibrate_artifact(artifact: str | Path, data: str | Path, method: str = "au
                 "before": decision_agreement(sigmoid(logits[p])[held], sigmoid(logits["fp32"])[held]),
                 "after": decision_agreement(_calibrator(fits[p])(logits[p])[held], fp32_after[held]),
             }
+            # and at thresholds this model's scores actually reach: fp32's held-out 90/95/99th percentiles
+            cuts = [float(c) for c in np.quantile(fp32_after[held], QUANTILES)]
+            mine, ref = _calibrator(fits[p])(logits[p])[held], fp32_after[held]
+            report["precisions"][p]["agreement_at_fp32_quantiles"] = {
+                "quantiles": list(QUANTILES), "thresholds": cuts,
+                "after": [float(np.mean((mine >= c) == (ref >= c))) for c in cuts]}
     if labelled:
         for r in report["precisions"].values():
             r["beats_uncalibrated"] = r["after"]["log_loss"] < r["before"]["log_loss"]
