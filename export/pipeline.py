@@ -25,6 +25,7 @@ from memrerank.errors import ParityError
 from memrerank.progress import Steps
 from memrerank.export.families import family_for
 from memrerank.export.fidelity import CalibSet, FidelityBudget, load_calib_jsonl, search_exclusions
+from memrerank.export.fused import FUSED_GRAPHS, FUSED_OPSET, GRAPH_KINDS, write_fused_graph
 from memrerank.export.graph import DEFAULT_OPSET, export_onnx
 from memrerank.export.metrics import spearman, topk_overlap
 from memrerank.export.pairs import builtin_calibration_groups, builtin_pairs
@@ -122,6 +123,7 @@ def export_model(
     calib_data: str | Path | None = None,
     fidelity: FidelityBudget | str | None = None,
     allow_pickle: bool = False,
+    graph: str = "traced",
     command: str | None = None,
     log: Callable[[str], None] = _log.info,
     progress: bool | None = False,
@@ -147,6 +149,9 @@ def export_model(
         fidelity: budget every quantized precision must meet vs fp32 (``"top10=0.95,spearman=0.99"``).
         allow_pickle: load a checkpoint whose weights are only a pickle (``pytorch_model.bin``). Off by
             default: weights load from safetensors only, because unpickling can run code.
+        graph: ``"traced"`` (Optimum's trace of the PyTorch module) or, for decoder families, ``"fused"`` /
+            ``"fused-cuda"`` (:mod:`memrerank.export.fused`: onnxruntime's fused attention, rotary and RMSNorm
+            operators, written for the CPU or the CUDA provider; same inputs, outputs and scores).
         command: the command line recorded in the manifest's ``export`` block.
         log: progress messages.
         progress: a progress bar over the export's steps on stderr (``None``: when stderr is a terminal). Each
@@ -161,7 +166,7 @@ def export_model(
     out = Path(out)
     recover(out, log)  # an artifact a killed export left aside comes back before anything looks at ``out``
     budget, calib_groups = _check_arguments(out, precisions, force=force, max_length=max_length,
-                                            calib_data=calib_data, fidelity=fidelity)
+                                            calib_data=calib_data, fidelity=fidelity, graph=graph)
     lower = [p for p in PRECISIONS if p in precisions and p != "fp32"]
     steps = Steps(3 + len(lower), desc=f"export {Path(model).name}", enabled=progress, log=log)
     log = steps.log
@@ -180,7 +185,7 @@ def export_model(
     try:
         steps.start("fp32 graph")
         manifest = _write_fp32(tmp, model, config, family, blocks, revision=revision, opset=opset,
-                               command=command, allow_pickle=allow_pickle, log=log)
+                               command=command, allow_pickle=allow_pickle, log=log, graph=graph)
         steps.start("validate fp32")
         _validate_fp32(tmp, family, manifest, log)
         if lower:
@@ -198,9 +203,11 @@ def export_model(
 
 
 def _check_arguments(out: Path, precisions: Sequence[str], *, force: bool, max_length: int | None,
-                     calib_data: str | Path | None, fidelity: FidelityBudget | str | None
+                     calib_data: str | Path | None, fidelity: FidelityBudget | str | None, graph: str = "traced"
                      ) -> tuple[FidelityBudget, list[tuple[str, list[str]]] | None]:
     """Refuse bad arguments before anything loads; return the fidelity budget and the ``--calib-data`` groups."""
+    if graph not in GRAPH_KINDS:
+        raise ValueError(f"graph: unknown {graph!r}; choose from {', '.join(GRAPH_KINDS)}")
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown or not precisions:
         raise ValueError(f"precision: unknown {unknown or 'none given'}; choose from {', '.join(PRECISIONS)}")
@@ -235,7 +242,8 @@ def _load_family(model: str, *, revision: str | None, trust_remote_code: bool, i
 
 def _write_fp32(tmp: Path, model: str, config: Any, family: Any,
                 blocks: tuple[dict[str, Any], dict[str, Any]], *, revision: str | None, opset: int,
-                command: str | None, allow_pickle: bool, log: Callable[[str], None]) -> dict[str, Any]:
+                command: str | None, allow_pickle: bool, log: Callable[[str], None], graph: str = "traced"
+                ) -> dict[str, Any]:
     """Write the tokenizer, the fp32 graph and the first manifest into ``tmp``; return the manifest's JSON.
 
     ``blocks`` is the family's ``(template, tokens)`` pair (:meth:`Family.template`).
@@ -246,9 +254,14 @@ def _write_fp32(tmp: Path, model: str, config: Any, family: Any,
     if not (tmp / TOKENIZER_NAME).is_file():
         raise ValueError(f"{model}: the tokenizer did not produce {TOKENIZER_NAME}")
 
-    log(f"exporting fp32 graph ({family.name})")
+    log(f"exporting fp32 graph ({family.name}, {graph})")
     onnx_config = family.onnx_config()
-    files = export_onnx(family.graph_module(), onnx_config, tmp / "fp32" / "model.onnx", opset=opset)
+    if graph in FUSED_GRAPHS:
+        if family.cache_layout() is None:
+            raise ValueError(f"--graph {graph} is for decoder rerankers; {family.name} exports the traced graph")
+        files = write_fused_graph(family.graph_module(), tmp / "fp32" / "model.onnx", ep=FUSED_GRAPHS[graph])
+    else:
+        files = export_onnx(family.graph_module(), onnx_config, tmp / "fp32" / "model.onnx", opset=opset)
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "family": family.name,
@@ -275,7 +288,8 @@ def _write_fp32(tmp: Path, model: str, config: Any, family: Any,
         "export": {
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "versions": _versions(),
-            "opset": opset,
+            "opset": opset if graph == "traced" else FUSED_OPSET,
+            "graph": graph,
             "command": command,
             "allow_pickle": allow_pickle,
         },

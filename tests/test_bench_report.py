@@ -30,7 +30,8 @@ def test_the_readme_matches_the_committed_results(report):
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert report.check(readme) == []
     assert report.main(["--check"]) == 0
-    assert set(report.readme_blocks(readme)) == set(report.SECTIONS)
+    assert set(report.readme_blocks(readme)) | set(report.pending(readme)) == set(report.SECTIONS)
+    assert len(report.readme_blocks(readme)) >= 2
 
 
 def test_a_hand_edited_figure_fails_the_check(report, tmp_path):

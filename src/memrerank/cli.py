@@ -31,6 +31,10 @@ from memrerank.report import calibration_table, eval_table, info_text, markdown_
 __all__ = ["main", "build_parser", "system_info", "COMMANDS"]
 
 #: One line per command, in the order ``memrerank -h`` lists them.
+#: ``memrerank export --graph`` choices: :data:`memrerank.export.fused.GRAPH_KINDS` (not imported here, so the CLI
+#: starts without the export extra; tests/test_fused.py checks the two agree).
+EXPORT_GRAPHS = ("traced", "fused", "fused-cuda")
+
 COMMANDS = {
     "export": "export a Hugging Face reranker to an artifact",
     "rank": "rank documents for a query with an artifact",
@@ -152,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="load weights that exist only as a pickle (pytorch_model.bin); by default only "
                         "safetensors load, because unpickling can run code")
+    p.add_argument("--graph", choices=EXPORT_GRAPHS, default="traced",
+                   help="decoder rerankers: 'fused' writes onnxruntime's fused attention/rotary/RMSNorm operators "
+                        "for the CPU, 'fused-cuda' for the CUDA provider (same scores; onnxruntime >= 1.23); "
+                        "default: Optimum's trace")
     p.add_argument("--calib-data", type=Path, default=None,
                    help="JSONL of {\"query\",\"document\"} pairs for int8-static ranges and fidelity checks "
                         "(default: built-in pairs)")
@@ -394,7 +402,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     out = export_model(args.model, args.output, precisions=args.precision, max_length=args.max_length,
                        instruction=args.instruction, force=args.force, revision=args.revision,
                        trust_remote_code=args.trust_remote_code, calib_data=args.calib_data,
-                       fidelity=args.fidelity, allow_pickle=args.allow_pickle, command=" ".join(sys.argv),
+                       fidelity=args.fidelity, allow_pickle=args.allow_pickle, graph=args.graph,
+                       command=" ".join(sys.argv),
                        log=_log(args), progress=_progress(args))
     if engines:
         _build_engines(out, engines, args.profile, 4.0)
