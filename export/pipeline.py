@@ -344,7 +344,8 @@ def _build_precisions(tmp: Path, names: Sequence[str], groups: Sequence[tuple[st
                                       "meets_budget": budget.met(metrics)
                                       and metrics["max_abs_logit_diff"] <= PARITY_TOLERANCE["fp16"]}
         else:
-            report = search_exclusions(build, out_graph, calib, info.groups, budget, log)
+            report = search_exclusions(build, out_graph, calib, info.groups, budget, log, label=f"{name} search",
+                                       progress=steps.enabled if steps is not None else False)
         files = sorted(p for p in out_graph.parent.iterdir() if p.is_file())
         manifest["precisions"][name] = {
             "graph": f"{name}/model.onnx",
