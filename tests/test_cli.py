@@ -178,10 +178,19 @@ def test_rescore_builds_one_job(bert_artifact, tmp_path, monkeypatch, capsys):
 
 
 def test_demo_offline_uses_the_embedded_default(tmp_path, monkeypatch, capsys):
-    """README command 1: offline, the demo exports the packaged MiniLM body and says its head is untrained."""
+    """README command 1: offline, the demo exports the packaged MiniLM body with its trained head, ranks each
+    question's answer first and prints the figures and the next commands (tests/test_demo.py checks the
+    rankings on the artifact at both precisions)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["demo", "-o", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
-    assert "embedded all-MiniLM-L6-v2" in out and "NOT meaningful" in out
+    assert "embedded default" in out and "all-MiniLM-L6-v2" in out and "held-out top-1" in out
+    assert "NOT meaningful" not in out and "untrained" not in out
+    from memrerank.demo import DEMO_QUESTIONS
+
+    assert out.count("the memory that answers it ranks first") == len(DEMO_QUESTIONS)
     assert "precision 'auto' -> int8" in out and "latency fp32" in out and "latency int8" in out
-    assert (tmp_path / "demo" / "artifact" / "int8" / "model.onnx").is_file()
+    assert "budget met" in out and "MiB" in out  # fidelity and size per precision
+    art = tmp_path / "demo" / "artifact"
+    assert (art / "int8" / "model.onnx").is_file()
+    assert f"memrerank rank {art}" in out and f"memrerank serve {art}" in out and f"memrerank bench {art}" in out
