@@ -28,7 +28,9 @@ __all__ = ["FidelityBudget", "CalibSet", "SearchLimits", "load_calib_jsonl", "se
 
 TOPK_FIDELITY = 10
 _LAYER_GROUP = re.compile(r"layer \d+")  # the group names GraphInfo gives transformer layers
-_LAYER_INDEX = re.compile(r"(layers?\.)\d+")  # the layer index inside a node name
+#: The layer index inside a node name: ``layers.3`` / ``layer.3``, or the exporter's ``_3`` suffix on a module
+#: name repeated once per layer (``/q_proj_3/MatMul``; the first layer's has none).
+_LAYER_INDEX = re.compile(r"(layers?\.)\d+|_\d+(?=/)")
 _AGREEMENT = ("spearman_mean", "top10_overlap")  # the budgeted metrics, both "1 = same as fp32"
 #: The most a sample's damage is scaled up to predict every pair's (see :func:`search_exclusions`).
 SAMPLE_CORRECTION_MAX = 4.0
@@ -266,14 +268,15 @@ class SearchLimits:
         max_refine: at most this many extra builds try kept products back in low precision (whole layers of a
             kept block, then product kinds across the kept layers, then single products, largest first).
         max_cost: the refinement stops once the search has cost this many times the plain step (one build and
-            one pass over every pair), so big models (slow builds) are refined less.
+            one pass over every pair, in CPU seconds of this process), so a model whose candidates are slow to
+            build and score (a 0.6B decoder) is refined less.
     """
 
     max_pairs: int = 320
     probe_pairs: int = 64
     max_blocks: int = 8
     max_refine: int = 6
-    max_cost: float = 8.0
+    max_cost: float = 5.0
 
     def __post_init__(self) -> None:
         if (self.max_pairs < 1 or self.probe_pairs < 1 or self.max_blocks < 1 or self.max_refine < 0
@@ -452,6 +455,7 @@ def search_exclusions(build: Callable[[list[str]], None], graph: Path, calib: Ca
     """
     limits = limits or SearchLimits()
     t_start, c_start = time.perf_counter(), time.process_time()
+    groups = _split_groups(groups, limits.max_blocks)
     blocks = _blocks(groups, limits.max_blocks)
     total = 1 + len(blocks) + 2 * max(1, len(blocks)).bit_length() + limits.max_refine + 1
     bar = _progress(total, label, progress)
@@ -483,9 +487,9 @@ def _run_search(search: _Search, groups: dict[str, list[str]], blocks: dict[str,
                 limits: SearchLimits, log: Callable[[str], None]) -> dict[str, Any]:
     calib, budget, graph = search.calib, search.budget, search.graph
     everything = list(range(len(calib.groups)))
-    t_plain = time.perf_counter()
+    c_plain = time.process_time()  # CPU seconds: the cost bound should not move with the machine's load
     plain = search.evaluate([], everything, "plain", sample=False, early=False)
-    plain_cost = time.perf_counter() - t_plain
+    plain_cost = time.process_time() - c_plain
     plain_size = _size(graph)
     report: dict[str, Any] = {"budget": asdict(budget), "plain": plain, "kept_fp32": [], "meets_budget": True}
     if budget.met(plain):
@@ -564,7 +568,7 @@ def _run_search(search: _Search, groups: dict[str, list[str]], blocks: dict[str,
     excluded = _nodes(kept_blocks, blocks, groups)
 
     # refine: give kept products back while the budget holds on the sample and the search is within its cost
-    deadline = t_plain + limits.max_cost * plain_cost
+    deadline = c_plain + limits.max_cost * plain_cost
     chain, trials = _refine(lambda trial: search.passes(judge(trial, "refine")), excluded, kept_blocks, blocks,
                             groups, limits.max_refine, deadline)
 
@@ -642,6 +646,25 @@ def _probe_rows(calib: CalibSet, groups: Sequence[int], n: int) -> np.ndarray:
     return np.sort(np.concatenate(rows)[:n])
 
 
+def _split_groups(groups: dict[str, list[str]], max_blocks: int) -> dict[str, list[str]]:
+    """``groups``, with a group that holds most of the products (a graph whose node names carry no layer index
+    puts every product in ``other``) cut into runs of products in graph order, so the search still has
+    ``max_blocks`` blocks to tell apart: ``other [0-27]``, ``other [28-55]``…"""
+    total = sum(len(nodes) for nodes in groups.values())
+    big = max(groups, key=lambda g: len(groups[g]), default=None)
+    room = max_blocks - len(groups) + 1
+    if big is None or room < 2 or len(groups[big]) * 2 <= total or len(groups[big]) <= max_blocks:
+        return groups
+    out: dict[str, list[str]] = {}
+    for g, nodes in groups.items():
+        if g != big:
+            out[g] = nodes
+            continue
+        for run in np.array_split(np.arange(len(nodes)), room):
+            out[f"{g} [{run[0]}-{run[-1]}]"] = [nodes[i] for i in run]
+    return out
+
+
 def _blocks(groups: dict[str, list[str]], max_blocks: int) -> dict[str, list[str]]:
     """Block name -> its group names: the groups themselves, or runs of adjacent layers when there are too many."""
     if len(groups) <= max_blocks:
@@ -666,7 +689,7 @@ def _refine(passes: Callable[[list[str]], bool], excluded: list[str], kept_block
             blocks: dict[str, list[str]], groups: dict[str, list[str]], max_trials: int,
             deadline: float = math.inf) -> tuple[list[list[str]], int]:
     """Give kept products back to low precision while ``passes`` (the budget on the sample), in at most ``max_trials``
-    builds and until ``deadline`` (``time.perf_counter``): whole layers of merged blocks, then one product kind
+    builds and until ``deadline`` (``time.process_time``): whole layers of merged blocks, then one product kind
     across every kept layer (all the FFN output projections…), then single products; least damaging block
     first, and within a layer its last products (the FFN's, the largest) first.
 
@@ -682,7 +705,7 @@ def _refine(passes: Callable[[list[str]], bool], excluded: list[str], kept_block
         nonlocal excluded, trials
         give = frozenset(n for n in give_back if n in excluded)
         if (not give or give == frozenset(excluded) or give in seen or trials >= max_trials
-                or time.perf_counter() >= deadline):
+                or time.process_time() >= deadline):
             return
         seen.add(give)
         trial = [n for n in excluded if n not in give]
@@ -698,7 +721,7 @@ def _refine(passes: Callable[[list[str]], bool], excluded: list[str], kept_block
                 attempt(groups[g])
     kinds: dict[str, list[str]] = {}
     for n in reversed(excluded):
-        kinds.setdefault(_LAYER_INDEX.sub(r"\1*", n), []).append(n)
+        kinds.setdefault(_LAYER_INDEX.sub(lambda m: f"{m.group(1)}*" if m.group(1) else "", n), []).append(n)
     for nodes in kinds.values():
         if len(nodes) > 1:
             attempt(nodes)

@@ -387,3 +387,20 @@ def test_the_keep_guess_scales_the_plain_shortfall_by_the_damage_left():
     assert _predicted_keep([0.5, 0.3, 0.1, 0.1], plain, budget) == 3
     assert _predicted_keep([0.5, 0.3, 0.1, 0.1], plain, FidelityBudget(top10=0.95, spearman=0.0)) == 1
     assert _predicted_keep([0.0, 0.0], plain, budget) == 1
+
+
+def test_a_graph_without_layer_names_is_cut_into_runs_of_products():
+    """An exporter that drops the layer scopes (``/q_proj_12/MatMul``) puts every product in one group: the
+    search cuts it into runs in graph order so the sensitivity still tells the layers apart."""
+    names = [f"/{m}{'' if i == 0 else f'_{i}'}/MatMul" for i in range(12)
+             for m in ("q_proj", "k_proj", "mlp/up_proj")]
+    groups = {"other": names, "embeddings": ["/embed_tokens/Gather"]}
+    loud = {"/k_proj_9/MatMul": 0.6}
+    model = SimulatedModel([20] * 8, _amplitudes(groups, base=0.002, loud=loud))
+    report, _, _ = _search(model, groups, BUDGET, limits=SearchLimits(max_cost=math.inf))
+    # 36 products in 7 runs (8 blocks less the embeddings): 6, 5, 5, 5, 5, 5, 5; /k_proj_9 is product 28
+    assert len(report["sensitivity"]) == 8 and "other [31-35]" in report["sensitivity"]
+    assert list(report["sensitivity"])[0] == "other [26-30]", "the run holding layer 9's k_proj is the loudest"
+    assert report["meets_budget"] and BUDGET.met(independent_fidelity(model, report["kept_fp32_nodes"]))
+    assert "/k_proj_9/MatMul" in report["kept_fp32_nodes"] and len(report["kept_fp32_nodes"]) <= 3
+    assert report["kept_fp32"] == ["other [26-30]"]
