@@ -264,7 +264,8 @@ def _move_graph(work: Path, out: Path) -> None:
 #: codes are finite (128, i.e. zero) and its product exactly zero.
 ROW_SCALE_FLOOR = 1e-30
 
-def quantize_per_row(fp32: Path, out: Path, nodes: list[str], external: bool) -> int:
+def quantize_per_row(fp32: Path, out: Path, nodes: list[str], external: bool, *, model: Any = None,
+                     smooth: dict[str, Any] | None = None, lower_bounds: dict[str, float] | None = None) -> int:
     """Quantize weight MatMul/Gemm nodes with per-row (per-token) dynamic activation scales; write ``out``.
 
     Dynamic quantization as onnxruntime does it (``DynamicQuantizeLinear``) takes one activation scale for the
@@ -280,6 +281,18 @@ def quantize_per_row(fp32: Path, out: Path, nodes: list[str], external: bool) ->
     alone. Nodes sharing an input share its codes. A Gemm is quantized when it is a plain ``A·B (+C)``
     (``transA`` 0, ``alpha``/``beta`` 1; its bias is added after the scaling); other products stay fp32.
 
+    Args:
+        fp32: the graph to quantize.
+        out: where to write the int8 graph.
+        nodes: names of the products to quantize.
+        external: write the weights to an external-data file.
+        model: the graph as an already loaded ``ModelProto`` to use instead of reading ``fp32`` (changed in place).
+        smooth: activation name → per-channel divisor ``s`` (:func:`memrerank.export.optimize.smoothing_factors`):
+            its codes are taken of ``x / s`` and each product's weight rows are multiplied by ``s``.
+        lower_bounds: activation name → a value ``L < 0`` nothing goes below (GELU outputs): coded on 0..255
+            with the fixed zero point ``zp`` of :data:`memrerank.export.optimize.GELU_ZERO_POINT` and the row
+            scale ``max(max x_row / (255 - zp), -L / zp)`` (one reduction, about twice the resolution).
+
     Returns:
         The number of nodes quantized.
     """
@@ -287,7 +300,10 @@ def quantize_per_row(fp32: Path, out: Path, nodes: list[str], external: bool) ->
     import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.load(str(fp32))
+    if model is None:
+        model = onnx.load(str(fp32))
+    smooth = smooth or {}
+    lower_bounds = lower_bounds or {}
     graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     inits = {i.name: i for i in graph.initializer}
@@ -295,8 +311,8 @@ def quantize_per_row(fp32: Path, out: Path, nodes: list[str], external: bool) ->
     consts = {"_pr_zp": np.array(128, np.uint8), "_pr_inv127": np.array(1.0 / 127.0, np.float32),
               "_pr_floor": np.array(ROW_SCALE_FLOOR, np.float32), "_pr_flat": np.array([-1], np.int64)}
     graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
-    rows: dict[str, tuple[str, str]] = {}  # activation name -> (its uint8 codes, its row scales)
-    weights: dict[tuple[str, bool], str] = {}  # (initializer, transposed) -> prefix of its codes and scales
+    rows: dict[str, tuple[str, str, str]] = {}  # activation name -> (its uint8 codes, row scales, zero point)
+    weights: dict[tuple[str, bool, str], str] = {}  # (initializer, transposed, smoothed input) -> codes prefix
     replaced: set[str] = set()
     new_nodes = []
     done = 0
@@ -307,12 +323,25 @@ def quantize_per_row(fp32: Path, out: Path, nodes: list[str], external: bool) ->
             continue
         w, bias, transposed = weight
         x, tag = node.input[0], node.name or node.output[0]
+        if x in smooth:
+            w = w * np.asarray(smooth[x], np.float32)[:, None]
         if x not in rows:
-            nodes_x, inits_x, rows[x] = _row_codes(x, f"{tag}_row", w.shape[0], opset)
+            src = x
+            if x in smooth:  # one Mul shared by every product reading x
+                divide = numpy_helper.from_array((1.0 / np.asarray(smooth[x], np.float32)).astype(np.float32),
+                                                 f"{tag}_smooth_inv")
+                graph.initializer.append(divide)
+                new_nodes.append(helper.make_node("Mul", [x, divide.name], [f"{tag}_smoothed"], name=f"{tag}_smooth"))
+                src = f"{tag}_smoothed"
+            if x in lower_bounds:
+                nodes_x, inits_x, rows[x] = _offset_codes(src, f"{tag}_row", lower_bounds[x], opset)
+            else:
+                nodes_x, inits_x, (codes_x, scale_x) = _row_codes(src, f"{tag}_row", w.shape[0], opset)
+                rows[x] = (codes_x, scale_x, "_pr_zp")
             new_nodes += nodes_x
             graph.initializer.extend(inits_x)
-        codes, row_scale = rows[x]
-        key = (node.input[1], transposed)
+        codes, row_scale, zero_point = rows[x]
+        key = (node.input[1], transposed, x if x in smooth else "")
         if key not in weights:  # a weight shared by several products is stored once
             scale = np.abs(w).max(axis=0) / 127.0
             scale[scale == 0] = 1.0
@@ -324,7 +353,7 @@ def quantize_per_row(fp32: Path, out: Path, nodes: list[str], external: bool) ->
         out_name = node.output[0]
         product = out_name if bias is None else out_name + "_nobias"
         new_nodes.append(helper.make_node(
-            "MatMulIntegerToFloat", [codes, w_tag + "_w_int8", row_scale, w_tag + "_w_scale", "_pr_zp"], [product],
+            "MatMulIntegerToFloat", [codes, w_tag + "_w_int8", row_scale, w_tag + "_w_scale", zero_point], [product],
             name=tag + "_quant", domain="com.microsoft"))
         if bias is not None:
             new_nodes.append(helper.make_node("Add", [product, bias], [out_name], name=tag + "_bias"))
@@ -380,6 +409,49 @@ def _row_codes(x: str, p: str, k: int, opset: int) -> tuple[list[Any], list[Any]
     return nodes, inits, (p + "_u8", p + "_scale")
 
 
+def _offset_codes(x: str, p: str, lower: float, opset: int) -> tuple[list[Any], list[Any], tuple[str, str, str]]:
+    """Nodes coding ``x`` (never below ``lower`` < 0) as uint8 with a fixed zero point, one scale per row.
+
+    ``s = max(max x_row / (255 - zp), -lower / zp)`` keeps ``x_row / s + zp`` within 0..255 for every value the
+    activation can take, so nothing is clipped; codes and scales depend on the row alone.
+
+    Returns:
+        The nodes, the initializers they add, and the names of the codes, the row scales and the zero point.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from memrerank.export.optimize import GELU_ZERO_POINT as zp
+
+    if not lower < 0:
+        raise ValueError(f"{x}: offset codes need a negative lower bound, got {lower}")
+    inits = [numpy_helper.from_array(np.array(1.0 / (255 - zp), np.float32), p + "_inv_range"),
+             numpy_helper.from_array(np.array(-lower / zp, np.float32), p + "_floor"),
+             numpy_helper.from_array(np.array(zp, np.uint8), p + "_zp"),
+             numpy_helper.from_array(np.array([-1], np.int64), p + "_last")]
+    if opset < 18:
+        reduce = helper.make_node("ReduceMax", [x], [p + "_max"], keepdims=1, axes=[-1], name=p + "_max")
+    else:
+        inits.append(numpy_helper.from_array(np.array([-1], np.int64), p + "_axis"))
+        reduce = helper.make_node("ReduceMax", [x, p + "_axis"], [p + "_max"], keepdims=1, name=p + "_max")
+    nodes = [
+        reduce,
+        helper.make_node("Mul", [p + "_max", p + "_inv_range"], [p + "_scale_raw"], name=p + "_scale_raw"),
+        helper.make_node("Max", [p + "_scale_raw", p + "_floor"], [p + "_scale"], name=p + "_scale"),
+        helper.make_node("Reshape", [p + "_scale", "_pr_flat"], [p + "_scale_1d"], name=p + "_scale_1d"),
+        helper.make_node("Shape", [p + "_scale_1d"], [p + "_rows"], name=p + "_rows"),
+        helper.make_node("Expand", [p + "_zp", p + "_rows"], [p + "_zp_1d"], name=p + "_zp_1d"),
+        helper.make_node("Shape", [x], [p + "_shape"], name=p + "_shape"),
+        helper.make_node("Gather", [p + "_shape", p + "_last"], [p + "_k"], axis=0, name=p + "_k"),
+        helper.make_node("Concat", ["_pr_flat", p + "_k"], [p + "_2d"], axis=0, name=p + "_2d"),
+        helper.make_node("Reshape", [x, p + "_2d"], [p + "_x2d"], name=p + "_x2d"),
+        helper.make_node("QuantizeLinear", [p + "_x2d", p + "_scale_1d", p + "_zp_1d"], [p + "_u8_2d"], axis=0,
+                         name=p + "_quant"),
+        helper.make_node("Reshape", [p + "_u8_2d", p + "_shape"], [p + "_u8"], name=p + "_u8"),
+    ]
+    return nodes, inits, (p + "_u8", p + "_scale", p + "_zp")
+
+
 def _plain_weight(node: Any, inits: dict[str, Any]) -> tuple[Any, str | None, bool] | None:
     """``(W as (K, N) float32, bias input or None, whether W was stored transposed)`` of a MatMul/Gemm by a 2-D
     weight, or None when the node is not a plain product by an initializer (left in fp32)."""
@@ -411,17 +483,33 @@ INT8_METHOD = ("per-row (per-token) symmetric dynamic activation scales, U8 code
 def build_int8(fp32: Path, out: Path, info: GraphInfo, calib: Any = None, exclude: list[str] | None = None
                ) -> dict[str, Any]:
     """Per-row dynamic quantization: int8 weights per channel, activations quantized per token on the fly
-    (:func:`quantize_per_row`), so scores do not depend on what shares a batch; int8 embedding tables."""
-    exclude = list(exclude or [])
-    nodes = [n for n in info.weight_nodes if n not in set(exclude)]
+    (:func:`quantize_per_row`), so scores do not depend on what shares a batch; int8 embedding tables.
+
+    With calibration pairs, the graph is first prepared by :func:`memrerank.export.optimize.plan_int8`: the last
+    layer computes the first token only where the head reads nothing else (checked against the fp32 graph),
+    products that run on one row per pair stay fp32, LayerNorm outputs are smoothed and GELU outputs get offset
+    codes. Every constant is fixed at export, so the graph stays batch-independent.
+    """
+    from memrerank.export.optimize import plan_int8
+
+    exclude = set(exclude or [])
+    plan = plan_int8(fp32, info, calib)
+    keep = exclude | set(plan.one_row)
+    nodes = [n for n in info.weight_nodes if n not in keep]
     out.parent.mkdir(parents=True, exist_ok=True)
     if nodes:
-        quantize_per_row(fp32, out, nodes, info.external_data)
+        quantize_per_row(fp32, out, nodes, info.external_data, model=plan.copy_model(), smooth=plan.smooth,
+                         lower_bounds=plan.lower_bounds)
+    elif plan.model is not None:
+        for stale in (out, out.parent / (out.name + "_data")):
+            stale.unlink(missing_ok=True)
+        _save(plan.copy_model(), out, info.external_data)
     else:
         _copy_graph(fp32, out, info)
-    tables = quantize_embeddings(out, [n for n in info.embedding_nodes if n not in set(exclude)], info.external_data)
+    tables = quantize_embeddings(out, [n for n in info.embedding_nodes if n not in exclude], info.external_data)
     return {"method": INT8_METHOD, "batch_independent": True,
-            "embeddings": f"{tables} table(s) int8 with one symmetric scale per row" if tables else "fp32"}
+            "embeddings": f"{tables} table(s) int8 with one symmetric scale per row" if tables else "fp32",
+            **plan.record}
 
 
 def build_int8_per_tensor(fp32: Path, out: Path, info: GraphInfo, calib: Any = None,

@@ -1,0 +1,506 @@
+"""What an int8 graph needs besides quantized products: the graph changes and activation facts ``int8`` builds with.
+
+Measured on the real all-MiniLM-L6-v2 cross-encoder (``bench/encoder_levers.py``,
+``bench/results/encoder_levers.json``); each change keeps a document's score independent of what shares its
+batch, because every constant it adds is fixed at export:
+
+* **first token only in the last layer** (:func:`first_token_last_layer`): a cross-encoder's head reads the first
+  token of the last layer's output, and every op of a layer except attention works on each token alone. The
+  last layer therefore needs keys and values for every token but its query, output projection and FFN for the
+  first token only: ~15 % less work for a 6-layer model (more for 12), fp32-exact (logits move by ~1e-6). The
+  export checks the changed graph against the unchanged one on the calibration pairs and keeps the unchanged
+  one when they differ by more than :data:`FIRST_TOKEN_TOLERANCE`.
+* **products on one row per pair stay fp32** (:func:`one_row_products`): the pooler and, after the change above,
+  the last layer's query/output/FFN products run on one row per pair, so int8 would save nothing there and
+  only add error (quantizing BERT's pooler alone costs ~0.03 top-10 overlap on the held-out LoCoMo pairs).
+* **smoothing of LayerNorm outputs** (:func:`smoothing_factors`, SmoothQuant's scale migration): BERT's
+  LayerNorm outputs carry a few outlier channels (channel 99 of MiniLM: 13-15× the median channel's range); a
+  per-token activation scale is then set by that channel and every other one is coded coarsely. Dividing
+  channel ``j`` by ``s_j = max|x_j|^α / max|W_j,:|^(1-α)`` (one ``Mul`` before the codes) and multiplying row
+  ``j`` of the weight by ``s_j`` leaves the product unchanged in exact arithmetic and moves range from the
+  activation to the weight, which has a scale per output column.
+* **offset codes for GELU outputs** (:func:`gelu_inputs`): GELU never goes below :data:`GELU_MIN`, so its
+  output (the FFN's second product's input) is coded on 0..255 with the fixed zero point
+  :data:`GELU_ZERO_POINT` instead of symmetric ±127: about twice the resolution for the same kernel, and one
+  reduction (the row maximum) instead of two.
+
+What was measured and left out (same file): onnxruntime's BERT fusions (fused ``Attention``,
+``MultiHeadAttention``, ``SkipLayerNormalization``, ``EmbedLayerNormalization``) are slower than the unfused
+graph on onnxruntime 1.32's CPU kernels; the bias of ``MatMulIntegerToFloat`` gives wrong results together
+with per-row activation scales; 8-bit ``MatMulNBits`` (per-block activation codes) runs at half the speed of
+``MatMulIntegerToFloat``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FIRST_TOKEN_TOLERANCE", "PLAN_PAIRS", "SMOOTH_ALPHA", "GELU_MIN", "GELU_ZERO_POINT", "Int8Plan",
+           "plan_int8",
+           "first_token_last_layer", "one_row_products", "smoothing_factors", "gelu_inputs", "layernorm_inputs"]
+
+#: Largest |Δlogit| between the first-token graph and the unchanged one on the calibration pairs (fp32 both).
+FIRST_TOKEN_TOLERANCE = 1e-4
+#: Calibration pairs the first-token graph is checked on, and whose activations set the smoothing and offsets
+#: (whole query groups / evenly spaced batches up to this many; an export's calibration set may hold thousands).
+PLAN_PAIRS = 512
+#: SmoothQuant's migration strength: 0 leaves activations as they are, 1 moves all their range to the weights.
+#: 0.75 met the export's budget on MiniLM where 0.5 and 0.3 did not on every set (encoder_levers.json).
+SMOOTH_ALPHA = 0.75
+#: Below the minimum of GELU(x) = x·Φ(x) (−0.169971 at x ≈ −0.7518), with room for rounding.
+GELU_MIN = -0.17
+#: Zero point of GELU-output codes: rows whose maximum passes |GELU_MIN|·(255−zp)/zp ≈ 2.5 get (255−zp)/127 ≈ 1.9×
+#: finer codes than symmetric ones; smaller rows get the scale floor |GELU_MIN|/zp.
+GELU_ZERO_POINT = 16
+_FIRST = "_first_token"
+_ROW_OPS_SKIPPED = ("Shape", "Size")  # they read a tensor's shape, not its rows
+
+
+@dataclass
+class Int8Plan:
+    """What :func:`memrerank.export.quantize.build_int8` quantizes from, and how.
+
+    Attributes:
+        model: the graph to quantize (the fp32 graph, or its first-token form), or ``None``: the fp32 file as it
+            is (nothing applied; not loaded, so a large graph is not held twice). Copy it before changing it.
+        one_row: weight products that run on one row per pair (kept fp32).
+        smooth: activation name → per-channel divisor (:func:`smoothing_factors`).
+        lower_bounds: activation name → a bound no value goes below (GELU outputs), coded with a fixed zero point.
+        record: what was done, for the precision's ``build`` record in the manifest.
+    """
+
+    model: Any
+    one_row: list[str] = field(default_factory=list)
+    smooth: dict[str, np.ndarray] = field(default_factory=dict)
+    lower_bounds: dict[str, float] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def copy_model(self) -> Any:
+        """A copy of :attr:`model` to change (``None`` when the plan has none)."""
+        import onnx
+
+        if self.model is None:
+            return None
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        return model
+
+
+# One plan per (calibration set, fp32 graph): the sensitivity search builds int8 many times from the same graph.
+_PLANS: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], Int8Plan]] = weakref.WeakKeyDictionary()
+
+
+def plan_int8(fp32: Path, info: Any, calib: Any = None, *, alpha: float = SMOOTH_ALPHA,
+              first_token: bool = True) -> Int8Plan:
+    """Prepare the int8 build of ``fp32``: first-token last layer, products kept fp32, smoothing, GELU codes.
+
+    Without calibration pairs (``calib`` is ``None``) nothing can be checked or measured: the plan is the fp32
+    graph as it is, quantized plainly (pooler excepted).
+
+    Args:
+        fp32: the fp32 graph.
+        info: its :class:`~memrerank.export.quantize.GraphInfo`.
+        calib: the export's :class:`~memrerank.export.fidelity.CalibSet` (feeds, fp32 reference logits).
+        alpha: smoothing strength (:data:`SMOOTH_ALPHA`).
+        first_token: try the first-token last layer (``False``: measure without it).
+    """
+    import onnx
+
+    key = (str(Path(fp32).resolve()), Path(fp32).stat().st_mtime_ns, alpha, first_token)
+    if calib is not None:
+        try:
+            cached = _PLANS.setdefault(calib, {}).get(key)
+        except TypeError:  # not weak-referenceable: no cache
+            cached = None
+        if cached is not None:
+            return cached
+    # The graph's structure only (no external weights): a graph nothing here applies to (a decoder) is then
+    # quantized from its file as before, without a second copy of its weights in memory.
+    skeleton = onnx.load(str(fp32), load_external_data=False)
+    trial = onnx.ModelProto()
+    trial.CopyFrom(skeleton)
+    first = ("not asked for" if not first_token else first_token_last_layer(trial) if calib is not None
+             else "no calibration pairs to check it on")
+    record: dict[str, Any] = {}
+    model = None
+    if isinstance(first, str):
+        record["first_token_last_layer"] = {"applied": False, "why": first}
+    else:
+        model, record["first_token_last_layer"] = _try_first_token(onnx.load(str(fp32)), calib, info.external_data)
+    weights = set(info.weight_nodes)
+    one_row = [n for n in one_row_products(model if model is not None else skeleton) if n in weights]
+    quantized = [n for n in info.weight_nodes if n not in set(one_row)]
+    candidates_ln = layernorm_inputs(skeleton, quantized) if calib is not None else []
+    candidates_gelu = gelu_inputs(skeleton, quantized) if calib is not None else []
+    if model is None and (candidates_ln or candidates_gelu):
+        model = onnx.load(str(fp32))
+    plan = Int8Plan(model=model, one_row=one_row, record=record)
+    record["fp32_nodes"] = one_row
+    if candidates_ln or candidates_gelu:
+        stats = _activation_stats(model, sorted(set(candidates_ln) | set(candidates_gelu)),
+                                  _spread(calib.feeds(Path(fp32)), PLAN_PAIRS), info.external_data)
+        w_range = _weight_row_ranges(model, quantized)
+        plan.smooth = smoothing_factors({x: stats[x][0] for x in candidates_ln}, w_range, alpha)
+        plan.lower_bounds = {x: GELU_MIN for x in candidates_gelu if stats[x][1] >= GELU_MIN}
+    record["smoothing"] = {"method": "SmoothQuant scale migration on LayerNorm outputs", "alpha": alpha,
+                           "activations": len(plan.smooth)} if plan.smooth else {"activations": 0}
+    record["gelu_codes"] = ({"lower_bound": GELU_MIN, "zero_point": GELU_ZERO_POINT,
+                             "activations": len(plan.lower_bounds)} if plan.lower_bounds else {"activations": 0})
+    if calib is not None:
+        try:
+            _PLANS.setdefault(calib, {})[key] = plan
+        except TypeError:
+            pass
+    return plan
+
+
+def _try_first_token(model: Any, calib: Any, external: bool) -> tuple[Any, dict[str, Any]]:
+    """The first-token form of ``model`` when it matches the unchanged graph on ``calib``; else ``(None, why)``."""
+    changed = model
+    why = first_token_last_layer(changed)
+    if isinstance(why, str):
+        return None, {"applied": False, "why": why}
+    from memrerank.export.quantize import _save
+
+    with tempfile.TemporaryDirectory(prefix="memrerank-first-token-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        _save(changed, path, external)
+        rows = _first_groups(calib, PLAN_PAIRS)
+        try:
+            logits = np.asarray(calib.score(path, [rows]))
+        except Exception as exc:  # onnxruntime refuses the graph: keep the unchanged one
+            return None, {"applied": False, "why": f"onnxruntime could not run it: {exc}"[:300]}
+    diff = float(np.max(np.abs(logits[rows] - np.asarray(calib.reference)[rows])))
+    if not diff <= FIRST_TOKEN_TOLERANCE:
+        return None, {"applied": False, "why": f"max |Δlogit| {diff:.3g} vs the unchanged graph "
+                                               f"> {FIRST_TOKEN_TOLERANCE:g}"}
+    return changed, {"applied": True, "products_on_first_token": why, "max_abs_logit_diff": diff,
+                     "pairs": int(len(rows))}
+
+
+def _first_groups(calib: Any, max_pairs: int) -> np.ndarray:
+    """Rows of whole query groups, from the first, until ``max_pairs`` (at least one group)."""
+    rows: list[np.ndarray] = []
+    for group in calib.group_rows:
+        if rows and sum(len(r) for r in rows) + len(group) > max_pairs:
+            break
+        rows.append(np.asarray(group))
+    return np.concatenate(rows)
+
+
+def _spread(feeds: list[dict[str, np.ndarray]], max_rows: int) -> list[dict[str, np.ndarray]]:
+    """Evenly spaced batches (feeds are length-sorted) holding about ``max_rows`` rows in all."""
+    total = sum(len(f["input_ids"]) for f in feeds)
+    if total <= max_rows:
+        return feeds
+    step = total / max_rows
+    return feeds[::max(1, int(round(step)))]
+
+
+def first_token_last_layer(model: Any) -> list[str] | str:
+    """Let the last attention layer compute its first token only, in place; keys and values keep every token.
+
+    Applies to graphs whose output reads the first token of the last hidden state (``Gather`` index 0 on the
+    sequence axis: BERT's pooler, RoBERTa/XLM-R/ELECTRA classification heads). The last ``Softmax`` locates the
+    last attention; walking back from its score product through non-weight ops finds the query and key
+    products, and from the context product the value product, all three reading the layer input ``h``. Every
+    other reader of ``h`` (query product, residual add, shape reads) then reads ``h[:, :1]``, and the additive
+    mask is cut to its first query row (axis -2; a size-1 axis there stays as it is).
+
+    Returns:
+        The weight products that now run on the first token only, or a sentence saying why the graph was
+        left unchanged.
+    """
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {i.name for i in g.initializer}
+    readers: dict[str, list[Any]] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    consts = _constants(g)
+    if not any(_selects_first_token(n, consts) for n in g.node if n.op_type == "Gather"):
+        return "the head does not read the first token of the last hidden state"
+    static = _static_names(g)
+    softmax = [n for n in g.node if n.op_type == "Softmax"]
+    if not softmax:
+        return "no attention (Softmax) in the graph"
+    add = producer.get(softmax[-1].input[0])
+    scores = add
+    mask_input = None
+    if add is not None and add.op_type == "Add":
+        sides = [producer.get(x) for x in add.input]
+        on_path = [i for i, p in enumerate(sides) if p is not None and _leads_to(p, "MatMul", producer, static, inits)]
+        if len(on_path) != 1:
+            return "the last attention's mask add is not recognised"
+        scores = _walk_to(sides[on_path[0]], "MatMul", producer, static)
+        mask_input = 1 - on_path[0]
+    if scores is None or scores.op_type != "MatMul":
+        return "the last attention's score product is not recognised"
+    context = [n for n in readers.get(softmax[-1].output[0], []) if n.op_type == "MatMul"]
+    if len(context) != 1 or context[0].input[0] != softmax[-1].output[0]:
+        return "the last attention's context product is not recognised"
+    q = _weight_product_before(scores.input[0], producer, static, inits)
+    k = _weight_product_before(scores.input[1], producer, static, inits)
+    v = _weight_product_before(context[0].input[1], producer, static, inits)
+    if q is None or k is None or v is None or not (q.input[0] == k.input[0] == v.input[0]):
+        return "the last attention's query/key/value products do not read one layer input"
+    h = q.input[0]
+    keep_all = {k.name, v.name}
+    consts = [numpy_helper.from_array(np.array([0], np.int64), f"{_FIRST}_start"),
+              numpy_helper.from_array(np.array([1], np.int64), f"{_FIRST}_end"),
+              numpy_helper.from_array(np.array([1], np.int64), f"{_FIRST}_seq_axis"),
+              numpy_helper.from_array(np.array([-2], np.int64), f"{_FIRST}_query_axis")]
+    first = h + _FIRST
+    for n in readers[h]:
+        if n.name in keep_all:
+            continue
+        for i, x in enumerate(n.input):
+            if x == h:
+                n.input[i] = first
+    g.initializer.extend(consts)
+    nodes = list(g.node)
+    at = next((i + 1 for i, n in enumerate(nodes) if h in n.output), 0)  # a graph input: slice at the start
+    nodes.insert(at, helper.make_node("Slice", [h, f"{_FIRST}_start", f"{_FIRST}_end", f"{_FIRST}_seq_axis"],
+                                      [first], name=f"{_FIRST}/Slice"))
+    if mask_input is not None:  # keys on the last axis, queries on the one before (a size-1 axis stays as it is)
+        mask = add.input[mask_input]
+        cut = mask + _FIRST + "_query"
+        nodes.insert(nodes.index(add), helper.make_node(
+            "Slice", [mask, f"{_FIRST}_start", f"{_FIRST}_end", f"{_FIRST}_query_axis"], [cut],
+            name=f"{_FIRST}/mask_Slice"))
+        add.input[mask_input] = cut
+    del g.node[:]
+    g.node.extend(nodes)
+    return one_row_products(model)
+
+
+def one_row_products(model: Any) -> list[str]:
+    """Weight products whose input has one row per pair: downstream of a first-token selection (a ``Gather``
+    of index 0 or a ``Slice`` 0:1 on the sequence axis). A product's rows follow its first input; any other op's
+    output has one row per pair when one of its data inputs has (shape reads are not data)."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    consts = _constants(g)
+    one_row: set[str] = set()
+    out: list[str] = []
+    for n in g.node:
+        if n.op_type in _ROW_OPS_SKIPPED:
+            continue
+        if _selects_first_token(n, consts):
+            one_row.update(n.output)
+            continue
+        if n.op_type in ("MatMul", "Gemm", "MatMulIntegerToFloat"):
+            if n.input and n.input[0] in one_row:
+                one_row.update(n.output)
+                if _is_weight_product(n, inits):
+                    out.append(n.name)
+            continue
+        if any(x in one_row for x in n.input):
+            one_row.update(n.output)
+    return out
+
+
+def layernorm_inputs(model: Any, nodes: list[str]) -> list[str]:
+    """Inputs of the products ``nodes`` that a ``LayerNormalization`` writes (candidates for smoothing)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    wanted = set(nodes)
+    out = []
+    for n in model.graph.node:
+        if n.name in wanted and n.input:
+            p = producer.get(n.input[0])
+            if p is not None and p.op_type == "LayerNormalization" and n.input[0] not in out:
+                out.append(n.input[0])
+    return out
+
+
+def gelu_inputs(model: Any, nodes: list[str]) -> list[str]:
+    """Inputs of the products ``nodes`` that a GELU writes: a ``Gelu``/``BiasGelu`` op, or the exported
+    ``x · 0.5 · (1 + erf(x / √2))`` (a ``Mul`` with an ``Erf`` at most three ops above it)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    wanted = set(nodes)
+    out = []
+    for n in model.graph.node:
+        if n.name not in wanted or not n.input or n.input[0] in out:
+            continue
+        p = producer.get(n.input[0])
+        if p is None:
+            continue
+        if p.op_type in ("Gelu", "BiasGelu") or (p.op_type == "Mul" and _has_above(p, "Erf", producer, 3)):
+            out.append(n.input[0])
+    return out
+
+
+def smoothing_factors(act_range: dict[str, np.ndarray], weight_range: dict[str, np.ndarray],
+                      alpha: float = SMOOTH_ALPHA) -> dict[str, np.ndarray]:
+    """SmoothQuant's per-channel divisors ``s_j = max|x_j|^α / max|W_j,:|^(1-α)``, scaled to a geometric mean of 1.
+
+    Args:
+        act_range: activation name → max |x| per input channel, over the calibration tokens.
+        weight_range: activation name → max |W| per input row, over every product that reads it.
+        alpha: migration strength in [0, 1].
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"smoothing alpha must be in [0, 1], got {alpha}")
+    out = {}
+    for x, a in act_range.items():
+        w = weight_range[x]
+        a = np.maximum(np.asarray(a, np.float64), 1e-6 * max(float(np.max(a)), 1e-30))
+        w = np.maximum(np.asarray(w, np.float64), 1e-6 * max(float(np.max(w)), 1e-30))
+        s = a ** alpha / w ** (1.0 - alpha)
+        out[x] = (s / np.exp(np.mean(np.log(s)))).astype(np.float32)
+    return out
+
+
+def _activation_stats(model: Any, names: list[str], feeds: list[dict[str, np.ndarray]], external: bool
+                      ) -> dict[str, tuple[np.ndarray, float]]:
+    """Per activation: max |x| per channel and the minimum, over the real tokens of ``feeds``."""
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    for x in names:
+        if x not in known:
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="memrerank-stats-") as tmp:
+        from memrerank.export.quantize import _save
+
+        path = Path(tmp) / "model.onnx"
+        _save(probe, path, external)
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        ranges = {x: np.zeros(0) for x in names}
+        lows = {x: np.inf for x in names}
+        for feed in feeds:
+            mask = feed["attention_mask"].astype(bool)
+            for x, value in zip(names, session.run(names, feed)):
+                rows = value[mask] if value.ndim == 3 and value.shape[:2] == mask.shape else value.reshape(
+                    -1, value.shape[-1])
+                r = np.abs(rows).max(axis=0)
+                ranges[x] = r if ranges[x].size == 0 else np.maximum(ranges[x], r)
+                lows[x] = min(lows[x], float(rows.min()))
+    return {x: (ranges[x], lows[x]) for x in names}
+
+
+def _weight_row_ranges(model: Any, nodes: list[str]) -> dict[str, np.ndarray]:
+    """Activation name → max |W| per input row over the quantized products that read it."""
+    from memrerank.export.quantize import _plain_weight
+
+    inits = {i.name: i for i in model.graph.initializer}
+    wanted = set(nodes)
+    out: dict[str, np.ndarray] = {}
+    for n in model.graph.node:
+        if n.name not in wanted:
+            continue
+        weight = _plain_weight(n, inits)
+        if weight is None:
+            continue
+        r = np.abs(weight[0]).max(axis=1)
+        out[n.input[0]] = r if n.input[0] not in out else np.maximum(out[n.input[0]], r)
+    return out
+
+
+def _constants(g: Any) -> dict[str, np.ndarray]:
+    from onnx import helper, numpy_helper
+
+    out = {i.name: numpy_helper.to_array(i) for i in g.initializer if len(i.dims) <= 1}
+    for n in g.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    out[n.output[0]] = numpy_helper.to_array(helper.get_attribute_value(a))
+    return out
+
+
+def _selects_first_token(n: Any, consts: dict[str, np.ndarray]) -> bool:
+    """``Gather(x, 0, axis=1)`` or ``Slice(x, 0, 1, axis 1)``: the first token of a (batch, sequence, ...) tensor."""
+    from onnx import helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+    if n.op_type == "Gather" and len(n.input) == 2 and attrs.get("axis", 0) == 1:
+        idx = consts.get(n.input[1])
+        return idx is not None and idx.size == 1 and int(idx.reshape(-1)[0]) == 0
+    if n.op_type == "Slice" and len(n.input) >= 4:
+        vals = [consts.get(x) for x in n.input[1:4]]
+        if any(v is None or v.size != 1 for v in vals):
+            return False
+        start, end, axis = (int(v.reshape(-1)[0]) for v in vals)
+        return (start, end, axis) == (0, 1, 1)
+    return False
+
+
+def _is_weight_product(n: Any, inits: Any) -> bool:
+    return n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in inits
+
+
+def _static_names(g: Any) -> set[str]:
+    """Tensors that do not depend on the data: initializers, constants, shape reads and what only they feed
+    (bias ``Identity`` copies, the attention scale ``Sqrt``, reshape targets)."""
+    static = {i.name for i in g.initializer}
+    for n in g.node:
+        if n.op_type in ("Constant", *_ROW_OPS_SKIPPED) or all(x in static for x in n.input if x):
+            static.update(n.output)
+    return static
+
+
+def _data_inputs(node: Any, static: set[str]) -> list[str]:
+    return [x for x in node.input if x and x not in static]
+
+
+def _walk_to(node: Any, op: str, producer: dict[str, Any], static: set[str], depth: int = 6) -> Any:
+    """From ``node`` up through single data inputs (scale Mul/Div, Transpose, ...) to the first ``op`` node."""
+    for _ in range(depth):
+        if node is None or node.op_type == op:
+            return node
+        data = _data_inputs(node, static)
+        if len(data) != 1:
+            return None
+        node = producer.get(data[0])
+    return node if node is not None and node.op_type == op else None
+
+
+def _leads_to(node: Any, op: str, producer: dict[str, Any], static: set[str], inits: set[str]) -> bool:
+    found = _walk_to(node, op, producer, static)
+    return found is not None and not _is_weight_product(found, inits)
+
+
+def _weight_product_before(name: str, producer: dict[str, Any], static: set[str], inits: set[str],
+                           depth: int = 8) -> Any:
+    """The weight product a chain of single-data-input ops (bias Add, Reshape, Transpose, scale Mul) starts from."""
+    node = producer.get(name)
+    for _ in range(depth):
+        if node is None:
+            return None
+        if _is_weight_product(node, inits):
+            return node
+        data = _data_inputs(node, static)
+        if len(data) != 1:
+            return None
+        node = producer.get(data[0])
+    return None
+
+
+def _has_above(node: Any, op: str, producer: dict[str, Any], depth: int) -> bool:
+    frontier = [node]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for x in n.input:
+                p = producer.get(x)
+                if p is not None:
+                    if p.op_type == op:
+                        return True
+                    nxt.append(p)
+        frontier = nxt
+    return False
