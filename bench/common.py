@@ -94,3 +94,43 @@ def int8_fidelity(artifact: Path) -> dict | None:
 def write(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2))
+
+
+def group_agreement(logits, ref, sizes: list[int], diff_key: str = "max_abs_logit_diff") -> dict:
+    """Agreement of ``logits`` with ``ref`` over consecutive query groups of ``sizes``: mean per-query Spearman,
+    mean top-10 overlap, and the largest absolute difference (under ``diff_key``)."""
+    import numpy as np
+
+    from memrerank.export.metrics import spearman, topk_overlap
+
+    logits, ref = np.asarray(logits), np.asarray(ref)
+    sp, top, start = [], [], 0
+    for n in sizes:
+        a, b = logits[start:start + n], ref[start:start + n]
+        sp.append(spearman(a, b))
+        top.append(topk_overlap(a, b, 10))
+        start += n
+    return {"spearman_mean": float(np.mean(sp)), "top10_overlap": float(np.mean(top)),
+            diff_key: float(np.max(np.abs(logits - ref)))}
+
+
+def interleaved(runs: dict[str, Callable[[], object]], rounds: int, *,
+                cpu_clock: Callable[[], float] = time.process_time,
+                progress: Callable[[int, dict[str, list[float]]], None] | None = None
+                ) -> tuple[dict[str, list[float]], dict[str, list[float]], list[float]]:
+    """Run every callable once per round, the order reversed every other round (a shared machine drifts; ratios
+    within a round stay meaningful). Returns wall seconds and CPU seconds (``cpu_clock``) per run and round, and
+    the 1-minute load average at the start of each round."""
+    wall: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
+    loads = []
+    for rnd in range(rounds):
+        loads.append(float(Path("/proc/loadavg").read_text().split()[0]))
+        for name in list(runs) if rnd % 2 == 0 else list(runs)[::-1]:
+            t, c = time.perf_counter(), cpu_clock()
+            runs[name]()
+            cpu[name].append(cpu_clock() - c)
+            wall[name].append(time.perf_counter() - t)
+        if progress is not None:
+            progress(rnd, cpu)
+    return wall, cpu, loads

@@ -39,7 +39,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from common import DEFAULT_LOCOMO, environment, locomo_workload, write  # noqa: E402
+from common import DEFAULT_LOCOMO, environment, group_agreement, locomo_workload, write  # noqa: E402
 
 FLAVOURS = ("per-tensor", "per-row", "static")
 
@@ -90,19 +90,6 @@ def _build(name, fp32: Path, out: Path, info, calib, budget, searched: bool) -> 
             "meets_budget": budget.met(fid), "kept_fp32_nodes": len(kept), "quantized_nodes": len(info.weight_nodes)
             - len(kept), "batch_independent": build_info.get("batch_independent", name != "per-tensor"),
             "size_bytes": sum(p.stat().st_size for p in out.parent.iterdir() if p.is_file())}
-
-
-def _held_out(logits: np.ndarray, ref: np.ndarray, sizes: list[int]) -> dict:
-    from memrerank.export.metrics import spearman, topk_overlap
-
-    sp, top, start = [], [], 0
-    for n in sizes:
-        a, b = logits[start:start + n], ref[start:start + n]
-        sp.append(spearman(a, b))
-        top.append(topk_overlap(a, b, 10))
-        start += n
-    return {"spearman_mean": float(np.mean(sp)), "top10_overlap": float(np.mean(top)),
-            "max_abs_logit_diff": float(np.max(np.abs(logits - ref)))}
 
 
 def _batch_independence(artifact: Path, graph: str | None, docs: list[str], query: str, threads: int) -> dict:
@@ -220,7 +207,7 @@ def main() -> int:
             "pairs_per_s": len(pairs) / min(wall[key]), "pairs_per_cpu_s": len(pairs) / min(cpu[key]),
             "wall_s": {"min": min(wall[key]), "median": statistics.median(wall[key])},
             "cpu_s": {"min": min(cpu[key]), "median": statistics.median(cpu[key])},
-            "held_out": _held_out(logits[key], logits["fp32"], sizes) if key != "fp32" else None,
+            "held_out": group_agreement(logits[key], logits["fp32"], sizes) if key != "fp32" else None,
             "alone_vs_200_max_abs_logit_diff": {} if args.no_check else _batch_independence(
                 artifact, records[key]["graph"] if key != "fp32" else None, work[0][1], work[0][0],
                 args.check_threads),

@@ -133,9 +133,13 @@ def peers_decoder(d: dict) -> str:
                                                             "position's logits only)",
         "sentence-transformers CrossEncoder": "sentence-transformers CrossEncoder + LogitScore (fp32, same prompt)",
         "memrerank fp32": "memrerank fp32, whole pairs",
-        "memrerank int8": "memrerank int8, whole pairs",
-        "memrerank int8 + prefix reuse": "**memrerank int8 + prefix reuse** (the default)",
+        "memrerank int8 + prefix reuse": "**memrerank int8 + prefix reuse** (the default; same graph)",
     }
+    extra = d.get("int8_extra_graph") or {}
+
+    def products(r: dict) -> str:
+        n = r.get("int8_products")
+        return "" if n is None else f"{n} of {n + r['fp32_weight_products']} weight products int8, "
 
     def ratio(r: dict, key: str) -> str:
         v = r.get(key)
@@ -167,8 +171,14 @@ def peers_decoder(d: dict) -> str:
             quant, mode = name.split()[1:3]
             label = (f"llama.cpp {quant}{size(r)}, " + ("rank pooling (as `llama-server --reranking`)" if mode == "rank"
                                                         else "last-token logits only"))
-        elif name == "memrerank int8" and int8.get("size_bytes"):
-            label += f" ({int8['size_bytes'] / 2**30:.2f} GiB)"
+        elif name == "memrerank int8":
+            label = (f"memrerank int8 as `memrerank export` writes it by default ({products(int8)}"
+                     f"{int8.get('size_bytes', 0) / 2**30:.2f} GiB), whole pairs")
+        elif extra and name == f"memrerank int8, {extra['label']}":
+            label = f"memrerank int8, {extra['label']} ({products(extra)}{extra['size_bytes'] / 2**30:.2f} GiB), " \
+                    "whole pairs"
+        elif extra and name == f"memrerank int8, {extra['label']} + prefix reuse":
+            label = f"memrerank int8, {extra['label']} + prefix reuse"
         bold = name == "memrerank int8 + prefix reuse"
         speed = f"{r['pairs_per_s']:.2f} ({r['pairs_per_s_median']:.2f})"
         lines.append(f"| {label} | " + (f"**{speed}**" if bold else speed) + f" | {ratio(r, 'vs_official')} | "
@@ -182,11 +192,18 @@ def peers_decoder(d: dict) -> str:
                      f"(tolerance {check['tolerance']:.0e}).")
     if int8:
         fid = int8.get("fidelity_on_calibration_pairs") or {}
-        lines.append(f"int8 graph timed: the default `memrerank export` output — {int8['graph']}; on its "
-                     f"{fid.get('pairs', '?')} built-in calibration pairs: Spearman {fid.get('spearman_mean', 0):.4f}, "
-                     f"top-10 {fid.get('top10_overlap', 0):.3f}, max |Δlogit| {fid.get('max_abs_logit_diff', 0):.3f} "
-                     "vs fp32. Random weights spread their logits little, so these agreement figures say little "
-                     "about a trained model's.")
+        plain = int8.get("plain_fidelity") or {}
+        kept = ", ".join(f"`{k}`" for k in int8.get("kept_fp32", [])[:4])
+        lines.append(f"int8 graphs timed: (1) the default `memrerank export` output — {int8['graph']}"
+                     + (f" (kept: {kept})" if kept else "") + f"; the export measured, on its {fid.get('pairs', '?')} "
+                     f"built-in calibration pairs vs fp32, Spearman {plain.get('spearman_mean', 0):.4f} / top-10 "
+                     f"{plain.get('top10_overlap', 0):.3f} for every product int8 and Spearman "
+                     f"{fid.get('spearman_mean', 0):.4f} / top-10 {fid.get('top10_overlap', 0):.3f} for the graph it "
+                     f"kept (search: {int8.get('search_timing', {}).get('total', 0) / 60:.0f} min, "
+                     f"{int8.get('search_timing', {}).get('builds', '?')} builds)"
+                     + (f"; (2) {extra['label']}: {extra.get('source') or extra['path']}" if extra else "")
+                     + ". Random weights spread their logits little, so agreement figures say little about a "
+                     "trained model's.")
     if llama.get("status") != "run":
         lines.append(f"llama.cpp: not run — {llama.get('why', 'no reason recorded')}.")
     else:
@@ -194,6 +211,106 @@ def peers_decoder(d: dict) -> str:
                      "(AVX-512 VNNI), GGUF from llama.cpp's own converter (f16) and quantizer; documents packed into "
                      "one `llama_decode` up to n_batch tokens as llama-server does. Rank pooling marks every token "
                      "an output, so llama.cpp's Qwen3 graph runs the LM head on every position.")
+    return "\n".join(lines)
+
+
+@section("peers-encoder", "peers_encoder.json", "encoder_levers.json",
+         command="python bench/peers_encoder.py --threads 1; python bench/encoder_levers.py (see their docstrings)")
+def peers_encoder(d: dict, levers: dict) -> str:
+    res, st = d["results"], "sentence-transformers onnx qint8"
+    labels = {
+        "sentence-transformers torch fp32": "sentence-transformers CrossEncoder, torch fp32",
+        st: "sentence-transformers CrossEncoder, backend=\"onnx\", avx512_vnni qint8",
+        "sentence-transformers openvino int8 (static)": "sentence-transformers CrossEncoder, backend=\"openvino\", "
+                                                        "`export_static_quantized_openvino_model` (static int8)",
+        "memrerank fp32": "memrerank fp32",
+        "memrerank int8": "**memrerank int8** (what `memrerank export` builds)",
+    }
+
+    def pct(r: dict, key: str, fmt: str) -> str:
+        return "—" if key not in r else fmt.format(r[key])
+
+    lines = [provenance(d), "", f"Speed: {d['speed_set']}; quality: {d['quality_set']}. Each scorer's agreement "
+             "figures are against its own fp32 (sentence-transformers' torch fp32, memrerank fp32). Speed per CPU "
+             "second of the process (one thread: what a shared machine perturbs least) and per wall second, best "
+             "round; the ratio is the median over rounds of the per-round ratio.", "",
+             "| scorer | pairs per CPU-s | pairs/s (wall) | vs ST onnx-qint8, median of rounds (range) | NDCG@10 | "
+             "NDCG@10 vs its fp32 | top-10 overlap vs its fp32 |", "|---|---|---|---|---|---|---|"]
+    for name, r in res.items():
+        pr = r.get("vs_st_onnx_qint8_cpu_per_round") or {}
+        ratio = (f"{pr['median']:.2f}× ({pr['min']:.2f}–{pr['max']:.2f})" if pr else
+                 f"{r['vs_st_onnx_qint8_cpu']:.2f}×")
+        bold = name == "memrerank int8"
+        lines.append(f"| {labels.get(name, name)} | {_num(r['pairs_per_cpu_s'])} | {_num(r['pairs_per_s'])} | "
+                     + (f"**{ratio}**" if bold else ratio) + f" | {r['NDCG@10']:.4f} | "
+                     + pct(r, "ndcg_vs_fp32", "{:.1%}").replace("%", " %") + " | "
+                     + pct(r, "top10_vs_fp32", "{:.3f}") + " |")
+    i8 = res["memrerank int8"]
+    ratio = (i8.get("vs_st_onnx_qint8_cpu_per_round") or {}).get("median", i8["vs_st_onnx_qint8_cpu"])
+    lines += ["", "Targets: " + "; ".join([
+        _target("memrerank int8 vs sentence-transformers onnx-qint8", ratio, 1.5),
+        _target("NDCG@10 vs fp32", 100 * i8["ndcg_vs_fp32"], 99.5, unit=" %"),
+        _target("top-10 overlap vs fp32", i8["top10_vs_fp32"], 0.95, unit="")]) + "."]
+    ov = res.get("sentence-transformers openvino int8 (static)")
+    if ov:
+        lines.append(f"memrerank int8 vs OpenVINO static int8: {i8['pairs_per_cpu_s'] / ov['pairs_per_cpu_s']:.2f}× "
+                     "pairs per CPU-s.")
+    elif d.get("openvino") and d["openvino"] != "run":
+        lines.append(f"OpenVINO: not run — {d['openvino']}.")
+    build = (d.get("manifest_int8") or {}).get("build", {})
+    fid = (d.get("manifest_int8") or {}).get("fidelity", {})
+    if build:
+        ft, sm, ge = (build.get("first_token_last_layer") or {}), build.get("smoothing") or {}, build.get(
+            "gelu_codes") or {}
+        lines += ["", "The int8 graph timed: " + "; ".join(x for x in [
+            f"{len(ft.get('products_on_first_token', []))} last-layer products on the first token only "
+            f"(max |Δlogit| {ft['max_abs_logit_diff']:.1e} vs the unchanged fp32 graph)" if ft.get("applied") else "",
+            f"{len(build.get('fp32_nodes', []))} one-row products kept fp32" if build.get("fp32_nodes") else "",
+            f"SmoothQuant scale migration on {sm['activations']} LayerNorm outputs (α {sm['alpha']})"
+            if sm.get("activations") else "",
+            f"GELU outputs on {ge['activations']} products coded with zero point {ge['zero_point']}"
+            if ge.get("activations") else "",
+            f"the fidelity search kept {len(fid.get('kept_fp32_nodes', []))} further products fp32"
+            if fid.get("kept_fp32") else "no product kept fp32 by the fidelity search",
+        ] if x) + "."]
+    lines += ["", f"Levers, one at a time ({levers['workload']}):", "",
+              "| lever | pairs per CPU-s | vs ST onnx-qint8 | held-out NDCG@10 vs fp32 | top-10 overlap vs fp32 | "
+              "what |", "|---|---|---|---|---|---|"]
+    for name, r in levers["results"].items():
+        h = r.get("held_out") or {}
+        lines.append(f"| {name} | {_num(r['pairs_per_cpu_s'])} | {r['vs_st_onnx_qint8_cpu']:.2f}× | "
+                     + (f"{100 * h['ndcg_vs_fp32']:.1f} %" if "ndcg_vs_fp32" in h else "—") + " | "
+                     + (f"{h['top10_vs_fp32']:.3f}" if "top10_vs_fp32" in h else "—") + f" | {r.get('what') or ''} |")
+    lines.append(provenance(levers))
+    return "\n".join(lines)
+
+
+@section("export-time", "export_time.json",
+         command="python bench/export_time.py --model minilm --workdir DIR; --model qwen3-0.6b-shape (see docstring)")
+def export_time(d: dict) -> str:
+    lines = [provenance(*d.values()), "", "| model, calibration | command | wall / CPU s | steps, s | int8 search "
+             "| fidelity reached (Spearman / top-10) |", "|---|---|---|---|---|---|"]
+    for name, r in d.items():
+        ex, search = r["export"], r.get("int8_search") or {}
+        cal = r.get("calibration", {})
+        cal_s = f"{cal['pairs']:,} {cal['source']} pairs" if "pairs" in cal else cal.get("source", "?")
+        steps = ", ".join(f"{k} {v:.0f}" for k, v in (r.get("step_seconds") or {}).items())
+        if ex.get("returncode") != 0:
+            lines.append(f"| {name}, {cal_s} | `export --precision fp32,int8` | did not finish "
+                         f"(rc {ex.get('returncode')}) after {ex['wall_s']:.0f} s | {steps or '—'} | — | — |")
+            continue
+        t = search.get("timing") or {}
+        fid = search.get("fidelity") or {}
+        kept = search.get("kept_fp32_nodes") or 0
+        srch = (f"{t.get('builds', '?')} builds, {t.get('total', 0):.0f} s, kept {kept} products fp32"
+                if t else "—")
+        lines.append(f"| {name}, {cal_s} | `export --precision fp32,int8` | **{ex['wall_s']:.0f}** / {ex['cpu_s']:.0f} "
+                     f"| {steps} | {srch} | "
+                     + (f"{fid['spearman_mean']:.4f} / {fid['top10_overlap']:.3f}" if fid else "—") + " |")
+    m = d.get("minilm")
+    if m and m["export"].get("returncode") == 0:
+        lines += ["", _target("MiniLM export, wall minutes", m["export"]["wall_s"] / 60, 2.0, unit=" min",
+                              higher=False) + "."]
     return "\n".join(lines)
 
 
