@@ -39,7 +39,8 @@ def export_onnx(module: Any, onnx_config: Any, path: Path, opset: int = DEFAULT_
 
 def _externalize(path: Path) -> None:
     """Move inline weights to ``<graph>_data`` when they pass :data:`EXTERNAL_DATA_BYTES` (Optimum already does
-    so above protobuf's 2 GiB; a graph between the two is moved here)."""
+    so above protobuf's 2 GiB; a graph between the two is moved here). Every initializer moves, the smallest
+    included, as torch's exporter writes a graph above 2 GiB: one layout for every large graph."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -49,4 +50,4 @@ def _externalize(path: Path) -> None:
     if inline <= EXTERNAL_DATA_BYTES:
         return
     onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=path.name + "_data", size_threshold=1024)
+              location=path.name + "_data", size_threshold=0)

@@ -122,7 +122,7 @@ def plan_int8(fp32: Path, info: Any, calib: Any = None, *, alpha: float = SMOOTH
             return cached
     # The graph's structure only (no external weights): a graph nothing here applies to (a decoder) is then
     # quantized from its file as before, without a second copy of its weights in memory.
-    skeleton = onnx.load(str(fp32), load_external_data=False)
+    skeleton = _skeleton(Path(fp32))
     trial = onnx.ModelProto()
     trial.CopyFrom(skeleton)
     first = ("not asked for" if not first_token else first_token_last_layer(trial) if calib is not None
@@ -158,6 +158,22 @@ def plan_int8(fp32: Path, info: Any, calib: Any = None, *, alpha: float = SMOOTH
         except TypeError:
             pass
     return plan
+
+
+def _skeleton(fp32: Path) -> Any:
+    """The graph without its weights: external data is not read, except tensors of at most one dimension (index
+    constants, norm vectors: a few KB), which torch's exporter also stores outside a graph above 2 GiB."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    model = onnx.load(str(fp32), load_external_data=False)
+    constants = [a.t for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+    for t in [*model.graph.initializer, *constants]:
+        if len(t.dims) <= 1 and uses_external_data(t):
+            load_external_data_for_tensor(t, str(fp32.parent))
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+    return model
 
 
 def _try_first_token(model: Any, calib: Any, external: bool) -> tuple[Any, dict[str, Any]]:
@@ -412,13 +428,16 @@ def _weight_row_ranges(model: Any, nodes: list[str]) -> dict[str, np.ndarray]:
 
 
 def _constants(g: Any) -> dict[str, np.ndarray]:
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
-    out = {i.name: numpy_helper.to_array(i) for i in g.initializer if len(i.dims) <= 1}
+    # index constants are small and stored in the graph; a tensor in external data (the weights of a graph above
+    # 2 GB, e.g. a decoder's norm vectors) is never one, and the graph may have been loaded without its data
+    out = {i.name: numpy_helper.to_array(i) for i in g.initializer
+           if len(i.dims) <= 1 and i.data_location != TensorProto.EXTERNAL}
     for n in g.node:
         if n.op_type == "Constant":
             for a in n.attribute:
-                if a.name == "value":
+                if a.name == "value" and a.t.data_location != TensorProto.EXTERNAL:
                     out[n.output[0]] = numpy_helper.to_array(helper.get_attribute_value(a))
     return out
 

@@ -105,6 +105,40 @@ def test_first_token_leaves_a_decoder_alone(qwen_artifact):
     assert model.SerializeToString() == before
 
 
+def _all_external(artifact, tmp_path, name):
+    """The artifact's fp32 graph saved as torch's exporter writes one above 2 GiB: every tensor in external data."""
+    path = tmp_path / name / "model.onnx"
+    path.parent.mkdir()
+    onnx.save(onnx.load(str(artifact / "fp32" / "model.onnx")), str(path), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="model.onnx_data", size_threshold=0)
+    skeleton = onnx.load(str(path), load_external_data=False)
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in skeleton.graph.initializer)
+    return path
+
+
+def _constants_to_external(path):
+    """Constant nodes' tensors into the external data too (torch's exporter does that above 2 GiB)."""
+    model = onnx.load(str(path))
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx_data", size_threshold=0, convert_attribute=True)
+    skeleton = onnx.load(str(path), load_external_data=False)
+    assert any(a.t.data_location == onnx.TensorProto.EXTERNAL for n in skeleton.graph.node for a in n.attribute
+               if a.type == onnx.AttributeProto.TENSOR)
+    return path
+
+
+def test_plan_reads_a_graph_whose_every_tensor_is_external(bert_artifact, qwen_artifact, tmp_path):
+    """A real-size export keeps even index constants and norm vectors in external data: the plan's skeleton reads
+    those (so an encoder still gets its first-token layer) and a decoder is left alone with its reason, where
+    reading them from a graph loaded without its data crashed the 0.6B export."""
+    enc = optimize._skeleton(_constants_to_external(_all_external(bert_artifact, tmp_path, "bert")))
+    assert optimize.first_token_last_layer(enc)[-1] == "/classifier/Gemm"
+    dec = optimize._skeleton(_constants_to_external(_all_external(qwen_artifact, tmp_path, "qwen")))
+    assert not any(t.raw_data for t in dec.graph.initializer if len(t.dims) > 1), "weights stay on disk"
+    why = optimize.first_token_last_layer(dec)
+    assert isinstance(why, str) and "first token" in why
+
+
 def test_int8_build_record_and_graph(bert_int8):
     """The manifest says what the builder did; the graph shows it: the first-token Slice, the one-row products as
     float products, every other weight product a MatMulIntegerToFloat, one smoothing Mul per LayerNorm output
