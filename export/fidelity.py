@@ -137,6 +137,11 @@ class CalibSet:
     ``reference`` holds the fp32 graph's logits, computed once when the set is made; every fidelity figure
     compares against it. ``seconds`` records what making the set took (``setup``: loading and tokenizing,
     ``fp32_reference``: scoring the fp32 graph).
+
+    A decoder artifact with prefix reuse is scored the way the runtime scores it by default: each query's shared
+    prefix (template, instruction, query) runs once and its documents on top of it (:attr:`prefix_reuse`), which
+    also halves the work of every fidelity evaluation on a typical calibration set. :meth:`feeds` (activation
+    statistics, static-int8 calibration) stays whole pairs.
     """
 
     def __init__(self, root: Path, groups: Sequence[tuple[str, list[str]]], batch_size: int = 16) -> None:
@@ -146,6 +151,10 @@ class CalibSet:
         self.reranker = Reranker.load(root, "fp32")
         ids, types, group_of = _encode(self.reranker, groups)
         self._setup(groups, ids, types, group_of, batch_size, self.reranker.pad_id, self.reranker.padding_side)
+        #: Per query group, its pairs as prefix + documents + suffix (decoders with prefix reuse), else ``None``.
+        self.prefix_reuse = bool(self.reranker.prefix_reuse)
+        self._splits = ([self.reranker.encoder.split(q, docs) for q, docs in self.groups] if self.prefix_reuse
+                        else None)
         t1 = time.perf_counter()
         self.reference = self.score(root / "fp32" / "model.onnx")
         self.seconds = {"setup": t1 - t0, "fp32_reference": time.perf_counter() - t1}
@@ -160,6 +169,7 @@ class CalibSet:
         self.group_rows = [np.flatnonzero(self.group_of == g) for g in range(len(self.groups))]
         self.batches = list(self._batches(np.arange(self.n_pairs)))
         self.last_timing = (0.0, 0)  # seconds in the graph and padded tokens of the last :meth:`score`
+        self.prefix_reuse, self._splits = False, None  # whole pairs unless __init__ finds a prefix-reuse decoder
 
     def _batches(self, rows: np.ndarray) -> Iterator[Any]:
         """Length-sorted padded batches over ``rows``; each batch's ``rows`` are positions in the whole set."""
@@ -210,6 +220,8 @@ class CalibSet:
         """
         backend = self._backend(graph)
         logits = np.full(self.n_pairs, np.nan) if out is None else out
+        if self._splits is not None:
+            return self._score_reuse(backend, self.group_rows if units is None else units, stop, logits)
         if units is None:
             chunks: list[tuple[int, Iterable[Any]]] = [(0, self.batches)]
         else:
@@ -232,6 +244,39 @@ class CalibSet:
             return logits
         finally:
             self.last_timing = (seconds, tokens)
+
+    def _score_reuse(self, backend: Any, units: Sequence[np.ndarray], stop: Callable[[int], bool] | None,
+                     logits: np.ndarray) -> np.ndarray | None:
+        """:meth:`score` through the runtime's prefix path: each unit's rows, split by query group, run as the
+        group's prefix once plus those documents, a few units per chunk (``stop`` is asked after each)."""
+        import copy
+        import dataclasses
+
+        reranker = copy.copy(self.reranker)  # the loaded runtime's packer and budgets, on the graph being judged
+        reranker.backend, reranker.prefix_reuse, reranker.batch_size = backend, True, self.batch_size
+        assert self._splits is not None
+        stats: dict[str, float] = {}
+        chunk: list[tuple[np.ndarray, Any]] = []
+        size = 0
+        try:
+            for i, unit in enumerate(units):
+                rows = np.asarray(unit, dtype=np.int64)
+                for g in np.unique(self.group_of[rows]):
+                    where = rows[self.group_of[rows] == g]
+                    split = self._splits[g]
+                    local = where - self.group_rows[g][0]  # a group's rows are contiguous, in document order
+                    chunk.append((where, dataclasses.replace(split, docs=[split.docs[j] for j in local])))
+                    size += len(where)
+                if size >= _CHUNK_BATCHES * self.batch_size or i == len(units) - 1:
+                    got, _ = reranker._score_splits(chunk, self.n_pairs, stats)
+                    for where, _split in chunk:
+                        logits[where] = got[where]
+                    chunk, size = [], 0
+                    if stop is not None and stop(i + 1):
+                        return None
+            return logits
+        finally:
+            self.last_timing = (stats.get("model_s", 0.0), int(stats.get("padded_tokens", 0)))
 
     def group_fidelity(self, logits: np.ndarray, g: int) -> tuple[float, float]:
         """Spearman and top-10 overlap of one query group vs fp32."""

@@ -404,3 +404,32 @@ def test_a_graph_without_layer_names_is_cut_into_runs_of_products():
     assert report["meets_budget"] and BUDGET.met(independent_fidelity(model, report["kept_fp32_nodes"]))
     assert "/k_proj_9/MatMul" in report["kept_fp32_nodes"] and len(report["kept_fp32_nodes"]) <= 3
     assert report["kept_fp32"] == ["other [26-30]"]
+
+
+def test_a_decoder_calibration_set_scores_as_the_runtime_does(qwen_artifact, bert_artifact):
+    """A prefix-reuse decoder's calibration pairs are scored through the shared prefix, as ``Reranker`` scores
+    them by default: the same logits as ``predict`` with reuse on, within 1e-5 of whole pairs, and the same
+    values whether a group is scored whole, in pieces or among other groups. An encoder keeps whole pairs."""
+    from memrerank import Reranker
+    from memrerank.export.fidelity import CalibSet
+    from memrerank.export.pairs import builtin_pairs
+
+    groups = builtin_pairs()[:3]
+    calib = CalibSet(qwen_artifact, groups, batch_size=4)
+    assert calib.prefix_reuse
+    pairs = [(q, d) for q, docs in groups for d in docs]
+    reuse = Reranker.load(qwen_artifact, "fp32", prefix_reuse=True).predict(pairs, raw=True)
+    whole = Reranker.load(qwen_artifact, "fp32", prefix_reuse=False).predict(pairs, raw=True)
+    np.testing.assert_allclose(calib.reference, reuse, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(calib.reference, whole, atol=1e-5, rtol=0)
+    graph = qwen_artifact / "fp32" / "model.onnx"
+    g1 = calib.group_rows[1]
+    pieces = [g1[::2], calib.group_rows[0], g1[1::2]]  # a group split across units, another in between
+    got = calib.score(graph, pieces)
+    scored = np.concatenate(pieces)
+    np.testing.assert_allclose(got[scored], calib.reference[scored], atol=1e-6, rtol=0)
+    assert np.isnan(np.delete(got, scored)).all(), "rows not asked for stay unscored"
+    assert calib.last_timing[0] > 0 and calib.last_timing[1] > 0
+    stopped = calib.score(graph, [calib.group_rows[0], calib.group_rows[2]], stop=lambda done: done >= 1)
+    assert stopped is None
+    assert not CalibSet(bert_artifact, groups).prefix_reuse
