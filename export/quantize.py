@@ -57,6 +57,7 @@ class GraphInfo:
 
 
 _LAYER = re.compile(r"layers?\.(\d+)[./]")
+_SUFFIX = re.compile(r"(.*?)(?:_(\d+))?")  # a module name and its repeat index: "/mlp/up_proj_27" -> 27
 
 
 def weight_matmuls(model: Any) -> list[str]:
@@ -74,6 +75,31 @@ def embedding_gathers(model: Any) -> list[str]:
     dims = {i.name: list(i.dims) for i in model.graph.initializer}
     return [n.name for n in model.graph.node if n.op_type == "Gather" and len(dims.get(n.input[0], [])) == 2
             and dims[n.input[0]][0] >= EMBEDDING_MIN_ROWS]
+
+
+def _layers_by_scope(names: list[str]) -> dict[str, int]:
+    """Layer index from a module scope in the node name: ``/model/layers.3/self_attn/q_proj/MatMul`` → 3."""
+    out = {}
+    for n in names:
+        m = _LAYER.search(n)
+        if m:
+            out[n] = int(m.group(1))
+    return out
+
+
+def _layers_by_suffix(names: list[str]) -> dict[str, int]:
+    """Layer index when the exporter dropped the scopes (seen at real decoder size): a module repeated once per
+    layer gets a numeric suffix from its second occurrence on, ``/q_proj/MatMul``, ``/q_proj_1/MatMul``, …
+    ``/mlp/down_proj_27/MatMul``. Only modules that occur more than once count; the rest stay unassigned."""
+    parsed = {}
+    for n in names:
+        module = n.rsplit("/", 1)[0]
+        m = _SUFFIX.fullmatch(module)
+        parsed[n] = (m.group(1), int(m.group(2) or 0)) if m else (module, 0)
+    counts: dict[str, int] = {}
+    for base, _ in parsed.values():
+        counts[base] = counts.get(base, 0) + 1
+    return {n: i for n, (base, i) in parsed.items() if counts[base] > 1}
 
 
 def graph_info(path: Path) -> GraphInfo:
@@ -105,12 +131,13 @@ def graph_info(path: Path) -> GraphInfo:
             head = []
             break
     head_set = set(head)
+    body = [n for n in weights if n not in head_set]
+    layer_of = _layers_by_scope(body)
+    if not layer_of:
+        layer_of = _layers_by_suffix(body)
     groups: dict[str, list[str]] = {}
-    for n in weights:
-        if n in head_set:
-            continue
-        m = _LAYER.search(n)
-        groups.setdefault(f"layer {int(m.group(1))}" if m else "other", []).append(n)
+    for n in body:
+        groups.setdefault(f"layer {layer_of[n]}" if n in layer_of else "other", []).append(n)
     embeddings = embedding_gathers(model)
     if embeddings:
         groups["embeddings"] = embeddings

@@ -433,3 +433,30 @@ def test_a_decoder_calibration_set_scores_as_the_runtime_does(qwen_artifact, ber
     stopped = calib.score(graph, [calib.group_rows[0], calib.group_rows[2]], stop=lambda done: done >= 1)
     assert stopped is None
     assert not CalibSet(bert_artifact, groups).prefix_reuse
+
+
+def test_layers_of_a_graph_whose_exporter_dropped_the_module_scopes(tmp_path):
+    """At real decoder size the exporter names products ``/q_proj/MatMul``, ``/q_proj_1/MatMul``…: the repeat
+    index is the layer, so the search's blocks are layers, not one ``other`` group of everything."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from memrerank.export.quantize import graph_info
+
+    names = [f"/{m}{'' if i == 0 else f'_{i}'}/MatMul" for i in range(3) for m in ("q_proj", "mlp/down_proj")]
+    names.append("/pooler/MatMul")  # occurs once: not a layer
+    nodes, inits, x = [], [], "x"
+    for k, name in enumerate(names):
+        inits.append(numpy_helper.from_array(np.eye(4, dtype=np.float32), f"w{k}"))
+        nodes.append(helper.make_node("MatMul", [x, f"w{k}"], [f"h{k}"], name=name))
+        x = f"h{k}"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 4])], inits)
+    onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
+    info = graph_info(tmp_path / "m.onnx")
+    body = {g: v for g, v in info.groups.items() if g != "embeddings"}
+    assert {g: v for g, v in body.items() if g.startswith("layer")} == {
+        "layer 0": ["/q_proj/MatMul", "/mlp/down_proj/MatMul"],
+        "layer 1": ["/q_proj_1/MatMul", "/mlp/down_proj_1/MatMul"],
+        "layer 2": ["/q_proj_2/MatMul", "/mlp/down_proj_2/MatMul"]}
+    assert "/pooler/MatMul" not in {n for g, v in body.items() if g.startswith("layer") for n in v}
