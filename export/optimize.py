@@ -182,7 +182,7 @@ def _try_first_token(model: Any, calib: Any, external: bool) -> tuple[Any, dict[
     why = first_token_last_layer(changed)
     if isinstance(why, str):
         return None, {"applied": False, "why": why}
-    from memrerank.export.quantize import _save
+    from memrerank.export.graph import _save
 
     with tempfile.TemporaryDirectory(prefix="memrerank-first-token-") as tmp:
         path = Path(tmp) / "model.onnx"
@@ -391,7 +391,7 @@ def _activation_stats(model: Any, names: list[str], feeds: list[dict[str, np.nda
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     with tempfile.TemporaryDirectory(prefix="memrerank-stats-") as tmp:
-        from memrerank.export.quantize import _save
+        from memrerank.export.graph import _save
 
         path = Path(tmp) / "model.onnx"
         _save(probe, path, external)
@@ -411,7 +411,7 @@ def _activation_stats(model: Any, names: list[str], feeds: list[dict[str, np.nda
 
 def _weight_row_ranges(model: Any, nodes: list[str]) -> dict[str, np.ndarray]:
     """Activation name → max |W| per input row over the quantized products that read it."""
-    from memrerank.export.quantize import _plain_weight
+    from memrerank.export.graph import _plain_weight
 
     inits = {i.name: i for i in model.graph.initializer}
     wanted = set(nodes)

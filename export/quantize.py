@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from memrerank.export.graph import _plain_weight, _save  # noqa: F401 - used here and by callers
+
 __all__ = ["PRECISION_BUILDERS", "register_precision", "GraphInfo", "graph_info", "weight_matmuls",
            "quantize_per_row", "build_int8_per_tensor"]
 
@@ -206,17 +208,6 @@ def _quiet() -> Iterator[None]:
         yield
     finally:
         logging.disable(previous)
-
-
-def _save(model: Any, path: Path, external: bool) -> None:
-    import onnx
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if external:
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=path.name + "_data", size_threshold=1024)
-    else:
-        onnx.save(model, str(path))
 
 
 @register_precision("fp16")
@@ -477,27 +468,6 @@ def _offset_codes(x: str, p: str, lower: float, opset: int) -> tuple[list[Any], 
         helper.make_node("Reshape", [p + "_u8_2d", p + "_shape"], [p + "_u8"], name=p + "_u8"),
     ]
     return nodes, inits, (p + "_u8", p + "_scale", p + "_zp")
-
-
-def _plain_weight(node: Any, inits: dict[str, Any]) -> tuple[Any, str | None, bool] | None:
-    """``(W as (K, N) float32, bias input or None, whether W was stored transposed)`` of a MatMul/Gemm by a 2-D
-    weight, or None when the node is not a plain product by an initializer (left in fp32)."""
-    import numpy as np
-    from onnx import helper, numpy_helper
-
-    if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
-        return None
-    w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-    if w.ndim != 2:
-        return None
-    if node.op_type == "MatMul":
-        return w, None, False
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
-        return None
-    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    transposed = bool(attrs.get("transB", 0))
-    return (w.T if transposed else w), bias, transposed
 
 
 #: The int8 precision is batch-independent: a row's codes and scales depend on that row alone (see
