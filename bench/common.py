@@ -43,8 +43,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def _git_commit() -> str:
     """The checkout's commit, with ``-dirty`` when tracked files differ from it (``unknown`` outside git).
 
-    The benches' own outputs (``bench/results/``, ``docs/reliability.png``) do not count: a bench run after another
-    has rewritten its JSON still measures the committed code."""
+    The benches' own outputs (``bench/results/``, ``docs/reliability.png``) and Markdown (the README blocks
+    ``report.py`` writes, prose) do not count: a bench run after another has rewritten its JSON still measures the
+    committed code."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
@@ -52,7 +53,8 @@ def _git_commit() -> str:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)bench/results", ":(exclude)docs/reliability.png"], cwd=root,
+                                ":(exclude)bench/results", ":(exclude)docs/reliability.png",
+                                ":(exclude,glob)**/*.md"], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
