@@ -93,14 +93,13 @@ def _layers_by_suffix(names: list[str]) -> dict[str, int]:
     """Layer index when the exporter dropped the scopes (seen at real decoder size): a module repeated once per
     layer gets a numeric suffix from its second occurrence on, ``/q_proj/MatMul``, ``/q_proj_1/MatMul``, …
     ``/mlp/down_proj_27/MatMul``. Only modules that occur more than once count; the rest stay unassigned."""
+    from collections import Counter
+
     parsed = {}
     for n in names:
-        module = n.rsplit("/", 1)[0]
-        m = _SUFFIX.fullmatch(module)
-        parsed[n] = (m.group(1), int(m.group(2) or 0)) if m else (module, 0)
-    counts: dict[str, int] = {}
-    for base, _ in parsed.values():
-        counts[base] = counts.get(base, 0) + 1
+        m = _SUFFIX.fullmatch(n.rsplit("/", 1)[0])  # always matches: the suffix is optional
+        parsed[n] = (m.group(1), int(m.group(2) or 0))
+    counts = Counter(base for base, _ in parsed.values())
     return {n: i for n, (base, i) in parsed.items() if counts[base] > 1}
 
 
