@@ -123,6 +123,7 @@ def main() -> int:
                 assert rep.rows == len(pairs), (rep.rows, len(pairs))
                 peaks = sorted(v / 1024 for v in mem.peak_kib.values())
                 runs[f"{actors}x{threads}"].append({"seconds": rep.seconds, "pairs_per_s": rep.pairs_per_s,
+                                                    "rows_per_batch": rep.batch_size,
                                                     "actor_peak_rss_mib": peaks})
                 print(f"round {r} {actors} actor(s) x {threads} thread(s): {rep.pairs_per_s:.1f} pairs/s "
                       f"({rep.seconds:.1f} s), actor peak RSS {[round(p) for p in peaks]} MiB", flush=True)

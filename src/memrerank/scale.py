@@ -70,7 +70,9 @@ class RescoreJob:
         providers: onnxruntime providers or aliases for every actor (``("cuda",)``); ``None`` = CPU.
         actors: size of the :class:`RerankActor` pool (each loads the artifact once).
         threads_per_actor: CPUs each actor reserves and its onnxruntime intra-op threads.
-        batch_size: rows per ``map_batches`` call (the reranker cuts them again by its token budget).
+        batch_size: rows per ``map_batches`` call (the reranker cuts them again by its token budget). With
+            several actors it is capped at ``ceil(rows / actors)`` (the input's rows are counted first), so a
+            small input still gives every actor a share instead of one batch to one actor.
         id_column: input column written back with the scores.
         query_column: input column of the queries.
         document_column: input column of the documents.
@@ -166,6 +168,7 @@ class RescoreReport:
     precision: str
     output: str
     output_format: str
+    batch_size: int = 0  #: rows per ``map_batches`` call, after the cap (see :attr:`RescoreJob.batch_size`)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -356,8 +359,9 @@ def rescore(job: RescoreJob | str | Path | Sequence[str | Path] | None = None,
     with _job_settings(ray, job.verbose):
         ds = _read_input(ray, job, fmt)
         t0 = time.perf_counter()
+        batch_size = job.batch_size if job.actors == 1 else shared_batch_size(ds.count(), job.actors, job.batch_size)
         scored = ds.map_batches(
-            RerankActor, batch_format="pyarrow", batch_size=job.batch_size, zero_copy_batch=True,
+            RerankActor, batch_format="pyarrow", batch_size=batch_size, zero_copy_batch=True,
             # one task in flight per actor: the first actor up (others still loading the model) would otherwise
             # queue several bundles and leave the rest idle on small and medium inputs
             compute=ray.data.ActorPoolStrategy(size=job.actors, max_tasks_in_flight_per_actor=1),
@@ -367,7 +371,13 @@ def rescore(job: RescoreJob | str | Path | Sequence[str | Path] | None = None,
     seconds = time.perf_counter() - t0
     return RescoreReport(rows=rows, seconds=seconds, pairs_per_s=rows / seconds if seconds else 0.0,
                          actors=job.actors, threads_per_actor=job.threads_per_actor, precision=precision,
-                         output=job.output, output_format=out_fmt)
+                         output=job.output, output_format=out_fmt, batch_size=batch_size)
+
+
+def shared_batch_size(rows: int, actors: int, batch_size: int) -> int:
+    """Rows per ``map_batches`` call so that ``rows`` reach every one of ``actors``: ``batch_size``, capped at
+    ``ceil(rows / actors)`` (240 rows, 2 actors, 256 asked: 120 each instead of one batch to one actor)."""
+    return max(1, min(batch_size, -(-rows // actors)))
 
 
 def _as_job(job: Any, output: Any, artifact: Any, options: dict[str, Any]) -> RescoreJob:
