@@ -33,6 +33,82 @@ from common import DEFAULT_LOCOMO, environment, interleaved, write  # noqa: E402
 from peers_encoder import quality, run_info, split_queries, st_onnx  # noqa: E402
 
 
+def _int8_attention(src: Path, out: Path) -> int:
+    """``src`` with its activation x activation MatMuls (attention's Q·Kᵀ and softmax·V) in int8, every scale
+    belonging to one token so the result stays batch-independent (no scale reaches over padding):
+
+    - Q·Kᵀ: Q coded per row (query token; uint8, zero point 128), Kᵀ per column (key token; int8);
+    - P·V (P from a Softmax): V coded per row (key token), its scales folded into P's columns first
+      (``P·V = (P ⊙ sᵀ)·V_q``), then ``P ⊙ sᵀ`` coded per row.
+
+    ``MatMulInteger``, then the scales applied. Returns how many products it changed."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from memrerank.export.graph import _save
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    consts = {"_ia_inv127": np.array(1 / 127, np.float32), "_ia_floor": np.array(1e-30, np.float32),
+              "_ia_128": np.array(128, np.float32), "_ia_zero": np.array(0, np.float32),
+              "_ia_255": np.array(255, np.float32), "_ia_lo": np.array(-127, np.float32),
+              "_ia_hi": np.array(127, np.float32), "_ia_zp": np.array(128, np.uint8)}
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+
+    def scale(x: str, axis: int, p: str) -> list:
+        if opset < 18:
+            reduce = helper.make_node("ReduceMax", [p + "_abs"], [p + "_max"], axes=[axis], keepdims=1, name=p + "_max")
+        else:
+            graph.initializer.append(numpy_helper.from_array(np.array([axis], np.int64), p + "_axis"))
+            reduce = helper.make_node("ReduceMax", [p + "_abs", p + "_axis"], [p + "_max"], keepdims=1, name=p + "_max")
+        return [helper.make_node("Abs", [x], [p + "_abs"], name=p + "_abs"), reduce,
+                helper.make_node("Mul", [p + "_max", "_ia_inv127"], [p + "_raw"], name=p + "_raw"),
+                helper.make_node("Max", [p + "_raw", "_ia_floor"], [p + "_scale"], name=p + "_scale"),
+                helper.make_node("Div", [x, p + "_scale"], [p + "_div"], name=p + "_div"),
+                helper.make_node("Round", [p + "_div"], [p + "_round"], name=p + "_round")]
+
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    new_nodes, done = [], 0
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[0] in inits or node.input[1] in inits:
+            new_nodes.append(node)
+            continue
+        a, b, p = node.input[0], node.input[1], (node.name or node.output[0]) + "_ia"
+        pv = producer.get(a) == "Softmax"
+        if pv:  # V per row (token); its row scales move onto P's columns: Transpose the (.., K, 1) scales
+            new_nodes += scale(b, -1, p + "_b") + [
+                helper.make_node("Clip", [p + "_b_round", "_ia_lo", "_ia_hi"], [p + "_b_clip"], name=p + "_b_clip"),
+                helper.make_node("Cast", [p + "_b_clip"], [p + "_b_s8"], to=TensorProto.INT8, name=p + "_b_s8"),
+                helper.make_node("Transpose", [p + "_b_scale"], [p + "_b_scale_t"], perm=[0, 1, 3, 2],
+                                 name=p + "_b_scale_t"),
+                helper.make_node("Mul", [a, p + "_b_scale_t"], [p + "_a_folded"], name=p + "_a_folded")]
+            a = p + "_a_folded"
+        new_nodes += scale(a, -1, p + "_a") + [
+            helper.make_node("Add", [p + "_a_round", "_ia_128"], [p + "_a_shift"], name=p + "_a_shift"),
+            helper.make_node("Clip", [p + "_a_shift", "_ia_zero", "_ia_255"], [p + "_a_clip"], name=p + "_a_clip"),
+            helper.make_node("Cast", [p + "_a_clip"], [p + "_a_u8"], to=TensorProto.UINT8, name=p + "_a_u8")]
+        if not pv:  # Kᵀ per column (key token)
+            new_nodes += scale(b, -2, p + "_b") + [
+                helper.make_node("Clip", [p + "_b_round", "_ia_lo", "_ia_hi"], [p + "_b_clip"], name=p + "_b_clip"),
+                helper.make_node("Cast", [p + "_b_clip"], [p + "_b_s8"], to=TensorProto.INT8, name=p + "_b_s8")]
+        new_nodes += [
+            helper.make_node("MatMulInteger", [p + "_a_u8", p + "_b_s8", "_ia_zp"], [p + "_i32"], name=p + "_mm"),
+            helper.make_node("Cast", [p + "_i32"], [p + "_f"], to=TensorProto.FLOAT, name=p + "_f")]
+        if pv:
+            new_nodes.append(helper.make_node("Mul", [p + "_f", p + "_a_scale"], [node.output[0]], name=p + "_out"))
+        else:
+            new_nodes += [helper.make_node("Mul", [p + "_f", p + "_a_scale"], [p + "_fa"], name=p + "_fa"),
+                          helper.make_node("Mul", [p + "_fa", p + "_b_scale"], [node.output[0]], name=p + "_out")]
+        done += 1
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _save(model, out, False)
+    return done
+
+
 def _fused(fp32: Path, out: Path, mha: bool) -> dict:
     """onnxruntime.transformers' BERT fusions (Attention or MultiHeadAttention, SkipLayerNorm, BiasGelu, ...)."""
     from onnxruntime.transformers.fusion_options import FusionOptions
@@ -107,6 +183,10 @@ def build_variants(artifact: Path, work: Path, calib) -> dict[str, dict]:
     record = build_int8(fp32, path("+ first token (int8 default)"), info, calib)
     v["+ first token (int8 default)"] = {"graph": path("+ first token (int8 default)"), "build": record,
                                          "what": "+ last layer on the first token (what `memrerank export` builds)"}
+    attention = path("+ int8 attention")
+    v["+ int8 attention"] = {"graph": attention, "quantized_attention_products": _int8_attention(
+        path("+ first token (int8 default)"), attention), "what": "the int8 default + attention's Q·Kᵀ and "
+        "softmax·V in int8 (MatMulInteger; rows of the left operand and columns of the right one scaled apart)"}
     per_row("default without smoothing", first, pooler_fp32=True, smooth=False, gelu=True, embeddings=True,
             what="the default with the smoothing taken away")
     per_row("default without gelu offset codes", first, pooler_fp32=True, smooth=True, gelu=False, embeddings=True,

@@ -7,6 +7,11 @@ Flavours (each built from the artifact's fp32 graph, weight MatMul/Gemm only, in
 - ``per-row``: what ``int8`` builds now (``memrerank.export.quantize.quantize_per_row``): one activation scale
   per token row, so a row's result depends on that row alone.
 - ``static``: ``int8-static`` (QDQ, activation ranges calibrated at export; batch-independent as well).
+- ``weight-only``: int8 weights, fp32 activations: onnxruntime's ``MatMulNBits`` (8 bits, one symmetric scale per
+  block of 32 weights, accuracy level 0: fp32 compute), built with its ``MatMulNBitsQuantizer``. Not a memrerank
+  precision: measured to see what a graph as small as ``int8`` costs where activations stay fp32.
+- ``block``: the same weights with ``accuracy_level=4``: onnxruntime quantizes each row's activations per block
+  of 32 (finer than ``per-row``'s one scale per row) and runs the int8 kernels (llama.cpp's Q8_0 scheme).
 
 Each flavour is measured as built plainly (every weight product quantized) and, when the plain build misses the
 fidelity budget, after the export's sensitivity search (what ``memrerank export`` would write). Speed: the
@@ -19,6 +24,9 @@ timing workload (held out). Batch independence: max |Δlogit| of documents score
     python bench/int8_flavours.py --model minilm --workdir /tmp/int8-minilm --threads 1
     python bench/int8_flavours.py --model qwen3-0.6b-shape --workdir /tmp/int8-q06 --threads 1 \\
         --fidelity top10=0,spearman=0 --flavours per-tensor,per-row
+    python bench/int8_flavours.py --model qwen3-0.6b-shape --workdir /tmp/int8-q06 --threads 1 \
+        --flavours per-tensor,per-row,weight-only,block --no-search \
+        --artifact $W/out --export-int8 $W/out/int8/model.onnx     # $W: bench/export_time.py's workdir
 
 Results: ``bench/results/int8_flavours_<model>.json``.
 """
@@ -41,7 +49,8 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from common import DEFAULT_LOCOMO, environment, group_agreement, locomo_workload, write  # noqa: E402
 
-FLAVOURS = ("per-tensor", "per-row", "static")
+FLAVOURS = ("per-tensor", "per-row", "static", "weight-only", "block")
+NBITS_BLOCK = 32  # weights per MatMulNBits scale (llama.cpp's Q8_0 block)
 
 
 def _artifact(model: str, workdir: Path) -> Path:
@@ -63,10 +72,58 @@ def _artifact(model: str, workdir: Path) -> Path:
     return artifact
 
 
+def _nbits(accuracy_level: int):
+    """A builder of int8 ``MatMulNBits`` graphs (onnxruntime's own quantizer) with int8 embedding tables."""
+
+    def build(fp32: Path, out: Path, info, calib=None, exclude=None) -> dict:
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                     MatMulNBitsQuantizer)
+
+        from memrerank.export.graph import _save
+        from memrerank.export.quantize import quantize_embeddings
+
+        exclude = set(exclude or [])
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(fp32)), nodes_to_exclude=sorted(exclude),
+            algo_config=DefaultWeightOnlyQuantConfig(block_size=NBITS_BLOCK, is_symmetric=True, bits=8,
+                                                     accuracy_level=accuracy_level))
+        quantizer.process()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in (out, out.parent / (out.name + "_data")):
+            stale.unlink(missing_ok=True)
+        _save(quantizer.model.model, out, info.external_data)
+        tables = quantize_embeddings(out, [n for n in info.embedding_nodes if n not in exclude], info.external_data)
+        return {"method": f"onnxruntime MatMulNBits, 8-bit symmetric weights per {NBITS_BLOCK}-block, "
+                          f"accuracy_level {accuracy_level}", "batch_independent": True,
+                "embeddings": f"{tables} table(s) int8 with one symmetric scale per row" if tables else "fp32"}
+
+    return build
+
+
+def _weight_only_rest(graph: Path, out: Path, external: bool) -> dict:
+    """``graph`` (e.g. the export's int8) with every weight MatMul it left fp32 made weight-only int8
+    (``MatMulNBits``, accuracy level 0); its int8 products and embedding tables are kept as they are."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    from memrerank.export.graph import _save
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(graph)), algo_config=DefaultWeightOnlyQuantConfig(
+        block_size=NBITS_BLOCK, is_symmetric=True, bits=8, accuracy_level=0))
+    quantizer.process()
+    for stale in (out, out.parent / (out.name + "_data")):
+        stale.unlink(missing_ok=True)
+    _save(quantizer.model.model, out, external)
+    return {"method": f"{graph}: its fp32 weight MatMuls as MatMulNBits 8-bit per {NBITS_BLOCK}-block, accuracy "
+                      "level 0", "batch_independent": True}
+
+
 def _builders() -> dict[str, object]:
     from memrerank.export.quantize import build_int8, build_int8_per_tensor, build_int8_static
 
-    return {"per-tensor": build_int8_per_tensor, "per-row": build_int8, "static": build_int8_static}
+    return {"per-tensor": build_int8_per_tensor, "per-row": build_int8, "static": build_int8_static,
+            "weight-only": _nbits(0), "block": _nbits(4)}
 
 
 def _build(name, fp32: Path, out: Path, info, calib, budget, searched: bool) -> dict:
@@ -143,6 +200,15 @@ def main() -> int:
     ap.add_argument("--rebuild", action="store_true", help="rebuild flavour graphs that already exist")
     ap.add_argument("--check-threads", type=int, default=2, help="threads for the alone-vs-200 check (untimed)")
     ap.add_argument("--no-check", action="store_true", help="skip the alone-vs-200 check (speed and fidelity only)")
+    ap.add_argument("--check-only", default=None,
+                    help="comma-separated variants (e.g. 'fp32,per-row plain') to run the alone-vs-200 check on; "
+                         "default every variant")
+    ap.add_argument("--artifact", type=Path, default=None,
+                    help="an exported artifact to use (default: the fp32 export under --workdir, made once)")
+    ap.add_argument("--export-int8", type=Path, default=None,
+                    help="the int8 graph `memrerank export` wrote for this artifact: also measured as it is "
+                         "('export' variant) and with its fp32-kept weight products made weight-only int8 "
+                         "('export+weight-only')")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     flavours = [f for f in args.flavours.split(",") if f]
@@ -156,7 +222,7 @@ def main() -> int:
     from memrerank.export.quantize import graph_info
     from memrerank.runtime.backends.onnxruntime import OrtBackend
 
-    artifact = _artifact(args.model, args.workdir)
+    artifact = args.artifact or _artifact(args.model, args.workdir)
     fp32 = artifact / "fp32" / "model.onnx"
     info = graph_info(fp32)
     budget = FidelityBudget.parse(args.fidelity)
@@ -176,6 +242,26 @@ def main() -> int:
             records[key] = {**_build(name, fp32, out, info, calib, budget, searched), "budget": vars(budget)}
             records_path.write_text(json.dumps(records, indent=2))
             gc.collect()
+    if args.export_int8 is not None:
+        mixed = args.workdir / "flavours" / "export+weight-only" / "model.onnx"
+        for key, graph in (("export given", args.export_int8), ("export+weight-only given", mixed)):
+            if key in records and Path(records[key]["graph"]).exists() and not args.rebuild \
+                    and records[key].get("budget") == vars(budget):
+                continue
+            print(f"measuring {key}", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            build_info = {}
+            if graph == mixed:
+                mixed.parent.mkdir(parents=True, exist_ok=True)
+                build_info = _weight_only_rest(args.export_int8, mixed, info.external_data)
+            calib = calib or CalibSet(artifact, builtin_calibration_groups())
+            fid = calib.fidelity(calib.score(graph))
+            records[key] = {"graph": str(graph), "build_s": round(time.perf_counter() - t0, 1), "fidelity": fid,
+                            "meets_budget": budget.met(fid), "batch_independent": True, **build_info,
+                            "size_bytes": sum(p.stat().st_size for p in graph.parent.iterdir() if p.is_file()),
+                            "budget": vars(budget)}
+            records_path.write_text(json.dumps(records, indent=2))
+        flavours += ["export", "export+weight-only"]
     variants = ["fp32"] + [k for k in records if k.split()[0] in flavours]
 
     work = locomo_workload(args.locomo, args.queries, args.k)
@@ -201,6 +287,7 @@ def main() -> int:
             wall[key].append(time.perf_counter() - t)
         print(f"round {rnd + 1}/{args.repeats}: " + ", ".join(f"{k} {len(pairs) / min(wall[k]):.1f}"
                                                             for k in variants), file=sys.stderr, flush=True)
+    checked = set(variants) if args.check_only is None else {k.strip() for k in args.check_only.split(",")}
     results: dict[str, dict] = {}
     for key in variants:
         results[key] = {
@@ -208,10 +295,11 @@ def main() -> int:
             "wall_s": {"min": min(wall[key]), "median": statistics.median(wall[key])},
             "cpu_s": {"min": min(cpu[key]), "median": statistics.median(cpu[key])},
             "held_out": group_agreement(logits[key], logits["fp32"], sizes) if key != "fp32" else None,
-            "alone_vs_200_max_abs_logit_diff": {} if args.no_check else _batch_independence(
+            "alone_vs_200_max_abs_logit_diff": {} if args.no_check or key not in checked else _batch_independence(
                 artifact, records[key]["graph"] if key != "fp32" else None, work[0][1], work[0][0],
                 args.check_threads),
-            **({k: v for k, v in records[key].items() if k != "graph"} if key != "fp32" else {}),
+            **({k: v for k, v in records[key].items() if k != "graph"} if key != "fp32" else
+               {"size_bytes": sum(p.stat().st_size for p in fp32.parent.iterdir() if p.is_file())}),
         }
     for key in variants[1:]:
         base = f"per-tensor {key.split()[1]}"

@@ -102,7 +102,10 @@ def int8_flavours(minilm: dict, qwen: dict) -> str:
         fmt = lambda x: "0" if x == 0 else f"{x:.3f}" if x >= 1e-3 else f"{x:.1e}"  # noqa: E731
         return "—" if now is None else fmt(now) + (f" (left-padded: {fmt(left)})" if left is not None else "")
 
-    rows = [("per-tensor (onnxruntime dynamic)", "per-tensor"), ("per-row (`int8`)", "per-row")]
+    rows = [("per-tensor (onnxruntime dynamic)", "per-tensor"), ("per-row (`int8`)", "per-row"),
+            ("weight-only (`MatMulNBits`, fp32 activations)", "weight-only"),
+            ("block (`MatMulNBits`, activations per 32-block)", "block")]
+    rows = [(label, key) for label, key in rows if f"{key} plain" in m or f"{key} plain" in q]
     lines = [provenance(minilm, qwen), "",
              f"Workloads: MiniLM {minilm['workload']}; 0.6B shape {qwen['workload']}.", "",
              "| int8 flavour | MiniLM pairs/s, every product int8 | MiniLM, after the fidelity search "
@@ -113,12 +116,43 @@ def int8_flavours(minilm: dict, qwen: dict) -> str:
         share = ""
         if key != "per-tensor" and big and q.get("per-tensor plain"):
             share = f" ({100 * big['pairs_per_s'] / q['per-tensor plain']['pairs_per_s']:.0f} %)"
-        lines.append(f"| {label} | {_num(plain['pairs_per_s'])} | "
+        lines.append(f"| {label} | " + (_num(plain["pairs_per_s"]) if plain else "—") + " | "
                      + (f"{_num(searched['pairs_per_s'])}{kept(searched)}" if searched else "—") + " | "
                      + (f"{big['pairs_per_s']:.2f}{share}" if big else "—") + " | "
-                     + f"{delta(plain)} / {delta(big) if big else '—'} |")
+                     + f"{delta(plain) if plain else '—'} / {delta(big) if big else '—'} |")
     lines.append(f"| fp32 | {_num(m['fp32']['pairs_per_s'])} | — | {q['fp32']['pairs_per_s']:.2f} | "
                  f"{delta(m['fp32'])} / {delta(q['fp32'])} |")
+    if any("size_bytes" in r for r in q.values()):
+        lines += ["", _int8_sizes(qwen)]
+    return "\n".join(lines)
+
+
+def _int8_sizes(qwen: dict) -> str:
+    """The 0.6B shape's graphs side by side: what each keeps of fp32's scores on the export's calibration pairs,
+    its size on disk (what cold start and resident memory follow) and its speed."""
+    q, budget = qwen["results"], qwen["budget"]
+    labels = {"per-tensor plain": "per-tensor, every product", "per-row plain": "per-row (`int8`), every product",
+              "weight-only plain": "weight-only int8 (`MatMulNBits`, fp32 activations), every product",
+              "block plain": "block int8 (`MatMulNBits`, activations per 32-block), every product",
+              "export given": "`int8` as `memrerank export` writes it (the fidelity search's graph)",
+              "export+weight-only given": "the same, its fp32-kept products made weight-only int8"}
+    fp32 = q["fp32"]
+    lines = [f"0.6B shape, each graph against fp32 on the export's {qwen.get('calibration_pairs', '?')} built-in "
+             f"calibration pairs (default budget: Spearman ≥ {budget['spearman']}, top-10 ≥ {budget['top10']}); "
+             "size on disk, which cold start (hashing, loading) and resident memory follow; speed on the "
+             "workload above:", "",
+             "| graph | Spearman / top-10 / max \\|Δlogit\\| | meets the budget | GiB on disk | pairs/s (vs fp32) |",
+             "|---|---|---|---|---|"]
+    for key, label in labels.items():
+        r = q.get(key)
+        if r is None:
+            continue
+        f = r["fidelity"]
+        lines.append(f"| {label} | {f['spearman_mean']:.4f} / {f['top10_overlap']:.3f} / "
+                     f"{f['max_abs_logit_diff']:.3f} | {'yes' if r['meets_budget'] else 'no'} | "
+                     f"{r['size_bytes'] / 2**30:.2f} | {r['pairs_per_s']:.2f} "
+                     f"({r['pairs_per_s'] / fp32['pairs_per_s']:.2f}×) |")
+    lines.append(f"| fp32 | 1 / 1 / 0 | — | {fp32['size_bytes'] / 2**30:.2f} | {fp32['pairs_per_s']:.2f} (1.00×) |")
     return "\n".join(lines)
 
 
