@@ -22,11 +22,10 @@ least). Fidelity: the export's budget metrics on the built-in calibration pairs,
 timing workload (held out). Batch independence: max |Δlogit| of documents scored alone vs among 200 others.
 
     python bench/int8_flavours.py --model minilm --workdir /tmp/int8-minilm --threads 1
-    python bench/int8_flavours.py --model qwen3-0.6b-shape --workdir /tmp/int8-q06 --threads 1 \\
-        --fidelity top10=0,spearman=0 --flavours per-tensor,per-row
-    python bench/int8_flavours.py --model qwen3-0.6b-shape --workdir /tmp/int8-q06 --threads 1 \
-        --flavours per-tensor,per-row,weight-only,block --no-search \
-        --artifact $W/out --export-int8 $W/out/int8/model.onnx     # $W: bench/export_time.py's workdir
+    python bench/int8_flavours.py --model qwen3-0.6b-shape --workdir /tmp/int8-q06 --threads 1 --queries 2 --k 16 \\
+        --flavours per-tensor,per-row,weight-only,block --no-search --artifact $W/out \\
+        --export-int8 $W/out/int8/model.onnx --check-only "fp32,per-tensor plain,per-row plain,block plain"
+    # $W: bench/export_time.py's workdir (its default 0.6B export)
 
 Results: ``bench/results/int8_flavours_<model>.json``.
 """

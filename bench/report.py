@@ -103,6 +103,7 @@ def int8_flavours(minilm: dict, qwen: dict) -> str:
         return "—" if now is None else fmt(now) + (f" (left-padded: {fmt(left)})" if left is not None else "")
 
     rows = [("per-tensor (onnxruntime dynamic)", "per-tensor"), ("per-row (`int8`)", "per-row"),
+            ("static (`int8-static`, QDQ)", "static"),
             ("weight-only (`MatMulNBits`, fp32 activations)", "weight-only"),
             ("block (`MatMulNBits`, activations per 32-block)", "block")]
     rows = [(label, key) for label, key in rows if f"{key} plain" in m or f"{key} plain" in q]
@@ -117,12 +118,14 @@ def int8_flavours(minilm: dict, qwen: dict) -> str:
         if key != "per-tensor" and big and q.get("per-tensor plain"):
             share = f" ({100 * big['pairs_per_s'] / q['per-tensor plain']['pairs_per_s']:.0f} %)"
         lines.append(f"| {label} | " + (_num(plain["pairs_per_s"]) if plain else "—") + " | "
-                     + (f"{_num(searched['pairs_per_s'])}{kept(searched)}" if searched else "—") + " | "
+                     + (f"{_num(searched['pairs_per_s'])}{kept(searched)}" if searched else
+                        "not needed (meets the budget as built)" if plain and plain.get("meets_budget") else "—")
+                     + " | "
                      + (f"{big['pairs_per_s']:.2f}{share}" if big else "—") + " | "
                      + f"{delta(plain) if plain else '—'} / {delta(big) if big else '—'} |")
     lines.append(f"| fp32 | {_num(m['fp32']['pairs_per_s'])} | — | {q['fp32']['pairs_per_s']:.2f} | "
                  f"{delta(m['fp32'])} / {delta(q['fp32'])} |")
-    if any("size_bytes" in r for r in q.values()):
+    if "size_bytes" in q["fp32"]:  # runs before the fidelity-and-size table recorded fp32 without it
         lines += ["", _int8_sizes(qwen)]
     return "\n".join(lines)
 
