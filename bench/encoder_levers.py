@@ -186,7 +186,7 @@ def build_variants(artifact: Path, work: Path, calib) -> dict[str, dict]:
     attention = path("+ int8 attention")
     v["+ int8 attention"] = {"graph": attention, "quantized_attention_products": _int8_attention(
         path("+ first token (int8 default)"), attention), "what": "the int8 default + attention's Q·Kᵀ and "
-        "softmax·V in int8 (MatMulInteger; rows of the left operand and columns of the right one scaled apart)"}
+        "softmax·V in int8 (MatMulInteger; every scale one token's: Q per row, Kᵀ per column, V per row folded into P)"}
     per_row("default without smoothing", first, pooler_fp32=True, smooth=False, gelu=True, embeddings=True,
             what="the default with the smoothing taken away")
     per_row("default without gelu offset codes", first, pooler_fp32=True, smooth=True, gelu=False, embeddings=True,
