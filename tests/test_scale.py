@@ -77,8 +77,8 @@ def test_rescore_jsonl_with_two_actors_keeps_ids(local_ray, tmp_path, request, a
 def test_small_input_is_shared_by_every_actor(local_ray, tmp_path, bert_artifact):
     # 240 rows at the default 256 per batch were one batch, so a second actor sat idle (the 0.6B scale bench
     # measured 2 actors at 0.99x one): the batch is capped at ceil(rows / actors)
-    assert [shared_batch_size(r, a, b) for r, a, b in [(240, 2, 256), (41, 2, 256), (1000, 2, 256), (1, 4, 8)]] \
-        == [120, 21, 256, 1]
+    cases = [(240, 2, 256), (41, 2, 256), (1000, 2, 256), (1, 4, 8)]
+    assert [shared_batch_size(r, a, b) for r, a, b in cases] == [120, 21, 256, 1]
     rows = _rows(41)
     src = tmp_path / "pairs.jsonl"
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -359,7 +359,9 @@ def rescore(job: RescoreJob | str | Path | Sequence[str | Path] | None = None,
     with _job_settings(ray, job.verbose):
         ds = _read_input(ray, job, fmt)
         t0 = time.perf_counter()
-        batch_size = job.batch_size if job.actors == 1 else shared_batch_size(ds.count(), job.actors, job.batch_size)
+        batch_size = job.batch_size
+        if job.actors > 1:  # counting reads the input once more
+            batch_size = shared_batch_size(ds.count(), job.actors, job.batch_size)
         scored = ds.map_batches(
             RerankActor, batch_format="pyarrow", batch_size=batch_size, zero_copy_batch=True,
             # one task in flight per actor: the first actor up (others still loading the model) would otherwise
