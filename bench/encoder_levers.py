@@ -77,34 +77,28 @@ def _int8_attention(src: Path, out: Path) -> int:
             continue
         a, b, p = node.input[0], node.input[1], (node.name or node.output[0]) + "_ia"
         pv = producer.get(a) == "Softmax"
-        if pv:  # V per row (token); its row scales move onto P's columns: Transpose the (.., K, 1) scales
-            new_nodes += scale(b, -1, p + "_b") + [
-                helper.make_node("Clip", [p + "_b_round", "_ia_lo", "_ia_hi"], [p + "_b_clip"], name=p + "_b_clip"),
-                helper.make_node("Cast", [p + "_b_clip"], [p + "_b_s8"], to=TensorProto.INT8, name=p + "_b_s8"),
-                helper.make_node("Transpose", [p + "_b_scale"], [p + "_b_scale_t"], perm=[0, 1, 3, 2],
-                                 name=p + "_b_scale_t"),
-                helper.make_node("Mul", [a, p + "_b_scale_t"], [p + "_a_folded"], name=p + "_a_folded")]
+        # the right operand's codes, one scale per key token: V (P·V) per row, Kᵀ (Q·Kᵀ) per column
+        new_nodes += scale(b, -1 if pv else -2, p + "_b") + [
+            helper.make_node("Clip", [p + "_b_round", "_ia_lo", "_ia_hi"], [p + "_b_clip"], name=p + "_b_clip"),
+            helper.make_node("Cast", [p + "_b_clip"], [p + "_b_s8"], to=TensorProto.INT8, name=p + "_b_s8")]
+        if pv:  # V's row scales move onto P's columns (Transpose the (.., K, 1) scales): (P ⊙ sᵀ)·V_q
+            new_nodes += [helper.make_node("Transpose", [p + "_b_scale"], [p + "_b_scale_t"], perm=[0, 1, 3, 2],
+                                           name=p + "_b_scale_t"),
+                          helper.make_node("Mul", [a, p + "_b_scale_t"], [p + "_a_folded"], name=p + "_a_folded")]
             a = p + "_a_folded"
         new_nodes += scale(a, -1, p + "_a") + [
             helper.make_node("Add", [p + "_a_round", "_ia_128"], [p + "_a_shift"], name=p + "_a_shift"),
             helper.make_node("Clip", [p + "_a_shift", "_ia_zero", "_ia_255"], [p + "_a_clip"], name=p + "_a_clip"),
-            helper.make_node("Cast", [p + "_a_clip"], [p + "_a_u8"], to=TensorProto.UINT8, name=p + "_a_u8")]
-        if not pv:  # Kᵀ per column (key token)
-            new_nodes += scale(b, -2, p + "_b") + [
-                helper.make_node("Clip", [p + "_b_round", "_ia_lo", "_ia_hi"], [p + "_b_clip"], name=p + "_b_clip"),
-                helper.make_node("Cast", [p + "_b_clip"], [p + "_b_s8"], to=TensorProto.INT8, name=p + "_b_s8")]
-        new_nodes += [
+            helper.make_node("Cast", [p + "_a_clip"], [p + "_a_u8"], to=TensorProto.UINT8, name=p + "_a_u8"),
             helper.make_node("MatMulInteger", [p + "_a_u8", p + "_b_s8", "_ia_zp"], [p + "_i32"], name=p + "_mm"),
-            helper.make_node("Cast", [p + "_i32"], [p + "_f"], to=TensorProto.FLOAT, name=p + "_f")]
-        if pv:
-            new_nodes.append(helper.make_node("Mul", [p + "_f", p + "_a_scale"], [node.output[0]], name=p + "_out"))
-        else:
-            new_nodes += [helper.make_node("Mul", [p + "_f", p + "_a_scale"], [p + "_fa"], name=p + "_fa"),
-                          helper.make_node("Mul", [p + "_fa", p + "_b_scale"], [node.output[0]], name=p + "_out")]
+            helper.make_node("Cast", [p + "_i32"], [p + "_f"], to=TensorProto.FLOAT, name=p + "_f"),
+            helper.make_node("Mul", [p + "_f", p + "_a_scale"], [node.output[0] if pv else p + "_fa"],
+                             name=p + "_fa")]
+        if not pv:  # Kᵀ's column scales are still to apply
+            new_nodes.append(helper.make_node("Mul", [p + "_fa", p + "_b_scale"], [node.output[0]], name=p + "_out"))
         done += 1
     del graph.node[:]
     graph.node.extend(new_nodes)
-    out.parent.mkdir(parents=True, exist_ok=True)
     _save(model, out, False)
     return done
 
@@ -128,7 +122,8 @@ def build_variants(artifact: Path, work: Path, calib) -> dict[str, dict]:
     import onnx
 
     from memrerank.export.optimize import plan_int8
-    from memrerank.export.quantize import (_save, build_int8, build_int8_per_tensor, build_int8_static, graph_info,
+    from memrerank.export.graph import _save
+    from memrerank.export.quantize import (build_int8, build_int8_per_tensor, build_int8_static, graph_info,
                                            quantize_embeddings, quantize_per_row)
 
     fp32 = artifact / "fp32" / "model.onnx"

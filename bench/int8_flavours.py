@@ -71,27 +71,31 @@ def _artifact(model: str, workdir: Path) -> Path:
     return artifact
 
 
+def _matmul_nbits(src: Path, out: Path, external: bool, accuracy_level: int, exclude=()) -> None:
+    """Write ``src`` with every weight MatMul not in ``exclude`` as onnxruntime's 8-bit ``MatMulNBits`` (its own
+    quantizer: symmetric, one scale per block of :data:`NBITS_BLOCK` weights) to ``out``."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    from memrerank.export.graph import _save
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), nodes_to_exclude=sorted(exclude), algo_config=(
+        DefaultWeightOnlyQuantConfig(block_size=NBITS_BLOCK, is_symmetric=True, bits=8,
+                                     accuracy_level=accuracy_level)))
+    quantizer.process()
+    for stale in (out, out.parent / (out.name + "_data")):
+        stale.unlink(missing_ok=True)
+    _save(quantizer.model.model, out, external)
+
+
 def _nbits(accuracy_level: int):
-    """A builder of int8 ``MatMulNBits`` graphs (onnxruntime's own quantizer) with int8 embedding tables."""
+    """A builder of int8 ``MatMulNBits`` graphs (:func:`_matmul_nbits`) with int8 embedding tables."""
 
     def build(fp32: Path, out: Path, info, calib=None, exclude=None) -> dict:
-        import onnx
-        from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                     MatMulNBitsQuantizer)
-
-        from memrerank.export.graph import _save
         from memrerank.export.quantize import quantize_embeddings
 
         exclude = set(exclude or [])
-        quantizer = MatMulNBitsQuantizer(
-            onnx.load(str(fp32)), nodes_to_exclude=sorted(exclude),
-            algo_config=DefaultWeightOnlyQuantConfig(block_size=NBITS_BLOCK, is_symmetric=True, bits=8,
-                                                     accuracy_level=accuracy_level))
-        quantizer.process()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        for stale in (out, out.parent / (out.name + "_data")):
-            stale.unlink(missing_ok=True)
-        _save(quantizer.model.model, out, info.external_data)
+        _matmul_nbits(fp32, out, info.external_data, accuracy_level, exclude)
         tables = quantize_embeddings(out, [n for n in info.embedding_nodes if n not in exclude], info.external_data)
         return {"method": f"onnxruntime MatMulNBits, 8-bit symmetric weights per {NBITS_BLOCK}-block, "
                           f"accuracy_level {accuracy_level}", "batch_independent": True,
@@ -103,19 +107,14 @@ def _nbits(accuracy_level: int):
 def _weight_only_rest(graph: Path, out: Path, external: bool) -> dict:
     """``graph`` (e.g. the export's int8) with every weight MatMul it left fp32 made weight-only int8
     (``MatMulNBits``, accuracy level 0); its int8 products and embedding tables are kept as they are."""
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
-    from memrerank.export.graph import _save
-
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(graph)), algo_config=DefaultWeightOnlyQuantConfig(
-        block_size=NBITS_BLOCK, is_symmetric=True, bits=8, accuracy_level=0))
-    quantizer.process()
-    for stale in (out, out.parent / (out.name + "_data")):
-        stale.unlink(missing_ok=True)
-    _save(quantizer.model.model, out, external)
+    _matmul_nbits(graph, out, external, accuracy_level=0)
     return {"method": f"{graph}: its fp32 weight MatMuls as MatMulNBits 8-bit per {NBITS_BLOCK}-block, accuracy "
                       "level 0", "batch_independent": True}
+
+
+def _dir_bytes(graph: Path) -> int:
+    """Size on disk of a graph with its external data (every file of its directory)."""
+    return sum(p.stat().st_size for p in graph.parent.iterdir() if p.is_file())
 
 
 def _builders() -> dict[str, object]:
@@ -145,7 +144,7 @@ def _build(name, fp32: Path, out: Path, info, calib, budget, searched: bool) -> 
     return {"graph": str(out), "build_s": round(time.perf_counter() - t0, 1), "fidelity": fid,
             "meets_budget": budget.met(fid), "kept_fp32_nodes": len(kept), "quantized_nodes": len(info.weight_nodes)
             - len(kept), "batch_independent": build_info.get("batch_independent", name != "per-tensor"),
-            "size_bytes": sum(p.stat().st_size for p in out.parent.iterdir() if p.is_file())}
+            "size_bytes": _dir_bytes(out)}
 
 
 def _batch_independence(artifact: Path, graph: str | None, docs: list[str], query: str, threads: int) -> dict:
@@ -251,13 +250,12 @@ def main() -> int:
             t0 = time.perf_counter()
             build_info = {}
             if graph == mixed:
-                mixed.parent.mkdir(parents=True, exist_ok=True)
                 build_info = _weight_only_rest(args.export_int8, mixed, info.external_data)
             calib = calib or CalibSet(artifact, builtin_calibration_groups())
             fid = calib.fidelity(calib.score(graph))
             records[key] = {"graph": str(graph), "build_s": round(time.perf_counter() - t0, 1), "fidelity": fid,
                             "meets_budget": budget.met(fid), "batch_independent": True, **build_info,
-                            "size_bytes": sum(p.stat().st_size for p in graph.parent.iterdir() if p.is_file()),
+                            "size_bytes": _dir_bytes(graph),
                             "budget": vars(budget)}
             records_path.write_text(json.dumps(records, indent=2))
         flavours += ["export", "export+weight-only"]
@@ -298,7 +296,7 @@ def main() -> int:
                 artifact, records[key]["graph"] if key != "fp32" else None, work[0][1], work[0][0],
                 args.check_threads),
             **({k: v for k, v in records[key].items() if k != "graph"} if key != "fp32" else
-               {"size_bytes": sum(p.stat().st_size for p in fp32.parent.iterdir() if p.is_file())}),
+               {"size_bytes": _dir_bytes(fp32)}),
         }
     for key in variants[1:]:
         base = f"per-tensor {key.split()[1]}"

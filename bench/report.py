@@ -86,6 +86,13 @@ def _target(name: str, value: float, target: float, unit: str = "×", higher: bo
 
 
 # --------------------------------------------------------------------------------------------------- sections
+#: bench/int8_flavours.py's flavours, in table order
+INT8_FLAVOURS = {"per-tensor": "per-tensor (onnxruntime dynamic)", "per-row": "per-row (`int8`)",
+                 "static": "static (`int8-static`, QDQ)",
+                 "weight-only": "weight-only (`MatMulNBits`, fp32 activations)",
+                 "block": "block (`MatMulNBits`, activations per 32-block)"}
+
+
 @section("int8-flavours", "int8_flavours_minilm.json", "int8_flavours_qwen3-0.6b-shape.json",
          command="python bench/int8_flavours.py --model minilm ...; --model qwen3-0.6b-shape ... (see its docstring)")
 def int8_flavours(minilm: dict, qwen: dict) -> str:
@@ -102,11 +109,7 @@ def int8_flavours(minilm: dict, qwen: dict) -> str:
         fmt = lambda x: "0" if x == 0 else f"{x:.3f}" if x >= 1e-3 else f"{x:.1e}"  # noqa: E731
         return "—" if now is None else fmt(now) + (f" (left-padded: {fmt(left)})" if left is not None else "")
 
-    rows = [("per-tensor (onnxruntime dynamic)", "per-tensor"), ("per-row (`int8`)", "per-row"),
-            ("static (`int8-static`, QDQ)", "static"),
-            ("weight-only (`MatMulNBits`, fp32 activations)", "weight-only"),
-            ("block (`MatMulNBits`, activations per 32-block)", "block")]
-    rows = [(label, key) for label, key in rows if f"{key} plain" in m or f"{key} plain" in q]
+    rows = [(label, key) for key, label in INT8_FLAVOURS.items() if f"{key} plain" in m or f"{key} plain" in q]
     lines = [provenance(minilm, qwen), "",
              f"Workloads: MiniLM {minilm['workload']}; 0.6B shape {qwen['workload']}.", "",
              "| int8 flavour | MiniLM pairs/s, every product int8 | MiniLM, after the fidelity search "
@@ -134,11 +137,9 @@ def _int8_sizes(qwen: dict) -> str:
     """The 0.6B shape's graphs side by side: what each keeps of fp32's scores on the export's calibration pairs,
     its size on disk (what cold start and resident memory follow) and its speed."""
     q, budget = qwen["results"], qwen["budget"]
-    labels = {"per-tensor plain": "per-tensor, every product", "per-row plain": "per-row (`int8`), every product",
-              "weight-only plain": "weight-only int8 (`MatMulNBits`, fp32 activations), every product",
-              "block plain": "block int8 (`MatMulNBits`, activations per 32-block), every product",
-              "export given": "`int8` as `memrerank export` writes it (the fidelity search's graph)",
-              "export+weight-only given": "the same, its fp32-kept products made weight-only int8"}
+    labels = {f"{key} plain": f"{label}, every product" for key, label in INT8_FLAVOURS.items()}
+    labels |= {"export given": "`int8` as `memrerank export` writes it (the fidelity search's graph)",
+               "export+weight-only given": "the same, its fp32-kept products made weight-only int8"}
     fp32 = q["fp32"]
     lines = [f"0.6B shape, each graph against fp32 on the export's {qwen.get('calibration_pairs', '?')} built-in "
              f"calibration pairs (default budget: Spearman ≥ {budget['spearman']}, top-10 ≥ {budget['top10']}); "

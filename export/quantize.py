@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memrerank.export.graph import _plain_weight, _save  # noqa: F401 - used here and by callers
+from memrerank.export.graph import _plain_weight, _save
 
 __all__ = ["PRECISION_BUILDERS", "register_precision", "GraphInfo", "graph_info", "weight_matmuls",
            "quantize_per_row", "build_int8_per_tensor"]
