@@ -45,7 +45,7 @@ def _int8_attention(src: Path, out: Path) -> int:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from memrerank.export.graph import _save
+    from memrerank.export.graph import save_graph
 
     model = onnx.load(str(src))
     graph = model.graph
@@ -99,7 +99,7 @@ def _int8_attention(src: Path, out: Path) -> int:
         done += 1
     del graph.node[:]
     graph.node.extend(new_nodes)
-    _save(model, out, False)
+    save_graph(model, out, False)
     return done
 
 
@@ -122,7 +122,7 @@ def build_variants(artifact: Path, work: Path, calib) -> dict[str, dict]:
     import onnx
 
     from memrerank.export.optimize import plan_int8
-    from memrerank.export.graph import _save
+    from memrerank.export.graph import save_graph
     from memrerank.export.quantize import (build_int8, build_int8_per_tensor, build_int8_static, graph_info,
                                            quantize_embeddings, quantize_per_row)
 
@@ -139,7 +139,7 @@ def build_variants(artifact: Path, work: Path, calib) -> dict[str, dict]:
     plain = plan_int8(fp32, info, calib, first_token=False)
     first = plan_int8(fp32, info, calib)
     p = path("fp32 first token")
-    _save(first.copy_model(), p, info.external_data)
+    save_graph(first.copy_model(), p, info.external_data)
     v["fp32 first token"] = {"graph": p, "what": "fp32 with the last layer on the first token only"}
     build_int8_per_tensor(fp32, path("int8 per-tensor"), info)
     v["int8 per-tensor"] = {"graph": path("int8 per-tensor"), "what": "Optimum dynamic (one activation scale per "
@@ -175,7 +175,7 @@ def build_variants(artifact: Path, work: Path, calib) -> dict[str, dict]:
             what=f"+ SmoothQuant scale migration on LayerNorm outputs (alpha {plain.record['smoothing']['alpha']})")
     per_row("+ gelu offset codes", plain, pooler_fp32=True, smooth=True, gelu=True, embeddings=True,
             what="+ GELU outputs coded 0..255 with a fixed zero point")
-    record = build_int8(fp32, path("+ first token (int8 default)"), info, calib)
+    record = build_int8(fp32, path("+ first token (int8 default)"), info, calib).to_dict()
     v["+ first token (int8 default)"] = {"graph": path("+ first token (int8 default)"), "build": record,
                                          "what": "+ last layer on the first token (what `memrerank export` builds)"}
     attention = path("+ int8 attention")
@@ -205,10 +205,9 @@ def main() -> int:
 
     import torch
 
-    from memrerank import Reranker
+    from memrerank import LoadOptions, Reranker
     from memrerank.export.fidelity import CalibSet
     from memrerank.export.pairs import builtin_calibration_groups
-    from memrerank.runtime.backends.onnxruntime import OrtBackend
 
     torch.set_num_threads(args.threads)
     artifact = args.workdir / "artifact"
@@ -223,15 +222,15 @@ def main() -> int:
     speed_set, quality_set = test[: args.speed_queries], test[: args.eval_queries]
     n_speed = sum(len(q.documents) for q in speed_set)
 
-    reranker = Reranker.load(artifact, "fp32", threads=args.threads)
-    backends = {k: OrtBackend(v["graph"], threads=args.threads) for k, v in variants.items()}
+    options = LoadOptions("fp32", threads=args.threads)
+    fp32 = Reranker.load(artifact, options)
+    rerankers = {k: fp32.with_graph(v["graph"], options) for k, v in variants.items()}
     st = st_onnx(args.workdir, args.threads)
 
     def ours(key: str):
         def run() -> None:
-            reranker.backend = backends[key]
             for q in speed_set:
-                reranker.predict([(q.query, d) for d in q.documents], raw=True)
+                rerankers[key].predict([(q.query, d) for d in q.documents], raw=True)
         return run
 
     def peer() -> None:
@@ -256,8 +255,7 @@ def main() -> int:
         if key in variants:
             r.update({k: v for k, v in variants[key].items() if k != "graph"})
             r["calibration_budget_metrics"] = calib.fidelity(calib.score(variants[key]["graph"]))
-            reranker.backend = backends[key]
-            scores = [reranker.predict([(q.query, d) for d in q.documents], raw=True) for q in quality_set]
+            scores = [rerankers[key].predict([(q.query, d) for d in q.documents], raw=True) for q in quality_set]
             ref_scores = scores if key == "fp32" else ref_scores
             r["held_out"] = quality(quality_set, scores, ref_scores)
         results[key] = r
@@ -269,7 +267,7 @@ def main() -> int:
     write(args.out, {
         "environment": {**environment(args.threads), **run_info(loads)},
         "workload": f"speed: {len(speed_set)} held-out LoCoMo queries, {n_speed} pairs, Reranker.predict (batch "
-                    f"{reranker.batch_size}) vs CrossEncoder.predict(batch_size=32); {args.repeats} interleaved "
+                    f"{fp32.batch_size}) vs CrossEncoder.predict(batch_size=32); {args.repeats} interleaved "
                     f"rounds, min; quality: {len(quality_set)} held-out queries",
         "budget": "export: spearman >= 0.99 and top-10 >= 0.95 on the built-in pairs; issue 16: NDCG@10 >= 99.5 % "
                   "of fp32 and top-10 overlap >= 0.95 on held-out labelled pairs",

@@ -52,9 +52,9 @@ def _checkpoint(model: str, workdir: Path) -> Path:
     if (path / "config.json").exists():
         return path
     if model == "minilm":
-        from memrerank.demo import _embedded_checkpoint
+        from memrerank.demo import embedded_checkpoint
 
-        return _embedded_checkpoint(path)
+        return embedded_checkpoint(path)
     from peers_decoder import build_checkpoint
 
     return build_checkpoint(path)

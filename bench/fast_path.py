@@ -50,16 +50,18 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "fast_path.json")
     args = ap.parse_args()
 
+    from memrerank import LoadOptions
     from memrerank.benchmark import run_bench
     from memrerank.report import markdown_table
 
+    options = LoadOptions(threads=args.threads)
     report: dict = {"environment": environment(args.threads)}
     dec_data = _jsonl(HERE / "out" / "locomo_q32.jsonl", locomo_workload(args.locomo, args.queries, 32))
     enc_data = _jsonl(HERE / "out" / "locomo_q100.jsonl", locomo_workload(args.locomo, args.queries, 100))
     if not args.no_decoder_bench:
-        report["decoder"] = run_bench(args.decoder, ["fp32", "int8"], dec_data, threads=args.threads, ks=(32,),
+        report["decoder"] = run_bench(args.decoder, ["fp32", "int8"], dec_data, options, ks=(32,),
                                       batch_sizes=(32,), repeats=3, host_k=None)
-    report["encoder"] = run_bench(args.encoder, ["fp32", "int8"], enc_data, threads=args.threads, ks=(100,),
+    report["encoder"] = run_bench(args.encoder, ["fp32", "int8"], enc_data, options, ks=(100,),
                                   batch_sizes=(32,), repeats=args.repeats)
     imp = []
     for _ in range(5):

@@ -43,15 +43,15 @@ def _export(ckpt: Path, out: Path) -> Path:
 
 def _fused_copy(ckpt: Path, traced: Path, out: Path) -> Path:
     """``traced`` with its fp32 graph written by :func:`write_fused_graph` instead (manifest files updated)."""
+    import dataclasses
     import gc
     import shutil
-    from dataclasses import asdict
 
     from transformers import AutoConfig
 
     from memrerank.export.families import family_for
     from memrerank.export.fused import FUSED_OPSET, write_fused_graph
-    from memrerank.manifest import file_entries, write_manifest
+    from memrerank.manifest import file_entries, read_manifest, write_manifest
 
     if (out / "manifest.json").exists():
         return out
@@ -69,12 +69,12 @@ def _fused_copy(ckpt: Path, traced: Path, out: Path) -> Path:
     files = write_fused_graph(family.graph_module(), tmp / "fp32" / "model.onnx")
     del family
     gc.collect()
-    raw = json.loads((tmp / "manifest.json").read_text())
-    entry = raw["precisions"]["fp32"]
-    entry["files"] = {rel: asdict(e) for rel, e in file_entries(tmp, tuple(files)).items()}
-    entry.pop("parity", None)  # measured for the traced graph; see the result's score_agreement instead
-    raw["export"].update(graph="fused", opset=FUSED_OPSET, command="bench/fused_decoder.py (graph swapped)")
-    write_manifest(tmp, raw)
+    manifest = read_manifest(tmp)
+    # the parity was measured for the traced graph; see the result's score_agreement instead
+    fp32 = dataclasses.replace(manifest.precision("fp32"), files=file_entries(tmp, tuple(files)), parity=None)
+    export = dataclasses.replace(manifest.export, graph="fused", opset=FUSED_OPSET,
+                                 command="bench/fused_decoder.py (graph swapped)")
+    write_manifest(tmp, dataclasses.replace(manifest.with_precision("fp32", fp32), export=export))
     tmp.rename(out)
     print(f"wrote the fused graph in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     return out

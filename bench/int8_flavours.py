@@ -77,7 +77,7 @@ def _matmul_nbits(src: Path, out: Path, external: bool, accuracy_level: int, exc
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    from memrerank.export.graph import _save
+    from memrerank.export.graph import save_graph
 
     quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), nodes_to_exclude=sorted(exclude), algo_config=(
         DefaultWeightOnlyQuantConfig(block_size=NBITS_BLOCK, is_symmetric=True, bits=8,
@@ -85,21 +85,23 @@ def _matmul_nbits(src: Path, out: Path, external: bool, accuracy_level: int, exc
     quantizer.process()
     for stale in (out, out.parent / (out.name + "_data")):
         stale.unlink(missing_ok=True)
-    _save(quantizer.model.model, out, external)
+    save_graph(quantizer.model.model, out, external)
 
 
 def _nbits(accuracy_level: int):
     """A builder of int8 ``MatMulNBits`` graphs (:func:`_matmul_nbits`) with int8 embedding tables."""
 
-    def build(fp32: Path, out: Path, info, calib=None, exclude=None) -> dict:
+    def build(fp32: Path, out: Path, info, calib=None, exclude=None):
         from memrerank.export.quantize import quantize_embeddings
+        from memrerank.manifest import Build
 
         exclude = set(exclude or [])
         _matmul_nbits(fp32, out, info.external_data, accuracy_level, exclude)
         tables = quantize_embeddings(out, [n for n in info.embedding_nodes if n not in exclude], info.external_data)
-        return {"method": f"onnxruntime MatMulNBits, 8-bit symmetric weights per {NBITS_BLOCK}-block, "
-                          f"accuracy_level {accuracy_level}", "batch_independent": True,
-                "embeddings": f"{tables} table(s) int8 with one symmetric scale per row" if tables else "fp32"}
+        return Build(method=f"onnxruntime MatMulNBits, 8-bit symmetric weights per {NBITS_BLOCK}-block, "
+                            f"accuracy_level {accuracy_level}", batch_independent=True,
+                     extra={"embeddings": f"{tables} table(s) int8 with one symmetric scale per row" if tables
+                            else "fp32"})
 
     return build
 
@@ -132,7 +134,7 @@ def _build(name, fp32: Path, out: Path, info, calib, budget, searched: bool) -> 
     build_info: dict = {}
 
     def build(exclude: list[str]) -> None:
-        build_info.update(builder(fp32, out, info, calib, exclude))
+        build_info.update(builder(fp32, out, info, calib, exclude).to_dict())  # a manifest Build
 
     t0 = time.perf_counter()
     if searched:
@@ -154,18 +156,19 @@ def _batch_independence(artifact: Path, graph: str | None, docs: list[str], quer
     through the whole-pair path, a crowd through prefix reuse). ``aligned`` (decoders): right padding and one
     path (no prefix reuse), so only batch composition differs.
     """
-    from memrerank import Reranker
-    from memrerank.runtime.backends.onnxruntime import OrtBackend
+    from memrerank import LoadOptions, Reranker
+    from memrerank.manifest import DECODER_YES_NO
 
     others = [docs[i % len(docs)] for i in range(200)]
     configs = {"default": (None, None)}
-    if read_family(artifact) == "decoder-yes-no":
+    if read_family(artifact) == DECODER_YES_NO:
         configs["aligned"] = ("right", False)
     out = {}
     for name, (side, reuse) in configs.items():
-        reranker = Reranker.load(artifact, "fp32", threads=threads, prefix_reuse=reuse)
+        options = LoadOptions("fp32", threads=threads, prefix_reuse=reuse)
+        reranker = Reranker.load(artifact, options)
         if graph is not None:
-            reranker.backend = OrtBackend(graph, threads=threads, layout=reranker.manifest.prefix_reuse)
+            reranker = reranker.with_graph(graph, options)
         if side is not None:
             reranker.padding_side = side
         worst = 0.0
@@ -214,11 +217,10 @@ def main() -> int:
     if bad:
         raise SystemExit(f"--flavours: unknown {bad}; choose from {', '.join(FLAVOURS)}")
 
-    from memrerank import Reranker
+    from memrerank import LoadOptions, Reranker
     from memrerank.export.fidelity import CalibSet, FidelityBudget
     from memrerank.export.pairs import builtin_calibration_groups
     from memrerank.export.quantize import graph_info
-    from memrerank.runtime.backends.onnxruntime import OrtBackend
 
     artifact = args.artifact or _artifact(args.model, args.workdir)
     fp32 = artifact / "fp32" / "model.onnx"
@@ -264,14 +266,12 @@ def main() -> int:
     work = locomo_workload(args.locomo, args.queries, args.k)
     pairs = [(q, d) for q, docs in work for d in docs]
     sizes = [len(docs) for _, docs in work]
-    reranker = Reranker.load(artifact, "fp32", threads=args.threads)
-    backends = {"fp32": reranker.backend}
-    for key in variants[1:]:
-        backends[key] = OrtBackend(records[key]["graph"], threads=args.threads, layout=reranker.manifest.prefix_reuse)
+    options = LoadOptions("fp32", threads=args.threads)
+    fp32 = Reranker.load(artifact, options)
+    rerankers = {"fp32": fp32, **{key: fp32.with_graph(records[key]["graph"], options) for key in variants[1:]}}
 
     def score(key: str) -> np.ndarray:
-        reranker.backend = backends[key]
-        return reranker.predict(pairs, raw=True)
+        return rerankers[key].predict(pairs, raw=True)
 
     logits = {k: score(k) for k in variants}  # also the warm-up
     wall: dict[str, list[float]] = {k: [] for k in variants}
@@ -304,12 +304,12 @@ def main() -> int:
             results[key]["vs_per_tensor_same_build"] = {
                 "pairs_per_s": results[key]["pairs_per_s"] / results[base]["pairs_per_s"],
                 "pairs_per_cpu_s": results[key]["pairs_per_cpu_s"] / results[base]["pairs_per_cpu_s"]}
-    tokens = [len(reranker.encoder.encode(q, d).ids[0]) for q, d in work[:1]]
+    tokens = [len(fp32.encoder.encode(q, d).ids[0]) for q, d in work[:1]]
     out = args.out or HERE / "results" / f"int8_flavours_{args.model}.json"
     write(out, {
         "model": args.model, "artifact": str(artifact),
         "workload": f"{len(work)} LoCoMo queries x {args.k} candidate turns ({len(pairs)} pairs), "
-                    f"Reranker.predict, batch_size {reranker.batch_size}, prefix_reuse {reranker.prefix_reuse}",
+                    f"Reranker.predict, batch_size {fp32.batch_size}, prefix_reuse {fp32.prefix_reuse}",
         "example_pair_tokens": tokens, "repeats": args.repeats, "budget": vars(budget),
         "calibration_pairs": len(builtin_calibration_groups()[0][1]) * len(builtin_calibration_groups()),
         "environment": environment(args.threads), "results": results})

@@ -68,7 +68,7 @@ def main() -> int:
 
     threading.Thread(target=sample, daemon=True).start()
     from memrerank import Reranker
-    from memrerank.runtime.reranker import DEFAULT_MAX_BATCH_TOKENS
+    from memrerank.runtime.backends.base import DEFAULT_MAX_BATCH_TOKENS
 
     kw = {"max_batch_tokens": args.max_batch_tokens} if args.max_batch_tokens else {}
     r = Reranker.load(args.artifact, args.precision, threads=args.threads, **kw)

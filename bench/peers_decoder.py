@@ -93,9 +93,10 @@ def _log_odds(p) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def official_recipe(ckpt: Path, threads: int):
+def official_recipe(ckpt: Path, threads: int, prefix: str = PREFIX, suffix: str = SUFFIX):
     """The Qwen3-Reranker model card's code (fp32). ``logits_to_keep=1`` is the one change a careful user makes:
-    transformers then runs the LM head on the last position only, which is the only row the recipe reads."""
+    transformers then runs the LM head on the last position only, which is the only row the recipe reads.
+    ``prefix`` / ``suffix``: the prompt around the body (a Qwen2 model has no think block)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -105,8 +106,8 @@ def official_recipe(ckpt: Path, threads: int):
     token_false_id = tokenizer.convert_tokens_to_ids("no")
     token_true_id = tokenizer.convert_tokens_to_ids("yes")
     max_length = 8192
-    prefix_tokens = tokenizer.encode(PREFIX, add_special_tokens=False)
-    suffix_tokens = tokenizer.encode(SUFFIX, add_special_tokens=False)
+    prefix_tokens = tokenizer.encode(prefix, add_special_tokens=False)
+    suffix_tokens = tokenizer.encode(suffix, add_special_tokens=False)
 
     def inputs_of(query, docs):
         pairs = [f"<Instruct>: {INSTRUCTION}\n<Query>: {query}\n<Document>: {d}" for d in docs]
@@ -217,7 +218,7 @@ def gguf_files(ckpt: Path, workdir: Path, convert: Path, threads: int) -> tuple[
 
 
 def llama_cpp_scorer(gguf: Path, threads: int, mode: str, n_batch: int, n_ubatch: int, unified: bool = True,
-                     n_seq: int = 16, model=None):
+                     n_seq: int = 16, model=None, template: str | None = None):
     """Score with llama.cpp (through llama-cpp-python's bindings) the way ``llama-server`` batches: every
     document one sequence, documents packed into one ``llama_decode`` up to ``n_batch`` tokens.
 
@@ -233,7 +234,9 @@ def llama_cpp_scorer(gguf: Path, threads: int, mode: str, n_batch: int, n_ubatch
     ``Llama.embed`` is not used: it tokenizes without special tokens and reads ``n_embd`` floats per sequence
     where rank pooling writes two. ``unified``: one KV cache shared by the sequences of a call (llama-server's
     default) or ``n_seq`` separate ones of ``n_batch / n_seq`` cells each. ``model``: a loaded
-    ``llama_cpp._internals.LlamaModel`` of ``gguf`` to share between contexts.
+    ``llama_cpp._internals.LlamaModel`` of ``gguf`` to share between contexts. ``template``: the whole prompt with
+    ``{query}`` and ``{document}`` (default: the GGUF's rerank chat template, which only a converted
+    Qwen3-Reranker has).
 
     Returns ``(score, tokens, info, keep_alive)``; ``score`` gives log-odds of yes vs no per document.
     """
@@ -256,7 +259,7 @@ def llama_cpp_scorer(gguf: Path, threads: int, mode: str, n_batch: int, n_ubatch
     ctx = _internals.LlamaContext(model=model, params=cp, verbose=False)
     batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=cp.n_seq_max, verbose=False)
     meta = model.metadata()
-    template = meta.get("tokenizer.chat_template.rerank")
+    template = template or meta.get("tokenizer.chat_template.rerank")
     if template is None:
         raise RuntimeError(f"{gguf}: no rerank chat template; the converter did not see a Qwen3-Reranker")
     if mode == "rank" and llama_cpp.llama_pooling_type(ctx.ctx) != llama_cpp.LLAMA_POOLING_TYPE_RANK:
@@ -394,7 +397,7 @@ def main() -> int:
     skip = set(filter(None, args.skip.split(",")))
     env = environment(args.threads)
 
-    from memrerank import Reranker
+    from memrerank import LoadOptions, Reranker
 
     ckpt = build_checkpoint(args.workdir / "checkpoint")
     work = locomo_workload(args.locomo, args.queries, args.k)
@@ -458,11 +461,10 @@ def main() -> int:
             notes["int8_extra_graph"] = extra
             variants.append((f"int8, {args.int8_graph_label}", "int8", args.int8_graph))
         for label, precision, graph in variants:
-            r = Reranker.load(artifact, precision=precision, threads=args.threads, prefix_reuse=False)
+            options = LoadOptions(precision, threads=args.threads, prefix_reuse=False)
+            r = Reranker.load(artifact, options)
             if graph is not None:
-                from memrerank.runtime.backends.onnxruntime import OrtBackend
-
-                r.backend = OrtBackend(graph, threads=args.threads, layout=r.manifest.prefix_reuse)
+                r = r.with_graph(graph, options)
 
             def run(q, d, r=r, reuse=False):
                 r.prefix_reuse = reuse

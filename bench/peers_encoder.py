@@ -30,7 +30,6 @@ import os
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np

@@ -1,5 +1,5 @@
 """Prefix reuse on vs off, fp32 and int8, the 0.6B-shaped decoder on LoCoMo queries × 32 turns — just the
-fast-path part of ``memrerank bench`` (memrerank.benchmark._fast_path), with more interleaved repeats:
+fast-path part of ``memrerank bench`` (memrerank.benchmark.fast_path), with more interleaved repeats:
 
     python bench/reuse.py --repeats 9      # writes bench/results/reuse.json
 """
@@ -27,7 +27,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "reuse.json")
     args = ap.parse_args()
     from memrerank import Reranker
-    from memrerank.benchmark import _fast_path
+    from memrerank.benchmark import fast_path
     from memrerank.kernels import DEFAULT_CALL_OVERHEAD
 
     data = [(row["query"], row["documents"], None) for row in map(json.loads, args.data.read_text().splitlines())]
@@ -35,7 +35,7 @@ def main() -> int:
            "repeats": args.repeats, "workload": f"{len(data)} LoCoMo questions x 32 candidate turns"}
     for precision in ("fp32", "int8"):
         r = Reranker.load(args.artifact, precision, threads=args.threads)
-        out[precision] = _fast_path(r, data, [], args.repeats, host_k=None)["prefix_reuse"]
+        out[precision] = fast_path(r, data, [], args.repeats, host_k=None)["prefix_reuse"]
         print(precision, json.dumps(out[precision]), flush=True)
         del r
     write(args.out, out)

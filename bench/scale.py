@@ -84,7 +84,7 @@ def worker_floor_mib(src: Path, out: Path, seen: set[int]) -> list[float]:
 def main() -> int:
     import ray
 
-    from memrerank import Reranker
+    from memrerank import LoadOptions, Reranker
     from memrerank.scale import RescoreJob, rescore
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,7 +94,7 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--k", type=int, default=20, help="candidates per question")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--block-rows", type=int, default=256, help="rows per actor call")
     ap.add_argument("--name", default="minilm", help="results go to bench/results/scale_<name>.json")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -118,12 +118,12 @@ def main() -> int:
             for actors, threads in CONFIGS:
                 out = tmp / f"out-{actors}x{threads}-{r}"
                 with ActorMemory(skip=seen) as mem:
-                    rep = rescore(RescoreJob(src, out, args.artifact, precision=args.precision, actors=actors,
-                                             threads_per_actor=threads, batch_size=args.batch_size))
+                    rep = rescore(RescoreJob(src, out, args.artifact, LoadOptions(args.precision, threads=threads),
+                                             actors=actors, block_rows=args.block_rows))
                 assert rep.rows == len(pairs), (rep.rows, len(pairs))
                 peaks = sorted(v / 1024 for v in mem.peak_kib.values())
                 runs[f"{actors}x{threads}"].append({"seconds": rep.seconds, "pairs_per_s": rep.pairs_per_s,
-                                                    "rows_per_batch": rep.batch_size,
+                                                    "rows_per_batch": rep.block_rows,
                                                     "actor_peak_rss_mib": peaks})
                 print(f"round {r} {actors} actor(s) x {threads} thread(s): {rep.pairs_per_s:.1f} pairs/s "
                       f"({rep.seconds:.1f} s), actor peak RSS {[round(p) for p in peaks]} MiB", flush=True)

@@ -25,12 +25,13 @@ HERE = Path(__file__).parent
 def start(artifact: Path, precision: str, wait_ms: float, threads: int):
     import uvicorn
 
+    from memrerank import LoadOptions
     from memrerank.serve import ServeConfig, create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(ServeConfig(artifact, precision, threads=threads, max_wait_ms=wait_ms))
+    app = create_app(ServeConfig(artifact, LoadOptions(precision, threads=threads), max_wait_ms=wait_ms))
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=srv.run, daemon=True).start()
     while not srv.started:

@@ -148,6 +148,7 @@ class CalibSet:
         from memrerank.runtime import Reranker
 
         t0 = time.perf_counter()
+        self.root = root
         self.reranker = Reranker.load(root, "fp32")
         ids, types, group_of = _encode(self.reranker, groups)
         self._setup(groups, ids, types, group_of, batch_size, self.reranker.pad_id, self.reranker.padding_side)
@@ -218,10 +219,10 @@ class CalibSet:
             Logits for every pair of the set (NaN where not scored), or ``None`` when ``stop`` abandoned it.
             ``last_timing`` then holds the seconds spent in the graph and the padded tokens it ran.
         """
-        backend = self._backend(graph)
         logits = np.full(self.n_pairs, np.nan) if out is None else out
         if self._splits is not None:
-            return self._score_reuse(backend, self.group_rows if units is None else units, stop, logits)
+            return self._score_reuse(graph, self.group_rows if units is None else units, stop, logits)
+        backend = self._backend(graph)
         if units is None:
             chunks: list[tuple[int, Iterable[Any]]] = [(0, self.batches)]
         else:
@@ -245,15 +246,17 @@ class CalibSet:
         finally:
             self.last_timing = (seconds, tokens)
 
-    def _score_reuse(self, backend: Any, units: Sequence[np.ndarray], stop: Callable[[int], bool] | None,
+    def _score_reuse(self, graph: Path, units: Sequence[np.ndarray], stop: Callable[[int], bool] | None,
                      logits: np.ndarray) -> np.ndarray | None:
-        """:meth:`score` through the runtime's prefix path: each unit's rows, split by query group, run as the
-        group's prefix once plus those documents, a few units per chunk (``stop`` is asked after each)."""
-        import copy
+        """:meth:`score` through the runtime's prefix path (a :class:`~memrerank.runtime.Scorer` over ``graph``
+        with the loaded fp32 reranker's budget): each unit's rows, split by query group, run as the group's
+        prefix once plus those documents, a few units per chunk (``stop`` is asked after each)."""
         import dataclasses
 
-        reranker = copy.copy(self.reranker)  # the loaded runtime's packer and budgets, on the graph being judged
-        reranker.backend, reranker.prefix_reuse, reranker.batch_size = backend, True, self.batch_size
+        from memrerank.runtime import LoadOptions, Scorer
+
+        scorer = Scorer.open(self.root, self.reranker.manifest,
+                             LoadOptions(prefix_reuse=True, batch_size=self.batch_size), graph=graph)
         assert self._splits is not None
         stats: dict[str, float] = {}
         chunk: list[tuple[np.ndarray, Any]] = []
@@ -268,7 +271,7 @@ class CalibSet:
                     chunk.append((where, dataclasses.replace(split, docs=[split.docs[j] for j in local])))
                     size += len(where)
                 if size >= _CHUNK_BATCHES * self.batch_size or i == len(units) - 1:
-                    got, _ = reranker._score_splits(chunk, self.n_pairs, stats)
+                    got, _ = scorer.score(chunk, self.n_pairs, stats)
                     for where, _split in chunk:
                         logits[where] = got[where]
                     chunk, size = [], 0
@@ -528,6 +531,17 @@ def search_exclusions(build: Callable[[list[str]], None], graph: Path, calib: Ca
     return report
 
 
+@dataclass
+class _Sample:
+    """The query groups candidates are judged on (hardest first), the groups left for the confirmation, and the
+    probe pairs the sensitivity of each block is measured on."""
+
+    sample: list[int]
+    rest: list[int]
+    probe: np.ndarray
+    pairs: int
+
+
 def _run_search(search: _Search, groups: dict[str, list[str]], blocks: dict[str, list[str]],
                 limits: SearchLimits, log: Callable[[str], None]) -> dict[str, Any]:
     calib, budget, graph = search.calib, search.budget, search.graph
@@ -540,8 +554,51 @@ def _run_search(search: _Search, groups: dict[str, list[str]], blocks: dict[str,
     if budget.met(plain):
         report["fidelity"] = plain
         return report
+    sample = _draw_sample(search, plain, limits)
+    where = ("every pair" if not sample.rest else f"{sample.pairs} of {calib.n_pairs} pairs ({len(sample.sample)} "
+             f"of {len(everything)} queries)")
+    log(f"  plain quantization misses the budget (spearman {plain['spearman_mean']:.4f}, top10 "
+        f"{plain['top10_overlap']:.3f}); sensitivity of {len(blocks)} blocks on {len(sample.probe)} probe pairs, "
+        f"candidates judged on {where}")
+    damage = _sensitivity(search, groups, blocks, sample.probe)
+    order = list(blocks)
+    ranked = sorted(damage, key=lambda b: (-damage[b], order.index(b)))
 
-    # the sample: whole groups spread over the plain graph's per-group damage, judged hardest first
+    def judge(exclude: list[str], step: str) -> dict[str, float] | None:
+        return search.evaluate(exclude, sample.sample, step, sample=bool(sample.rest))
+
+    kept_blocks = ranked[:_fewest_kept(search, judge, ranked, [damage[b] for b in ranked], plain, blocks, groups)]
+    excluded = _nodes(kept_blocks, blocks, groups)
+    # refine: give kept products back while the budget holds on the sample and the search is within its cost
+    deadline = c_plain + limits.max_cost * plain_cost
+    chain, trials = _refine(lambda trial: search.passes(judge(trial, "refine")), excluded, kept_blocks, blocks,
+                            groups, limits.max_refine, deadline)
+    excluded, final = _confirm(search, sample, chain, ranked, kept_blocks, blocks, groups, log)
+    search.ensure_built(excluded, "rebuild")
+    plain_speed, final_speed = search.seconds_per_token([]), search.seconds_per_token(excluded)
+    report.update({
+        "sensitivity": {k: round(v, 8) for k, v in sorted(damage.items(), key=lambda kv: -kv[1])},
+        "sensitivity_metric": f"mean squared logit change vs fp32 on {len(sample.probe)} pairs, the block alone "
+                              "quantized",
+        "kept_fp32": [g for g, nodes in groups.items() if set(nodes) & set(excluded)],
+        "kept_fp32_nodes": excluded,
+        "refined_per_node": trials > 0,
+        "refine_trials": trials,
+        "search_sample": {"pairs": sample.pairs, "queries": len(sample.sample), "probe_pairs": len(sample.probe),
+                          "damage_scale": {k: round(v, 3) for k, v in search.correction.items()}},
+        "fidelity": final,
+        "meets_budget": budget.met(final),
+        "size_bytes": {"plain": plain_size, "final": _size(graph)},
+        "speed_cost": round(final_speed / plain_speed, 3) if plain_speed and final_speed else None,
+    })
+    return report
+
+
+def _draw_sample(search: _Search, plain: dict[str, float], limits: SearchLimits) -> _Sample:
+    """Whole groups spread over the plain graph's per-group damage, judged hardest first; sets the search's
+    damage correction (the sample's damage scaled to what every pair showed for the plain graph, never down)."""
+    calib = search.calib
+    everything = list(range(len(calib.groups)))
     plain_logits = search.cached([])
     hardness = [2.0 - sum(calib.group_fidelity(plain_logits, g)) for g in everything]
     sizes = [len(r) for r in calib.group_rows]
@@ -549,37 +606,35 @@ def _run_search(search: _Search, groups: dict[str, list[str]], blocks: dict[str,
                                                                                    limits.max_pairs)
     sample = sorted(sample, key=lambda g: (-hardness[g], g))
     rest = sorted((g for g in everything if g not in set(sample)), key=lambda g: (-hardness[g], g))
-    if rest:  # scale the sample's damage to what every pair showed for the plain graph (never down)
+    if rest:
         search.sampled_share = len(sample) / len(everything)
         on_sample = calib.fidelity(plain_logits, sample)
         search.correction = {k: min(SAMPLE_CORRECTION_MAX, max(1.0, (1.0 - plain[k]) / max(1.0 - on_sample[k], 1e-9)))
                              for k in _AGREEMENT}
-    probe = _probe_rows(calib, sample, limits.probe_pairs)
-    n_sample = sum(sizes[g] for g in sample)
-    where = ("every pair" if not rest else
-             f"{n_sample} of {calib.n_pairs} pairs ({len(sample)} of {len(everything)} queries)")
-    log(f"  plain quantization misses the budget (spearman {plain['spearman_mean']:.4f}, top10 "
-        f"{plain['top10_overlap']:.3f}); sensitivity of {len(blocks)} blocks on {len(probe)} probe pairs, "
-        f"candidates judged on {where}")
+    return _Sample(sample, rest, _probe_rows(calib, sample, limits.probe_pairs), sum(sizes[g] for g in sample))
 
+
+def _sensitivity(search: _Search, groups: dict[str, list[str]], blocks: dict[str, list[str]],
+                 probe: np.ndarray) -> dict[str, float]:
+    """Each block quantized alone (everything else fp32): its mean squared logit change on the probe pairs."""
     every = [n for nodes in groups.values() for n in nodes]
     damage: dict[str, float] = {}
     for name in blocks:
         only = set(_nodes([name], blocks, groups))
         exclude = [n for n in every if n not in only]
         search.score(exclude, [probe], "sensitivity")
-        diff = search.cached(exclude)[probe] - calib.reference[probe]
+        diff = search.cached(exclude)[probe] - search.calib.reference[probe]
         damage[name] = float(np.mean(diff * diff))
         search.evaluations += 1
         search.tick(f"sensitivity: {name} {damage[name]:.2e}")
-    order = list(blocks)
-    ranked = sorted(damage, key=lambda b: (-damage[b], order.index(b)))
+    return damage
 
-    def judge(exclude: list[str], step: str) -> dict[str, float] | None:
-        return search.evaluate(exclude, sample, step, sample=bool(rest))
 
-    # keep: the smallest k (most damaging first) that meets the budget: galloping from the k the probe
-    # predicts, then bisection
+def _fewest_kept(search: _Search, judge: Callable[[list[str], str], dict[str, float] | None], ranked: list[str],
+                 damage: list[float], plain: dict[str, float], blocks: dict[str, list[str]],
+                 groups: dict[str, list[str]]) -> int:
+    """The smallest k such that keeping the k most damaging blocks in fp32 meets the budget on the sample:
+    galloping from the k the probe predicts, then bisection."""
     tried: dict[int, dict[str, float] | None] = {}
 
     def keeps(k: int) -> bool:
@@ -588,7 +643,7 @@ def _run_search(search: _Search, groups: dict[str, list[str]], blocks: dict[str,
         return search.passes(tried[k])
 
     lo, hi = 0, len(ranked)  # lo misses (k=0 is plain), hi meets (all fp32 is the reference itself)
-    k = min(_predicted_keep([damage[b] for b in ranked], plain, budget), hi - 1)
+    k = min(_predicted_keep(damage, plain, search.budget), hi - 1)
     if k >= 1 and keeps(k):  # gallop down
         hi, step = k, 1
         while hi - step > lo:
@@ -609,23 +664,22 @@ def _run_search(search: _Search, groups: dict[str, list[str]], blocks: dict[str,
             hi = mid
         else:
             lo = mid
-    kept_blocks = ranked[:hi]
-    excluded = _nodes(kept_blocks, blocks, groups)
+    return hi
 
-    # refine: give kept products back while the budget holds on the sample and the search is within its cost
-    deadline = c_plain + limits.max_cost * plain_cost
-    chain, trials = _refine(lambda trial: search.passes(judge(trial, "refine")), excluded, kept_blocks, blocks,
-                            groups, limits.max_refine, deadline)
 
-    # confirm on every pair (the sample's groups are reused); restore, then keep more, when the sample was
-    # optimistic
+def _confirm(search: _Search, sample: _Sample, chain: list[list[str]], ranked: list[str], kept_blocks: list[str],
+             blocks: dict[str, list[str]], groups: dict[str, list[str]], log: Callable[[str], None]
+             ) -> tuple[list[str], dict[str, float]]:
+    """Score the most refined candidate on every pair (the sample's groups reused); when the sample was
+    optimistic, restore products given back (by bisection over the refinement's nested steps), then keep more
+    blocks, until the budget holds. Returns the products kept in fp32 and their fidelity on every pair;
+    ``kept_blocks`` grows in place."""
     def confirm(exclude: list[str], early: bool = True) -> dict[str, float] | None:
-        return search.evaluate(exclude, sample + rest, "confirm", sample=False, early=early)
+        return search.evaluate(exclude, sample.sample + sample.rest, "confirm", sample=False, early=early)
 
     excluded = chain[-1]
     final = confirm(excluded)
     if final is None and len(chain) > 1:
-        # the refinement's accepted steps are nested: the most refined one that holds on every pair, by bisection
         log("  the sample was optimistic: taking back products given back until every pair meets the budget")
         excluded, final = chain[0], confirm(chain[0])
         if final is not None:
@@ -638,31 +692,14 @@ def _run_search(search: _Search, groups: dict[str, list[str]], blocks: dict[str,
                     final = m
             excluded = chain[good]
     extra = [b for b in ranked if b not in kept_blocks]
-    while (final is None or not budget.met(final)) and extra:
+    while (final is None or not search.budget.met(final)) and extra:
         kept_blocks.append(extra.pop(0))
         log(f"  still below the budget on every pair: keeping {kept_blocks[-1]} too")
         excluded = excluded + [n for n in _nodes(kept_blocks[-1:], blocks, groups) if n not in excluded]
         final = confirm(excluded)
     if final is None:  # nothing left to keep: record the full figures of the last candidate
         final = confirm(excluded, early=False)
-    search.ensure_built(excluded, "rebuild")
-    plain_speed, final_speed = search.seconds_per_token([]), search.seconds_per_token(excluded)
-    kept_groups = [g for g, nodes in groups.items() if set(nodes) & set(excluded)]
-    report.update({
-        "sensitivity": {k: round(v, 8) for k, v in sorted(damage.items(), key=lambda kv: -kv[1])},
-        "sensitivity_metric": f"mean squared logit change vs fp32 on {len(probe)} pairs, the block alone quantized",
-        "kept_fp32": kept_groups,
-        "kept_fp32_nodes": excluded,
-        "refined_per_node": trials > 0,
-        "refine_trials": trials,
-        "search_sample": {"pairs": n_sample, "queries": len(sample), "probe_pairs": len(probe),
-                          "damage_scale": {k: round(v, 3) for k, v in search.correction.items()}},
-        "fidelity": final,
-        "meets_budget": budget.met(final),
-        "size_bytes": {"plain": plain_size, "final": _size(graph)},
-        "speed_cost": round(final_speed / plain_speed, 3) if plain_speed and final_speed else None,
-    })
-    return report
+    return excluded, final
 
 
 def _predicted_keep(damage: Sequence[float], plain: dict[str, float], budget: FidelityBudget) -> int:

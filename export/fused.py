@@ -7,9 +7,10 @@ the same computation with one fused operator per step instead:
 
 * attention: ONNX ``Attention`` (opset 23), grouped-query heads native, the additive mask and the past as inputs;
 * rotary embedding: ``com.microsoft.RotaryEmbedding`` with explicit position ids;
-* RMSNorm: ``SimplifiedLayerNormalization`` (q/k norms, first layer) and
+* RMSNorm: ``SimplifiedLayerNormalization`` (Qwen3's q/k norms, first layer) and
   ``com.microsoft.SkipSimplifiedLayerNormalization`` (the residual add and the next norm in one op);
-* one packed Q/K/V product and one packed gate/up product per layer.
+* one packed Q/K/V product (plus one ``Add`` for Qwen2's q/k/v biases) and one packed gate/up product per
+  layer.
 
 Inputs and outputs are those of the traced graph, so the runtime runs it unchanged: ``input_ids`` and
 ``attention_mask`` (either padding side; positions count real tokens only), the batch-1 shared past
@@ -31,12 +32,14 @@ is converted from its fp32 graph, so a GPU artifact is exported with ``--graph f
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["GRAPH_KINDS", "FUSED_GRAPHS", "FUSED_EPS", "FUSED_OPSET", "write_fused_graph", "fused_op_counts"]
+__all__ = ["GRAPH_KINDS", "FUSED_GRAPHS", "FUSED_EPS", "FUSED_OPSET", "Rotation", "write_fused_graph",
+           "fused_op_counts"]
 
 #: Execution providers a fused graph is written for (see the module docstring for how they differ).
 FUSED_EPS = ("cpu", "cuda")
@@ -49,6 +52,49 @@ FUSED_OPSET = 23
 _MS = "com.microsoft"
 
 
+@dataclass(frozen=True)
+class Rotation:
+    """An orthogonal change of basis written into the weights, so that int8 codes see no outlier channels.
+
+    A real LLM's hidden states carry a few channels hundreds of times larger than the rest; a per-token int8 code
+    spends its range on them. Rotating the residual stream by an orthogonal ``Q`` (QuaRot, Ashkboos et al. 2024;
+    SpinQuant) spreads every channel over all of them and changes no score: RMSNorm is rotation-invariant once its
+    weight is folded into the products that read it, so every weight that reads the stream is multiplied by ``Qᵀ``
+    on its input side, every weight that writes it (embeddings, attention output, down projection) by ``Q`` on its
+    output side, and the folded head reads the rotated final norm. Each value head is also rotated by a normalized
+    Hadamard matrix (its inverse folded into the attention output product), which spreads the attention output
+    product's input the same way. All of it is exact up to float rounding and free at run time: the graph is the
+    same, only its weights differ. The SwiGLU down projection's input is not covered (a nonlinearity sits before
+    it); the int8 plan handles it.
+
+    ``seed`` picks ``Q``: a random orthogonal matrix (QR of a seeded Gaussian matrix).
+    """
+
+    seed: int = 0
+
+    def residual(self, hidden: int) -> np.ndarray:
+        """The ``hidden × hidden`` orthogonal matrix (float64)."""
+        rng = np.random.default_rng(self.seed)
+        q, r = np.linalg.qr(rng.standard_normal((hidden, hidden)))
+        return q * np.sign(np.diag(r))[None, :]  # Haar-distributed
+
+    @staticmethod
+    def head(d: int) -> np.ndarray:
+        """A normalized ``d × d`` Hadamard matrix (Sylvester; ``d`` a power of two), else the identity."""
+        if d & (d - 1):
+            return np.eye(d)
+        h = np.ones((1, 1))
+        while h.shape[0] < d:
+            h = np.block([[h, h], [h, -h]])
+        return h / np.sqrt(d)
+
+    def record(self) -> dict[str, Any]:
+        """What the manifest says about it."""
+        return {"method": "residual stream rotated by a seeded random orthogonal matrix, RMSNorm weights folded "
+                          "into the products; value heads rotated by a Hadamard matrix (QuaRot-style, exact)",
+                "seed": self.seed}
+
+
 class _Writer:
     """Collects nodes and initializers with generated unique names, and each tensor's element type.
 
@@ -56,19 +102,25 @@ class _Writer:
     and without them the fp16 converter (``onnxruntime.transformers.float16``) cannot tell where to put casts.
     """
 
-    def __init__(self, types: dict[str, int]) -> None:
+    def __init__(self, types: dict[str, int], sink: _ExternalSink | None = None) -> None:
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
         self.types = dict(types)
+        self.sink = sink
         self._n = 0
 
     def const(self, name: str, value: Any, dtype: Any = None) -> str:
-        """An initializer named ``name`` (the first value given under a name is kept)."""
+        """An initializer named ``name`` (the first value given under a name is kept); with a sink, one above
+        1 KiB goes straight to the external-data file."""
         from onnx import numpy_helper
 
         if name in self.types:  # shared constants are written once
             return name
-        tensor = numpy_helper.from_array(np.ascontiguousarray(np.asarray(value, dtype=dtype)), name)
+        array = np.asarray(value, dtype=dtype)
+        if self.sink is not None and array.nbytes > 1024:
+            tensor = self.sink.tensor(name, array)
+        else:
+            tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
         self.inits.append(tensor)
         self.types[name] = tensor.data_type
         return name
@@ -105,8 +157,20 @@ class _Writer:
                 for node in self.nodes for o in node.output if o and o not in skip]
 
 
-def _weights(module: Any) -> dict[str, Any]:
-    """Config numbers and float32 numpy weights of a folded-head decoder module (``_FoldedYesNo.build``)."""
+def _arr(t: Any) -> np.ndarray:
+    """A float32 numpy view of a torch tensor (a copy only when it is another dtype, e.g. a bf16 checkpoint)."""
+    import torch
+
+    return t.detach().to(torch.float32).cpu().numpy()
+
+
+def _weights(module: Any, rotation: Rotation | None = None) -> dict[str, Any]:
+    """Config numbers and float32 numpy weights of a folded-head decoder module (``_FoldedYesNo.build``).
+
+    ``layers`` holds the torch layers: :func:`_layer_weights` reads one at a time, so the packed Q/K/V and
+    gate/up copies of one layer exist at once, never the whole model's. ``bytes`` is what the graph's
+    weights will take.
+    """
     import torch
 
     body, config = module.body, module.config
@@ -117,10 +181,6 @@ def _weights(module: Any) -> dict[str, Any]:
     layer_types = getattr(config, "layer_types", None) or []
     if any(t != "full_attention" for t in layer_types):
         raise ValueError("the fused graph does not support sliding-window layers; export with --graph traced")
-
-    def arr(t: Any) -> np.ndarray:
-        return t.detach().to(torch.float32).cpu().numpy()
-
     with torch.no_grad():
         n_pos = int(config.max_position_embeddings)
         probe = torch.zeros(1, dtype=torch.float32)
@@ -128,31 +188,118 @@ def _weights(module: Any) -> dict[str, Any]:
         half = head_dim // 2
         if not torch.equal(cos[0, :, :half], cos[0, :, half:]):
             raise ValueError("the fused graph needs RoPE with rotate-half frequency layout (cos repeated twice)")
-    layers = []
     for layer in body.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        if any(getattr(p, "bias", None) is not None for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)):
-            raise ValueError("the fused graph does not support attention projections with a bias")
-        layers.append({
-            "in_norm": arr(layer.input_layernorm.weight),
-            "qkv": np.concatenate([arr(attn.q_proj.weight), arr(attn.k_proj.weight), arr(attn.v_proj.weight)]).T,
-            "q_norm": arr(attn.q_norm.weight),
-            "k_norm": arr(attn.k_norm.weight),
-            "o": arr(attn.o_proj.weight).T,
-            "post_norm": arr(layer.post_attention_layernorm.weight),
-            "gate_up": np.concatenate([arr(mlp.gate_proj.weight), arr(mlp.up_proj.weight)]).T,
-            "down": arr(mlp.down_proj.weight).T,
-        })
+        attn = layer.self_attn
+        if getattr(attn.o_proj, "bias", None) is not None:
+            raise ValueError("the fused graph does not support an output projection with a bias")
+        biases = [getattr(m, "bias", None) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        if any(b is not None for b in biases) and not all(b is not None for b in biases):
+            raise ValueError("the fused graph needs a bias on all of q/k/v or on none")
+    n_bytes = 4 * (sum(p.numel() for p in body.parameters()) + module.head.numel() + 2 * n_pos * half)
+    embed, norm, head = _arr(body.embed_tokens.weight), _arr(body.norm.weight), _arr(module.head).reshape(-1, 1)
+    rot = None
+    if rotation is not None:
+        q = rotation.residual(embed.shape[1])
+        rot = {"q": q, "v": rotation.head(head_dim), "kv_heads": n_kv, "heads": n_heads}
+        embed = _rotate_rows(embed, q)
+        head = (q.T @ (norm.astype(np.float64)[:, None] * head)).astype(np.float32)
+        norm = np.ones_like(norm)
     return {
         "heads": n_heads, "kv_heads": n_kv, "head_dim": head_dim, "eps": float(config.rms_norm_eps),
-        "intermediate": int(config.intermediate_size), "embed": arr(body.embed_tokens.weight),
-        "norm": arr(body.norm.weight), "head": arr(module.head).reshape(-1, 1),
-        "cos": arr(cos[0, :, :half]), "sin": arr(sin[0, :, :half]), "layers": layers,
+        "intermediate": int(config.intermediate_size), "embed": embed, "norm": norm, "head": head,
+        "cos": _arr(cos[0, :, :half]), "sin": _arr(sin[0, :, :half]), "layers": list(body.layers),
+        "bytes": n_bytes, "rotation": rot,
     }
 
 
-def write_fused_graph(module: Any, path: str | Path, *, ep: str = "cpu", external_data_bytes: int | None = None
-                      ) -> list[Path]:
+def _rotate_rows(x: np.ndarray, q: np.ndarray, rows: int = 8192) -> np.ndarray:
+    """``x @ q`` in float64, a block of rows at a time (an embedding table is large), as float32."""
+    out = np.empty_like(x, dtype=np.float32)
+    for i in range(0, x.shape[0], rows):
+        out[i:i + rows] = x[i:i + rows].astype(np.float64) @ q
+    return out
+
+
+def _rotate_layer(lw: dict[str, np.ndarray | None], rot: dict[str, Any]) -> dict[str, np.ndarray | None]:
+    """A layer's weights in the rotated basis (:class:`Rotation`): norms folded into the products reading them,
+    inputs by ``Qᵀ``, outputs by ``Q``, each value head by the Hadamard ``H`` (its inverse in the output product).
+    """
+    q, h, n_kv, n_heads = rot["q"], rot["v"], rot["kv_heads"], rot["heads"]
+    d = h.shape[0]
+    f64 = np.float64
+
+    def reads(w: np.ndarray, norm: np.ndarray) -> np.ndarray:
+        return q.T @ (norm.astype(f64)[:, None] * w.astype(f64))
+
+    qkv = reads(lw["qkv"], lw["in_norm"])
+    v0 = qkv.shape[1] - n_kv * d
+    qkv[:, v0:] = (qkv[:, v0:].reshape(-1, n_kv, d) @ h).reshape(qkv.shape[0], -1)
+    bias = lw["qkv_bias"]
+    if bias is not None:
+        bias = bias.astype(f64).copy()
+        bias[v0:] = (bias[v0:].reshape(n_kv, d) @ h).reshape(-1)
+        bias = bias.astype(np.float32)
+    o = lw["o"].astype(f64).reshape(n_heads, d, -1)
+    o = np.einsum("ji,hjk->hik", h, o).reshape(n_heads * d, -1) @ q  # Hᵀ per head, then Q
+    return {**lw, "qkv": qkv.astype(np.float32), "qkv_bias": bias, "in_norm": np.ones_like(lw["in_norm"]),
+            "o": o.astype(np.float32), "post_norm": np.ones_like(lw["post_norm"]),
+            "gate_up": reads(lw["gate_up"], lw["post_norm"]).astype(np.float32),
+            "down": (lw["down"].astype(f64) @ q).astype(np.float32)}
+
+
+def _layer_weights(layer: Any) -> dict[str, np.ndarray | None]:
+    """One decoder layer's weights as the fused graph packs them (Q/K/V and gate/up concatenated)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    biases = [getattr(m, "bias", None) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    norms = [getattr(attn, name, None) for name in ("q_norm", "k_norm")]  # Qwen3 has them, Qwen2 not
+    return {
+        "in_norm": _arr(layer.input_layernorm.weight),
+        "qkv": np.concatenate([_arr(attn.q_proj.weight), _arr(attn.k_proj.weight), _arr(attn.v_proj.weight)]).T,
+        "qkv_bias": np.concatenate([_arr(b) for b in biases]) if biases[0] is not None else None,
+        "q_norm": _arr(norms[0].weight) if norms[0] is not None else None,
+        "k_norm": _arr(norms[1].weight) if norms[1] is not None else None,
+        "o": _arr(attn.o_proj.weight).T,
+        "post_norm": _arr(layer.post_attention_layernorm.weight),
+        "gate_up": np.concatenate([_arr(mlp.gate_proj.weight), _arr(mlp.up_proj.weight)]).T,
+        "down": _arr(mlp.down_proj.weight).T,
+    }
+
+
+class _ExternalSink:
+    """Weights written straight into one external-data file as the graph is built: the graph in memory holds
+    their file offsets only, so writing a model never holds a second copy of its weights. Each tensor starts on
+    a 4 KiB boundary (onnxruntime may map the file)."""
+
+    ALIGN = 4096
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.file = path.open("wb")
+        self.offset = 0
+
+    def tensor(self, name: str, value: np.ndarray) -> Any:
+        from onnx import TensorProto, helper
+
+        pad = -self.offset % self.ALIGN
+        self.file.write(b"\0" * pad)
+        start = self.offset + pad
+        data = np.ascontiguousarray(value)
+        self.file.write(memoryview(data).cast("B"))
+        self.offset = start + data.nbytes
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(data.dtype), dims=data.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for key, val in (("location", self.path.name), ("offset", str(start)), ("length", str(data.nbytes))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, val
+        return t
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def write_fused_graph(module: Any, path: str | Path, *, ep: str = "cpu", external_data_bytes: int | None = None,
+                      rotation: Rotation | None = None) -> list[Path]:
     """Write the fused graph of a folded-head decoder module to ``path``.
 
     Args:
@@ -161,6 +308,7 @@ def write_fused_graph(module: Any, path: str | Path, *, ep: str = "cpu", externa
         ep: ``"cpu"`` or ``"cuda"`` (:data:`FUSED_EPS`; they differ only in how attention takes the grouped heads).
         external_data_bytes: weights above this many bytes go to ``<name>_data`` beside the graph (default:
             :data:`memrerank.export.graph.EXTERNAL_DATA_BYTES`).
+        rotation: write the weights in a rotated basis (:class:`Rotation`; the same scores, int8-friendly).
 
     Returns:
         The files written, graph first.
@@ -168,11 +316,41 @@ def write_fused_graph(module: Any, path: str | Path, *, ep: str = "cpu", externa
     Raises:
         ValueError: an unknown ``ep``, or a model the fused graph does not cover (the message says which part).
     """
-    import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
 
     from memrerank.export.graph import EXTERNAL_DATA_BYTES
 
+    _check_runtime(ep)
+    path = Path(path)
+    w = _weights(module, rotation)
+    f32, int64 = TensorProto.FLOAT, TensorProto.INT64
+    past_names = [f"past_{kind}.{i}" for i in range(len(w["layers"])) for kind in ("key", "value")]
+    limit = EXTERNAL_DATA_BYTES if external_data_bytes is None else external_data_bytes
+    for stale in (path, path.parent / (path.name + "_data")):
+        stale.unlink(missing_ok=True)
+    sink = _ExternalSink(path.parent / (path.name + "_data")) if w["bytes"] > limit else None
+    g = _Writer({"input_ids": int64, "attention_mask": int64, **{n: f32 for n in past_names}}, sink)
+    shared = _shared(g, w, ep)
+    x = g.op("Gather", g.const("embed_tokens", w["embed"]), "input_ids")
+    shared.shapes.update(_layer_shapes(g, w))
+    presents: list[str] = []
+    mlp_out: str | None = None
+    for i, layer in enumerate(w["layers"]):
+        lw = _layer_weights(layer)
+        x, mlp_out = _layer(g, shared, i, lw if w["rotation"] is None else _rotate_layer(lw, w["rotation"]), x,
+                            mlp_out)
+        presents += [f"present_key.{i}", f"present_value.{i}"]
+    # named like the traced graph's final norm, so the fp16 builder keeps it (and the head) in fp32
+    final = g.op("SkipSimplifiedLayerNormalization", mlp_out, x, g.const("norm", w["norm"]), outputs=4,
+                 unused=(1, 2), domain=_MS, epsilon=w["eps"],
+                 name="/model/norm/SkipSimplifiedLayerNormalization")[0]
+    logits = g.op("MatMul", final, g.const("head", w["head"]), name="/head/MatMul")
+    g.op("Reshape", logits, g.const("shape_logits", [-1, 1], np.int64), outputs=["logits"])
+    return _save_graph(g, path, past_names, presents, w["kv_heads"], w["head_dim"])
+
+
+def _check_runtime(ep: str) -> None:
+    """Refuse an unknown ``ep`` and an onnxruntime without ONNX ``Attention``, before any weight is read."""
     if ep not in FUSED_EPS:
         raise ValueError(f"ep: unknown {ep!r}; the fused graph is written for {', '.join(FUSED_EPS)}")
     import onnxruntime
@@ -180,17 +358,32 @@ def write_fused_graph(module: Any, path: str | Path, *, ep: str = "cpu", externa
     if tuple(int(p) for p in onnxruntime.__version__.split(".")[:2]) < (1, 23):
         raise ValueError(f"the fused graph needs onnxruntime 1.23 or later (ONNX Attention, opset 23); this is "
                          f"{onnxruntime.__version__}: `pip install -U onnxruntime`, or export with --graph traced")
-    w = _weights(module)
-    n_layers, n_heads, n_kv, d = len(w["layers"]), w["heads"], w["kv_heads"], w["head_dim"]
-    hidden, eps = w["embed"].shape[1], w["eps"]
-    f32, int64 = TensorProto.FLOAT, TensorProto.INT64
-    past_names = [f"past_{kind}.{i}" for i in range(n_layers) for kind in ("key", "value")]
-    g = _Writer({"input_ids": int64, "attention_mask": int64, **{n: f32 for n in past_names}})
-    i64 = np.int64
+
+
+@dataclass
+class _Shared:
+    """What every layer of the fused graph reads: the model's numbers, the provider the graph is written for,
+    and the names of the tensors computed once from the inputs (``names``) and of the shape constants
+    (``shapes``)."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+    eps: float
+    ep: str
+    names: dict[str, str]
+    shapes: dict[str, str] = field(default_factory=dict)
+
+
+def _shared(g: _Writer, w: dict[str, Any], ep: str) -> _Shared:
+    """Shapes, positions (real tokens only, after the past), the additive mask (B, 1, S, P + S), each row's
+    last real token and the rotary tables, written once before the layers."""
+    from onnx import TensorProto
+
+    n_kv, d, i64 = w["kv_heads"], w["head_dim"], np.int64
     zero, one = g.const("c_0", [0], i64), g.const("c_1", [1], i64)
     two, three = g.const("c_2", [2], i64), g.const("c_3", [3], i64)
-
-    # Shapes, positions (real tokens only, after the past) and the additive mask (B, 1, S, P + S).
     ids_shape = g.op("Shape", "input_ids")
     batch = g.op("Slice", ids_shape, zero, one)
     seq = g.op("Slice", ids_shape, one, two)
@@ -212,64 +405,95 @@ def write_fused_graph(module: Any, path: str | Path, *, ep: str = "cpu", externa
     batch_scalar = g.op("Squeeze", batch, zero)
     flat_last = g.op("Add", g.op("Mul", g.op("Range", g.const("c_0r", 0, i64), batch_scalar,
                                              g.const("c_1r", 1, i64)), seq_scalar), last)  # (B,)
+    names = {"zero": zero, "one": one, "batch": batch, "seq": seq, "past_len": past_len,
+             "position_ids": position_ids, "bias": bias, "kv_shape": kv_shape, "flat_last": flat_last,
+             "cos": g.const("rope_cos", w["cos"]), "sin": g.const("rope_sin", w["sin"])}
+    return _Shared(w["heads"], n_kv, d, len(w["layers"]), w["eps"], ep, names)
 
-    cos, sin = g.const("rope_cos", w["cos"]), g.const("rope_sin", w["sin"])
-    x = g.op("Gather", g.const("embed_tokens", w["embed"]), "input_ids")
-    split_qkv = g.const("split_qkv", [n_heads * d, n_kv * d, n_kv * d], i64)
-    split_mlp = g.const("split_mlp", [w["intermediate"], w["intermediate"]], i64)
-    heads_q, heads_kv = g.const("shape_q", [0, 0, n_heads, d], i64), g.const("shape_kv", [0, 0, n_kv, d], i64)
-    flat_q, flat_kv = g.const("flat_q", [0, 0, n_heads * d], i64), g.const("flat_kv", [0, 0, n_kv * d], i64)
-    row0 = g.const("shape_row0", [1, -1, n_kv, d], i64)
-    rows_q, rows_h = g.const("rows_q", [-1, n_heads * d], i64), g.const("rows_h", [-1, hidden], i64)
-    presents, mlp_out = [], None
-    for i, lw in enumerate(w["layers"]):
-        p = f"layers.{i}."
-        if mlp_out is None:
-            h = g.op("SimplifiedLayerNormalization", x, g.const(p + "input_layernorm", lw["in_norm"]),
-                     axis=-1, epsilon=eps, stash_type=1)
-        else:
-            h, _, _, x = g.op("SkipSimplifiedLayerNormalization", mlp_out, x,
-                              g.const(p + "input_layernorm", lw["in_norm"]), outputs=4, unused=(1, 2), domain=_MS,
-                              epsilon=eps)
-        qkv = g.op("MatMul", h, g.const(p + "qkv_proj", lw["qkv"]))
-        q, k, v = g.op("Split", qkv, split_qkv, outputs=3, axis=-1)
-        q = g.op("Reshape", g.op("SimplifiedLayerNormalization", g.op("Reshape", q, heads_q),
-                                 g.const(p + "q_norm", lw["q_norm"]), axis=-1, epsilon=eps, stash_type=1), flat_q)
-        k = g.op("Reshape", g.op("SimplifiedLayerNormalization", g.op("Reshape", k, heads_kv),
-                                 g.const(p + "k_norm", lw["k_norm"]), axis=-1, epsilon=eps, stash_type=1), flat_kv)
-        q = g.op("RotaryEmbedding", q, position_ids, cos, sin, domain=_MS, num_heads=n_heads, interleaved=0)
-        k = g.op("RotaryEmbedding", k, position_ids, cos, sin, domain=_MS, num_heads=n_kv, interleaved=0)
-        for name, t in ((f"present_key.{i}", k), (f"present_value.{i}", v)):  # row 0, (1, kv, S, d)
-            g.op("Transpose", g.op("Reshape", g.op("Slice", t, zero, one, zero), row0), perm=[0, 2, 1, 3],
-                 outputs=[name])
-            presents.append(name)
-        past_k, past_v = (g.op("Expand", f"past_{kind}.{i}", kv_shape) for kind in ("key", "value"))
-        q_heads = n_heads
-        if ep == "cuda":
-            k, v, past_k, past_v = _repeat_kv(g, (k, v), (past_k, past_v), batch, seq, past_len, n_kv,
-                                              n_heads // n_kv, d)
-            n_kv_attn = n_heads
-        else:
-            n_kv_attn = n_kv
-        y = g.op("Attention", q, k, v, bias, past_k, past_v, outputs=3, q_num_heads=q_heads,
-                 kv_num_heads=n_kv_attn)[0]
-        if i == n_layers - 1:  # only the last real token matters from here on: (B, 1, ·)
-            y = g.op("Unsqueeze", g.op("Gather", g.op("Reshape", y, rows_q), flat_last), one)
-            x = g.op("Unsqueeze", g.op("Gather", g.op("Reshape", x, rows_h), flat_last), one)
-        attn_out = g.op("MatMul", y, g.const(p + "o_proj", lw["o"]))
-        h, _, _, x = g.op("SkipSimplifiedLayerNormalization", attn_out, x,
-                          g.const(p + "post_attention_layernorm", lw["post_norm"]), outputs=4, unused=(1, 2),
-                          domain=_MS, epsilon=eps)
-        gate, up = g.op("Split", g.op("MatMul", h, g.const(p + "gate_up_proj", lw["gate_up"])), split_mlp,
-                        outputs=2, axis=-1)
-        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
-        mlp_out = g.op("MatMul", act, g.const(p + "down_proj", lw["down"]))
-    # named like the traced graph's final norm, so the fp16 builder keeps it (and the head) in fp32
-    final = g.op("SkipSimplifiedLayerNormalization", mlp_out, x, g.const("norm", w["norm"]), outputs=4, unused=(1, 2),
-                 domain=_MS, epsilon=eps, name="/model/norm/SkipSimplifiedLayerNormalization")[0]
-    g.op("Reshape", g.op("MatMul", final, g.const("head", w["head"])), g.const("shape_logits", [-1, 1], i64),
-         outputs=["logits"])
 
+def _layer_shapes(g: _Writer, w: dict[str, Any]) -> dict[str, str]:
+    """The split sizes and reshape targets every layer uses."""
+    n_heads, n_kv, d, i64 = w["heads"], w["kv_heads"], w["head_dim"], np.int64
+    hidden = w["embed"].shape[1]
+    return {
+        "split_qkv": g.const("split_qkv", [n_heads * d, n_kv * d, n_kv * d], i64),
+        "split_mlp": g.const("split_mlp", [w["intermediate"], w["intermediate"]], i64),
+        "heads_q": g.const("shape_q", [0, 0, n_heads, d], i64),
+        "heads_kv": g.const("shape_kv", [0, 0, n_kv, d], i64),
+        "flat_q": g.const("flat_q", [0, 0, n_heads * d], i64),
+        "flat_kv": g.const("flat_kv", [0, 0, n_kv * d], i64),
+        "row0": g.const("shape_row0", [1, -1, n_kv, d], i64),
+        "rows_q": g.const("rows_q", [-1, n_heads * d], i64),
+        "rows_h": g.const("rows_h", [-1, hidden], i64),
+    }
+
+
+def _layer(g: _Writer, s: _Shared, i: int, lw: dict[str, np.ndarray], x: str, mlp_out: str | None
+           ) -> tuple[str, str]:
+    """Decoder layer ``i``: its attention (writing ``present_key.i``/``present_value.i``) and MLP.
+
+    ``x`` is the residual stream and ``mlp_out`` the previous layer's MLP output (``None`` for the first
+    layer), added here in the fused norm. Returns the new residual stream and this layer's MLP output.
+    """
+    p, eps, n, c = f"layers.{i}.", s.eps, s.names, s.shapes
+    zero, one = n["zero"], n["one"]
+    if mlp_out is None:
+        h = g.op("SimplifiedLayerNormalization", x, g.const(p + "input_layernorm", lw["in_norm"]),
+                 axis=-1, epsilon=eps, stash_type=1)
+    else:
+        h, _, _, x = g.op("SkipSimplifiedLayerNormalization", mlp_out, x,
+                          g.const(p + "input_layernorm", lw["in_norm"]), outputs=4, unused=(1, 2), domain=_MS,
+                          epsilon=eps)
+    # products named after their weights, with the layer index where graph_info looks for it (layers.N)
+    qkv = g.op("MatMul", h, g.const(p + "qkv_proj", lw["qkv"]), name=f"/model/{p}qkv_proj/MatMul")
+    if lw["qkv_bias"] is not None:  # Qwen2: q/k/v projections with a bias
+        qkv = g.op("Add", qkv, g.const(p + "qkv_bias", lw["qkv_bias"]))
+    q, k, v = g.op("Split", qkv, c["split_qkv"], outputs=3, axis=-1)
+    if lw["q_norm"] is not None:  # Qwen3: RMSNorm over each head of q and k before RoPE
+        q = g.op("Reshape", g.op("SimplifiedLayerNormalization", g.op("Reshape", q, c["heads_q"]),
+                                 g.const(p + "q_norm", lw["q_norm"]), axis=-1, epsilon=eps, stash_type=1),
+                 c["flat_q"])
+    if lw["k_norm"] is not None:
+        k = g.op("Reshape", g.op("SimplifiedLayerNormalization", g.op("Reshape", k, c["heads_kv"]),
+                                 g.const(p + "k_norm", lw["k_norm"]), axis=-1, epsilon=eps, stash_type=1),
+                 c["flat_kv"])
+    q = g.op("RotaryEmbedding", q, n["position_ids"], n["cos"], n["sin"], domain=_MS, num_heads=s.heads,
+             interleaved=0)
+    k = g.op("RotaryEmbedding", k, n["position_ids"], n["cos"], n["sin"], domain=_MS, num_heads=s.kv_heads,
+             interleaved=0)
+    for name, t in ((f"present_key.{i}", k), (f"present_value.{i}", v)):  # row 0, (1, kv, S, d)
+        g.op("Transpose", g.op("Reshape", g.op("Slice", t, zero, one, zero), c["row0"]), perm=[0, 2, 1, 3],
+             outputs=[name])
+    past_k, past_v = (g.op("Expand", f"past_{kind}.{i}", n["kv_shape"]) for kind in ("key", "value"))
+    n_kv_attn = s.kv_heads
+    if s.ep == "cuda":
+        k, v, past_k, past_v = _repeat_kv(g, (k, v), (past_k, past_v), n["batch"], n["seq"], n["past_len"],
+                                          s.kv_heads, s.heads // s.kv_heads, s.head_dim)
+        n_kv_attn = s.heads
+    y = g.op("Attention", q, k, v, n["bias"], past_k, past_v, outputs=3, q_num_heads=s.heads,
+             kv_num_heads=n_kv_attn)[0]
+    if i == s.layers - 1:  # only the last real token matters from here on: (B, 1, ·)
+        y = g.op("Unsqueeze", g.op("Gather", g.op("Reshape", y, c["rows_q"]), n["flat_last"]), one)
+        x = g.op("Unsqueeze", g.op("Gather", g.op("Reshape", x, c["rows_h"]), n["flat_last"]), one)
+    attn_out = g.op("MatMul", y, g.const(p + "o_proj", lw["o"]), name=f"/model/{p}o_proj/MatMul")
+    h, _, _, x = g.op("SkipSimplifiedLayerNormalization", attn_out, x,
+                      g.const(p + "post_attention_layernorm", lw["post_norm"]), outputs=4, unused=(1, 2),
+                      domain=_MS, epsilon=eps)
+    gate_up = g.op("MatMul", h, g.const(p + "gate_up_proj", lw["gate_up"]), name=f"/model/{p}gate_up_proj/MatMul")
+    gate, up = g.op("Split", gate_up, c["split_mlp"],
+                    outputs=2, axis=-1)
+    act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
+    return x, g.op("MatMul", act, g.const(p + "down_proj", lw["down"]), name=f"/model/{p}down_proj/MatMul")
+
+
+def _save_graph(g: _Writer, path: Path, past_names: list[str], presents: list[str], n_kv: int, d: int
+                ) -> list[Path]:
+    """Wrap the written nodes into the model (the traced graph's inputs and outputs) and save it to ``path``
+    (its large weights are already in the sink's file when there is one); return the files, graph first."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    f32, int64 = TensorProto.FLOAT, TensorProto.INT64
     inputs = [helper.make_tensor_value_info(n, int64, ["batch_size", "sequence_length"])
               for n in ("input_ids", "attention_mask")]
     inputs += [helper.make_tensor_value_info(n, f32, [1, n_kv, "past_length", d]) for n in past_names]
@@ -280,14 +504,10 @@ def write_fused_graph(module: Any, path: str | Path, *, ep: str = "cpu", externa
     model = helper.make_model(graph, producer_name="memrerank", opset_imports=[
         helper.make_opsetid("", FUSED_OPSET), helper.make_opsetid(_MS, 1)])
     model.ir_version = 10  # onnxruntime 1.18+ reads IR 10
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    limit = EXTERNAL_DATA_BYTES if external_data_bytes is None else external_data_bytes
-    if sum(t.ByteSize() for t in g.inits) > limit:
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=path.name + "_data", size_threshold=1024)
-    else:
-        onnx.save(model, str(path))
+    if g.sink is not None:
+        g.sink.close()
+    onnx.save(model, str(path))
     return sorted((p for p in path.parent.iterdir() if p.name in (path.name, path.name + "_data")),
                   key=lambda p: (p != path, p.name))
 

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-__all__ = ["export_onnx", "DEFAULT_OPSET", "EXTERNAL_DATA_BYTES"]
+__all__ = ["export_onnx", "save_graph", "DEFAULT_OPSET", "EXTERNAL_DATA_BYTES"]
 
 DEFAULT_OPSET = 17
 #: Graphs whose weights pass this many bytes keep them in one external-data file (``model.onnx_data``).
@@ -54,7 +54,9 @@ def _externalize(path: Path) -> None:
 
 
 # ------------------------------------------------- helpers shared by the precision builders (quantize, optimize)
-def _save(model: Any, path: Path, external: bool) -> None:
+def save_graph(model: Any, path: Path, external: bool) -> None:
+    """Write ``model`` to ``path`` (folder created); ``external``: every tensor above 1 KiB into one
+    ``<name>_data`` file beside it (a graph above protobuf's 2 GB limit, or one whose source was stored so)."""
     import onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,19 +2,22 @@
 
 Everything is written into a staging sibling directory that is swapped into place at the end
 (:mod:`memrerank.atomic`: a kill at any moment leaves the previous artifact, or puts it back at the next
-start, which also removes the siblings killed exports left). The manifest is built as JSON while the steps
-run; every write goes through :func:`memrerank.manifest.write_manifest` (which parses it first, so nothing
-writes a manifest the runtime would refuse), and fields are read back as typed attributes.
+start, which also removes the siblings killed exports left). The manifest is assembled as a typed
+:class:`~memrerank.manifest.Manifest` while the steps run: the family gives its template, tokens and cache
+layout, each precision its entry (files, build record, parity, fidelity). Every write goes through
+:func:`memrerank.manifest.write_manifest`, which parses the JSON back first, so nothing writes a manifest the
+runtime would refuse.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import shutil
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +28,26 @@ from memrerank.errors import ParityError
 from memrerank.progress import Steps
 from memrerank.export.families import family_for
 from memrerank.export.fidelity import CalibSet, FidelityBudget, load_calib_jsonl, search_exclusions
-from memrerank.export.fused import FUSED_GRAPHS, FUSED_OPSET, GRAPH_KINDS, write_fused_graph
+from memrerank.export.fused import FUSED_GRAPHS, FUSED_OPSET, GRAPH_KINDS, Rotation, write_fused_graph
 from memrerank.export.graph import DEFAULT_OPSET, export_onnx
 from memrerank.export.metrics import spearman, topk_overlap
 from memrerank.export.pairs import builtin_calibration_groups, builtin_pairs
-from memrerank.export.quantize import PRECISION_BUILDERS, graph_info
+from memrerank.export.quantize import PRECISION_BUILDERS, GraphInfo, graph_info
 from memrerank.manifest import (
     PARITY_TOLERANCE,
     PRECISION_PROVIDERS,
     PRECISIONS,
-    SCHEMA_VERSION,
     TOKENIZER_NAME,
+    Build,
+    CalibrationData,
+    ExportInfo,
+    Fidelity,
+    Manifest,
+    Parity,
+    PrecisionEntry,
+    Source,
+    Template,
+    Tokens,
     file_entries,
     read_manifest,
     write_manifest,
@@ -45,11 +57,6 @@ __all__ = ["export_model", "validate_artifact", "TOPK"]
 
 TOPK = 3  # top-k agreement on the built-in groups (4–6 documents each)
 _log = logging.getLogger(__name__)
-
-
-def _file_block(root: Path, paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
-    """The manifest's ``files`` object for ``paths`` (relative path → sha256 and size)."""
-    return {rel: asdict(entry) for rel, entry in file_entries(root, tuple(paths)).items()}
 
 
 def _versions() -> dict[str, str]:
@@ -62,8 +69,35 @@ def _versions() -> dict[str, str]:
     return out
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What :func:`export_model` was asked to write, as the manifest's ``source`` and ``export`` blocks record
+    it."""
+
+    model: str
+    revision: str | None
+    opset: int
+    graph: str
+    command: str | None
+    allow_pickle: bool
+    rotation: Any = None  # a fused graph's Rotation, or None
+
+    def source(self, config: Any) -> Source:
+        model = self.model if not Path(self.model).exists() else str(Path(self.model).resolve())
+        revision = self.revision or getattr(config, "_commit_hash", None)
+        return Source(model=model, architecture=config.architectures[0], revision=revision,
+                      model_type=config.model_type)
+
+    def export_info(self) -> ExportInfo:
+        """The ``export`` block, dated now (the step seconds are added at the end)."""
+        return ExportInfo(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                          versions=_versions(), opset=self.opset if self.graph == "traced" else FUSED_OPSET,
+                          graph=self.graph, command=self.command, allow_pickle=self.allow_pickle,
+                          extra={"rotation": self.rotation.record()} if self.rotation is not None else {})
+
+
 def validate_artifact(root: Path, family: Any, precision: str = "fp32",
-                      groups: Sequence[tuple[str, list[str]]] | None = None) -> dict[str, Any]:
+                      groups: Sequence[tuple[str, list[str]]] | None = None, *, release: bool = False) -> Parity:
     """Score the built-in groups with the artifact and with PyTorch.
 
     Every run is checked: each padding side the family supports, batch 1 and 8, and for decoder artifacts
@@ -71,19 +105,26 @@ def validate_artifact(root: Path, family: Any, precision: str = "fp32",
     ``whole`` (whole pairs with an empty past: ``prefix_reuse=False``, TensorRT engines, single documents).
 
     Returns:
-        The parity report stored in the manifest; ``max_abs_logit_diff_by_run`` is keyed
-        ``[reuse|whole/]side/batchN`` and ``max_abs_logit_diff`` is the worst run.
+        The parity stored in the manifest: ``max_abs_logit_diff`` is the worst run, and ``extra`` holds the
+        pair and query counts, ``max_abs_logit_diff_by_run`` (keyed ``[reuse|whole/]side/batchN``) and the
+        top-k agreement.
+
+    ``release``: free the PyTorch model once the reference scores are computed, before onnxruntime loads the
+    graph (the export needs it no more), so the two never share the memory at once.
     """
     from memrerank.runtime import Reranker
 
     groups = list(groups) if groups is not None else builtin_pairs()
     ref = [family.reference(q, docs, None) for q, docs in groups]
+    if release:
+        family.release()
     paths: tuple[tuple[str, bool | None], ...] = (("", None),)
     if read_manifest(root).prefix_reuse is not None:
         paths = (("reuse/", True), ("whole/", False))
     by_run: dict[str, float] = {}
     spear, topk = [], []
     for path, prefix_reuse in paths:
+        reranker = None  # one session at a time
         reranker = Reranker.load(root, precision=precision, prefix_reuse=prefix_reuse)
         for side in family.padding_sides:
             reranker.padding_side = side
@@ -97,16 +138,14 @@ def validate_artifact(root: Path, family: Any, precision: str = "fp32",
                         spear.append(spearman(got, r))
                         topk.append(topk_overlap(got, r, TOPK))
                 by_run[f"{path}{side}/batch{batch_size}"] = max(diffs)
-    return {
-        "reference": "pytorch (transformers, fp32)",
-        "pairs": sum(len(d) for _, d in groups),
-        "queries": len(groups),
-        "max_abs_logit_diff": max(by_run.values()),
-        "max_abs_logit_diff_by_run": by_run,
-        "spearman_mean": float(np.mean(spear)),
-        f"top{TOPK}_agreement": float(np.mean(topk)),
-        "tolerance": PARITY_TOLERANCE[precision],
-    }
+    return Parity(
+        reference="pytorch (transformers, fp32)",
+        max_abs_logit_diff=max(by_run.values()),
+        tolerance=PARITY_TOLERANCE[precision],
+        spearman_mean=float(np.mean(spear)),
+        extra={"pairs": sum(len(d) for _, d in groups), "queries": len(groups),
+               "max_abs_logit_diff_by_run": by_run, f"top{TOPK}_agreement": float(np.mean(topk))},
+    )
 
 
 def export_model(
@@ -124,6 +163,8 @@ def export_model(
     fidelity: FidelityBudget | str | None = None,
     allow_pickle: bool = False,
     graph: str = "traced",
+    rotate: bool = False,
+    prompt: Any = None,
     command: str | None = None,
     log: Callable[[str], None] = _log.info,
     progress: bool | None = False,
@@ -152,6 +193,11 @@ def export_model(
         graph: ``"traced"`` (Optimum's trace of the PyTorch module) or, for decoder families, ``"fused"`` /
             ``"fused-cuda"`` (:mod:`memrerank.export.fused`: onnxruntime's fused attention, rotary and RMSNorm
             operators, written for the CPU or the CUDA provider; same inputs, outputs and scores).
+        rotate: a fused graph's weights in a rotated basis (:class:`~memrerank.export.fused.Rotation`, recorded in
+            the manifest's ``export.rotation``): the same scores at every precision (checked against PyTorch
+            like any fp32 graph), no outlier channels for int8 to code on the residual stream.
+        prompt: decoder yes/no rerankers: a :class:`~memrerank.export.families.decoder_yes_no.YesNoPrompt`
+            replacing the checkpoint's default (Qwen3: the Qwen3-Reranker recipe; Qwen2: the same without think).
         command: the command line recorded in the manifest's ``export`` block.
         log: progress messages.
         progress: a progress bar over the export's steps on stderr (``None``: when stderr is a terminal). Each
@@ -167,32 +213,20 @@ def export_model(
     recover(out, log)  # an artifact a killed export left aside comes back before anything looks at ``out``
     budget, calib_groups = _check_arguments(out, precisions, force=force, max_length=max_length,
                                             calib_data=calib_data, fidelity=fidelity, graph=graph)
+    if rotate and graph not in FUSED_GRAPHS:
+        raise ValueError("rotate: the rotated basis is written by the fused graphs; pass --graph fused "
+                         f"(or fused-cuda), not {graph!r}")
     lower = [p for p in PRECISIONS if p in precisions and p != "fp32"]
     steps = Steps(3 + len(lower), desc=f"export {Path(model).name}", enabled=progress, log=log)
     log = steps.log
+    family, config, blocks, tmp = _load_step(model, out, steps, revision=revision, instruction=instruction,
+                                             trust_remote_code=trust_remote_code, max_length=max_length,
+                                             allow_pickle=allow_pickle, prompt=prompt)
+    job = _Job(model, revision, opset, graph, command, allow_pickle, Rotation() if rotate else None)
     try:
-        steps.start("load")
-        family, config = _load_family(model, revision=revision, trust_remote_code=trust_remote_code,
-                                      instruction=instruction, max_length=max_length, allow_pickle=allow_pickle,
-                                      log=log)
-        blocks = family.template()  # refuses options the family does not take, before anything is written
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = staging_path(out)
-        tmp.mkdir()
-    except BaseException:
-        steps.finish()
-        raise
-    try:
-        steps.start("fp32 graph")
-        manifest = _write_fp32(tmp, model, config, family, blocks, revision=revision, opset=opset,
-                               command=command, allow_pickle=allow_pickle, log=log, graph=graph)
-        steps.start("validate fp32")
-        _validate_fp32(tmp, family, manifest, log)
-        if lower:
-            _build_precisions(tmp, lower, calib_groups, budget, manifest, log, steps)
+        manifest = _build_artifact(tmp, job, config, family, blocks, lower, calib_groups, budget, steps)
         seconds = steps.finish()
-        manifest["export"]["step_seconds"] = {k: round(v, 2) for k, v in seconds.items()}
-        write_manifest(tmp, manifest)
+        write_manifest(tmp, _with_step_seconds(manifest, seconds))
         swap_into_place(tmp, out)
     except BaseException:
         steps.finish()
@@ -223,7 +257,8 @@ def _check_arguments(out: Path, precisions: Sequence[str], *, force: bool, max_l
 
 
 def _load_family(model: str, *, revision: str | None, trust_remote_code: bool, instruction: str | None,
-                 max_length: int | None, allow_pickle: bool, log: Callable[[str], None]) -> tuple[Any, Any]:
+                 max_length: int | None, allow_pickle: bool, log: Callable[[str], None], prompt: Any = None
+                 ) -> tuple[Any, Any]:
     """Read the checkpoint's config, pick its registered family and load the PyTorch model and tokenizer."""
     from transformers import AutoConfig
 
@@ -235,16 +270,63 @@ def _load_family(model: str, *, revision: str | None, trust_remote_code: bool, i
                  "hub id (or the hub is unreachable: set HF_HUB_OFFLINE=1 and pass a local directory)")
         raise ValueError(f"{model}: cannot read a transformers config.json from this {where}: {exc}") from exc
     family = family_for(config)(model, config, revision=revision, trust_remote_code=trust_remote_code,
-                                instruction=instruction, max_length=max_length, allow_pickle=allow_pickle)
+                                instruction=instruction, max_length=max_length, allow_pickle=allow_pickle,
+                                prompt=prompt)
     family.load()
     return family, config
 
 
-def _write_fp32(tmp: Path, model: str, config: Any, family: Any,
-                blocks: tuple[dict[str, Any], dict[str, Any]], *, revision: str | None, opset: int,
-                command: str | None, allow_pickle: bool, log: Callable[[str], None], graph: str = "traced"
-                ) -> dict[str, Any]:
-    """Write the tokenizer, the fp32 graph and the first manifest into ``tmp``; return the manifest's JSON.
+def _load_step(model: str, out: Path, steps: Steps, *, revision: str | None, trust_remote_code: bool,
+               instruction: str | None, max_length: int | None, allow_pickle: bool, prompt: Any = None
+               ) -> tuple[Any, Any, tuple[Template, Tokens], Path]:
+    """The load step: the checkpoint in its family, the family's template and tokens, and the staging
+    directory.
+
+    The template is taken before anything is written: it refuses options the family does not take.
+    """
+    try:
+        steps.start("load")
+        family, config = _load_family(model, revision=revision, trust_remote_code=trust_remote_code,
+                                      instruction=instruction, max_length=max_length,
+                                      allow_pickle=allow_pickle, log=steps.log, prompt=prompt)
+        blocks = family.template()
+        return family, config, blocks, _staging(out)
+    except BaseException:
+        steps.finish()
+        raise
+
+
+def _staging(out: Path) -> Path:
+    """A new, empty staging directory beside ``out`` (:func:`memrerank.atomic.staging_path`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = staging_path(out)
+    tmp.mkdir()
+    return tmp
+
+
+def _with_step_seconds(manifest: Manifest, seconds: Mapping[str, float]) -> Manifest:
+    """``manifest`` with each step's seconds in its ``export`` block."""
+    export = dataclasses.replace(manifest.export, step_seconds={k: round(v, 2) for k, v in seconds.items()})
+    return dataclasses.replace(manifest, export=export)
+
+
+def _build_artifact(tmp: Path, job: _Job, config: Any, family: Any, blocks: tuple[Template, Tokens],
+                    lower: Sequence[str], groups: Sequence[tuple[str, list[str]]] | None,
+                    budget: FidelityBudget, steps: Steps) -> Manifest:
+    """The steps between loading and the swap: the fp32 graph, its check against PyTorch, then each lower
+    precision. Each writes the manifest into ``tmp``; returns it as last written."""
+    steps.start("fp32 graph")
+    manifest = _write_fp32(tmp, job, config, family, blocks, steps.log)
+    steps.start("validate fp32")
+    manifest = _validate_fp32(tmp, family, manifest, steps.log)
+    if lower:
+        manifest = _build_precisions(tmp, lower, groups, budget, manifest, steps.log, steps)
+    return manifest
+
+
+def _write_fp32(tmp: Path, job: _Job, config: Any, family: Any, blocks: tuple[Template, Tokens],
+                log: Callable[[str], None]) -> Manifest:
+    """Write the tokenizer, the fp32 graph and the first manifest into ``tmp``; return the manifest.
 
     ``blocks`` is the family's ``(template, tokens)`` pair (:meth:`Family.template`).
     """
@@ -252,118 +334,115 @@ def _write_fp32(tmp: Path, model: str, config: Any, family: Any,
     family.tokenizer.save_pretrained(tmp, legacy_format=False)
     tokenizer_files = [p for p in sorted(tmp.iterdir()) if p.is_file()]
     if not (tmp / TOKENIZER_NAME).is_file():
-        raise ValueError(f"{model}: the tokenizer did not produce {TOKENIZER_NAME}")
+        raise ValueError(f"{job.model}: the tokenizer did not produce {TOKENIZER_NAME}")
 
-    log(f"exporting fp32 graph ({family.name}, {graph})")
+    log(f"exporting fp32 graph ({family.name}, {job.graph})")
     onnx_config = family.onnx_config()
-    if graph in FUSED_GRAPHS:
-        if family.cache_layout() is None:
-            raise ValueError(f"--graph {graph} is for decoder rerankers; {family.name} exports the traced graph")
-        files = write_fused_graph(family.graph_module(), tmp / "fp32" / "model.onnx", ep=FUSED_GRAPHS[graph])
+    layout = family.cache_layout()
+    path = tmp / "fp32" / "model.onnx"
+    if job.graph in FUSED_GRAPHS:
+        if layout is None:
+            raise ValueError(f"--graph {job.graph} is for decoder rerankers; {family.name} exports the "
+                             "traced graph")
+        files = write_fused_graph(family.graph_module(), path, ep=FUSED_GRAPHS[job.graph], rotation=job.rotation)
     else:
-        files = export_onnx(family.graph_module(), onnx_config, tmp / "fp32" / "model.onnx", opset=opset)
-    manifest: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "family": family.name,
-        "source": {
-            "model": model if not Path(model).exists() else str(Path(model).resolve()),
-            "revision": revision or getattr(config, "_commit_hash", None),
-            "architecture": config.architectures[0],
-            "model_type": config.model_type,
-        },
-        "template": template,
-        "tokens": tokens,
-        "tokenizer": {"files": _file_block(tmp, tokenizer_files)},
-        "precisions": {
-            "fp32": {
-                "graph": "fp32/model.onnx",
-                "files": _file_block(tmp, files),
-                "inputs": list(onnx_config.inputs),
-                "outputs": list(onnx_config.outputs),
-                "providers": list(PRECISION_PROVIDERS["fp32"]),
-            }
-        },
-        "calibration": {},
-        "prefix_reuse": family.cache_layout(),
-        "export": {
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "versions": _versions(),
-            "opset": opset if graph == "traced" else FUSED_OPSET,
-            "graph": graph,
-            "command": command,
-            "allow_pickle": allow_pickle,
-        },
-    }
-    write_manifest(tmp, manifest)
-    return manifest
+        files = export_onnx(family.graph_module(), onnx_config, path, opset=job.opset)
+    fp32 = PrecisionEntry(graph="fp32/model.onnx", files=file_entries(tmp, files),
+                          inputs=tuple(onnx_config.inputs), outputs=tuple(onnx_config.outputs),
+                          providers=PRECISION_PROVIDERS["fp32"])
+    manifest = Manifest(family=family.name, source=job.source(config), template=template, tokens=tokens,
+                        tokenizer_files=file_entries(tmp, tokenizer_files), precisions={"fp32": fp32},
+                        prefix_reuse=layout, export=job.export_info())
+    return write_manifest(tmp, manifest)
 
 
-def _validate_fp32(tmp: Path, family: Any, manifest: dict[str, Any], log: Callable[[str], None]) -> None:
+def _validate_fp32(tmp: Path, family: Any, manifest: Manifest, log: Callable[[str], None]) -> Manifest:
     """Score the fp32 artifact against PyTorch, record the parity and refuse a graph outside its tolerance."""
     log("validating fp32 graph against PyTorch")
-    manifest["precisions"]["fp32"]["parity"] = validate_artifact(tmp, family, "fp32")
-    parity = write_manifest(tmp, manifest).precision("fp32").parity
-    if parity is not None and not parity.within_tolerance:
+    parity = validate_artifact(tmp, family, "fp32", release=True)
+    fp32 = dataclasses.replace(manifest.precision("fp32"), parity=parity)
+    manifest = write_manifest(tmp, manifest.with_precision("fp32", fp32))
+    if not parity.within_tolerance:
         by_run = parity.extra["max_abs_logit_diff_by_run"]
         runs = "\n".join(f"  {k}: max |Δlogit| = {v:.3e}" for k, v in by_run.items())
         raise ParityError(
             f"fp32 graph differs from PyTorch by {parity.max_abs_logit_diff:.3e} > {parity.tolerance:.0e}:\n"
             f"{runs}\nthe export is not trustworthy; please report this checkpoint"
         )
+    return manifest
 
 
 def _build_precisions(tmp: Path, names: Sequence[str], groups: Sequence[tuple[str, list[str]]] | None,
-                      budget: FidelityBudget, manifest: dict[str, Any], log: Callable[[str], None],
-                      steps: Steps | None = None) -> None:
-    """Build each lower precision from the fp32 graph and validate it against fp32 on the calibration pairs."""
+                      budget: FidelityBudget, manifest: Manifest, log: Callable[[str], None],
+                      steps: Steps | None = None) -> Manifest:
+    """Build each lower precision from the fp32 graph and validate it against fp32 on the calibration pairs;
+    write the manifest with their entries and return it.
+
+    Raises:
+        ParityError: a precision misses the fidelity budget even after the sensitivity search.
+    """
     source = "user --calib-data" if groups is not None else "built-in pairs"
     if groups is None:
         groups = builtin_calibration_groups()
         log("no --calib-data given: calibrating and checking fidelity on the built-in pairs")
-    fp32 = read_manifest(tmp).precision("fp32")
-    graph = tmp / fp32.graph
+    fp32 = manifest.precision("fp32")
     calib = CalibSet(tmp, groups)
-    info = graph_info(graph)
-    manifest["calibration_data"] = {"source": source, "pairs": calib.n_pairs, "queries": len(groups)}
+    info = graph_info(tmp / fp32.graph)
+    calibration_data = CalibrationData(source, calib.n_pairs, len(groups))
+    manifest = dataclasses.replace(manifest, calibration_data=calibration_data)
     failures = []
     for name in names:
         if steps is not None:
             steps.start(name)
         log(f"building {name}")
-        out_graph = tmp / name / "model.onnx"
-        builder = PRECISION_BUILDERS[name]
-        build_info: dict[str, Any] = {}
-
-        def build(exclude: list[str], _b=builder, _o=out_graph) -> None:
-            build_info.update(_b(graph, _o, info, calib, exclude))
-
-        if name == "fp16":  # no search: fp16 keeps head and final norm in fp32 and is gated by its tolerance
-            build([])
-            metrics = calib.fidelity(calib.score(out_graph))
-            report: dict[str, Any] = {"budget": asdict(budget), "fidelity": metrics, "kept_fp32": [],
-                                      "meets_budget": budget.met(metrics)
-                                      and metrics["max_abs_logit_diff"] <= PARITY_TOLERANCE["fp16"]}
-        else:
-            report = search_exclusions(build, out_graph, calib, info.groups, budget, log, label=f"{name} search",
-                                       progress=steps.enabled if steps is not None else False)
-        files = sorted(p for p in out_graph.parent.iterdir() if p.is_file())
-        manifest["precisions"][name] = {
-            "graph": f"{name}/model.onnx",
-            "files": _file_block(tmp, files),
-            "inputs": list(fp32.inputs),
-            "outputs": list(fp32.outputs),
-            "providers": list(PRECISION_PROVIDERS[name]),
-            "build": build_info,
-            "fidelity": report,
-            "parity": {"reference": "fp32 onnx", **report["fidelity"], "tolerance": PARITY_TOLERANCE[name]},
-        }
-        m = report["fidelity"]
-        log(f"  {name}: max|Δlogit| {m['max_abs_logit_diff']:.3e}, spearman {m['spearman_mean']:.4f}, "
-            f"top10 {m['top10_overlap']:.3f}, kept fp32: {report['kept_fp32'] or 'none'}")
-        if not report["meets_budget"]:
-            failures.append(f"  {name}: spearman {m['spearman_mean']:.4f} (need {budget.spearman}), top10 "
-                            f"{m['top10_overlap']:.3f} (need {budget.top10}), max|Δlogit| {m['max_abs_logit_diff']:.3e}")
+        entry, shortfall = _build_precision(tmp, name, fp32, calib, info, budget, log, steps)
+        manifest = manifest.with_precision(name, entry)
+        if shortfall is not None:
+            failures.append(shortfall)
     if failures:
         raise ParityError("precisions below the fidelity budget vs fp32 even after the sensitivity search:\n"
                           + "\n".join(failures) + "\nrelax it with --fidelity top10=X,spearman=Y or drop the precision")
-    write_manifest(tmp, manifest)
+    return write_manifest(tmp, manifest)
+
+
+def _build_precision(tmp: Path, name: str, fp32: PrecisionEntry, calib: CalibSet, info: GraphInfo,
+                     budget: FidelityBudget, log: Callable[[str], None], steps: Steps | None
+                     ) -> tuple[PrecisionEntry, str | None]:
+    """Build one lower precision from the fp32 graph (the quantized ones through the sensitivity search).
+
+    Returns:
+        Its entry (files, the build record of the graph kept, fidelity and parity vs fp32) and, when it misses
+        the budget, the line saying by how much.
+    """
+    out_graph = tmp / name / "model.onnx"
+    builder = PRECISION_BUILDERS[name]
+    builds: list[Build] = []  # the last one describes the graph on disk (the search rebuilds the one kept)
+
+    def build(exclude: list[str]) -> None:
+        builds.append(builder(tmp / fp32.graph, out_graph, info, calib, exclude))
+
+    if name == "fp16":  # no search: fp16 keeps head and final norm in fp32 and is gated by its tolerance
+        build([])
+        metrics = calib.fidelity(calib.score(out_graph))
+        report: dict[str, Any] = {"budget": asdict(budget), "fidelity": metrics, "kept_fp32": [],
+                                  "meets_budget": budget.met(metrics)
+                                  and metrics["max_abs_logit_diff"] <= PARITY_TOLERANCE["fp16"]}
+    else:
+        report = search_exclusions(build, out_graph, calib, info.groups, budget, log, label=f"{name} search",
+                                   progress=steps.enabled if steps is not None else False)
+    m = report["fidelity"]
+    log(f"  {name}: max|Δlogit| {m['max_abs_logit_diff']:.3e}, spearman {m['spearman_mean']:.4f}, "
+        f"top10 {m['top10_overlap']:.3f}, kept fp32: {report['kept_fp32'] or 'none'}")
+    shortfall = None if report["meets_budget"] else (
+        f"  {name}: spearman {m['spearman_mean']:.4f} (need {budget.spearman}), top10 "
+        f"{m['top10_overlap']:.3f} (need {budget.top10}), max|Δlogit| {m['max_abs_logit_diff']:.3e}")
+    # the search's report and its metrics are plain dicts (memrerank.export.fidelity): typed here, at the seam
+    parity = {"reference": "fp32 onnx", **m, "tolerance": PARITY_TOLERANCE[name]}
+    files = sorted(p for p in out_graph.parent.iterdir() if p.is_file())
+    entry = PrecisionEntry(
+        graph=f"{name}/model.onnx", files=file_entries(tmp, files), inputs=fp32.inputs, outputs=fp32.outputs,
+        providers=PRECISION_PROVIDERS[name], build=builds[-1],
+        parity=Parity.from_dict(parity, f"precisions.{name}.parity"),
+        fidelity=Fidelity.from_dict(report, f"precisions.{name}.fidelity"),
+    )
+    return entry, shortfall

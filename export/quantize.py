@@ -17,18 +17,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memrerank.export.graph import _plain_weight, _save
+from memrerank.export.graph import _plain_weight, save_graph
+from memrerank.manifest import Build
 
 __all__ = ["PRECISION_BUILDERS", "register_precision", "GraphInfo", "graph_info", "weight_matmuls",
            "quantize_per_row", "build_int8_per_tensor"]
 
-PRECISION_BUILDERS: dict[str, Callable[..., dict[str, Any]]] = {}
+#: Precision name → its builder: ``builder(fp32, out, info, calib, exclude)`` writes ``out`` and returns the
+#: manifest's ``build`` record of the graph it wrote.
+PRECISION_BUILDERS: dict[str, Callable[..., Build]] = {}
 
 
-def register_precision(name: str) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., dict[str, Any]]]:
+def register_precision(name: str) -> Callable[[Callable[..., Build]], Callable[..., Build]]:
     """Decorator registering the builder of one precision (name as in ``memrerank.manifest.PRECISIONS``)."""
 
-    def wrap(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    def wrap(fn: Callable[..., Build]) -> Callable[..., Build]:
         PRECISION_BUILDERS[name] = fn
         return fn
 
@@ -194,7 +197,7 @@ def quantize_embeddings(path: Path, nodes: list[str], external: bool) -> int:
     model.graph.node.extend(new_nodes)
     data = path.parent / (path.name + "_data")
     data.unlink(missing_ok=True)
-    _save(model, path, external)
+    save_graph(model, path, external)
     return done
 
 
@@ -211,7 +214,7 @@ def _quiet() -> Iterator[None]:
 
 @register_precision("fp16")
 def build_fp16(fp32: Path, out: Path, info: GraphInfo, calib: Any = None, exclude: list[str] | None = None
-               ) -> dict[str, Any]:
+               ) -> Build:
     """fp16 weights and activations (onnxruntime.transformers.float16, fp32 I/O); head and final norm stay fp32.
 
     Meant for GPU providers: on CPU, onnxruntime runs fp16 no faster than fp32.
@@ -225,9 +228,9 @@ def build_fp16(fp32: Path, out: Path, info: GraphInfo, calib: Any = None, exclud
     # A path, not a ModelProto: the converter then infers shapes with infer_shapes_path, which works above
     # protobuf's 2 GiB (in-memory shape inference serializes the whole model and fails at real decoder size).
     converted = convert_float_to_float16(str(fp32), keep_io_types=True, node_block_list=blocked)
-    _save(converted, out, info.external_data)
-    return {"method": "onnxruntime.transformers.float16 (keep_io_types)", "fp32_nodes": blocked,
-            "note": "a GPU precision: expect no speed-up on CPU"}
+    save_graph(converted, out, info.external_data)
+    return Build(method="onnxruntime.transformers.float16 (keep_io_types)",
+                 extra={"fp32_nodes": blocked, "note": "a GPU precision: expect no speed-up on CPU"})
 
 
 def _dynamic(fp32: Path, out: Path, info: GraphInfo, exclude: list[str]) -> None:
@@ -259,7 +262,7 @@ def _copy_graph(fp32: Path, out: Path, info: GraphInfo) -> None:
 
     for stale in (out, out.parent / (out.name + "_data")):
         stale.unlink(missing_ok=True)
-    _save(onnx.load(str(fp32)), out, info.external_data)
+    save_graph(onnx.load(str(fp32)), out, info.external_data)
 
 
 def _move_graph(work: Path, out: Path) -> None:
@@ -273,7 +276,7 @@ def _move_graph(work: Path, out: Path) -> None:
     external = any(f.name != graphs[0].name and not f.name.endswith(".json") for f in work.iterdir())
     for stale in (out, out.parent / (out.name + "_data")):
         stale.unlink(missing_ok=True)
-    _save(model, out, external)
+    save_graph(model, out, external)
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -282,7 +285,8 @@ def _move_graph(work: Path, out: Path) -> None:
 ROW_SCALE_FLOOR = 1e-30
 
 def quantize_per_row(fp32: Path, out: Path, nodes: list[str], external: bool, *, model: Any = None,
-                     smooth: dict[str, Any] | None = None, lower_bounds: dict[str, float] | None = None) -> int:
+                     smooth: dict[str, Any] | None = None, lower_bounds: dict[str, float] | None = None,
+                     outliers: dict[str, Any] | None = None, hadamard: dict[str, int] | None = None) -> int:
     """Quantize weight MatMul/Gemm nodes with per-row (per-token) dynamic activation scales; write ``out``.
 
     Dynamic quantization as onnxruntime does it (``DynamicQuantizeLinear``) takes one activation scale for the
@@ -309,28 +313,29 @@ def quantize_per_row(fp32: Path, out: Path, nodes: list[str], external: bool, *,
         lower_bounds: activation name → a value ``L < 0`` nothing goes below (GELU outputs): coded on 0..255
             with the fixed zero point ``zp`` of :data:`memrerank.export.optimize.GELU_ZERO_POINT` and the row
             scale ``max(max x_row / (255 - zp), -L / zp)`` (one reduction, about twice the resolution).
+        outliers: activation name → input channels kept out of the codes (LLM.int8()'s decomposition, with
+            the channels fixed at export): they are zeroed before coding, so they no longer set each row's
+            scale, and their part of every product, ``x[..., idx] · W[idx, :]``, runs in fp32 beside the int8
+            product. The channel set is a constant, so a row's result still depends on that row alone.
+        hadamard: activation name → block size ``b`` (a power of two dividing its channels): the activation is
+            multiplied by a block-diagonal normalized Hadamard matrix before coding (each run of ``b`` channels
+            mixed, fp32) and every product's weight rows by its transpose, so the product is unchanged and an
+            outlier channel's size is shared by its block (QuaRot's online rotation, for an input no offline
+            rotation reaches: the SwiGLU down projection's). Takes the place of smoothing and outlier channels
+            for that activation.
 
     Returns:
         The number of nodes quantized.
     """
-    import numpy as np
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     if model is None:
         model = onnx.load(str(fp32))
-    smooth = smooth or {}
-    lower_bounds = lower_bounds or {}
     graph = model.graph
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     inits = {i.name: i for i in graph.initializer}
+    coder = _RowCoder(model, smooth or {}, lower_bounds or {}, outliers or {}, hadamard or {})
     wanted = set(nodes)
-    consts = {"_pr_zp": np.array(128, np.uint8), "_pr_inv127": np.array(1.0 / 127.0, np.float32),
-              "_pr_floor": np.array(ROW_SCALE_FLOOR, np.float32), "_pr_flat": np.array([-1], np.int64)}
-    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
-    rows: dict[str, tuple[str, str, str]] = {}  # activation name -> (its uint8 codes, row scales, zero point)
-    weights: dict[tuple[str, bool, str], str] = {}  # (initializer, transposed, smoothed input) -> codes prefix
-    replaced: set[str] = set()
     new_nodes = []
     done = 0
     for node in graph.node:
@@ -338,55 +343,174 @@ def quantize_per_row(fp32: Path, out: Path, nodes: list[str], external: bool, *,
         if weight is None:
             new_nodes.append(node)
             continue
-        w, bias, transposed = weight
-        x, tag = node.input[0], node.name or node.output[0]
-        if x in smooth:
-            w = w * np.asarray(smooth[x], np.float32)[:, None]
-        if x not in rows:
-            src = x
-            if x in smooth:  # one Mul shared by every product reading x
-                divide = numpy_helper.from_array((1.0 / np.asarray(smooth[x], np.float32)).astype(np.float32),
-                                                 f"{tag}_smooth_inv")
-                graph.initializer.append(divide)
-                new_nodes.append(helper.make_node("Mul", [x, divide.name], [f"{tag}_smoothed"], name=f"{tag}_smooth"))
-                src = f"{tag}_smoothed"
-            if x in lower_bounds:
-                nodes_x, inits_x, rows[x] = _offset_codes(src, f"{tag}_row", lower_bounds[x], opset)
-            else:
-                nodes_x, inits_x, (codes_x, scale_x) = _row_codes(src, f"{tag}_row", w.shape[0], opset)
-                rows[x] = (codes_x, scale_x, "_pr_zp")
-            new_nodes += nodes_x
-            graph.initializer.extend(inits_x)
-        codes, row_scale, zero_point = rows[x]
-        key = (node.input[1], transposed, x if x in smooth else "")
-        if key not in weights:  # a weight shared by several products is stored once
-            scale = np.abs(w).max(axis=0) / 127.0
-            scale[scale == 0] = 1.0
-            q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
-            graph.initializer.extend([numpy_helper.from_array(q, tag + "_w_int8"),
-                                      numpy_helper.from_array(scale.astype(np.float32), tag + "_w_scale")])
-            weights[key] = tag
-        w_tag = weights[key]
-        out_name = node.output[0]
-        product = out_name if bias is None else out_name + "_nobias"
-        new_nodes.append(helper.make_node(
-            "MatMulIntegerToFloat", [codes, w_tag + "_w_int8", row_scale, w_tag + "_w_scale", zero_point], [product],
-            name=tag + "_quant", domain="com.microsoft"))
-        if bias is not None:
-            new_nodes.append(helper.make_node("Add", [product, bias], [out_name], name=tag + "_bias"))
-        replaced.add(node.input[1])
+        new_nodes += coder.replace(node, *weight)
         done += 1
     del graph.node[:]
     graph.node.extend(new_nodes)
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    for name in replaced - used:
+    for name in coder.replaced - used:
         graph.initializer.remove(inits[name])
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     for stale in (out, out.parent / (out.name + "_data")):
         stale.unlink(missing_ok=True)
-    _save(model, out, external)
+    save_graph(model, out, external)
     return done
+
+
+class _RowCoder:
+    """The rewrite of :func:`quantize_per_row`, one weight product at a time.
+
+    An activation read by several products is coded once (its codes, row scales and zero point are kept in
+    ``rows``), and a weight shared by several products is stored once per transposition and smoothing
+    (``weights``: the prefix of its int8 codes and column scales). New initializers go straight into the
+    graph.
+    """
+
+    def __init__(self, model: Any, smooth: dict[str, Any], lower_bounds: dict[str, float],
+                 outliers: dict[str, Any] | None = None, hadamard: dict[str, int] | None = None) -> None:
+        import numpy as np
+        from onnx import numpy_helper
+
+        self.graph = model.graph
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        self.hadamard = dict(hadamard or {})
+        self.smooth = {x: v for x, v in smooth.items() if x not in self.hadamard}
+        self.lower_bounds = {x: v for x, v in lower_bounds.items() if x not in self.hadamard}
+        self.outliers = {x: np.asarray(idx, np.int64) for x, idx in (outliers or {}).items()
+                         if len(idx) and x not in self.hadamard}
+        self.outlier_x: dict[str, str] = {}  # activation -> its outlier channels, gathered once (fp32)
+        consts = {"_pr_zp": np.array(128, np.uint8), "_pr_inv127": np.array(1.0 / 127.0, np.float32),
+                  "_pr_floor": np.array(ROW_SCALE_FLOOR, np.float32), "_pr_flat": np.array([-1], np.int64)}
+        self.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+        self.rows: dict[str, tuple[str, str, str]] = {}  # activation -> (uint8 codes, row scales, zero point)
+        self.weights: dict[tuple[str, bool, str], str] = {}  # (weight, transposed, smoothed input) -> tag
+        self.replaced: set[str] = set()  # weight initializers now read through their int8 codes
+
+    def replace(self, node: Any, w: Any, bias: str | None, transposed: bool) -> list[Any]:
+        """The nodes computing ``node`` (a plain product by the weight ``w``, plus ``bias``) from int8 codes,
+        preceded by the coding of its activation the first time that activation is read."""
+        import numpy as np
+        from onnx import helper
+
+        x, tag = node.input[0], node.name or node.output[0]
+        w_outliers = None
+        if x in self.outliers:  # their rows run in fp32; zeroed here so they do not widen the column scales
+            idx = self.outliers[x]
+            w_outliers, w = w[idx, :].astype(np.float32), w.copy()
+            w[idx, :] = 0.0
+        if x in self.smooth:
+            w = w * np.asarray(self.smooth[x], np.float32)[:, None]
+        if x in self.hadamard:  # rows mixed by Hᵀ block by block, as the activation is by H
+            b = self.hadamard[x]
+            h = block_hadamard(b)
+            w = np.einsum("ji,kjn->kin", h, w.astype(np.float64).reshape(-1, b, w.shape[1])).reshape(
+                w.shape).astype(np.float32)
+        new = [] if x in self.rows else self._code_activation(x, tag, w.shape[0])
+        codes, row_scale, zero_point = self.rows[x]
+        changed = x in self.smooth or x in self.outliers or x in self.hadamard
+        w_tag = self._store_weight((node.input[1], transposed, x if changed else ""), tag, w)
+        out_name = node.output[0]
+        product = out_name if bias is None and w_outliers is None else out_name + "_int8"
+        new.append(helper.make_node(
+            "MatMulIntegerToFloat", [codes, w_tag + "_w_int8", row_scale, w_tag + "_w_scale", zero_point],
+            [product], name=tag + "_quant", domain="com.microsoft"))
+        if w_outliers is not None:
+            summed = out_name if bias is None else out_name + "_sum"
+            new += self._add_outlier_part(x, tag, product, w_outliers, summed)
+            product = summed
+        if bias is not None:
+            new.append(helper.make_node("Add", [product, bias], [out_name], name=tag + "_bias"))
+        self.replaced.add(node.input[1])
+        return new
+
+    def _add_outlier_part(self, x: str, tag: str, product: str, w_outliers: Any, result: str) -> list[Any]:
+        """``result = product + x[..., idx] · W[idx, :]`` (fp32), the gathered channels shared by ``x``'s
+        products."""
+        from onnx import helper, numpy_helper
+
+        self.graph.initializer.append(numpy_helper.from_array(w_outliers, tag + "_w_outliers"))
+        return [
+            helper.make_node("MatMul", [self.outlier_x[x], tag + "_w_outliers"], [tag + "_outlier_part"],
+                             name=tag + "_outlier_matmul"),
+            helper.make_node("Add", [product, tag + "_outlier_part"], [result], name=tag + "_outlier_add")]
+
+    def _code_activation(self, x: str, tag: str, k: int) -> list[Any]:
+        """Nodes coding activation ``x`` (last axis ``k``) per row, divided first by its smoothing factors
+        when it has some (one Mul shared by every product reading ``x``); records the codes' names in
+        ``rows``."""
+        import numpy as np
+        from onnx import helper, numpy_helper
+
+        new = []
+        src = x
+        if x in self.hadamard:
+            b = self.hadamard[x]
+            if k % b:
+                raise ValueError(f"{x}: {k} channels are not a multiple of the Hadamard block {b}")
+            h = numpy_helper.from_array(block_hadamard(b).astype(np.float32), f"{tag}_hadamard")
+            blocks = numpy_helper.from_array(np.array([-1, b], np.int64), f"{tag}_hadamard_blocks")
+            self.graph.initializer.extend([h, blocks])
+            new += [helper.make_node("Shape", [x], [f"{tag}_hadamard_shape"], name=f"{tag}_hadamard_shape"),
+                    helper.make_node("Reshape", [x, blocks.name], [f"{tag}_hadamard_in"],
+                                     name=f"{tag}_hadamard_in"),
+                    helper.make_node("MatMul", [f"{tag}_hadamard_in", h.name], [f"{tag}_hadamard_mixed"],
+                                     name=f"{tag}_hadamard"),
+                    helper.make_node("Reshape", [f"{tag}_hadamard_mixed", f"{tag}_hadamard_shape"],
+                                     [f"{tag}_rotated"], name=f"{tag}_hadamard_out")]
+            src = f"{tag}_rotated"
+        if x in self.outliers:
+            idx = numpy_helper.from_array(self.outliers[x], f"{tag}_outlier_idx")
+            self.graph.initializer.append(idx)
+            self.outlier_x[x] = f"{tag}_outlier_x"
+            new.append(helper.make_node("Gather", [x, idx.name], [self.outlier_x[x]], axis=-1,
+                                        name=f"{tag}_outlier_gather"))
+        if x in self.smooth or x in self.outliers:
+            inverse = np.ones(k, np.float32)
+            if x in self.smooth:
+                inverse = (1.0 / np.asarray(self.smooth[x], np.float32)).astype(np.float32)
+            if x in self.outliers:
+                inverse[self.outliers[x]] = 0.0  # the fp32 part carries these channels
+            divide = numpy_helper.from_array(inverse, f"{tag}_smooth_inv")
+            self.graph.initializer.append(divide)
+            new.append(helper.make_node("Mul", [x, divide.name], [f"{tag}_smoothed"], name=f"{tag}_smooth"))
+            src = f"{tag}_smoothed"
+        if x in self.lower_bounds:
+            nodes_x, inits_x, self.rows[x] = _offset_codes(src, f"{tag}_row", self.lower_bounds[x],
+                                                           self.opset)
+        else:
+            nodes_x, inits_x, (codes_x, scale_x) = _row_codes(src, f"{tag}_row", k, self.opset)
+            self.rows[x] = (codes_x, scale_x, "_pr_zp")
+        self.graph.initializer.extend(inits_x)
+        return new + nodes_x
+
+    def _store_weight(self, key: tuple[str, bool, str], tag: str, w: Any) -> str:
+        """The prefix of ``w``'s int8 codes (symmetric, one scale per column), stored the first time ``key``
+        is seen."""
+        import numpy as np
+        from onnx import numpy_helper
+
+        if key not in self.weights:
+            scale = np.abs(w).max(axis=0) / 127.0
+            scale[scale == 0] = 1.0
+            q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+            self.graph.initializer.extend([
+                numpy_helper.from_array(q, tag + "_w_int8"),
+                numpy_helper.from_array(scale.astype(np.float32), tag + "_w_scale")])
+            self.weights[key] = tag
+        return self.weights[key]
+
+
+def block_hadamard(b: int) -> Any:
+    """The normalized ``b × b`` Sylvester Hadamard matrix (``b`` a power of two; symmetric and orthogonal)."""
+    import numpy as np
+
+    if b < 1 or b & (b - 1):
+        raise ValueError(f"a Hadamard block must be a power of two, got {b}")
+    h = np.ones((1, 1))
+    while h.shape[0] < b:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(b)
 
 
 def _row_codes(x: str, p: str, k: int, opset: int) -> tuple[list[Any], list[Any], tuple[str, str]]:
@@ -477,7 +601,7 @@ INT8_METHOD = ("per-row (per-token) symmetric dynamic activation scales, U8 code
 
 @register_precision("int8")
 def build_int8(fp32: Path, out: Path, info: GraphInfo, calib: Any = None, exclude: list[str] | None = None
-               ) -> dict[str, Any]:
+               ) -> Build:
     """Per-row dynamic quantization: int8 weights per channel, activations quantized per token on the fly
     (:func:`quantize_per_row`), so scores do not depend on what shares a batch; int8 embedding tables.
 
@@ -495,30 +619,33 @@ def build_int8(fp32: Path, out: Path, info: GraphInfo, calib: Any = None, exclud
     out.parent.mkdir(parents=True, exist_ok=True)
     if nodes:
         quantize_per_row(fp32, out, nodes, info.external_data, model=plan.copy_model(), smooth=plan.smooth,
-                         lower_bounds=plan.lower_bounds)
+                         lower_bounds=plan.lower_bounds, outliers=plan.outliers, hadamard=plan.hadamard)
     elif plan.model is not None:
         for stale in (out, out.parent / (out.name + "_data")):
             stale.unlink(missing_ok=True)
-        _save(plan.copy_model(), out, info.external_data)
+        save_graph(plan.copy_model(), out, info.external_data)
     else:
         _copy_graph(fp32, out, info)
     tables = quantize_embeddings(out, [n for n in info.embedding_nodes if n not in exclude], info.external_data)
-    return {"method": INT8_METHOD, "batch_independent": True,
-            "embeddings": f"{tables} table(s) int8 with one symmetric scale per row" if tables else "fp32",
-            **plan.record}
+    return Build(method=INT8_METHOD, batch_independent=True, extra={"embeddings": _embeddings_record(tables),
+                                                                    **plan.record})
+
+
+def _embeddings_record(tables: int) -> str:
+    return f"{tables} table(s) int8 with one symmetric scale per row" if tables else "fp32"
 
 
 def build_int8_per_tensor(fp32: Path, out: Path, info: GraphInfo, calib: Any = None,
-                          exclude: list[str] | None = None) -> dict[str, Any]:
+                          exclude: list[str] | None = None) -> Build:
     """The former int8 (kept for comparison; not a precision an export writes): Optimum's ORTQuantizer dynamic
     preset, whose ``DynamicQuantizeLinear`` takes one activation scale per input tensor, i.e. per batch, so a
     score moves with the other documents in its call."""
     exclude = list(exclude or [])
     _dynamic(fp32, out, info, exclude)
     tables = quantize_embeddings(out, [n for n in info.embedding_nodes if n not in set(exclude)], info.external_data)
-    return {"method": "optimum ORTQuantizer dynamic, avx512_vnni preset, per-channel S8 weights, MatMul/Gemm",
-            "batch_independent": False,
-            "embeddings": f"{tables} table(s) int8 with one symmetric scale per row" if tables else "fp32"}
+    return Build(method="optimum ORTQuantizer dynamic, avx512_vnni preset, per-channel S8 weights, "
+                        "MatMul/Gemm", batch_independent=False,
+                 extra={"embeddings": _embeddings_record(tables)})
 
 
 class _Reader:
@@ -533,7 +660,7 @@ class _Reader:
 
 @register_precision("int8-static")
 def build_int8_static(fp32: Path, out: Path, info: GraphInfo, calib: Any = None,
-                      exclude: list[str] | None = None) -> dict[str, Any]:
+                      exclude: list[str] | None = None) -> Build:
     """Static QDQ quantization of weight MatMul/Gemm with activation ranges calibrated on query–document pairs.
 
     onnxruntime.quantization is called directly: Optimum's ``ORTQuantizer.fit`` needs a ``datasets.Dataset``, and
@@ -549,8 +676,8 @@ def build_int8_static(fp32: Path, out: Path, info: GraphInfo, calib: Any = None,
         stale.unlink(missing_ok=True)
     if not nodes:  # everything kept in fp32
         _copy_graph(fp32, out, info)
-        return {"method": "all weight products kept in fp32", "calibration_pairs": calib.n_pairs,
-                "batch_independent": True}
+        return Build(method="all weight products kept in fp32", batch_independent=True,
+                     extra={"calibration_pairs": calib.n_pairs})
     with _quiet():
         quantize_static(
             str(fp32), str(out), _Reader(calib.feeds(fp32)), quant_format=QuantFormat.QDQ,
@@ -560,6 +687,7 @@ def build_int8_static(fp32: Path, out: Path, info: GraphInfo, calib: Any = None,
             calibrate_method=CalibrationMethod.MinMax, use_external_data_format=info.external_data,
             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
         )
-    return {"method": "onnxruntime quantize_static QDQ, MinMax ranges, per-channel S8 weights, U8 activations, "
-                      "weight MatMul/Gemm only", "calibration_pairs": calib.n_pairs,
-            "batch_independent": True}  # activation scales fixed at export
+    return Build(method="onnxruntime quantize_static QDQ, MinMax ranges, per-channel S8 weights, "
+                        "U8 activations, weight MatMul/Gemm only",
+                 batch_independent=True,  # activation scales fixed at export
+                 extra={"calibration_pairs": calib.n_pairs})

@@ -29,7 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from memrerank.manifest import EngineEntry, Manifest, file_entries, read_manifest, write_manifest
+from memrerank.manifest import (
+    EngineEntry,
+    EngineParity,
+    Manifest,
+    file_entries,
+    read_manifest,
+    write_manifest,
+)
 from memrerank.runtime.backends.tensorrt import INSTALL_HINT, check_engine_compat, require_tensorrt
 
 __all__ = ["INSTALL_HINT", "ENGINE_PRECISIONS", "Profile", "parse_profile", "default_profile", "profile_shapes",
@@ -139,7 +146,8 @@ def calibration_batches(root: Path, max_rows: int = 16) -> list[dict[str, np.nda
 
 
 def engine_entry(precision: str, engine: Path, root: Path, *, trt_version: str, gpu: str, capability: str,
-                 profile: Profile, source_graph: str, method: str, parity: dict[str, Any] | None) -> EngineEntry:
+                 profile: Profile, source_graph: str, method: str, parity: EngineParity | None
+                 ) -> EngineEntry:
     """The manifest's ``engines[<precision>]`` entry: every file of the engine's directory, hashed."""
     files = sorted(p for p in engine.parent.iterdir() if p.is_file())
     return EngineEntry(
@@ -186,7 +194,7 @@ def build_engine(root: str | Path, precision: str, profile: Profile | None = Non
     # re-read: a calibration written while the engine was building is kept
     write_manifest(root, read_manifest(root).with_engine(precision, entry))
     log(f"wrote {engine_path} ({gpu}, sm_{capability}, TensorRT {trt.__version__}); parity vs fp32: "
-        f"{entry.parity}")
+        f"{parity.to_dict()}")
     return engine_path
 
 
@@ -288,22 +296,21 @@ def _entropy_calibrator(trt: Any, feeder: CalibrationFeeder, cache: Path) -> Any
     return Calibrator()
 
 
-def _engine_parity(root: Path, manifest: Manifest, precision: str) -> dict[str, Any]:
+def _engine_parity(root: Path, manifest: Manifest, precision: str) -> EngineParity:
     """Engine vs the fp32 ONNX artifact on the built-in pairs (as for the other precisions).
 
     ``manifest`` already lists the engine (it is not on disk yet): the engine is opened with the runtime's own
-    :func:`~memrerank.runtime.backends.open_backend` (file hashes, GPU/TensorRT compatibility) and scored through
-    a :class:`~memrerank.runtime.Reranker` sharing the fp32 one's tokenizer, exactly as
+    :meth:`~memrerank.runtime.Scorer.open` (file hashes, GPU/TensorRT compatibility) and scored through a
+    :class:`~memrerank.runtime.Reranker` sharing the fp32 one's tokenizer, exactly as
     ``Reranker.load(root, precision, providers=["tensorrt"], prefix_reuse=False)`` will run it.
     """
     from memrerank.export.metrics import spearman, topk_overlap
     from memrerank.export.pairs import builtin_pairs
-    from memrerank.runtime import Reranker
-    from memrerank.runtime.backends import open_backend
+    from memrerank.runtime import LoadOptions, Reranker, Scorer
 
     ref = Reranker.load(root, "fp32", prefix_reuse=False)
-    backend = open_backend(root, manifest, precision, ["tensorrt"])
-    eng = Reranker(root, manifest, precision, backend, ref.tokenizer, prefix_reuse=False)
+    options = LoadOptions(precision, providers=("tensorrt",), prefix_reuse=False)
+    eng = Reranker(root, manifest, precision, Scorer.open(root, manifest, options), ref.tokenizer)
     diffs, sp, tk = [], [], []
     for q, docs in builtin_pairs():
         a = ref.predict([(q, d) for d in docs], raw=True)
@@ -311,5 +318,5 @@ def _engine_parity(root: Path, manifest: Manifest, precision: str) -> dict[str, 
         diffs.append(float(np.max(np.abs(a - b))))
         sp.append(spearman(b, a))
         tk.append(topk_overlap(b, a, 3))
-    return {"reference": "fp32 onnx", "max_abs_logit_diff": max(diffs), "spearman_mean": float(np.mean(sp)),
-            "top3_agreement": float(np.mean(tk))}
+    return EngineParity(reference="fp32 onnx", max_abs_logit_diff=max(diffs),
+                        spearman_mean=float(np.mean(sp)), top3_agreement=float(np.mean(tk)))

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from memrerank.manifest import DecoderTemplate, EncoderTemplate, Manifest
+from memrerank.manifest import DECODER_YES_NO, ENCODER_CROSS, FAMILIES, DecoderTemplate, EncoderTemplate, Manifest
 
 __all__ = ["EncodedPairs", "SplitPairs", "PairEncoder", "register_encoder", "make_encoder", "ENCODERS",
            "MIN_DOCUMENT_TOKENS", "MAX_CONTEXT_TOKENS", "render_query"]
@@ -62,7 +62,10 @@ ENCODERS: dict[str, type[PairEncoder]] = {}
 
 
 def register_encoder(family: str) -> Callable[[type[PairEncoder]], type[PairEncoder]]:
-    """Class decorator registering the pair encoder of one artifact family."""
+    """Class decorator registering the pair encoder of one artifact family (a name of
+    :data:`memrerank.manifest.FAMILIES`, the one list of family names)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; the manifest knows {', '.join(FAMILIES)}")
 
     def wrap(cls: type[PairEncoder]) -> type[PairEncoder]:
         ENCODERS[family] = cls
@@ -196,7 +199,7 @@ class PairEncoder:
         return ids, len(keep)
 
 
-@register_encoder("decoder-yes-no")
+@register_encoder(DECODER_YES_NO)
 class DecoderPairEncoder(PairEncoder):
     """Qwen3-Reranker style prompt: prefix + instruction/query body + document + suffix."""
 
@@ -249,7 +252,7 @@ class DecoderPairEncoder(PairEncoder):
                           tail=np.asarray(self.suffix_ids, dtype=np.int64), budget=budget, context_kept=kept)
 
 
-@register_encoder("encoder-cross")
+@register_encoder(ENCODER_CROSS)
 class EncoderPairEncoder(PairEncoder):
     """BERT/XLM-R style pair: ``P + query + M + document + S`` with segment ids from the tokenizer's template."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,46 +15,14 @@ from tokenizers import Tokenizer
 
 from memrerank.calibration import Calibrator
 from memrerank.errors import ArtifactError
-from memrerank.kernels import DEFAULT_CALL_OVERHEAD, pack_pairs
-from memrerank.manifest import PRECISIONS, TOKENIZER_NAME, Manifest, read_manifest, verify_files
-from memrerank.runtime.backends import Backend, open_backend, resolve_providers, wants_tensorrt
-from memrerank.runtime.backends.onnxruntime import provider_name
+from memrerank.manifest import TOKENIZER_NAME, Manifest, read_manifest, verify_files
+from memrerank.runtime.backends import Backend, resolve_providers
 from memrerank.runtime.encoding import SplitPairs, make_encoder
 from memrerank.runtime.hub import resolve_artifact
+from memrerank.runtime.options import LoadOptions
+from memrerank.runtime.scorer import Placed, Scorer
 
-__all__ = ["Reranker", "RankHit", "BatchBudget", "BATCH_BUDGETS", "DEFAULT_BATCH_SIZE", "DEFAULT_MAX_BATCH_TOKENS"]
-
-#: Most rows per model call.
-DEFAULT_BATCH_SIZE = 32
-#: Most padded tokens per model call (rows × width). Bounds activation memory: with the int8 0.6B-shaped decoder,
-#: 1,000 candidates × 512 tokens stay under 1.5 GB peak RSS (bench/memory.py).
-DEFAULT_MAX_BATCH_TOKENS = 2048
-_NO_HEAD = np.zeros(0, dtype=np.int64)
-
-
-@dataclass(frozen=True)
-class BatchBudget:
-    """How the packer cuts pairs into model calls on one kind of device.
-
-    Attributes:
-        batch_size: most rows per call.
-        max_batch_tokens: most padded tokens (rows × width) per call.
-        call_overhead: what one more call costs, in padded-token equivalents, weighed against padding.
-    """
-
-    batch_size: int
-    max_batch_tokens: int
-    call_overhead: int
-
-
-#: Per provider (the first one a backend runs on). The CPU budget bounds activation memory; on a GPU a call costs
-#: kernel launches and a host sync, so a typical request (up to 64 candidates of up to 512 tokens) is one call.
-BATCH_BUDGETS = {
-    "CPUExecutionProvider": BatchBudget(DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_CALL_OVERHEAD),
-    "CUDAExecutionProvider": BatchBudget(64, 64 * 512, 4096),
-    "TensorrtExecutionProvider": BatchBudget(64, 64 * 512, 4096),
-    "TensorRT engine": BatchBudget(64, 64 * 512, 4096),
-}
+__all__ = ["Reranker", "RankHit"]
 
 
 @dataclass(frozen=True)
@@ -90,10 +58,10 @@ def _check_context(context: Any) -> tuple[str, ...]:
     return tuple(_check_text(t, f"context[{i}]") for i, t in enumerate(context))
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+def _scorer_hook(name: str, doc: str) -> property:
+    """A Reranker attribute that reads and sets its scorer's (one place holds the value and its checks)."""
+    return property(lambda self: getattr(self.scorer, name), lambda self, value: setattr(self.scorer, name, value),
+                    doc=doc)
 
 
 class Reranker:
@@ -102,30 +70,22 @@ class Reranker:
     Thread safety: one instance may be shared by threads; onnxruntime sessions are thread-safe for ``run`` and
     the instance keeps no per-call state apart from a bounded instruction-id cache.
 
-    Public hooks (what a benchmark or an embedding application may set after loading): ``batch_size``,
-    ``max_batch_tokens``, ``prefix_reuse``, ``padding_side``, ``call_overhead`` (the packer's per-call cost in
-    padded-token equivalents) and ``packer`` (the function that cuts pairs into batches, with
-    :func:`memrerank.kernels.pack_pairs`'s signature; e.g. ``memrerank.kernels.pack_numpy``). To tokenize once
-    and score later (after looking at the token ids): ``encoder.split(query, documents)`` then :meth:`score_split`.
+    What scores: ``scorer`` (:class:`~memrerank.runtime.scorer.Scorer`: packer, batch budget, prefix path, one
+    backend). Its public hooks (``batch_size``, ``max_batch_tokens``, ``prefix_reuse``, ``padding_side``,
+    ``call_overhead``, ``packer``) can be read and set here too. To tokenize once and score later (after looking
+    at the token ids): ``encoder.split(query, documents)`` then :meth:`score_split`. Another graph of the same
+    artifact (a candidate being judged): :meth:`with_graph`.
     """
 
-    def __init__(self, root: Path, manifest: Manifest, precision: str, backend: Backend,
-                 tokenizer: Tokenizer, batch_size: int = DEFAULT_BATCH_SIZE,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, prefix_reuse: bool = False) -> None:
+    def __init__(self, root: Path, manifest: Manifest, precision: str, scorer: Scorer, tokenizer: Tokenizer) -> None:
+        if not isinstance(scorer, Scorer):
+            raise TypeError(f"scorer must be a memrerank.runtime.scorer.Scorer, got {type(scorer).__name__}")
         self.root = root
         self.manifest = manifest
         self.precision = precision
-        self.backend = backend
+        self.scorer = scorer
         self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.max_batch_tokens = max_batch_tokens
-        self.prefix_reuse = prefix_reuse
-        #: Per-call cost, in padded-token equivalents, the packer weighs against padding when cutting batches.
-        self.call_overhead = DEFAULT_CALL_OVERHEAD
-        #: Cuts pairs into padded batches (native kernel when built, else numpy).
-        self.packer: Callable[..., Any] = pack_pairs
         self.family: str = manifest.family
-        self.padding_side: str = manifest.tokens.padding_side
         self.pad_id: int = manifest.tokens.pad_id
         self.encoder = make_encoder(manifest, tokenizer)
         calibration = manifest.calibration.get(precision)
@@ -133,10 +93,10 @@ class Reranker:
             else Calibrator()
 
     @classmethod
-    def load(cls, path: str | Path, precision: str = "fp32", providers: Sequence[str] | str | None = None,
-             batch_size: int | None = None, threads: int | None = None, *,
-             max_batch_tokens: int | None = None, prefix_reuse: bool | None = None,
-             allow_tf32: bool = False, io_binding: bool | None = None) -> Reranker:
+    def load(cls, path: str | Path, options: LoadOptions | str | None = None, *, precision: str | None = None,
+             providers: Sequence[str] | str | None = None, threads: int | None = None,
+             batch_size: int | None = None, max_batch_tokens: int | None = None, prefix_reuse: bool | None = None,
+             allow_tf32: bool | None = None, io_binding: bool | None = None) -> Reranker:
         """Open an artifact directory written by ``memrerank export``.
 
         Args:
@@ -144,68 +104,66 @@ class Reranker:
                 directory, exported on first use into the cache (``$MEMRERANK_CACHE``, default
                 ``~/.cache/memrerank``; needs the export extra and, for a hub id, the network) and loaded from
                 there afterwards (:mod:`memrerank.runtime.hub`).
-            precision: one of the exported precisions (see ``memrerank info``), or ``"auto"``: the fastest
-                exported precision for the first provider that met its fidelity budget at export. With
+            options: how to load and run it (:class:`~memrerank.runtime.options.LoadOptions`; default: fp32 on the
+                CPU); a string is a precision (``Reranker.load(path, "int8")``). With ``precision="auto"``: the
+                fastest exported precision for the first provider that met its fidelity budget at export. With
                 ``providers=["tensorrt"]`` a TensorRT engine precision (``build-engine``) loads on its own.
-            providers: onnxruntime providers or aliases (``"cpu"``, ``"cuda"``, ``"tensorrt"``); ``None`` = CPU.
-            batch_size: most rows per model call (``None``: the provider's :data:`BATCH_BUDGETS` entry, 32 on
-                the CPU, 64 on a GPU).
-            threads: intra-op threads for onnxruntime (``None`` = onnxruntime's default).
-            max_batch_tokens: most padded tokens (rows × width) per model call; bounds peak memory (``None``:
-                the provider's budget, 2,048 on the CPU, 32,768 on a GPU).
-            prefix_reuse: decoder artifacts: run the part every pair of a query shares (template, instruction,
-                context, query) once and score the documents against its cached keys/values. ``None`` = on
-                where the artifact supports it; ``False`` scores whole pairs. Same scores either way (1e-4, fp32).
-            allow_tf32: CUDA provider: let fp32 products use TF32 (faster; logits move by ~1e-3). Off by default.
-            io_binding: bind inputs and outputs on the provider's device, the prefix cache staying there between
-                batches; ``None`` = on for GPU providers, off on the CPU (same scores either way).
+            precision, providers, threads, batch_size, max_batch_tokens, prefix_reuse, allow_tf32, io_binding:
+                the :class:`LoadOptions` fields, as keywords; one that is not ``None`` overrides ``options``.
 
         Raises:
             ArtifactError: missing/corrupted files or an unknown schema, with what to do.
             ProviderError: an unavailable provider was asked for, or one onnxruntime could not start.
+            ValueError: an option out of range, naming it.
         """
-        if precision not in PRECISIONS and precision != "auto":
-            raise ValueError(f"precision: unknown {precision!r}; choose one of {', '.join(PRECISIONS)} or 'auto'")
-        if batch_size is not None:
-            _positive_int(batch_size, "batch_size")
-        if max_batch_tokens is not None:
-            _positive_int(max_batch_tokens, "max_batch_tokens")
-        if prefix_reuse not in (None, True, False):
-            raise ValueError(f"prefix_reuse must be True, False or None, got {prefix_reuse!r}")
+        if isinstance(options, str):
+            options = LoadOptions(precision=options)
+        options = LoadOptions.merge(options, precision=precision, providers=providers, threads=threads,
+                                    batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                                    prefix_reuse=prefix_reuse, allow_tf32=allow_tf32, io_binding=io_binding)
         # the provider only picks what a hub id exports; availability is checked where the backend opens
-        first = providers.split(",")[0] if isinstance(providers, str) else (list(providers)[0] if providers else None)
-        root = resolve_artifact(path, precision, provider_name(first.strip()) if isinstance(first, str)
-                                else "CPUExecutionProvider")
+        root = resolve_artifact(path, options.precision, options.first_provider)
         manifest = read_manifest(root)
-        if precision == "auto":
-            precision = manifest.pick_auto(resolve_providers(providers)[0])
-        elif not (precision in manifest.engines and wants_tensorrt(providers)):
-            manifest.precision(precision)  # raises naming the exported precisions
-        verify_files(root, manifest.tokenizer_files)
-        tokenizer = Tokenizer.from_file(str(root / TOKENIZER_NAME))
-        tokenizer.no_truncation()
-        tokenizer.no_padding()
-        _check_tokenizer(tokenizer, manifest)
-        backend = open_backend(root, manifest, precision, providers, threads, allow_tf32=allow_tf32,
-                               io_binding=io_binding)
-        supported = manifest.prefix_reuse is not None and backend.has_past
-        if prefix_reuse and not supported:
-            raise ArtifactError(
-                f"{root}: prefix_reuse=True needs a decoder artifact whose graph takes a shared past; this one "
-                f"({manifest.family}{', TensorRT engine' if precision in manifest.engines and wants_tensorrt(providers) else ''}) "
-                "has none. Re-export it with this memrerank version "
-                "(`memrerank export MODEL -o OUT --force`) or pass prefix_reuse=False")
-        entry = manifest.precisions.get(precision)
-        meant_for = entry.providers if entry is not None and not wants_tensorrt(providers) else ()
-        if meant_for and backend.providers[0] not in meant_for:
+        engine = options.precision in manifest.engines and options.wants_tensorrt
+        if options.precision == "auto":
+            options = options.replace(precision=manifest.pick_auto(resolve_providers(options.providers)[0]))
+        elif not engine:
+            manifest.precision(options.precision)  # raises naming the exported precisions
+        tokenizer = _load_tokenizer(root, manifest)
+        scorer = Scorer.open(root, manifest, options)
+        entry = manifest.precisions.get(options.precision)
+        meant_for = entry.providers if entry is not None and not engine else ()
+        runs_on = scorer.backend.providers[0]
+        if meant_for and runs_on not in meant_for:
             warnings.warn(
-                f"precision {precision!r} is meant for {', '.join(meant_for)}; on {backend.providers[0]} it runs "
+                f"precision {options.precision!r} is meant for {', '.join(meant_for)}; on {runs_on} it runs "
                 "correctly but is not expected to be faster than fp32", stacklevel=2)
-        budget = BATCH_BUDGETS.get(backend.providers[0], BATCH_BUDGETS["CPUExecutionProvider"])
-        reranker = cls(root, manifest, precision, backend, tokenizer, batch_size or budget.batch_size,
-                       max_batch_tokens or budget.max_batch_tokens, supported if prefix_reuse is None else prefix_reuse)
-        reranker.call_overhead = budget.call_overhead
-        return reranker
+        return cls(root, manifest, options.precision, scorer, tokenizer)
+
+    def with_scorer(self, scorer: Scorer) -> Reranker:
+        """This reranker (artifact, tokenizer, template, calibration) scoring through ``scorer`` instead."""
+        return type(self)(self.root, self.manifest, self.precision, scorer, self.tokenizer)
+
+    def with_graph(self, graph: str | Path, options: LoadOptions | None = None) -> Reranker:
+        """This reranker over another ONNX graph of the same artifact: a candidate precision being judged by
+        export's fidelity search or a benchmark (:meth:`Scorer.open` with ``graph=``; not hash-checked)."""
+        options = LoadOptions.merge(options, precision=self.precision)
+        return self.with_scorer(Scorer.open(self.root, self.manifest, options, graph=graph))
+
+    # ------------------------------------------------------------------ the scorer's hooks
+    @property
+    def backend(self) -> Backend:
+        """What runs the graph (the scorer's backend)."""
+        return self.scorer.backend
+
+    batch_size = _scorer_hook("batch_size", "Most rows per model call.")
+    max_batch_tokens = _scorer_hook("max_batch_tokens", "Most padded tokens (rows × width) per model call.")
+    prefix_reuse = _scorer_hook("prefix_reuse", "Whether each query's shared prefix runs once and its documents "
+                                "on top of its cache (True needs a graph that takes a shared past).")
+    padding_side = _scorer_hook("padding_side", "Where padding goes (the artifact's side).")
+    call_overhead = _scorer_hook("call_overhead", "The packer's per-call cost, in padded-token equivalents, "
+                                 "weighed against padding.")
+    packer = _scorer_hook("packer", "Cuts pairs into padded batches (native kernel when built, else numpy).")
 
     # ------------------------------------------------------------------ scoring
     def _score_groups(self, groups: Iterable[tuple[str, list[int], list[str]]], n: int, instruction: str | None,
@@ -216,73 +174,12 @@ class Reranker:
         ``stats`` (if given) accumulates seconds spent tokenizing, packing and in the model, and token/pad counts.
         """
         t0 = time.perf_counter()
-        splits: list[tuple[np.ndarray, SplitPairs]] = [
+        splits: list[Placed] = [
             (np.asarray(idx, dtype=np.int64), self.encoder.split(q, docs, instruction, context))
             for q, idx, docs in groups]
         if stats is not None:
             stats["tokenize_s"] = stats.get("tokenize_s", 0) + time.perf_counter() - t0
-        return self._score_splits(splits, n, stats)
-
-    def _score_splits(self, splits: list[tuple[np.ndarray, SplitPairs]], n: int,
-                      stats: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Score tokenized groups; ``splits`` pairs each group with where its rows go in the ``n`` results.
-
-        With ``prefix_reuse`` on, every query group (one document included) runs its shared prefix once and its
-        documents on top of it, so a document takes the same path, and gets the same score, whatever else shares
-        the call; with it off, all pairs are packed together as whole pairs.
-        """
-        clock = time.perf_counter
-        t_pack = t_model = 0.0
-        tokens = padded = 0
-        logits = np.empty(n, dtype=np.float32)
-        truncated = np.zeros(n, dtype=bool)
-        left = self.padding_side == "left"
-        whole: list[tuple[np.ndarray, SplitPairs]] = []
-
-        def run(packed: Any, where: np.ndarray, past: Any = None) -> float:
-            t = clock()
-            for b in packed:
-                logits[where[b.rows]] = self.backend.score(b.input_ids, b.attention_mask, b.token_type_ids, past)
-            return clock() - t
-
-        for where, sp in splits:
-            if not self.prefix_reuse:
-                whole.append((where, sp))
-                continue
-            t = clock()
-            past = self.backend.prefix(sp.head)
-            t_model += clock() - t
-            t = clock()
-            packed = self.packer([_NO_HEAD], np.zeros(len(sp.docs), np.int64), sp.docs, sp.tail, [sp.budget],
-                                pad_id=self.pad_id, left=left, max_rows=self.batch_size,
-                                max_tokens=self.max_batch_tokens, call_overhead=self.call_overhead)
-            t_pack += clock() - t
-            truncated[where] = packed.truncated
-            tokens += int(packed.lengths.sum()) + len(sp.head)
-            padded += int(packed.offsets[-1]) + len(sp.head)
-            t_model += run(packed, where, past)
-        if whole:
-            t = clock()
-            where = np.concatenate([w for w, _ in whole])
-            row_head = np.concatenate([np.full(len(sp.docs), g, np.int64) for g, (_, sp) in enumerate(whole)])
-            docs = [d for _, sp in whole for d in sp.docs]
-            with_types = whole[0][1].head_types is not None
-            packed = self.packer([sp.head for _, sp in whole], row_head, docs, whole[0][1].tail,
-                                [sp.budget for _, sp in whole], pad_id=self.pad_id, left=left,
-                                max_rows=self.batch_size, max_tokens=self.max_batch_tokens,
-                                head_types=[sp.head_types for _, sp in whole] if with_types else None,
-                                doc_type=whole[0][1].doc_type, tail_types=whole[0][1].tail_types,
-                                call_overhead=self.call_overhead)
-            t_pack += clock() - t
-            truncated[where] = packed.truncated
-            tokens += int(packed.lengths.sum())
-            padded += int(packed.offsets[-1])
-            t_model += run(packed, where)
-        if stats is not None:
-            for key, value in (("pack_s", t_pack), ("model_s", t_model),
-                               ("tokens", tokens), ("padded_tokens", padded)):
-                stats[key] = stats.get(key, 0) + value
-        return logits, truncated
+        return self.scorer.score(splits, n, stats)
 
     def _group_pairs(self, pairs: Sequence[tuple[str, str]]) -> dict[str, tuple[list[int], list[str]]]:
         if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
@@ -348,7 +245,7 @@ class Reranker:
             start += len(sp.docs)
         if start == 0:
             return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=bool)
-        logits, truncated = self._score_splits([w for w in where if len(w[0])], start, stats)
+        logits, truncated = self.scorer.score([w for w in where if len(w[0])], start, stats)
         return (logits if raw else self.calibrator(logits)), truncated
 
     def predict(self, pairs: Sequence[tuple[str, str]], raw: bool = False, instruction: str | None = None, *,
@@ -417,6 +314,17 @@ class Reranker:
     def __repr__(self) -> str:
         return (f"Reranker({str(self.root)!r}, family={self.family!r}, precision={self.precision!r}, "
                 f"providers={self.backend.providers})")
+
+
+def _load_tokenizer(root: Path, manifest: Manifest) -> Tokenizer:
+    """The artifact's tokenizer, hash-checked and checked against the manifest's ids; no truncation or padding
+    (the packer does both)."""
+    verify_files(root, manifest.tokenizer_files)
+    tokenizer = Tokenizer.from_file(str(root / TOKENIZER_NAME))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    _check_tokenizer(tokenizer, manifest)
+    return tokenizer
 
 
 def _check_tokenizer(tokenizer: Tokenizer, manifest: Manifest) -> None:

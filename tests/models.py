@@ -57,6 +57,32 @@ def make_qwen3(path: Path, *, seq_cls: bool = False, seed: int = 0, layers: int 
     return path
 
 
+def make_qwen2(path: Path, *, tied: bool = True, seed: int = 0, layers: int = 2, hidden: int = 64) -> Path:
+    """A tiny random Qwen2ForCausalLM (q/k/v with biases, no q/k norms; tied or untied embeddings) with the real
+    Qwen tokenizer and vocabulary size. Its q/k/v biases are drawn at random (transformers initialises them to
+    zero, which would leave the bias path untested)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=QWEN3_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=tied,
+        pad_token_id=151643, eos_token_id=151645, bos_token_id=None,
+    )
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.5)
+        model.lm_head.weight[9693] *= 40  # spread the yes/no logits like a real reranker's
+        model.lm_head.weight[2152] *= 40
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(qwen_tokenizer_dir()).save_pretrained(path)
+    return path
+
+
 def make_bert(path: Path, *, seed: int = 0) -> Path:
     """A tiny random BertForSequenceClassification (one label) with the real MiniLM (BERT uncased) tokenizer."""
     import torch

@@ -15,11 +15,10 @@ import onnx
 import pytest
 from texts import DOCS
 
-from memrerank import Reranker
+from memrerank import LoadOptions, Reranker
 from memrerank.export import export_model
 from memrerank.export.quantize import build_int8_per_tensor, graph_info, quantize_per_row
 from memrerank.manifest import AUTO_ORDER, Manifest, read_manifest
-from memrerank.runtime.backends.onnxruntime import OrtBackend
 
 #: Every precision ``precision="auto"`` can pick on CPU, in its order.
 AUTO_CPU = AUTO_ORDER["CPUExecutionProvider"]
@@ -67,7 +66,7 @@ def test_auto_picks_int8_on_cpu_and_it_is_recorded_batch_independent(artifacts):
         manifest = read_manifest(root)
         for name in AUTO_CPU:
             if name != "fp32":
-                assert manifest.precision(name).build["batch_independent"] is True, name
+                assert manifest.precision(name).build.batch_independent is True, name
 
 
 @pytest.mark.parametrize("precision", AUTO_CPU)
@@ -107,9 +106,8 @@ def test_per_tensor_int8_fails_the_same_check(artifacts, family, tmp_path):
     fp32 = root / "fp32" / "model.onnx"
     graph = tmp_path / "per-tensor" / "model.onnx"
     build = build_int8_per_tensor(fp32, graph, graph_info(fp32))
-    assert build["batch_independent"] is False
-    r = Reranker.load(root, "fp32", threads=1)
-    r.backend = OrtBackend(graph, threads=1, layout=r.manifest.prefix_reuse)
+    assert build.batch_independent is False
+    r = Reranker.load(root, "fp32", threads=1).with_graph(graph, LoadOptions(threads=1))
     assert _alone_vs_crowd(r, raw=True) > 20 * TOLERANCE  # measured: 2e-4 (tiny BERT), more on the decoder
 
 
@@ -195,7 +193,7 @@ def test_a_request_served_alone_equals_the_same_request_under_load(artifacts, fa
     import httpx
     from memrerank.serve import ServeConfig, create_app
 
-    app = create_app(ServeConfig(str(artifacts[family]), max_wait_ms=250, threads=1))
+    app = create_app(ServeConfig(str(artifacts[family]), LoadOptions("auto", threads=1), max_wait_ms=250))
     assert app.state.reranker.precision == "int8"
     crowd = _crowd()
     requests = [(QUERY, [TARGETS[0]])] + [(f"question {i}", crowd[20 * i:20 * i + 1 + 7 * i]) for i in range(6)]

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from memrerank import Reranker
+from memrerank import LoadOptions, Reranker
 from memrerank.calibration import Calibrator, sigmoid
 from memrerank.calibration.fit import fit_platt, fit_temperature, log_loss
 from memrerank.calibration.metrics import brier, decision_agreement, ece
@@ -171,6 +171,27 @@ def test_cli_calibrate_and_info(bert_artifact, tmp_path, capsys):
     bad.write_text('{"query":"q","document":"d","label":1}\n{"query":"q","document":"e"}\n')
     assert main(["calibrate", str(art), "--data", str(bad)]) == 2
     assert "labels mode" in capsys.readouterr().err
+
+
+def test_calibrate_takes_one_load_options(bert_artifact, tmp_path, capsys):
+    """calibrate_artifact loads every precision with one LoadOptions (a dict or the old keywords are refused);
+    the options change how pairs run, not the fit; the CLI's load flags and -q reach it."""
+    art = tmp_path / "art"
+    shutil.copytree(bert_artifact, art)
+    data = _labelled_jsonl(Reranker.load(art), tmp_path / "pairs.jsonl", n_queries=30)
+    with pytest.raises(TypeError, match="providers"):
+        calibrate_artifact(art, data, providers=["cpu"])
+    with pytest.raises(TypeError, match="LoadOptions"):
+        calibrate_artifact(art, data, options={"threads": 1})
+    quiet = {"method": "temperature", "log": lambda m: None}
+    base = calibrate_artifact(art, data, **quiet)
+    tuned = calibrate_artifact(art, data, options=LoadOptions(batch_size=2, max_batch_tokens=64, threads=1), **quiet)
+    assert tuned["precisions"]["fp32"]["params"] == pytest.approx(base["precisions"]["fp32"]["params"], rel=1e-4)
+    assert main(["calibrate", str(art), "--data", str(data), "--method", "temperature", "--batch-size", "2",
+                 "-q", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and json.loads(captured.out)["precisions"]["fp32"]["params"] == pytest.approx(
+        base["precisions"]["fp32"]["params"], rel=1e-4)
 
 
 def test_uncalibrated_calibrator_is_sigmoid():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -9,6 +10,7 @@ import pytest
 
 import memrerank
 import memrerank.cli as cli
+from memrerank import LoadOptions
 from memrerank.cli import COMMANDS, build_parser, main
 from memrerank.manifest import Manifest
 
@@ -106,8 +108,10 @@ def test_help_lists_every_command_without_markup(monkeypatch, capsys):
 
 def test_export_command(bert_ckpt, tmp_path, capsys):
     out = tmp_path / "cli-art"
-    assert main(["export", str(bert_ckpt), "-o", str(out), "--max-length", "64", "--json"]) == 0
-    stdout = capsys.readouterr().out
+    assert main(["export", str(bert_ckpt), "-o", str(out), "--max-length", "64", "--json", "-q"]) == 0
+    captured = capsys.readouterr()
+    stdout = captured.out
+    assert captured.err == ""  # -q: no progress messages
     assert "encoder-cross" in stdout
     manifest = Manifest.from_dict(json.loads(stdout))  # stdout is the artifact's manifest, nothing else
     assert manifest.family == "encoder-cross" and manifest.tokens.max_length == 64
@@ -133,8 +137,8 @@ def test_calibrate_takes_precision_json_and_output(bert_artifact, tmp_path, caps
     assert "int8" in capsys.readouterr().err
 
 
-def test_serve_builds_one_config(bert_artifact, monkeypatch):
-    """serve and serve --ray hand the same ServeConfig on; the load options travel in it."""
+def test_serve_builds_one_config(bert_artifact, monkeypatch, capsys):
+    """serve and serve --ray hand the same ServeConfig on; the load options travel in it as one LoadOptions."""
     import memrerank.scale
     import memrerank.serve
 
@@ -142,19 +146,41 @@ def test_serve_builds_one_config(bert_artifact, monkeypatch):
     monkeypatch.setattr(memrerank.serve, "serve", lambda config, *a: calls.append(("uvicorn", config, a)))
     monkeypatch.setattr(memrerank.scale, "serve_on_ray", lambda config, **kw: calls.append(("ray", config, kw)))
     common = [str(bert_artifact), "--precision", "fp32", "--providers", "cpu", "--max-batch-tokens", "512",
-              "--no-prefix-reuse", "--threads", "1", "--max-documents", "20"]
+              "--no-prefix-reuse", "--threads", "1", "--batch-size", "8", "--max-documents", "20"]
     assert main(["serve", *common, "--workers", "2", "--port", "9000"]) == 0
     assert main(["serve", *common, "--ray", "--replicas", "2", "--port", "9001"]) == 0
     (_, local, args), (_, ray, kw) = calls
     assert local == ray and args == ("127.0.0.1", 9000, 2)
     assert kw == {"host": "127.0.0.1", "port": 9001, "replicas": 2, "address": None}
-    assert (local.artifact, local.precision, local.providers, local.threads, local.max_batch_tokens,
-            local.prefix_reuse, local.limits.max_documents) == (str(bert_artifact), "fp32", ("cpu",), 1, 512,
-                                                                False, 20)
+    assert local.artifact == str(bert_artifact) and local.limits.max_documents == 20
+    assert local.options == LoadOptions(precision="fp32", providers=("cpu",), threads=1, batch_size=8,
+                                        max_batch_tokens=512, prefix_reuse=False)
+    captured = capsys.readouterr()
+    assert captured.out == "" and "http://127.0.0.1:9000" in captured.err  # the startup line, text mode
     assert main(["serve", *common, "--ray", "--workers", "2"]) == 2
 
 
-def test_rescore_builds_one_job(bert_artifact, tmp_path, monkeypatch, capsys):
+def test_serve_json_prints_the_resolved_config_and_quiet_silences_the_startup_line(bert_artifact, monkeypatch,
+                                                                                    capsys):
+    import memrerank.serve
+
+    monkeypatch.setattr(memrerank.serve, "serve", lambda config, *a: None)
+    assert main(["serve", str(bert_artifact), "--port", "9002", "--json", "-q"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    startup = json.loads(captured.out)  # one JSON line, before the server blocks
+    assert len(captured.out.strip().splitlines()) == 1
+    assert startup["url"] == "http://127.0.0.1:9002" and startup["artifact"] == str(bert_artifact)
+    assert startup["options"]["precision"] == "auto" and startup["precision"] in Manifest.from_dict(
+        json.loads((bert_artifact / "manifest.json").read_text())).precisions  # auto, resolved
+    assert startup["limits"]["max_documents"] == 1000 and startup["workers"] == 1
+    assert main(["serve", str(bert_artifact), "-q"]) == 0
+    assert capsys.readouterr() == ("", "")
+
+
+@pytest.fixture()
+def rescore_jobs(tmp_path, monkeypatch):
+    """The RescoreJobs ``memrerank rescore`` builds (rescore itself stubbed: no Ray)."""
     import memrerank.scale
 
     jobs = []
@@ -164,17 +190,132 @@ def test_rescore_builds_one_job(bert_artifact, tmp_path, monkeypatch, capsys):
             return {"rows": 3, "output": str(tmp_path / "out")}
 
     monkeypatch.setattr(memrerank.scale, "rescore", lambda job: jobs.append(job) or Report())
+    return jobs
+
+
+def test_rescore_builds_one_job(bert_artifact, tmp_path, rescore_jobs, capsys):
+    import memrerank.scale
+
     argv = ["rescore", str(bert_artifact), "a.jsonl", "b.jsonl", "-o", str(tmp_path / "out"), "--providers",
             "cuda,cpu", "--max-batch-tokens", "256", "--no-prefix-reuse", "--actors", "2", "--instruction", "find"]
     assert main([*argv, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == 3
     assert main(argv) == 0
     assert capsys.readouterr().out.split()[:2] == ["rows", "3"]
-    job = jobs[0]
-    assert isinstance(job, memrerank.scale.RescoreJob) and job == jobs[1]
-    assert (job.input, job.output, job.providers, job.max_batch_tokens, job.prefix_reuse, job.actors,
-            job.instruction) == (("a.jsonl", "b.jsonl"), str(tmp_path / "out"), ("cuda", "cpu"), 256, False, 2,
-                                 "find")
+    job = rescore_jobs[0]
+    assert isinstance(job, memrerank.scale.RescoreJob) and job == rescore_jobs[1]
+    assert (job.input, job.output, job.actors, job.instruction, job.force) == (
+        ("a.jsonl", "b.jsonl"), str(tmp_path / "out"), 2, "find", False)
+    assert (job.options.precision, job.options.providers, job.options.max_batch_tokens,
+            job.options.prefix_reuse) == ("auto", ("cuda", "cpu"), 256, False)
+
+
+def test_rescore_speaks_the_shared_vocabulary(bert_artifact, tmp_path, rescore_jobs, capsys):
+    """--force (not --overwrite), --threads (not --threads-per-actor), --block-rows for the actor's rows and
+    --batch-size for the model's, as in every other command."""
+    argv = ["rescore", str(bert_artifact), "a.jsonl", "-o", str(tmp_path / "out")]
+    assert main([*argv, "--force", "--threads", "2", "--block-rows", "64", "--batch-size", "8", "-q"]) == 0
+    (job,) = rescore_jobs
+    assert job.force and job.block_rows == 64 and job.verbose is False
+    assert (job.options.threads, job.options.batch_size) == (2, 8)
+    for gone in (["--overwrite"], ["--threads-per-actor", "2"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, *gone])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert f"unrecognized arguments: {' '.join(gone)}" in err and len(err.strip().splitlines()) == 1
+
+
+#: The least each command needs to parse (tests below add flags to these).
+MINIMAL = {
+    "export": ["ckpt", "-o", "out"], "rank": ["art", "--query", "q", "--docs", "d.txt"], "serve": ["art"],
+    "rescore": ["art", "in.jsonl", "-o", "out"], "build-engine": ["art"], "info": ["art"], "bench": ["art"],
+    "eval": ["art", "--data", "d.json"], "calibrate": ["art", "--data", "d.jsonl"], "demo": [],
+}
+#: Commands that load a reranker: each takes every LoadOptions field as a flag.
+LOADING = ("rank", "serve", "rescore", "bench", "eval", "calibrate", "demo")
+
+
+def test_minimal_covers_every_command():
+    assert set(MINIMAL) == set(COMMANDS) and set(LOADING) <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_takes_quiet_and_json(command):
+    args = build_parser().parse_args([command, *MINIMAL[command], "-q", "--json"])
+    assert args.quiet is True and args.json is True
+    args = build_parser().parse_args([command, *MINIMAL[command], "--quiet"])
+    assert args.quiet is True and args.json is False
+
+
+@pytest.mark.parametrize("command", LOADING)
+def test_every_load_option_has_one_flag_wherever_a_reranker_loads(command):
+    argv = [command, *MINIMAL[command], "--providers", "cuda,cpu", "--threads", "3", "--batch-size", "7",
+            "--max-batch-tokens", "900", "--no-prefix-reuse", "--allow-tf32", "--no-io-binding"]
+    options = cli.load_options(build_parser().parse_args(argv))
+    assert options.replace(precision="fp32") == LoadOptions(
+        providers=("cuda", "cpu"), threads=3, batch_size=7, max_batch_tokens=900, prefix_reuse=False,
+        allow_tf32=True, io_binding=False)
+    defaults = cli.load_options(build_parser().parse_args([command, *MINIMAL[command]]))
+    assert defaults.replace(precision="fp32") == LoadOptions()
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    flags = {o for a in sub._actions for o in a.option_strings}
+    wanted = {f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(LoadOptions)}
+    if command == "demo":  # the demo picks its precisions itself: auto, then each one it exported
+        wanted.discard("--precision")
+    assert wanted <= flags
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "2.5", "two"])
+@pytest.mark.parametrize("flag", ["--threads", "--batch-size", "--max-batch-tokens"])
+def test_a_bad_count_is_one_line_and_exit_2(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["rank", "art", "--query", "q", "--docs", "d.txt", flag, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"memrerank rank: error: argument {flag}: expected a positive integer")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_rank_and_info_quiet_json(bert_artifact, docs_file, capsys):
+    argv = ["rank", str(bert_artifact), "--query", "Who is Marco?", "--docs", str(docs_file), "-q", "--json"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert len(json.loads(captured.out)) == 4 and captured.err == ""
+    assert main(["info", str(bert_artifact), "-q", "--json"]) == 0
+    assert Manifest.from_dict(json.loads(capsys.readouterr().out)).family == "encoder-cross"
+
+
+def test_build_engine_json_prints_the_engines_entries(bert_artifact, tmp_path, monkeypatch, capsys):
+    """build-engine --json: the manifest entries of the engines it built; -q: no build log (TensorRT faked)."""
+    from memrerank.export import tensorrt as export_trt
+    from memrerank.manifest import read_manifest, write_manifest
+
+    art = tmp_path / "a"
+    shutil.copytree(bert_artifact, art)
+
+    def fake_build(root, precision, profile, workspace_gb, log):
+        log(f"building {precision}")
+        engine = root / f"tensorrt-{precision}" / "model.engine"
+        engine.parent.mkdir()
+        engine.write_bytes(b"engine")
+        manifest = read_manifest(root)
+        entry = export_trt.engine_entry(precision, engine, root, trt_version="10.0-fake", gpu="Fake GPU",
+                                        capability="90", profile=export_trt.default_profile(manifest),
+                                        source_graph="fp32", method="fake", parity=None)
+        write_manifest(root, manifest.with_engine(precision, entry))
+        return engine
+
+    monkeypatch.setattr(export_trt, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(export_trt, "build_engine", fake_build)
+    assert main(["build-engine", str(art), "--precision", "fp16", "--json", "-q"]) == 0
+    captured = capsys.readouterr()
+    engines = json.loads(captured.out)
+    assert list(engines) == ["fp16"] and engines["fp16"]["engine"] == "tensorrt-fp16/model.engine"
+    assert engines["fp16"]["gpu"] == "Fake GPU" and captured.err == ""
+    assert main(["build-engine", str(art), "--precision", "int8"]) == 0  # text: the build log, then the summary
+    captured = capsys.readouterr()
+    assert "building int8" in captured.err and "engine      int8" in captured.out
 
 
 def test_demo_offline_uses_the_embedded_default(tmp_path, monkeypatch, capsys):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from memrerank import Reranker, demo, demo_data
+from memrerank.cli import main
 
 # The classifier is 385 floats (1.5 KB); the shipped head adds a rank-8 update of the pooler (2 x 384 x 8 floats) and
 # its bias, about 27 KB, for about 5 points of held-out top-1 (bench/train_demo_head.py records both heads).
@@ -148,6 +149,25 @@ def test_a_second_run_reuses_the_artifact_while_its_stamp_matches(demo_run, monk
     for changed in ({**stamp, "memrerank": "0.0.0"}, {**stamp, "head_sha256": "0" * 64}):
         assert not demo._cached(out / "demo.json", out / "artifact", changed)
     assert demo._cached(out / "demo.json", out / "artifact", stamp)
+
+
+def test_demo_json_prints_its_results_and_quiet_silences_progress(demo_run, monkeypatch, capsys):
+    """demo --json: one JSON object with what the text shows (the cached artifact reused); -q: no messages."""
+    out, _ = demo_run
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["demo", "-o", str(out), "--json", "-q", "--threads", "1"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    results = json.loads(captured.out)
+    assert results["artifact"] == str(out / "artifact") and results["reused"] and results["model"] == "embedded"
+    assert results["precision"] == "int8" and set(results["latency"]) == set(demo.DEMO_PRECISIONS)
+    assert [q["query"] for q in results["questions"]] == demo.DEMO_QUESTIONS
+    assert all(q["answer_first"] and q["hits"][0]["index"] == q["answer"] for q in results["questions"])
+    assert results["next"][1] == f"memrerank serve {out / 'artifact'}"
+    assert demo.demo_text(results).count("the memory that answers it ranks first") == len(demo.DEMO_QUESTIONS)
+    assert main(["demo", "-o", str(out), "-q"]) == 0  # text without the progress messages
+    text = capsys.readouterr().out
+    assert "reusing the demo artifact" not in text and "precision 'auto' -> int8" in text
 
 
 def test_examples_are_frozen_dataclasses():

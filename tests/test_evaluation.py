@@ -7,10 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from memrerank.benchmark import load_bench_data, markdown_table
+from memrerank import LoadOptions
+from memrerank.benchmark import load_bench_data, markdown_table, run_bench
 from memrerank.cli import main
 from memrerank.evaluation import (
     average_precision,
+    evaluate_artifact,
     evaluate_scores,
     load_jsonl_queries,
     load_locomo,
@@ -105,11 +107,14 @@ def test_eval_command(bert_artifact, locomo_file, tmp_path, capsys):
     assert metrics["overall"]["queries"] == 4 and 0 <= metrics["overall"]["MAP"] <= 1
     # --json: the metrics on stdout, the loader's counts on stderr; the load options change nothing
     assert main(["eval", str(bert_artifact), "--data", str(locomo_file), "--precision", "fp32", "--json",
-                 "--providers", "cpu", "--max-batch-tokens", "64", "--no-prefix-reuse"]) == 0
+                 "--providers", "cpu", "--max-batch-tokens", "64", "--no-prefix-reuse", "--batch-size", "2"]) == 0
     captured = capsys.readouterr()
     assert "dropped 1 ids" in captured.err
     again = json.loads(captured.out)["fp32"]
     assert set(again) == set(metrics) and all(again[c] == pytest.approx(metrics[c]) for c in metrics)
+    assert main(["eval", str(bert_artifact), "--data", str(locomo_file), "--json", "-q"]) == 0
+    captured = capsys.readouterr()  # -q: not even the loader's counts
+    assert captured.err == "" and json.loads(captured.out)["fp32"]["overall"] == pytest.approx(metrics["overall"])
     assert main(["eval", str(bert_artifact), "--data", str(locomo_file), "--precision", "int8"]) == 2
     assert "no 'int8' precision" in capsys.readouterr().err
 
@@ -127,10 +132,14 @@ def test_bench_command(bert_artifact, tmp_path, capsys):
                               for i, d in enumerate(["cat", "dog", "tea", "sun"])))
     js = tmp_path / "b.json"
     assert main(["bench", str(bert_artifact), "--data", str(data), "--repeats", "1", "--precision", "fp32",
-                 "--providers", "cpu", "--max-batch-tokens", "256", "--no-prefix-reuse", "--json",
-                 "-o", str(js)]) == 0
+                 "--providers", "cpu", "--max-batch-tokens", "256", "--no-prefix-reuse", "--batch-size", "4",
+                 "--threads", "1", "--json", "-q", "-o", str(js)]) == 0
     report = json.loads(capsys.readouterr().out)  # --json: stdout is the report, nothing else
     assert report == json.loads(js.read_text()) and report["providers"] == ["CPUExecutionProvider"]
+    # --batch-size is the model's rows per call, as everywhere; the workers got the options themselves
+    assert report["batch_size"] == 4 and report["precisions"]["fp32"]["batch_size"] == 4
+    assert report["options"] == LoadOptions(providers=("CPUExecutionProvider",), threads=1, batch_size=4,
+                                            max_batch_tokens=256, prefix_reuse=False).as_dict()
     table = markdown_table(report)  # what `memrerank bench` prints without --json
     assert "| fp32 |" in table and "ΔMAP" in table
     rep = report["precisions"]["fp32"]
@@ -138,6 +147,25 @@ def test_bench_command(bert_artifact, tmp_path, capsys):
     assert set(rep["latency_ms"]) == {"8", "32", "128"} and rep["peak_rss_mb"] > 0 and rep["cold_start_s"] > 0
     assert main(["bench", str(bert_artifact), "--precision", "int8", "--repeats", "1"]) == 2
     assert "--precision" in capsys.readouterr().err
+
+
+def test_bench_eval_take_one_load_options(bert_artifact, locomo_file):
+    """run_bench and evaluate_artifact take a LoadOptions, not option keywords or a dict; a bad field cannot
+    even be built, and the error names it."""
+    with pytest.raises(ValueError, match="LoadOptions.threads"):
+        run_bench(bert_artifact, ["fp32"], options=LoadOptions(threads="2"))
+    with pytest.raises(TypeError, match="LoadOptions"):
+        run_bench(bert_artifact, ["fp32"], options={"threads": 2})
+    with pytest.raises(TypeError, match="threads"):
+        run_bench(bert_artifact, ["fp32"], threads=2)  # the old keyword is gone
+    with pytest.raises(ValueError, match="repeats"):
+        run_bench(bert_artifact, ["fp32"], repeats=0)
+    queries = load_locomo(locomo_file).queries
+    with pytest.raises(TypeError, match="providers"):
+        evaluate_artifact(bert_artifact, queries, ["fp32"], providers=["cpu"])
+    base = evaluate_artifact(bert_artifact, queries, ["fp32"])
+    tuned = evaluate_artifact(bert_artifact, queries, ["fp32"], LoadOptions(batch_size=1, max_batch_tokens=64))
+    assert tuned["fp32"]["overall"] == pytest.approx(base["fp32"]["overall"])
 
 
 def test_bench_data_is_checked_before_any_worker(tmp_path):

@@ -111,8 +111,12 @@ class _Spy:
 
 @pytest.mark.parametrize("reuse", [True, False])
 def test_token_budget_bounds_each_model_call(qwen_artifact, reuse):
-    r = Reranker.load(qwen_artifact, prefix_reuse=reuse, max_batch_tokens=200, batch_size=32)
-    r.backend = spy = _Spy(r.backend)
+    from memrerank.runtime import Scorer
+
+    loaded = Reranker.load(qwen_artifact, prefix_reuse=reuse, max_batch_tokens=200, batch_size=32)
+    spy = _Spy(loaded.backend)
+    r = loaded.with_scorer(Scorer(spy, pad_id=loaded.pad_id, padding_side=loaded.padding_side, prefix_reuse=reuse,
+                                  batch_size=32, max_batch_tokens=200))
     r.predict([(QUERIES[0], d) for d in DOCS[:9]], raw=True)
     assert len(spy.shapes) > 1
     assert all(rows == 1 or rows * width <= 200 for rows, width in spy.shapes)

@@ -66,6 +66,18 @@ def test_fused_export_records_graph_and_parity(fused_artifact):
     assert parity.max_abs_logit_diff <= PARITY_ATOL["fp32"]
 
 
+def test_fused_products_are_grouped_by_layer(fused_artifact):
+    """The fused graph names each weight product after its weight (``/model/layers.N.down_proj/MatMul``), so the
+    int8 sensitivity search judges layers and product kinds, not runs of anonymous ``MatMul_17`` nodes."""
+    from memrerank.export.quantize import graph_info
+
+    info = graph_info(fused_artifact / "fp32" / "model.onnx")
+    layers = {g: v for g, v in info.groups.items() if g.startswith("layer ")}
+    assert sorted(layers) == ["layer 0", "layer 1"]
+    assert all(sorted(n.split("/")[2].split(".")[-1] for n in v) == ["down_proj", "gate_up_proj", "o_proj",
+                                                                     "qkv_proj"] for v in layers.values())
+
+
 def test_fused_prefix_cache_is_batch_one_and_shared(fused_artifact):
     """The prefix pass returns row 0's keys/values (1, kv, P, d); one such cache scores many rows, each as its whole
     pair would score, whatever the batch around it."""

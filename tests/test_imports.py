@@ -133,3 +133,71 @@ def test_runtime_imports_no_heavy_dependency():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             bad = [n for n in names if n.startswith(heavy) or n == "onnx"]
             assert not bad, f"{module} imports {bad}"
+
+
+def _area(module: str) -> str:
+    """What may share private names: a subpackage (``memrerank.runtime``, ``memrerank.export``…) as a whole, or
+    one top-level module of ``memrerank`` (``memrerank.serve``) alone."""
+    parts = module.split(".")
+    if len(parts) > 1 and f"memrerank.{parts[1]}" in MODULES and MODULES[f"memrerank.{parts[1]}"].name == "__init__.py":
+        return ".".join(parts[:2])
+    return module
+
+
+def _private_imports(name: str, path: Path, area: str | None) -> list[str]:
+    """``from M import _x`` (and ``M._x`` on an imported module) where M is memrerank's and of another area than
+    ``area`` (``None``: a bench script, outside every area)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    aliases: dict[str, str] = {}
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("memrerank") and not node.level:
+            for a in node.names:
+                full = f"{node.module}.{a.name}"
+                if full in MODULES:
+                    aliases[a.asname or a.name] = full
+                elif a.name.startswith("_") and not a.name.startswith("__") and _area(node.module) != area:
+                    bad.append(f"{name}: from {node.module} import {a.name}")
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name in MODULES and a.asname:
+                    aliases[a.asname] = a.name
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                and node.attr.startswith("_") and not node.attr.startswith("__")
+                and _area(aliases[node.value.id]) != area):
+            bad.append(f"{name}: {aliases[node.value.id]}.{node.attr}")
+    return bad
+
+
+def test_no_private_name_crosses_a_layer():
+    """Export, the jobs and the benches use the runtime, serve and scale through their public names only (the
+    scoring seam is :class:`memrerank.runtime.Scorer`, the options :class:`memrerank.runtime.LoadOptions`)."""
+    bad = [b for name, path in MODULES.items() for b in _private_imports(name, path, _area(name))]
+    bad += [b for path in sorted((ROOT / "bench").glob("*.py")) for b in _private_imports(path.name, path, None)]
+    assert not bad, "private names used across layers:\n" + "\n".join(bad)
+
+
+def test_the_private_name_check_sees_a_violation(tmp_path):
+    """Guards the check: the import scale.py had (``serve._check_positive``) and an attribute reach are caught."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("from memrerank.serve import _check_positive, Limits\n"
+                     "import memrerank.runtime.reranker as rr\nrr._check_text('x', 'y')\n")
+    assert _private_imports("memrerank.scale", probe, "memrerank.scale") == [
+        "memrerank.scale: from memrerank.serve import _check_positive",
+        "memrerank.scale: memrerank.runtime.reranker._check_text"]
+    assert _private_imports("memrerank.runtime.scorer", probe, "memrerank.runtime") == [
+        "memrerank.runtime.scorer: from memrerank.serve import _check_positive"]  # the runtime's own: allowed
+
+
+def test_building_options_loads_no_onnxruntime():
+    """The CLI's parser, serve's config and LoadOptions start without onnxruntime or tokenizers (they load on the
+    first Reranker), so ``memrerank -h`` and a config check stay fast."""
+    import subprocess
+    import sys
+
+    code = ("import sys, memrerank.cli, memrerank.serve, memrerank.scale\n"
+            "from memrerank import LoadOptions\nLoadOptions('int8', threads=2)\n"
+            "print(sorted(m for m in ('onnxruntime', 'tokenizers', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from texts import DOCS
 
-from memrerank import Reranker
+from memrerank import LoadOptions, Reranker
 from memrerank.errors import ArtifactError
 
 try:  # the loopback uvicorn server of test_serve.py (bert_artifact, fp32, limits: 50 docs, 20 kB, 200 tokens)
@@ -284,6 +284,11 @@ def test_llama_index_emits_its_reranking_events(li, reference):
     ({"reranker": "REF", "threshold": 1.5}, ValueError, r"threshold must be a calibrated probability in \["),
     ({"artifact": "ART", "precision": "int4"}, ValueError, "precision: unknown 'int4'"),
     ({"artifact": "ART", "precision": "int8"}, ArtifactError, "int8"),  # not exported: names what exists
+    ({"artifact": "ART", "options": LoadOptions("int8")}, ArtifactError, "int8"),
+    ({"artifact": "ART", "options": "fp32"}, TypeError, r"options must be a memrerank\.LoadOptions"),
+    ({"artifact": "ART", "options": {"precision": "fp32"}}, TypeError, r"options must be a memrerank\.LoadOptions"),
+    ({"reranker": "REF", "precision": "fp32"}, ValueError, "reranker= is already loaded"),  # would be ignored
+    ({"reranker": "REF", "options": LoadOptions("fp32")}, ValueError, "reranker= is already loaded"),
     ({"artifact": "/no/such/artifact"}, ArtifactError, "memrerank export"),
 ])
 def test_bad_arguments_are_clear_errors(request, framework, kwargs, error, match, bert_artifact, reference):
@@ -292,6 +297,30 @@ def test_bad_arguments_are_clear_errors(request, framework, kwargs, error, match
     kwargs = {k: swap.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
     with pytest.raises(error, match=match):
         module.MemrerankRerank(**kwargs)
+
+
+@pytest.mark.parametrize("framework", ["lc", "li"])
+def test_artifact_loads_with_the_load_options_given(request, framework, bert_artifact, reference):
+    """``options`` reach ``Reranker.load`` whole (threads, batch budget, ...); ``precision`` is shorthand for its
+    precision and wins over the options' one; neither given is ``precision="auto"``."""
+    module = request.getfixturevalue(framework)
+    opts = LoadOptions("int8", threads=1, batch_size=2)  # int8 is not exported: only precision= makes it load
+    rerank = module.MemrerankRerank(artifact=bert_artifact, options=opts, precision="fp32", top_n=None)
+    assert rerank.options == opts and rerank.precision == "fp32"
+    loaded = rerank.reranker
+    assert (loaded.precision, loaded.batch_size) == ("fp32", 2)
+    assert loaded.backend.session.get_session_options().intra_op_num_threads == 1
+    texts = DOCS[:8]
+    want = reference.rank(QUERY, texts)
+    if framework == "lc":
+        from langchain_core.documents import Document
+
+        out = rerank.compress_documents([Document(page_content=t, id=str(i)) for i, t in enumerate(texts)], QUERY)
+        _check_hits([(int(d.id), d.metadata["relevance_score"]) for d in out], want)
+    else:
+        out = rerank.postprocess_nodes(_li_nodes(), query_str=QUERY)
+        _check_hits([(int(n.node.node_id[1:]), n.score) for n in out], want)
+    assert module.MemrerankRerank(artifact=bert_artifact).reranker.precision == "fp32"  # auto: the only export
 
 
 def test_bad_call_arguments_are_clear_errors(lc, li, reference):

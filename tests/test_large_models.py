@@ -41,3 +41,29 @@ def test_export_every_precision_through_external_data(qwen_ckpt, tmp_path, monke
     for name in ("fp16", "int8"):
         got = Reranker.load(art, name).predict(pairs, raw=True)
         assert np.isfinite(got).all() and np.max(np.abs(got - ref)) < 0.5
+
+
+def test_the_fused_graph_streams_its_weights_to_external_data(qwen_ckpt, tmp_path, monkeypatch):
+    """Above the external-data limit the fused writer puts each weight straight into ``model.onnx_data`` as it
+    writes the graph (4 KiB-aligned offsets), so the graph in memory never holds the weights: the .onnx file
+    holds only small constants, and the artifact scores as the inline one does."""
+    import onnx
+
+    from memrerank.export import export_model, graph
+
+    small = export_model(str(qwen_ckpt), tmp_path / "inline", graph="fused", log=lambda m: None)
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_BYTES", 0)
+    big = export_model(str(qwen_ckpt), tmp_path / "streamed", graph="fused", precisions=["fp32", "int8"],
+                       log=lambda m: None)
+    model = onnx.load(str(big / "fp32" / "model.onnx"), load_external_data=False)
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    inline = [t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    assert external and all(len(t.raw_data) <= 1024 for t in inline)
+    offsets = [int(dict((e.key, e.value) for e in t.external_data)["offset"]) for t in external]
+    assert all(o % 4096 == 0 for o in offsets) and len(set(offsets)) == len(offsets)
+    assert (big / "fp32" / "model.onnx").stat().st_size < 200_000
+    assert read_manifest(big).precision("fp32").parity.max_abs_logit_diff <= PARITY_TOLERANCE["fp32"]
+    pairs = [("Who is Marco?", "Marco is my climbing partner."), ("Who is Marco?", "I like tea.")]
+    np.testing.assert_allclose(Reranker.load(big).predict(pairs, raw=True),
+                               Reranker.load(small).predict(pairs, raw=True), atol=1e-6, rtol=0)
+    assert np.isfinite(Reranker.load(big, "int8").predict(pairs, raw=True)).all()

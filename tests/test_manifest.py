@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 
@@ -10,14 +11,30 @@ import pytest
 
 from memrerank.errors import ArtifactError
 from memrerank.manifest import (
+    FAMILIES,
+    FAMILY_TEMPLATES,
+    Build,
     CacheLayout,
+    CalibrationData,
     CalibrationEntry,
     DecoderTemplate,
     EncoderTemplate,
+    EngineEntry,
+    EngineParity,
+    ExportInfo,
+    FileEntry,
     Manifest,
     read_manifest,
     write_manifest,
 )
+
+#: A TensorRT engine entry as build-engine writes it (files are not checked by the manifest's parser).
+ENGINE = {"engine": "tensorrt-fp16/model.engine", "files": {"tensorrt-fp16/model.engine": {"sha256": "0" * 64,
+                                                                                          "bytes": 1}},
+          "tensorrt": "10.3.0", "gpu": "NVIDIA H100", "compute_capability": "90", "source_graph": "fp32",
+          "profile": {}, "method": "FP16 builder flag",
+          "parity": {"reference": "fp32 onnx", "max_abs_logit_diff": 0.002, "spearman_mean": 0.99,
+                     "top3_agreement": 1.0}}
 
 
 def _raw(art):
@@ -36,6 +53,9 @@ def test_read_gives_types_and_round_trips(request, fixture, template):
     assert fp32.parity is not None and fp32.parity.max_abs_logit_diff == raw["precisions"]["fp32"]["parity"][
         "max_abs_logit_diff"]
     assert (m.prefix_reuse is not None) == (fixture == "qwen_artifact")
+    assert isinstance(m.export, ExportInfo) and m.export.graph == "traced" and m.export.allow_pickle is False
+    assert m.export.step_seconds is not None and set(m.export.step_seconds) >= {"load", "fp32 graph"}
+    assert fp32.build == Build() and m.calibration_data is None  # fp32 only: nothing built or calibrated
     # the file export wrote is exactly what the types write back: nothing is lost or renamed
     assert m.to_dict() == raw
     assert Manifest.from_dict(m.to_dict()) == m
@@ -57,6 +77,19 @@ def test_read_gives_types_and_round_trips(request, fixture, template):
     (lambda d: d.update(family="decoder"), r"family: unknown family"),
     (lambda d: d.update(schema_version=99), r"schema_version 99"),
     (lambda d: d.pop("source"), r"source: missing"),
+    (lambda d: d["export"].update(opset="17"), r"export\.opset: expected an integer"),
+    (lambda d: d["export"]["versions"].update(torch=2), r"export\.versions\.torch: expected a string"),
+    (lambda d: d["export"].update(step_seconds={"load": "fast"}),
+     r"export\.step_seconds\.load: expected a number"),
+    (lambda d: d["precisions"]["fp32"].update(build={"batch_independent": "yes"}),
+     r"precisions\.fp32\.build\.batch_independent: expected a boolean"),
+    (lambda d: d.update(calibration_data={"source": "built-in pairs", "pairs": "320", "queries": 8}),
+     r"calibration_data\.pairs: expected an integer"),
+    (lambda d: d.update(calibration_data={"source": "built-in pairs", "pairs": 320}),
+     r"calibration_data\.queries: missing"),
+    (lambda d: d.update(engines={"fp16": {**ENGINE, "parity": {**ENGINE["parity"],
+                                                               "max_abs_logit_diff": "0"}}}),
+     r"engines\.fp16\.parity\.max_abs_logit_diff: expected a number"),
 ])
 def test_a_bad_field_is_named_with_what_to_do(qwen_artifact, tmp_path, edit, message):
     raw = copy.deepcopy(_raw(qwen_artifact))
@@ -103,10 +136,64 @@ def test_writer_is_atomic_and_checks_before_writing(qwen_artifact, tmp_path, mon
         write_manifest(tmp_path, m)
     assert read_manifest(tmp_path) == updated
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
-    # a dict is parsed first: a malformed one never reaches the disk
+    # the JSON is parsed back before the write: a block built wrong never reaches the disk
     monkeypatch.undo()
-    bad = m.to_dict()
-    del bad["tokens"]
-    with pytest.raises(ArtifactError, match="tokens: missing"):
+    bad = dataclasses.replace(m, tokens=dataclasses.replace(m.tokens, padding_side="middle"))
+    with pytest.raises(ArtifactError, match=r"tokens\.padding_side: expected 'left' or 'right'"):
         write_manifest(tmp_path, bad)
+    pairs: object = 320.5
+    bad = dataclasses.replace(m, calibration_data=CalibrationData("built-in pairs", pairs, 8))  # type: ignore
+    with pytest.raises(ArtifactError, match=r"calibration_data\.pairs: expected an integer"):
+        write_manifest(tmp_path, bad)
+    with pytest.raises(TypeError, match="takes a Manifest"):
+        write_manifest(tmp_path, m.to_dict())  # type: ignore[arg-type]
     assert read_manifest(tmp_path) == updated
+
+
+def test_written_blocks_round_trip_in_the_shape_export_writes(qwen_artifact, tmp_path):
+    """Build records, engine parity, calibration data and export info are types, written in the JSON shape
+    they had as dicts."""
+    m = read_manifest(qwen_artifact)
+    build = Build(method="per-row", batch_independent=True, extra={"fp32_nodes": ["/head/MatMul"]})
+    engine = EngineEntry.from_dict(ENGINE, "engines.fp16")
+    assert engine.parity == EngineParity("fp32 onnx", 0.002, 0.99, 1.0)
+    int8 = dataclasses.replace(m.precisions["fp32"], build=build)
+    typed = dataclasses.replace(m.with_precision("int8", int8).with_engine("fp16", engine),
+                                calibration_data=CalibrationData("built-in pairs", 320, 8),
+                                export=dataclasses.replace(m.export, step_seconds={"load": 1.5}))
+    raw = typed.to_dict()
+    assert raw["calibration_data"] == {"source": "built-in pairs", "pairs": 320, "queries": 8}
+    assert raw["engines"]["fp16"] == ENGINE
+    assert raw["precisions"]["int8"]["build"] == {"method": "per-row", "batch_independent": True,
+                                                  "fp32_nodes": ["/head/MatMul"]}
+    assert raw["precisions"]["fp32"]["build"] == {}  # fp32 records no build, as before
+    assert set(raw["export"]) == {"date", "versions", "opset", "graph", "command", "allow_pickle",
+                                  "step_seconds"}
+    assert raw["export"]["step_seconds"] == {"load": 1.5}
+    assert Manifest.from_dict(raw) == typed
+    assert write_manifest(tmp_path, typed) == typed and read_manifest(tmp_path) == typed
+    # each block alone: from_dict(to_dict()) is the identity, the JSON path names where a field is wrong
+    for block, where in ((build, "precisions.int8.build"), (engine.parity, "engines.fp16.parity"),
+                         (typed.calibration_data, "calibration_data"), (typed.export, "export"),
+                         (FileEntry("ab" * 32, 3), "tokenizer.files.tokenizer.json")):
+        assert type(block).from_dict(block.to_dict(), where) == block
+    with pytest.raises(ArtifactError, match=r"export\.allow_pickle: expected a boolean"):
+        ExportInfo.from_dict({**typed.export.to_dict(), "allow_pickle": "no"}, "export")
+    # an export without a command line records that it has none; a manifest without an export block reads
+    assert ExportInfo().to_dict() == {"command": None}
+    bare = m.to_dict()
+    del bare["export"]
+    assert Manifest.from_dict(bare).export == ExportInfo()
+
+
+def test_a_family_is_named_once():
+    """The family names live in the manifest module; export's families and the runtime's pair encoders
+    register against exactly those, and a family class with another name is refused."""
+    from memrerank.export.families import FAMILY_REGISTRY, register_family
+    from memrerank.runtime.encoding import ENCODERS
+
+    assert FAMILIES == tuple(FAMILY_TEMPLATES) == ("decoder-yes-no", "encoder-cross")
+    assert {cls.name for cls in FAMILY_REGISTRY.values()} == set(FAMILIES) == set(ENCODERS)
+    with pytest.raises(ValueError, match=r"unknown family 'decoder'.*known: decoder-yes-no, encoder-cross"):
+        register_family("SomeForCausalLM")(type("Other", (), {"name": "decoder"}))
+    assert "SomeForCausalLM" not in FAMILY_REGISTRY

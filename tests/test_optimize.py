@@ -11,13 +11,12 @@ import pytest
 from texts import DOCS, QUERIES
 
 import models
-from memrerank import Reranker
+from memrerank import LoadOptions, Reranker
 from memrerank.export import export_model
 from memrerank.export import optimize
 from memrerank.export.fidelity import CalibSet
 from memrerank.export.pairs import builtin_calibration_groups
 from memrerank.export.quantize import graph_info, quantize_per_row
-from memrerank.runtime.backends.onnxruntime import OrtBackend
 
 #: Max |Δlogit| of the first-token graph vs transformers (fp32 both), the artifact's fp32 tolerance.
 FP32_ATOL = 1e-4
@@ -52,9 +51,10 @@ def _first_token_graph(artifact, tmp_path):
 
 
 def _score(artifact, graph, pairs, batch_size):
-    r = Reranker.load(artifact, "fp32", threads=1, batch_size=batch_size)
+    options = LoadOptions("fp32", threads=1, batch_size=batch_size)
+    r = Reranker.load(artifact, options)
     if graph is not None:
-        r.backend = OrtBackend(graph, threads=1)
+        r = r.with_graph(graph, options)
     return r.predict(pairs, raw=True).astype(np.float64)
 
 

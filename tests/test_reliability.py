@@ -535,8 +535,8 @@ scale._write_output(ray, Written(), sys.argv[1], "jsonl", True)
 """
 
 
-def test_rescore_overwrite_killed_at_the_swap_is_restored_at_the_next_start(tmp_path):
-    """rescore --overwrite swaps its output in the same way: a SIGKILL between the renames leaves the previous
+def test_rescore_force_killed_at_the_swap_is_restored_at_the_next_start(tmp_path):
+    """rescore --force swaps its output in the same way: a SIGKILL between the renames leaves the previous
     scores aside, and the next rescore puts them back (then refuses to overwrite without the flag)."""
     pytest.importorskip("ray", reason="the ray extra is not installed")
     from memrerank.scale import rescore
@@ -549,7 +549,7 @@ def test_rescore_overwrite_killed_at_the_swap_is_restored_at_the_next_start(tmp_
     assert not out.exists() and any(".old-" in n for n in _siblings(out))
     src = tmp_path / "pairs.jsonl"
     src.write_text('{"id": "a", "query": "q", "document": "d"}\n')
-    with pytest.raises(FileExistsError, match="overwrite"):
+    with pytest.raises(FileExistsError, match="--force"):
         rescore(src, out, tmp_path / "no-artifact-needed-to-refuse")
     assert [p.name for p in out.iterdir()] == ["old.json"] and _siblings(out) == []
 

@@ -215,14 +215,15 @@ def test_context_is_keyword_only(qwen_artifact):
 def test_batch_budget_follows_the_provider(qwen_artifact):
     """CPU keeps its memory-bounding budget; a GPU budget makes a typical request (64 candidates) one call."""
     from memrerank.kernels import pack_pairs
-    from memrerank.runtime.reranker import BATCH_BUDGETS
+    from memrerank.runtime.backends.base import CPU_BUDGET, GPU_BUDGET
 
     r = Reranker.load(qwen_artifact)
-    cpu = BATCH_BUDGETS["CPUExecutionProvider"]
+    assert r.backend.budget == CPU_BUDGET
+    cpu = CPU_BUDGET
     assert (r.batch_size, r.max_batch_tokens, r.call_overhead) == (cpu.batch_size, cpu.max_batch_tokens,
                                                                   cpu.call_overhead)
     assert Reranker.load(qwen_artifact, batch_size=3, max_batch_tokens=99).max_batch_tokens == 99
-    gpu = BATCH_BUDGETS["CUDAExecutionProvider"]
+    gpu = GPU_BUDGET
     head, docs, tail = np.arange(60), [list(range(5, 5 + 40 + i % 30)) for i in range(64)], np.arange(12)
     packed = pack_pairs([head], np.zeros(64, np.int64), docs, tail, [400], pad_id=0, left=True,
                         max_rows=gpu.batch_size, max_tokens=gpu.max_batch_tokens, call_overhead=gpu.call_overhead)
@@ -254,3 +255,57 @@ def test_a_provider_onnxruntime_dropped_is_an_error_not_a_cpu_run(qwen_artifact,
     with pytest.raises(ProviderError):
         Reranker.load(qwen_artifact, providers="cuda", allow_tf32=True)
     assert seen["options"]["CUDAExecutionProvider"] == {"use_tf32": "1"}
+
+
+@pytest.mark.parametrize("field, value", [("threads", -1), ("threads", "2"), ("threads", 2.7), ("threads", True),
+                                          ("batch_size", 0), ("max_batch_tokens", "512"),
+                                          ("allow_tf32", "false"), ("prefix_reuse", "no"), ("io_binding", 1),
+                                          ("precision", "int3"), ("providers", [])])
+def test_load_options_are_checked_once_naming_the_field(qwen_artifact, field, value):
+    """What was accepted before (threads=-1, "2", 2.7; allow_tf32="false", a truthy string) is refused, by
+    LoadOptions and by Reranker.load's keywords alike, before any file is opened."""
+    from memrerank import LoadOptions
+
+    with pytest.raises(ValueError, match=f"LoadOptions.{field}"):
+        LoadOptions(**{field: value})
+    with pytest.raises(ValueError, match=f"LoadOptions.{field}"):
+        Reranker.load(qwen_artifact, **{field: value})
+
+
+def test_load_options_and_keywords_are_one_channel(qwen_artifact):
+    """``Reranker.load(path, options, **fields)``: a keyword that is not None overrides the options; a string is
+    a precision; anything else is a TypeError naming LoadOptions."""
+    from memrerank import LoadOptions
+
+    options = LoadOptions("fp32", threads=1, batch_size=3, prefix_reuse=False)
+    r = Reranker.load(qwen_artifact, options, max_batch_tokens=99)
+    assert (r.batch_size, r.max_batch_tokens, r.prefix_reuse) == (3, 99, False)
+    assert Reranker.load(qwen_artifact, options, prefix_reuse=True).prefix_reuse is True
+    assert Reranker.load(qwen_artifact, "fp32").precision == "fp32"
+    assert options.replace(threads=2).threads == 2 and options.threads == 1
+    with pytest.raises(TypeError, match="LoadOptions"):
+        Reranker.load(qwen_artifact, {"threads": 1})
+    with pytest.raises(TypeError, match="unknown load option"):
+        LoadOptions.merge(options, thread=1)
+
+
+def test_the_scorer_seam_scores_any_graph_of_the_artifact(qwen_artifact, bert_artifact):
+    """Scorer.open over a graph named by path gives Reranker.predict's logits (same packer, budget and prefix
+    path); with_graph keeps the tokenizer and template; a graph without a past cannot take prefix_reuse."""
+    from memrerank import LoadOptions
+    from memrerank.runtime import Scorer
+
+    pairs = [("Who is Marco?", d) for d in DOCS]
+    for art in (qwen_artifact, bert_artifact):
+        r = Reranker.load(art, "fp32", prefix_reuse=False)
+        want = r.predict(pairs, raw=True)
+        other = Reranker.load(art, "fp32").with_graph(art / "fp32" / "model.onnx", LoadOptions(prefix_reuse=False))
+        np.testing.assert_array_equal(other.predict(pairs, raw=True), want)
+        scorer = Scorer.open(art, r.manifest, LoadOptions("fp32", batch_size=2))
+        assert scorer.prefix_reuse == (art == qwen_artifact) and scorer.batch_size == 2
+        splits = [(np.arange(len(DOCS)), r.encoder.split("Who is Marco?", DOCS))]
+        logits, truncated = scorer.score(splits, len(DOCS))
+        np.testing.assert_allclose(logits, want, atol=1e-5, rtol=0)
+        assert truncated.dtype == bool and truncated.shape == (len(DOCS),)
+    with pytest.raises(ArtifactError, match="prefix_reuse"):
+        Scorer.open(bert_artifact, Reranker.load(bert_artifact).manifest, LoadOptions(prefix_reuse=True))

@@ -14,12 +14,13 @@ pytest.importorskip("ray.data")
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from memrerank import Reranker  # noqa: E402
-from memrerank.scale import RescoreError, RescoreJob, rescore, shared_batch_size  # noqa: E402
+from memrerank import LoadOptions, Reranker  # noqa: E402
+from memrerank.scale import RescoreError, RescoreJob, rescore, shared_block_rows  # noqa: E402
 from texts import DOCS  # noqa: E402
 
 #: Scores written by the Ray job vs the same artifact scored in-process (fp32; batch composition differs).
 RAY_FP32_ATOL = 1e-5
+FP32 = LoadOptions("fp32")
 
 QUERIES = ["Who painted the portrait?", "When is the dentist appointment?", "What does Ana's sister study?",
            "Wo wohnt Jonas? 住在哪里?"]
@@ -55,7 +56,7 @@ def test_rescore_jsonl_with_two_actors_keeps_ids(local_ray, tmp_path, request, a
     src = tmp_path / "pairs.jsonl"
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     instruction = "Find the memory that answers the question" if artifact_fixture == "qwen_artifact" else None
-    report = rescore(RescoreJob(src, tmp_path / "out", artifact, precision="fp32", actors=2, batch_size=32,
+    report = rescore(RescoreJob(src, tmp_path / "out", artifact, FP32, actors=2, block_rows=32,
                                 instruction=instruction))
     assert report.rows == len(rows) and report.actors == 2 and report.output_format == "jsonl"
     got = _read_output(tmp_path / "out")
@@ -78,13 +79,13 @@ def test_small_input_is_shared_by_every_actor(local_ray, tmp_path, bert_artifact
     # 240 rows at the default 256 per batch were one batch, so a second actor sat idle (the 0.6B scale bench
     # measured 2 actors at 0.99x one): the batch is capped at ceil(rows / actors)
     cases = [(240, 2, 256), (41, 2, 256), (1000, 2, 256), (1, 4, 8)]
-    assert [shared_batch_size(r, a, b) for r, a, b in cases] == [120, 21, 256, 1]
+    assert [shared_block_rows(r, a, b) for r, a, b in cases] == [120, 21, 256, 1]
     rows = _rows(41)
     src = tmp_path / "pairs.jsonl"
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    two = rescore(RescoreJob(src, tmp_path / "two", bert_artifact, precision="fp32", actors=2))
-    one = rescore(RescoreJob(src, tmp_path / "one", bert_artifact, precision="fp32", actors=1))
-    assert (two.batch_size, one.batch_size) == (21, 256)
+    two = rescore(RescoreJob(src, tmp_path / "two", bert_artifact, FP32, actors=2))
+    one = rescore(RescoreJob(src, tmp_path / "one", bert_artifact, FP32, actors=1))
+    assert (two.block_rows, one.block_rows) == (21, 256)
     got = {r["id"]: r["logit"] for r in _read_output(tmp_path / "two")}
     assert sorted(got) == [r["id"] for r in rows]
     for r in _read_output(tmp_path / "one"):
@@ -98,10 +99,10 @@ def test_rescore_parquet_keep_text_and_prefix(local_ray, tmp_path, bert_artifact
     pq.write_table(pa.Table.from_pylist(rows[:25]), src / "a.parquet")
     pq.write_table(pa.Table.from_pylist(rows[25:]), src / "b.parquet")
     with pytest.raises(ValueError, match="output_prefix"):
-        rescore(src, tmp_path / "clash", bert_artifact, precision="fp32")
-    report = rescore(src, tmp_path / "out", bert_artifact, precision="fp32", actors=1, threads_per_actor=2,
+        rescore(src, tmp_path / "clash", bert_artifact, options=FP32)
+    report = rescore(src, tmp_path / "out", bert_artifact, options=FP32.replace(threads=2), actors=1,
                      keep_text=True, output_prefix="new_")
-    assert report.rows == 40 and report.output_format == "parquet"
+    assert report.rows == 40 and report.output_format == "parquet" and report.threads == 2
     got = {r["id"]: r for r in _read_output(tmp_path / "out")}
     assert set(got) == {r["id"] for r in rows}
     ref = Reranker.load(bert_artifact, "fp32")
@@ -110,10 +111,10 @@ def test_rescore_parquet_keep_text_and_prefix(local_ray, tmp_path, bert_artifact
         assert g["query"] == r["query"] and g["document"] == r["document"] and g["score"] == 0.5
         assert g["new_logit"] == pytest.approx(float(ref.predict([(r["query"], r["document"])], raw=True)[0]),
                                                abs=RAY_FP32_ATOL)
-    # the same output again: refused unless overwrite=True, which replaces (not appends)
-    with pytest.raises(FileExistsError, match="overwrite"):
-        rescore(src, tmp_path / "out", bert_artifact, precision="fp32", output_prefix="new_")
-    again = rescore(src, tmp_path / "out", bert_artifact, precision="fp32", output_prefix="new_", overwrite=True)
+    # the same output again: refused unless force=True, which replaces (not appends)
+    with pytest.raises(FileExistsError, match=r"force=True \(--force\)"):
+        rescore(src, tmp_path / "out", bert_artifact, options=FP32, output_prefix="new_")
+    again = rescore(src, tmp_path / "out", bert_artifact, options=FP32, output_prefix="new_", force=True)
     assert again.rows == 40 and len(_read_output(tmp_path / "out")) == 40
 
 
@@ -122,13 +123,11 @@ def test_rescore_input_errors_are_clear(local_ray, tmp_path, bert_artifact):
     src.write_text(json.dumps({"key": 1, "question": "q", "text": "d"}) + "\n")
     with pytest.raises(ValueError, match=r"no column 'id', 'query', 'document'; it has key, question, text"):
         rescore(src, tmp_path / "o1", bert_artifact)
-    with pytest.raises(ValueError, match="precision"):
-        rescore(src, tmp_path / "o2", bert_artifact, precision="int4")
+    with pytest.raises(ValueError, match=r"LoadOptions\.precision: unknown 'int4'"):
+        rescore(src, tmp_path / "o2", bert_artifact, options=LoadOptions("int4"))
     with pytest.raises(ValueError, match="actors must be a positive integer"):
         rescore(src, tmp_path / "o3", bert_artifact, actors=0)
-    with pytest.raises(ValueError, match=r"RescoreJob\.threads_per_actor must be a positive integer"):
-        RescoreJob(src, tmp_path / "o3", bert_artifact, threads_per_actor=0)
-    with pytest.raises(TypeError, match="on the RescoreJob"):  # one job, its options inside it
+    with pytest.raises(TypeError, match="on the RescoreJob"):  # one job, its fields inside it
         rescore(RescoreJob(src, tmp_path / "o3", bert_artifact), actors=2)
     with pytest.raises(FileNotFoundError):
         rescore(tmp_path / "missing.jsonl", tmp_path / "o4", bert_artifact)
@@ -136,14 +135,14 @@ def test_rescore_input_errors_are_clear(local_ray, tmp_path, bert_artifact):
     with pytest.raises(ValueError, match="input_format"):
         rescore(tmp_path / "notes.txt", tmp_path / "o5", bert_artifact)
     # renamed columns work; a null document names its row
-    report = rescore(src, tmp_path / "o6", bert_artifact, precision="fp32", id_column="key", query_column="question",
+    report = rescore(src, tmp_path / "o6", bert_artifact, options=FP32, id_column="key", query_column="question",
                      document_column="text")
     assert report.rows == 1 and _read_output(tmp_path / "o6")[0]["key"] == 1
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "ok", "query": "q", "document": "d"}) + "\n"
                    + json.dumps({"id": "broken", "query": "q", "document": None}) + "\n")
     with pytest.raises(RescoreError, match=r"ValueError: row id='broken': column 'document' is NoneType"):
-        rescore(bad, tmp_path / "o7", bert_artifact, precision="fp32")
+        rescore(bad, tmp_path / "o7", bert_artifact, options=FP32)
     assert not (tmp_path / "o7").exists() and not list(tmp_path.glob(".o7.partial-*"))  # no half-written output
 
 
@@ -157,7 +156,7 @@ def test_rescore_cli(local_ray, tmp_path, bert_artifact, capsys):
     assert json.loads(capsys.readouterr().out)["rows"] == 12
     assert sorted(r["id"] for r in _read_output(tmp_path / "out")) == [r["id"] for r in _rows(12)]
     assert main(["rescore", str(bert_artifact), str(src), "-o", str(tmp_path / "out")]) == 2
-    assert "overwrite" in capsys.readouterr().err
+    assert "--force" in capsys.readouterr().err
     assert main(["rescore", str(bert_artifact), str(src), "-o", str(tmp_path / "o2"), "--actors", "3"]) == 2
     assert "need 3 CPUs; the Ray cluster has 2" in capsys.readouterr().err
 
@@ -172,8 +171,8 @@ def test_ray_serve_deployment_speaks_the_same_api(local_ray, bert_artifact):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    serve_on_ray(ServeConfig(bert_artifact, "fp32", threads=1, limits=Limits(max_documents=20)), port=port,
-                 replicas=2, blocking=False)
+    serve_on_ray(ServeConfig(bert_artifact, LoadOptions("fp32", threads=1), limits=Limits(max_documents=20)),
+                 port=port, replicas=2, blocking=False)
     try:
         url = f"http://127.0.0.1:{port}"
         ref = Reranker.load(bert_artifact, "fp32")
@@ -213,8 +212,68 @@ def test_build_app_is_a_serve_run_builder(bert_artifact):
         build_app({})
     with pytest.raises(ValueError, match=r"Limits\.max_documents must be a positive integer"):
         build_app({"artifact": str(bert_artifact), "max_documents": "0"})
+    for threads in ("0", 2.7):  # a float is LoadOptions' to refuse, not rounded on the way
+        with pytest.raises(ValueError, match=r"build_app: LoadOptions\.threads must be a positive integer"):
+            build_app({"artifact": str(bert_artifact), "threads": threads})
+    with pytest.raises(ValueError, match=r"allow_tf32='maybe'; pass true, false or none"):
+        build_app({"artifact": str(bert_artifact), "allow_tf32": "maybe"})
     app = build_app({"artifact": str(bert_artifact), "providers": "cpu", "prefix_reuse": "false",
-                     "max_batch_tokens": "1024"})
+                     "max_batch_tokens": "1024", "batch_size": "8", "io_binding": "false"})
     config = app._bound_deployment.init_args[0]
-    assert config.providers == ("cpu",) and config.prefix_reuse is False and config.max_batch_tokens == 1024
-    assert config.threads == 1 and config.artifact == str(Path(bert_artifact).resolve())
+    assert config.options == LoadOptions("auto", providers=("cpu",), threads=1, batch_size=8, max_batch_tokens=1024,
+                                         prefix_reuse=False, io_binding=False)
+    assert config.artifact == str(Path(bert_artifact).resolve())
+    assert app._bound_deployment.ray_actor_options["num_cpus"] == 1
+    app = build_app({"artifact": str(bert_artifact), "threads": "2"})  # a replica's CPUs are its threads
+    assert app._bound_deployment.ray_actor_options["num_cpus"] == 2
+
+
+def test_rescore_job_takes_one_load_options(tmp_path):
+    """The actors' load options are one LoadOptions; its threads are each actor's CPUs and onnxruntime threads
+    (1 when unset). ``batch_size`` keeps one meaning (model rows per call, in LoadOptions): rows per actor call
+    are ``block_rows``; ``force`` replaces an output, as export's ``--force`` does."""
+    src, out, art = tmp_path / "pairs.jsonl", tmp_path / "out", tmp_path / "art"
+    job = RescoreJob(src, out, art, LoadOptions("int8", threads=2), actors=3, block_rows=64, force=True)
+    assert job.options == LoadOptions("int8", threads=2) and (job.block_rows, job.force) == (64, True)
+    assert RescoreJob(src, out, art).options == LoadOptions("auto", threads=1)
+    assert RescoreJob(src, out, art, LoadOptions("fp32", batch_size=8)).options.threads == 1
+    with pytest.raises(TypeError, match=r"RescoreJob\.options must be a memrerank\.LoadOptions"):
+        RescoreJob(src, out, art, "fp32")
+    with pytest.raises(ValueError, match=r"RescoreJob\.block_rows must be a positive integer"):
+        RescoreJob(src, out, art, block_rows=0)
+    with pytest.raises(ValueError, match=r"RescoreJob\.force must be True or False"):
+        RescoreJob(src, out, art, force="no")
+    for gone in ("precision", "providers", "threads_per_actor", "batch_size", "overwrite", "max_batch_tokens",
+                 "prefix_reuse"):
+        with pytest.raises(TypeError, match=gone):
+            RescoreJob(src, out, art, **{gone: None})
+    # the keyword form says where a load option or a renamed field went
+    with pytest.raises(TypeError, match=r"precision= is no RescoreJob field; pass options=LoadOptions\(precision"):
+        rescore(src, out, art, precision="fp32")
+    with pytest.raises(TypeError, match=r"threads_per_actor= .*options=LoadOptions\(threads"):
+        rescore(src, out, art, threads_per_actor=2)
+    with pytest.raises(TypeError, match=r"batch_size= .*block_rows="):
+        rescore(src, out, art, batch_size=64)
+
+
+def test_rescore_actors_get_the_options_threads(local_ray, tmp_path, bert_artifact, monkeypatch):
+    """``options.threads`` reaches each actor twice: the CPUs Ray reserves for it and the Reranker it loads."""
+    import memrerank.scale as scale
+
+    seen = []
+    real = ray.data.Dataset.map_batches
+
+    def spy(self, fn, **kw):
+        seen.append((kw["num_cpus"], kw["fn_constructor_kwargs"]["job"].options))
+        return real(self, fn, **kw)
+
+    monkeypatch.setattr(ray.data.Dataset, "map_batches", spy)
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in _rows(6)))
+    report = rescore(src, tmp_path / "out", bert_artifact, options=FP32.replace(threads=2))
+    assert report.threads == 2 and report.rows == 6
+    assert seen == [(2, FP32.replace(threads=2))]
+    actor = scale.RerankActor(RescoreJob(src, tmp_path / "x", bert_artifact, FP32.replace(threads=2)))
+    assert actor.reranker.backend.session.get_session_options().intra_op_num_threads == 2
+    with pytest.raises(ValueError, match=r"1 actors x 3 threads need 3 CPUs; the Ray cluster has 2"):
+        rescore(src, tmp_path / "o2", bert_artifact, options=FP32.replace(threads=3))

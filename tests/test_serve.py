@@ -16,7 +16,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from memrerank import Reranker  # noqa: E402
+from memrerank import LoadOptions, Reranker  # noqa: E402
 from memrerank.serve import Limits, ServeConfig, create_app  # noqa: E402
 from texts import DOCS  # noqa: E402
 
@@ -43,8 +43,8 @@ def _serving(app):
 
 @pytest.fixture(scope="module")
 def server(bert_artifact):
-    app = create_app(ServeConfig(bert_artifact, "fp32", limits=Limits(max_documents=50, max_request_bytes=20_000,
-                                                                       max_tokens_per_document=200), max_wait_ms=20))
+    limits = Limits(max_documents=50, max_request_bytes=20_000, max_tokens_per_document=200)
+    app = create_app(ServeConfig(bert_artifact, LoadOptions("fp32"), limits=limits, max_wait_ms=20))
     with _serving(app) as url:
         yield url, app
 
@@ -191,7 +191,7 @@ def test_concurrent_clients_are_batched_and_split_back(server, bert_artifact, mo
 @pytest.fixture(scope="module")
 def merging(bert_artifact):
     """A server whose batcher waits 250 ms for company, so requests sent together are merged."""
-    app = create_app(ServeConfig(bert_artifact, "fp32", max_wait_ms=250))
+    app = create_app(ServeConfig(bert_artifact, LoadOptions("fp32"), max_wait_ms=250))
     with _serving(app) as url:
         yield url, app
 
@@ -313,7 +313,7 @@ def test_a_request_served_alone_equals_it_under_concurrent_load(request, precisi
     rounds): equal to 1e-6 at fp32 and at the int8 ``auto`` picks on the CPU (per-row activation scales; the
     per-batch flavour fails this, see tests/test_batch_independence.py)."""
     artifact = request.getfixturevalue("bert_artifact" if precision == "fp32" else "bert_cpu_auto_artifact")
-    app = create_app(ServeConfig(artifact, precision, max_wait_ms=150))
+    app = create_app(ServeConfig(artifact, LoadOptions(precision), max_wait_ms=150))
     reranker = app.state.reranker
     if precision == "auto":
         assert reranker.precision.startswith("int8"), reranker.precision
@@ -336,15 +336,12 @@ def test_a_request_served_alone_equals_it_under_concurrent_load(request, precisi
 
 
 @pytest.mark.parametrize("field,value,kind", [
-    ("precision", "int4", ValueError),
-    ("threads", 0, ValueError),
-    ("max_batch_tokens", -1, ValueError),
     ("max_batch_pairs", 0, ValueError),
     ("max_wait_ms", -0.5, ValueError),
-    ("prefix_reuse", "yes", ValueError),
-    ("providers", [], ValueError),
     ("limits", {"max_documents": 5}, TypeError),
     ("artifact", None, TypeError),
+    ("options", "fp32", TypeError),  # the load options travel as one LoadOptions, not as a precision string
+    ("options", {"precision": "fp32"}, TypeError),  # ... nor as a dict
 ])
 def test_serve_config_rejects_bad_values_naming_the_field(field, value, kind):
     kwargs = {"artifact": "some/artifact", field: value}
@@ -354,15 +351,37 @@ def test_serve_config_rejects_bad_values_naming_the_field(field, value, kind):
         Limits(max_documents=0)
 
 
+def test_serve_config_takes_one_load_options():
+    """The load options are a LoadOptions (checked once, where it is made), not fields of their own."""
+    with pytest.raises(TypeError, match=r"ServeConfig\.options must be a memrerank\.LoadOptions.*"
+                                        r"ServeConfig\(artifact, LoadOptions\(\"fp32\"\)\)"):
+        ServeConfig("some/artifact", "fp32")
+    for gone in ("precision", "providers", "threads", "max_batch_tokens", "prefix_reuse"):
+        with pytest.raises(TypeError, match=gone):
+            ServeConfig("some/artifact", **{gone: None})
+    assert ServeConfig("some/artifact").options == LoadOptions(precision="auto")  # a service's default
+
+
+@pytest.mark.parametrize("field,value", [("threads", -1), ("threads", "2"), ("threads", 2.0), ("allow_tf32", "false"),
+                                         ("precision", "int4"), ("max_batch_tokens", 0), ("prefix_reuse", "yes"),
+                                         ("providers", [])])
+def test_a_bad_load_option_is_refused_before_any_service_is_built(field, value):
+    """What ServeConfig used to check field by field (or not at all: ``allow_tf32="false"`` is truthy) is
+    LoadOptions' check, naming the field."""
+    with pytest.raises(ValueError, match=rf"LoadOptions\.{field}\b"):
+        ServeConfig("some/artifact", LoadOptions(**{field: value}))
+
+
 def test_serve_config_normalizes_and_travels_to_worker_processes(tmp_path):
     """``serve(config, workers=N)`` pickles ``partial(create_app, config)`` into each spawned worker."""
     import functools
     import pickle
 
-    cfg = ServeConfig(tmp_path, providers="cuda, cpu", limits=Limits(max_documents=5), max_wait_ms=0)
-    assert cfg.artifact == str(tmp_path) and cfg.providers == ("cuda", "cpu")
+    cfg = ServeConfig(tmp_path, LoadOptions(providers="cuda, cpu", threads=2), limits=Limits(max_documents=5),
+                      max_wait_ms=0)
+    assert cfg.artifact == str(tmp_path) and cfg.options.providers == ("cuda", "cpu")
     back = pickle.loads(pickle.dumps(functools.partial(create_app, cfg)))
-    assert back.func is create_app and back.args == (cfg,)
+    assert back.func is create_app and back.args == (cfg,) and back.args[0].options.threads == 2
     with pytest.raises(TypeError, match="ServeConfig"):
         create_app(str(tmp_path))
 
@@ -433,5 +452,6 @@ def test_serve_api_with_workers_2(bert_artifact):
     import sys
 
     code = ("import sys; from memrerank.serve import ServeConfig, serve; "
-            "serve(ServeConfig(sys.argv[1], 'fp32', threads=1), port=int(sys.argv[2]), workers=2)")
+            "from memrerank import LoadOptions; "
+            "serve(ServeConfig(sys.argv[1], LoadOptions('fp32', threads=1)), port=int(sys.argv[2]), workers=2)")
     _two_workers_serve_the_same_answers(bert_artifact, [sys.executable, "-c", code, str(bert_artifact), "{port}"])

@@ -147,7 +147,7 @@ def test_engine_build_and_parity_on_gpu(tmp_path, qwen_ckpt, precision):
     art = export_model(str(qwen_ckpt), tmp_path / "a", precisions=["fp32", "int8-static"], log=lambda m: None)
     build_engine(art, precision)
     entry = read_manifest(art).engines[precision]
-    assert entry.parity["spearman_mean"] > 0.95
+    assert entry.parity is not None and entry.parity.spearman_mean > 0.95
     r = Reranker.load(art, precision=precision, providers=["tensorrt"], prefix_reuse=False)
     assert np.isfinite(r.predict([("q", "d")], raw=True)).all()
 
@@ -281,7 +281,8 @@ def test_engine_build_manifest_load_and_parity_without_tensorrt(bert_artifact, t
         "tensorrt-fp16/model.engine", "10.0-fake", "Fake GPU", "90", "fp32")
     assert set(entry.files) == {"tensorrt-fp16/model.engine", "tensorrt-fp16/timing.cache"}
     assert entry.files[entry.engine].sha256 == sha256_file(path)
-    assert entry.parity["max_abs_logit_diff"] < 1e-6 and entry.parity["spearman_mean"] == pytest.approx(1.0)
+    assert entry.parity is not None and entry.parity.reference == "fp32 onnx"
+    assert entry.parity.max_abs_logit_diff < 1e-6 and entry.parity.spearman_mean == pytest.approx(1.0)
 
     engine = Reranker.load(art, "fp16", providers=["tensorrt"], prefix_reuse=False)
     fp32 = Reranker.load(art, "fp32")

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from memrerank.errors import UnsafeCheckpointError
+from memrerank.manifest import CacheLayout, Template, Tokens
 
 __all__ = ["Family"]
 
@@ -17,7 +18,7 @@ class Family:
     """One reranker family; subclasses register with ``@register_family`` (``families.registry``).
 
     Attributes:
-        name: the manifest ``family`` value.
+        name: the manifest ``family`` value, one of :data:`memrerank.manifest.FAMILIES`.
         padding_side: padding the runtime uses for this family.
         padding_sides: padding sides the exported graph handles (validated at export).
     """
@@ -28,7 +29,8 @@ class Family:
     padding_sides: tuple[str, ...] = ("right",)
 
     def __init__(self, source: str, config: Any, *, revision: str | None, trust_remote_code: bool,
-                 instruction: str | None, max_length: int | None, allow_pickle: bool = False) -> None:
+                 instruction: str | None, max_length: int | None, allow_pickle: bool = False,
+                 prompt: Any = None) -> None:
         self.source = source
         self.config = config
         self.revision = revision
@@ -36,12 +38,21 @@ class Family:
         self.instruction = instruction
         self.max_length = max_length
         self.allow_pickle = allow_pickle
+        #: Decoder yes/no families: the prompt (``YesNoPrompt``) replacing the checkpoint's default.
+        self.prompt = prompt
         self.model: Any = None
         self.tokenizer: Any = None
 
     def load(self) -> None:
         """Load the PyTorch model (fp32, eval; through :meth:`_from_pretrained`) and the fast tokenizer."""
         raise NotImplementedError
+
+    def release(self) -> None:
+        """Free the PyTorch model (the export reads only the graph files after validating fp32)."""
+        import gc
+
+        self.model = None
+        gc.collect()
 
     def _from_pretrained(self, cls: Any, **kwargs: Any) -> Any:
         """``cls.from_pretrained`` of the checkpoint, reading its weights from safetensors only.
@@ -88,8 +99,9 @@ class Family:
                 f"then export {dst}; or pass --allow-pickle (the allow_pickle argument) to load the pickle as "
                 "it is.")
 
-    def template(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Return the manifest's ``template`` and ``tokens`` blocks."""
+    def template(self) -> tuple[Template, Tokens]:
+        """Return the manifest's ``template`` (the type :data:`memrerank.manifest.FAMILY_TEMPLATES` names for
+        :attr:`name`) and ``tokens`` blocks."""
         raise NotImplementedError
 
     def graph_module(self) -> Any:
@@ -100,7 +112,7 @@ class Family:
         """The Optimum OnnxConfig describing the graph's inputs and outputs."""
         raise NotImplementedError
 
-    def cache_layout(self) -> dict[str, Any] | None:
+    def cache_layout(self) -> CacheLayout | None:
         """The manifest's ``prefix_reuse`` block when the graph takes a shared past (decoder families), else None."""
         return None
 

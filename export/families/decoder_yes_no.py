@@ -1,21 +1,31 @@
-"""Decoder yes/no rerankers (Qwen3-Reranker, MemReranker): score = logit("yes") − logit("no") at the last token.
+"""Decoder yes/no rerankers (Qwen3-Reranker, MemReranker, Qwen2-based ones): score = logit(yes) − logit(no) at the
+last token.
 
 The head is folded into the graph: the last real position's hidden state is gathered and dotted, in fp32, with
 ``W_yes − W_no``, so the graph emits ONE logit per row and no full-vocabulary logits anywhere. The already
 converted ``Qwen3ForSequenceClassification`` ("-seq-cls") checkpoints carry that vector as their ``score`` row.
+
+The prompt around the body is a :class:`YesNoPrompt`: by default the Qwen3-Reranker recipe's for Qwen3 models
+(:data:`QWEN3_RERANKER`) and the same without its think block for Qwen2 models (:data:`QWEN2_YES_NO`: Qwen2
+tokenizers have no think tokens). Another Qwen2/Qwen3-based yes/no reranker passes its own system prompt, suffix
+and answer tokens (``export_model(..., prompt=YesNoPrompt.chatml(system, ...))``, ``memrerank export
+--system-prompt/--prompt-suffix/--yes-token/--no-token``); the manifest records the text and the ids.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from memrerank.export.families.base import Family
 from memrerank.export.families.registry import register_family
+from memrerank.manifest import DECODER_YES_NO, CacheLayout, DecoderTemplate, Tokens
 
-__all__ = ["DecoderYesNoFamily", "PREFIX", "SUFFIX", "DEFAULT_INSTRUCTION", "format_body"]
+__all__ = ["DecoderYesNoFamily", "YesNoPrompt", "QWEN3_RERANKER", "QWEN2_YES_NO", "PREFIX", "SUFFIX",
+           "DEFAULT_INSTRUCTION", "format_body"]
 
 # The official Qwen3-Reranker recipe (model card of Qwen/Qwen3-Reranker-*), verbatim.
 PREFIX = (
@@ -30,6 +40,62 @@ INSTRUCTION_PIECE = "<Instruct>: {instruction}\n<Query>:"
 QUERY_PIECE = " {query}\n<Document>:"
 DOCUMENT_PIECE = " {document}"
 DEFAULT_MAX_LENGTH = 8192
+
+
+@dataclass(frozen=True)
+class YesNoPrompt:
+    """The text around a decoder yes/no reranker's body and its two answer tokens.
+
+    A field left ``None`` keeps the checkpoint's default (:meth:`over`): ``YesNoPrompt.chatml("You rank
+    memories.")`` changes only the system message, whatever the model type's suffix.
+
+    Attributes:
+        prefix: everything before ``<Instruct>: …`` (system turn and the user turn's opening).
+        suffix: everything after the document, up to where the answer token would be generated.
+        yes: the answer token whose logit counts for (one vocabulary token, e.g. ``"yes"``).
+        no: the answer token whose logit counts against.
+        name: what the manifest calls this prompt.
+
+    Raises:
+        ValueError: an empty piece, or the same token for yes and no.
+    """
+
+    prefix: str | None = None
+    suffix: str | None = None
+    yes: str | None = None
+    no: str | None = None
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        for field in ("prefix", "suffix", "yes", "no", "name"):
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"YesNoPrompt.{field} must be a non-empty string, got {value!r}")
+        if self.yes is not None and self.yes == self.no:
+            raise ValueError(f"YesNoPrompt: yes and no are the same token {self.yes!r}")
+
+    @classmethod
+    def chatml(cls, system: str | None = None, *, suffix: str | None = None, yes: str | None = None,
+               no: str | None = None) -> YesNoPrompt:
+        """A prompt whose system message is ``system``, written into the ChatML prefix
+        ``<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n``; other fields as given."""
+        prefix = None if system is None else f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
+        return cls(prefix, suffix, yes, no)
+
+    def over(self, default: YesNoPrompt) -> YesNoPrompt:
+        """This prompt with its ``None`` fields taken from ``default`` (named after ``default`` when nothing
+        differs from it)."""
+        merged = [getattr(self, f) if getattr(self, f) is not None else getattr(default, f)
+                  for f in ("prefix", "suffix", "yes", "no")]
+        same = merged == [default.prefix, default.suffix, default.yes, default.no]
+        return YesNoPrompt(*merged, name=default.name if same else self.name)
+
+
+#: The official Qwen3-Reranker recipe (Qwen3-Reranker, MemReranker).
+QWEN3_RERANKER = YesNoPrompt(PREFIX, SUFFIX, "yes", "no", "qwen3-reranker")
+#: The same prompt without the think block, for Qwen2 models (their tokenizers have no think tokens).
+QWEN2_YES_NO = YesNoPrompt(PREFIX, "<|im_end|>\n<|im_start|>assistant\n", "yes", "no",
+                           "qwen3-reranker, no think block")
 
 
 def format_body(instruction: str, query: str, document: str) -> str:
@@ -102,8 +168,10 @@ class _FoldedYesNo:
                     residual = hidden
                     h = layer.input_layernorm(hidden)
                     shape = (batch, length, -1, head_dim)
-                    q = attn.q_norm(attn.q_proj(h).view(shape)).transpose(1, 2)  # (B, H, S, d)
-                    k = attn.k_norm(attn.k_proj(h).view(shape)).transpose(1, 2)  # (B, kv, S, d)
+                    q, k = attn.q_proj(h).view(shape), attn.k_proj(h).view(shape)
+                    if hasattr(attn, "q_norm"):  # Qwen3 normalises each head of q and k; Qwen2 does not
+                        q, k = attn.q_norm(q), attn.k_norm(k)
+                    q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, S, d), (B, kv, S, d)
                     v = attn.v_proj(h).view(shape).transpose(1, 2)
                     q = q * cos + rotate_half(q) * sin
                     k = k * cos + rotate_half(k) * sin
@@ -130,11 +198,16 @@ class _FoldedYesNo:
         return module
 
 
-@register_family("Qwen3ForCausalLM", "Qwen3ForSequenceClassification")
+@register_family("Qwen3ForCausalLM", "Qwen3ForSequenceClassification", "Qwen2ForCausalLM",
+                 "Qwen2ForSequenceClassification")
 class DecoderYesNoFamily(Family):
-    """Qwen3-Reranker / MemReranker and their "-seq-cls" conversions."""
+    """Qwen3-Reranker / MemReranker, Qwen2-based yes/no rerankers, and their "-seq-cls" conversions.
 
-    name = "decoder-yes-no"
+    Qwen2 differs in the layers (q/k/v projections with a bias, no q/k norms; tied or untied embeddings) and in
+    its default prompt (:data:`QWEN2_YES_NO`); ``prompt`` (a :class:`YesNoPrompt`) replaces the default.
+    """
+
+    name = DECODER_YES_NO
     #: Right padding: a row's real tokens sit at the same places whatever the width of its batch, so a score does
     #: not move with its neighbours (left padding shifts a row inside the attention reductions by an ulp, which an
     #: int8 activation code can turn into 3e-2 on the 0.6B shape). The official recipe pads left; the graph counts
@@ -142,10 +215,17 @@ class DecoderYesNoFamily(Family):
     padding_side = "right"
     padding_sides = ("left", "right")
 
+    def default_prompt(self) -> YesNoPrompt:
+        """The prompt of this checkpoint's model type when none was given."""
+        return QWEN2_YES_NO if getattr(self.config, "model_type", "") == "qwen2" else QWEN3_RERANKER
+
     def load(self) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+        if self.prompt is not None and not isinstance(self.prompt, YesNoPrompt):
+            raise TypeError(f"prompt must be a YesNoPrompt, got {type(self.prompt).__name__}")
+        self.prompt = (self.prompt or YesNoPrompt()).over(self.default_prompt())
         self.is_seq_cls = self.config.architectures[0].endswith("ForSequenceClassification")
         cls = AutoModelForSequenceClassification if self.is_seq_cls else AutoModelForCausalLM
         # eager attention: the export passes its own 4-D additive mask, which eager uses as given.
@@ -156,11 +236,12 @@ class DecoderYesNoFamily(Family):
             raise ValueError(f"{self.source}: a -seq-cls reranker must have one label, has {self.model.config.num_labels}")
 
     def _yes_no_ids(self) -> tuple[int, int]:
-        yes = self.tokenizer.convert_tokens_to_ids("yes")
-        no = self.tokenizer.convert_tokens_to_ids("no")
+        yes = self.tokenizer.convert_tokens_to_ids(self.prompt.yes)
+        no = self.tokenizer.convert_tokens_to_ids(self.prompt.no)
         unk = self.tokenizer.unk_token_id
         if yes in (None, unk) or no in (None, unk):
-            raise ValueError(f"{self.source}: the tokenizer has no single 'yes'/'no' tokens; not a yes/no reranker")
+            raise ValueError(f"{self.source}: the tokenizer has no single {self.prompt.yes!r}/{self.prompt.no!r} "
+                             "tokens; not a yes/no reranker with these answers (--yes-token/--no-token)")
         return int(yes), int(no)
 
     def _head(self) -> Any:
@@ -176,62 +257,59 @@ class DecoderYesNoFamily(Family):
         weight = lm_head.weight.detach().float()
         return weight[yes] - weight[no]
 
-    def template(self) -> tuple[dict[str, Any], dict[str, Any]]:
+    def template(self) -> tuple[DecoderTemplate, Tokens]:
         backend = self.backend()
         enc = self.tokenizer
 
-        def ids(text: str) -> list[int]:
-            return backend.encode(text, add_special_tokens=False).ids
+        def ids(text: str) -> tuple[int, ...]:
+            return tuple(backend.encode(text, add_special_tokens=False).ids)
 
-        prefix_ids, suffix_ids = ids(PREFIX), ids(SUFFIX)
+        prompt = self.prompt
+        prefix_ids, suffix_ids = ids(prompt.prefix), ids(prompt.suffix)
         max_length = int(self.max_length or DEFAULT_MAX_LENGTH)
         instruction = self.instruction if self.instruction is not None else DEFAULT_INSTRUCTION
         yes, no = (None, None) if self.is_seq_cls else self._yes_no_ids()
-        probe = "Memories: I moved to Lisbon in 2021, naïve café ☕."
-        template = {
-            "prefix": PREFIX,
-            "instruction_piece": INSTRUCTION_PIECE,
-            "query_piece": QUERY_PIECE,
-            "document_piece": DOCUMENT_PIECE,
-            "suffix": SUFFIX,
-            "body": "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}",
-            "default_instruction": instruction,
-            "prefix_ids": prefix_ids,
-            "suffix_ids": suffix_ids,
-            "truncation": "document tokens are cut from the end; prefix, instruction, query and suffix never",
-            "id_checks": {PREFIX: prefix_ids, SUFFIX: suffix_ids, probe: ids(probe)},
-        }
-        pad_id = enc.pad_token_id if enc.pad_token_id is not None else enc.eos_token_id
-        tokens = {
-            "yes_id": yes,
-            "no_id": no,
-            "score": "logit(yes) - logit(no) at the last real token" if not self.is_seq_cls else "score head logit",
-            "pad_id": int(pad_id),
-            "padding_side": self.padding_side,
-            "max_length": max_length,
-        }
         if max_length <= len(prefix_ids) + len(suffix_ids) + 16:
             raise ValueError(f"--max-length {max_length} leaves no room for query and document after the template")
+        probe = "Memories: I moved to Lisbon in 2021, naïve café ☕."
+        id_checks = {prompt.prefix: prefix_ids, prompt.suffix: suffix_ids, probe: ids(probe)}
         if yes is not None:  # the runtime re-checks these so a swapped tokenizer.json is refused
-            template["id_checks"].update({"yes": [yes], "no": [no]})
+            for token, token_id in ((prompt.yes, yes), (prompt.no, no)):
+                text = enc.convert_tokens_to_string([token])  # "Ġyes" is the text " yes"
+                if ids(text) == (token_id,):
+                    id_checks[text] = (token_id,)
+        template = DecoderTemplate(
+            prefix=prompt.prefix, suffix=prompt.suffix, instruction_piece=INSTRUCTION_PIECE, query_piece=QUERY_PIECE,
+            document_piece=DOCUMENT_PIECE, default_instruction=instruction, prefix_ids=prefix_ids,
+            suffix_ids=suffix_ids, id_checks=id_checks,
+            extra={"body": "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}",
+                   "prompt": prompt.name, "answer_tokens": {"yes": prompt.yes, "no": prompt.no},
+                   "truncation": "document tokens are cut from the end; prefix, instruction, query and "
+                                 "suffix never"},
+        )
+        pad_id = enc.pad_token_id if enc.pad_token_id is not None else enc.eos_token_id
+        score = "logit(yes) - logit(no) at the last real token" if not self.is_seq_cls else "score head logit"
+        tokens = Tokens(pad_id=int(pad_id), padding_side=self.padding_side, max_length=max_length, yes_id=yes,
+                        no_id=no, extra={"score": score})
         return template, tokens
 
     def graph_module(self) -> Any:
         body = self.model.model  # the decoder stack with its final norm
         return _FoldedYesNo.build(body, self._head(), self.model.config)
 
-    def cache_layout(self) -> dict[str, Any]:
+    def cache_layout(self) -> CacheLayout:
         config = self.model.config
-        return {
-            "layers": int(config.num_hidden_layers),
-            "kv_heads": int(config.num_key_value_heads),
-            "head_dim": int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads),
-            "past_inputs": ["past_key.{i}", "past_value.{i}"],
-            "present_outputs": ["present_key.{i}", "present_value.{i}"],
-            "past_batch": 1,
-            "shared": "template prefix + instruction + query (context included); documents and the template "
-                      "suffix go in the suffix pass",
-        }
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return CacheLayout(
+            layers=int(config.num_hidden_layers),
+            kv_heads=int(config.num_key_value_heads),
+            head_dim=int(head_dim),
+            past_batch=1,
+            extra={"past_inputs": ["past_key.{i}", "past_value.{i}"],
+                   "present_outputs": ["present_key.{i}", "present_value.{i}"],
+                   "shared": "template prefix + instruction + query (context included); documents and the "
+                             "template suffix go in the suffix pass"},
+        )
 
     def onnx_config(self) -> Any:
         import torch
@@ -286,8 +364,8 @@ class DecoderYesNoFamily(Family):
         instruction = self.instruction if instruction is None else instruction
         instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
         tok = self.tokenizer
-        prefix_ids = tok.encode(PREFIX, add_special_tokens=False)
-        suffix_ids = tok.encode(SUFFIX, add_special_tokens=False)
+        prefix_ids = tok.encode(self.prompt.prefix, add_special_tokens=False)
+        suffix_ids = tok.encode(self.prompt.suffix, add_special_tokens=False)
         max_length = int(self.max_length or DEFAULT_MAX_LENGTH)
         bodies = [format_body(instruction, query, d) for d in documents]
         enc = tok(bodies, padding=False, truncation="longest_first", return_attention_mask=False,

@@ -9,6 +9,7 @@ import numpy as np
 
 from memrerank.export.families.base import Family
 from memrerank.export.families.registry import register_family
+from memrerank.manifest import ENCODER_CROSS, EncoderTemplate, Tokens
 
 __all__ = ["EncoderCrossFamily"]
 
@@ -22,13 +23,16 @@ __all__ = ["EncoderCrossFamily"]
 class EncoderCrossFamily(Family):
     """BERT / RoBERTa / XLM-R / ELECTRA rerankers (ms-marco-MiniLM, bge-reranker-base/large, …)."""
 
-    name = "encoder-cross"
+    name = ENCODER_CROSS
     padding_side = "right"  # absolute position embeddings: real tokens must start at position 0
 
     def load(self) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification
 
+        if self.prompt is not None:
+            raise ValueError(f"{self.source}: an encoder cross-encoder has no prompt; --system-prompt, "
+                             "--prompt-suffix, --yes-token and --no-token are for decoder yes/no rerankers")
         self.model = self._from_pretrained(AutoModelForSequenceClassification, dtype=torch.float32).eval()
         if self.model.config.num_labels != 1:
             raise ValueError(
@@ -47,7 +51,7 @@ class EncoderCrossFamily(Family):
             raise ValueError(f"--max-length {wanted} exceeds the model's {limit} positions")
         return wanted
 
-    def template(self) -> tuple[dict[str, Any], dict[str, Any]]:
+    def template(self) -> tuple[EncoderTemplate, Tokens]:
         if self.instruction is not None:
             raise ValueError("--instruction applies to decoder rerankers only; encoder cross-encoders take none")
         backend = self.backend()
@@ -62,24 +66,21 @@ class EncoderCrossFamily(Family):
         lead, middle, trail = ids[:qi], ids[qi + len(q_ids):di], ids[di + len(d_ids):]
         uses_types = "token_type_ids" in self.tokenizer.model_input_names and self.model.config.type_vocab_size > 1
         probe = "Memories: I moved to Lisbon in 2021, naïve café ☕."
-        template = {
-            "lead_ids": lead,
-            "middle_ids": middle,
-            "trail_ids": trail,
-            "uses_type_ids": bool(uses_types),
-            "query_type_id": int(types[qi]),
-            "document_type_id": int(types[di]),
-            "lead_type_ids": types[:qi],
-            "middle_type_ids": types[qi + len(q_ids):di],
-            "trail_type_ids": types[di + len(d_ids):],
-            "truncation": "document tokens are cut from the end; the query never",
-            "id_checks": {probe: backend.encode(probe, add_special_tokens=False).ids},
-        }
-        tokens = {
-            "pad_id": int(self.tokenizer.pad_token_id),
-            "padding_side": self.padding_side,
-            "max_length": self._max_length(),
-        }
+        template = EncoderTemplate(
+            lead_ids=tuple(lead),
+            middle_ids=tuple(middle),
+            trail_ids=tuple(trail),
+            uses_type_ids=bool(uses_types),
+            query_type_id=int(types[qi]),
+            document_type_id=int(types[di]),
+            lead_type_ids=tuple(types[:qi]),
+            middle_type_ids=tuple(types[qi + len(q_ids):di]),
+            trail_type_ids=tuple(types[di + len(d_ids):]),
+            id_checks={probe: tuple(backend.encode(probe, add_special_tokens=False).ids)},
+            extra={"truncation": "document tokens are cut from the end; the query never"},
+        )
+        tokens = Tokens(pad_id=int(self.tokenizer.pad_token_id), padding_side=self.padding_side,
+                        max_length=self._max_length())
         return template, tokens
 
     def graph_module(self) -> Any:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from memrerank.errors import UnsupportedModelError
+from memrerank.manifest import FAMILIES
 
 __all__ = ["FAMILY_REGISTRY", "register_family", "family_for", "supported_architectures"]
 
@@ -18,9 +19,20 @@ FAMILY_REGISTRY: dict[str, type] = {}
 
 
 def register_family(*architectures: str) -> Callable[[type], type]:
-    """Class decorator: the family handles checkpoints whose ``config.architectures[0]`` is one of these."""
+    """Class decorator: the family handles checkpoints whose ``config.architectures[0]`` is one of these.
+
+    The class's ``name`` must be one of :data:`memrerank.manifest.FAMILIES` (the one list of family names,
+    which the runtime's pair encoders register against too).
+
+    Raises:
+        ValueError: the class's ``name`` is not a known family.
+    """
 
     def wrap(cls: type) -> type:
+        name = getattr(cls, "name", "")
+        if name not in FAMILIES:
+            raise ValueError(f"{cls.__name__}.name: unknown family {name!r}; add it to "
+                             f"memrerank.manifest.FAMILIES (known: {', '.join(FAMILIES)})")
         for arch in architectures:
             FAMILY_REGISTRY[arch] = cls
         return cls

@@ -7,31 +7,26 @@ session (CPU, CUDA, ...) over the precision's graph.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from memrerank.errors import ArtifactError, ProviderError
 from memrerank.manifest import Manifest, verify_files
-from memrerank.runtime.backends.base import Backend, PrefixCache, empty_past
-from memrerank.runtime.backends.onnxruntime import PROVIDER_ALIASES, provider_name, resolve_providers
+from memrerank.runtime.backends.base import Backend, BatchBudget, PrefixCache, empty_past
+from memrerank.runtime.backends.onnxruntime import PROVIDER_ALIASES, resolve_providers
 
-__all__ = ["Backend", "PrefixCache", "empty_past", "open_backend", "wants_tensorrt", "resolve_providers",
+if TYPE_CHECKING:
+    from memrerank.runtime.options import LoadOptions
+
+__all__ = ["Backend", "BatchBudget", "PrefixCache", "empty_past", "open_backend", "resolve_providers",
            "PROVIDER_ALIASES"]
 
 
-def wants_tensorrt(providers: Sequence[str] | str | None) -> bool:
-    """Whether the first provider asked for is TensorRT (alias or onnxruntime name)."""
-    if providers is None:
-        return False
-    names = [p for p in providers.split(",") if p.strip()] if isinstance(providers, str) else list(providers)
-    return bool(names) and isinstance(names[0], str) and provider_name(names[0].strip()) == "TensorrtExecutionProvider"
+def open_backend(root: Path, manifest: Manifest, options: LoadOptions) -> Backend:
+    """The backend that runs ``options.precision`` of the artifact at ``root`` on ``options.providers`` (files
+    verified first; ``precision`` must be resolved, not ``"auto"``).
 
-
-def open_backend(root: Path, manifest: Manifest, precision: str, providers: Sequence[str] | str | None = None,
-                 threads: int | None = None, *, allow_tf32: bool = False, io_binding: bool | None = None) -> Backend:
-    """The backend that runs ``precision`` of the artifact at ``root`` on ``providers`` (files verified first).
-
-    ``io_binding``: bind inputs/outputs on the provider's device and keep the prefix cache there
+    ``options.io_binding``: bind inputs/outputs on the provider's device and keep the prefix cache there
     (:class:`~memrerank.runtime.backends.iobinding.BoundOrtBackend`); ``None`` = on for device providers (CUDA),
     off on the CPU, where plain ``run`` copies nothing anyway.
 
@@ -39,8 +34,9 @@ def open_backend(root: Path, manifest: Manifest, precision: str, providers: Sequ
         ArtifactError: the precision is not in the artifact, or its files are missing or altered.
         ProviderError: a provider is unavailable, or TensorRT / the GPU is missing for an engine.
     """
+    precision = options.precision
     engine = manifest.engines.get(precision)
-    if engine is not None and wants_tensorrt(providers):
+    if engine is not None and options.wants_tensorrt:
         from memrerank.runtime.backends.tensorrt import TensorRTBackend
 
         verify_files(root, engine.files)
@@ -53,12 +49,11 @@ def open_backend(root: Path, manifest: Manifest, precision: str, providers: Sequ
                             "providers=['tensorrt'] (--providers tensorrt)")
     entry = manifest.precision(precision)
     verify_files(root, entry.files)
-    names = resolve_providers(providers)
-    if io_binding is None:
-        io_binding = names[0] != "CPUExecutionProvider"
+    names = resolve_providers(options.providers)
+    io_binding = names[0] != "CPUExecutionProvider" if options.io_binding is None else options.io_binding
     if io_binding:
         from memrerank.runtime.backends.iobinding import BoundOrtBackend as cls
     else:
         from memrerank.runtime.backends.onnxruntime import OrtBackend as cls
-    return cls(root / entry.graph, providers=names, threads=threads, layout=manifest.prefix_reuse,
-               allow_tf32=allow_tf32)
+    return cls(root / entry.graph, providers=names, threads=options.threads, layout=manifest.prefix_reuse,
+               allow_tf32=options.allow_tf32)

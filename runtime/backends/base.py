@@ -8,13 +8,44 @@ The cache is opaque to the caller: host arrays for ONNX Runtime on the CPU, devi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from memrerank.kernels import DEFAULT_CALL_OVERHEAD
 from memrerank.manifest import CacheLayout
 
-__all__ = ["Backend", "PrefixCache", "empty_past"]
+__all__ = ["Backend", "PrefixCache", "empty_past", "BatchBudget", "CPU_BUDGET", "GPU_BUDGET", "DEFAULT_BATCH_SIZE",
+           "DEFAULT_MAX_BATCH_TOKENS"]
+
+#: Most rows per model call on the CPU.
+DEFAULT_BATCH_SIZE = 32
+#: Most padded tokens per model call (rows × width) on the CPU. Bounds activation memory: with the int8
+#: 0.6B-shaped decoder, 1,000 candidates × 512 tokens stay under 1.5 GB peak RSS (bench/memory.py).
+DEFAULT_MAX_BATCH_TOKENS = 2048
+
+
+@dataclass(frozen=True)
+class BatchBudget:
+    """How the packer cuts pairs into model calls on one kind of device.
+
+    Attributes:
+        batch_size: most rows per call.
+        max_batch_tokens: most padded tokens (rows × width) per call.
+        call_overhead: what one more call costs, in padded-token equivalents, weighed against padding.
+    """
+
+    batch_size: int
+    max_batch_tokens: int
+    call_overhead: int
+
+
+#: The CPU's budget bounds activation memory.
+CPU_BUDGET = BatchBudget(DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_CALL_OVERHEAD)
+#: On a GPU a call costs kernel launches and a host sync, so a typical request (up to 64 candidates of up to 512
+#: tokens) is one call.
+GPU_BUDGET = BatchBudget(64, 64 * 512, 4096)
 
 #: What :meth:`Backend.prefix` returns and :meth:`Backend.score` takes back; only its backend reads it.
 PrefixCache = Any
@@ -28,9 +59,12 @@ class Backend(Protocol):
         providers: what the backend really runs on, best first (checked after the session was created, not
             what was asked for).
         has_past: whether :meth:`prefix` works (the graph takes a shared past and returns its presents).
+        budget: how many rows and padded tokens one call should take on what the backend runs on (the
+            :class:`~memrerank.runtime.LoadOptions` ``batch_size`` / ``max_batch_tokens`` override it).
     """
 
     providers: list[str]
+    budget: BatchBudget
 
     @property
     def has_past(self) -> bool: ...

@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from memrerank.errors import ArtifactError, ProviderError
 from memrerank.manifest import CacheLayout
-from memrerank.runtime.backends.base import PrefixCache, empty_past
+from memrerank.runtime.backends.base import CPU_BUDGET, GPU_BUDGET, BatchBudget, PrefixCache, empty_past
 
 __all__ = ["PROVIDER_ALIASES", "resolve_providers", "OrtBackend"]
 
@@ -23,6 +23,9 @@ PROVIDER_ALIASES = {
     "coreml": "CoreMLExecutionProvider",
     "dml": "DmlExecutionProvider",
 }
+
+#: Providers whose calls are GPU kernel launches: they get the GPU batch budget, every other the CPU's.
+_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
 def provider_name(provider: str) -> str:
@@ -94,6 +97,7 @@ class OrtBackend:
                 f"{', '.join(got)}): its libraries (CUDA, cuDNN, TensorRT) or the device are missing; see "
                 "onnxruntime's log with ORT_LOGGING_LEVEL=0, or ask for providers=['cpu']")
         self.providers: list[str] = [p for p in asked if p in got]
+        self.budget: BatchBudget = GPU_BUDGET if self.providers[0] in _GPU_PROVIDERS else CPU_BUDGET
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
         # Decoder graphs take an optional shared past (batch 1) per layer: past_key.{i} / past_value.{i}.

@@ -16,7 +16,7 @@ import numpy as np
 
 from memrerank.errors import ArtifactError
 from memrerank.manifest import CacheLayout, EngineEntry
-from memrerank.runtime.backends.base import PrefixCache, empty_past
+from memrerank.runtime.backends.base import GPU_BUDGET, BatchBudget, PrefixCache, empty_past
 
 __all__ = ["INSTALL_HINT", "TensorRTBackend", "check_engine_compat", "require_tensorrt"]
 
@@ -77,6 +77,7 @@ class TensorRTBackend:
         self.output_names = [n for n in names if n not in self.input_names]
         self.output_name = "logits"
         self.providers = ["TensorRT engine"]
+        self.budget: BatchBudget = GPU_BUDGET
         self.past_names = [n for n in self.input_names if n.startswith(("past_key.", "past_value."))]
         self._empty_past = empty_past(layout, self.past_names) if self.past_names else {}
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Reranker", "RankHit", "__version__"]
+__all__ = ["Reranker", "RankHit", "LoadOptions", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Reranker", "RankHit"):
+    if name in ("Reranker", "RankHit", "LoadOptions"):
         from memrerank import runtime
 
         return getattr(runtime, name)

@@ -1,6 +1,6 @@
 """Replace a directory so that a kill at any moment leaves the old one or the new one, never neither.
 
-A job (``export``, ``rescore --overwrite``) writes its result into a staging sibling ``.OUT.partial-…``
+A job (``export``, ``rescore --force``) writes its result into a staging sibling ``.OUT.partial-…``
 and, when it is complete, swaps it in with two renames: ``OUT`` → ``.OUT.old-…``, then ``.OUT.partial-…`` →
 ``OUT``. POSIX has no portable atomic exchange of two non-empty directories, so a kill between the two renames
 leaves no ``OUT``. :func:`recover` repairs that at the next start: it renames the orphaned ``.OUT.old-…``

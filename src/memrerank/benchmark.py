@@ -1,14 +1,16 @@
 """``memrerank bench``: latency, throughput, memory, size and fidelity per precision of one artifact.
 
-Each precision is measured in a fresh subprocess so cold start and peak RSS are its own. Besides latency and
-throughput each worker measures the fast path: shared-prefix reuse on vs off (decoder artifacts; measured speed-up
-next to the ideal token ratio), padding waste of the length-bucketed batches, the host share of wall time
-(tokenize + pack + post-process) at :data:`HOST_K` candidates, and the packer on the native vs the numpy path
-(set through the reranker's ``packer`` hook). :func:`memrerank.report.markdown_table` renders the report.
+Each precision is measured in a fresh subprocess, handed the caller's :class:`~memrerank.LoadOptions` with its
+precision set, so cold start and peak RSS are its own. Besides latency and throughput each worker measures the
+fast path: shared-prefix reuse on vs off (decoder artifacts; measured speed-up next to the ideal token ratio),
+padding waste of the length-bucketed batches, the host share of wall time (tokenize + pack + post-process) at
+:data:`HOST_K` candidates, and the packer on the native vs the numpy path (set through the reranker's ``packer``
+hook). :func:`memrerank.report.markdown_table` renders the report.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -23,8 +25,10 @@ from typing import Any
 import numpy as np
 
 from memrerank.report import markdown_table
+from memrerank.runtime.options import LoadOptions, check_positive_int
 
-__all__ = ["run_bench", "load_bench_data", "markdown_table", "KS", "BATCH_SIZES"]
+__all__ = ["run_bench", "load_bench_data", "fast_path", "markdown_table", "KS", "BATCH_SIZES", "HOST_K",
+           "REUSE_K"]
 
 KS = (8, 32, 128)
 BATCH_SIZES = (1, 8, 32)
@@ -76,43 +80,64 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
 
 
-def _worker(spec: dict[str, Any]) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class _WorkerSpec:
+    """What one bench child measures: one precision of one artifact, loaded with ``options`` (handed to it as
+    JSON, never a pickle: :meth:`to_json` / :meth:`from_json`, the options validated again on the way in)."""
+
+    artifact: str
+    options: LoadOptions
+    data: list[tuple[str, list[str], None]]
+    repeats: int
+    ks: tuple[int, ...]
+    batch_sizes: tuple[int, ...]
+    host_k: int | None
+
+    def to_json(self) -> str:
+        return json.dumps({**dataclasses.asdict(self), "options": self.options.as_dict()})
+
+    @classmethod
+    def from_json(cls, text: str) -> _WorkerSpec:
+        raw = json.loads(text)
+        return cls(raw["artifact"], LoadOptions(**raw["options"]), [(q, d, None) for q, d, _ in raw["data"]],
+                   raw["repeats"], tuple(raw["ks"]), tuple(raw["batch_sizes"]), raw["host_k"])
+
+
+def _worker(spec: _WorkerSpec) -> dict[str, Any]:
     """Runs in the child: everything measured for one precision."""
     t0 = time.perf_counter()
     from memrerank import Reranker
 
-    data = spec["data"]
-    options = {"max_batch_tokens": spec["max_batch_tokens"]} if spec.get("max_batch_tokens") else {}
-    r = Reranker.load(spec["artifact"], precision=spec["precision"], providers=spec.get("providers"),
-                      batch_size=spec["batch_size"], threads=spec["threads"],
-                      prefix_reuse=spec.get("prefix_reuse"), **options)
+    data = spec.data
+    r = Reranker.load(spec.artifact, spec.options)
+    batch_size = r.batch_size  # the options' rows per call, or the backend's default
     q0, docs0 = data[0][0], data[0][1]
     r.predict([(q0, docs0[0])], raw=True)
     cold = time.perf_counter() - t0
-    out: dict[str, Any] = {"cold_start_s": cold, "latency_ms": {}, "pairs_per_s": {}}
+    out: dict[str, Any] = {"cold_start_s": cold, "batch_size": batch_size, "latency_ms": {}, "pairs_per_s": {}}
     pool = [d for _, docs, _ in data for d in docs]
-    for k in spec["ks"]:
+    for k in spec.ks:
         docs = [pool[i % len(pool)] for i in range(k)]
         r.rank(q0, docs)  # warm-up at this shape
         times = []
-        for _ in range(spec["repeats"]):
+        for _ in range(spec.repeats):
             t = time.perf_counter()
             r.rank(q0, docs)
             times.append(time.perf_counter() - t)
         out["latency_ms"][str(k)] = {"p50": 1e3 * float(np.percentile(times, 50)),
                                      "p95": 1e3 * float(np.percentile(times, 95))}
-    n = max(spec["ks"])
+    n = max(spec.ks)
     pairs = [(q0, pool[i % len(pool)]) for i in range(n)]
-    for bs in spec["batch_sizes"]:
+    for bs in spec.batch_sizes:
         r.batch_size = bs
         r.predict(pairs[: min(n, 2 * bs)], raw=True)
         t = time.perf_counter()
         r.predict(pairs, raw=True)
         out["pairs_per_s"][str(bs)] = n / (time.perf_counter() - t)
-    r.batch_size = spec["batch_size"]
+    r.batch_size = batch_size
     logits = [r.predict([(q, d) for d in docs], raw=True).tolist() for q, docs, _ in data]
     out["logits"] = logits
-    out["fast_path"] = _fast_path(r, data, pool, spec["repeats"], spec.get("host_k", HOST_K))
+    out["fast_path"] = fast_path(r, data, pool, spec.repeats, spec.host_k)
     out["peak_rss_mb"] = _peak_rss_mb()
     return out
 
@@ -127,7 +152,7 @@ def _timed(fn: Any, repeats: int) -> float:
     return best
 
 
-def _fast_path(r: Any, data: list, pool: list[str], repeats: int, host_k: int | None = HOST_K) -> dict[str, Any]:
+def fast_path(r: Any, data: list, pool: list[str], repeats: int, host_k: int | None = HOST_K) -> dict[str, Any]:
     """Prefix reuse, padding waste, host-overhead share and native-vs-numpy packing for one loaded reranker.
 
     The packer comparison swaps the reranker's public ``packer`` hook and puts the original back afterwards.
@@ -200,55 +225,47 @@ def _fast_path(r: Any, data: list, pool: list[str], repeats: int, host_k: int | 
     return out
 
 
-def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
+def _run_child(spec: _WorkerSpec) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
-        spec_path.write_text(json.dumps(spec))
-        env = dict(os.environ)
+        spec_path.write_text(spec.to_json(), encoding="utf-8")
         proc = subprocess.run([sys.executable, "-m", "memrerank.benchmark", str(spec_path), str(out_path)],
-                              capture_output=True, text=True, env=env)
+                              capture_output=True, text=True, env=dict(os.environ))
         if proc.returncode != 0:
-            raise RuntimeError(f"bench worker for {spec['precision']} failed:\n{proc.stderr[-2000:]}")
+            raise RuntimeError(f"bench worker for {spec.options.precision} failed:\n{proc.stderr[-2000:]}")
         return json.loads(out_path.read_text())
 
 
 def run_bench(artifact: str | Path, precisions: Sequence[str] | None = None, data: str | Path | None = None,
-              batch_size: int = 32, threads: int | None = None, repeats: int = 10, ks: Sequence[int] = KS,
-              batch_sizes: Sequence[int] = BATCH_SIZES, progress: bool | None = None, host_k: int | None = HOST_K, *,
-              providers: Sequence[str] | str | None = None, max_batch_tokens: int | None = None,
-              prefix_reuse: bool | None = None) -> dict[str, Any]:
+              options: LoadOptions | None = None, *, repeats: int = 10, ks: Sequence[int] = KS,
+              batch_sizes: Sequence[int] = BATCH_SIZES, progress: bool | None = None,
+              host_k: int | None = HOST_K) -> dict[str, Any]:
     """Measure every requested precision of ``artifact``; fidelity is computed against fp32.
 
     Args:
         artifact: the artifact directory.
         precisions: precisions to measure (``None`` = all exported); fp32 is always measured, as the reference.
         data: bench data (see :func:`load_bench_data`); ``None`` = the built-in pairs.
-        batch_size: the reranker's rows per model call.
-        threads: onnxruntime intra-op threads (``None`` = its default).
+        options: how every worker loads the artifact (:class:`~memrerank.runtime.options.LoadOptions`: providers,
+            threads, batch_size, max_batch_tokens, prefix_reuse, ...; default: all defaults). Its ``precision``
+            is replaced by each precision measured. The providers are checked before any worker starts.
         repeats: timed repeats per latency point.
         ks: candidates per query for the latency points.
         batch_sizes: batch sizes for the throughput points.
         progress: a progress bar over the precisions on stderr (``None``: when stderr is a terminal).
         host_k: candidates for the host-overhead share (``None`` or 0 = not measured).
-        providers: onnxruntime providers or aliases for every worker (``None`` = CPU); checked before any
-            worker starts.
-        max_batch_tokens: the reranker's padded-token budget per model call (``None`` = its default).
-        prefix_reuse: ``False`` scores whole pairs; ``None`` = on where the artifact supports it.
 
     Raises:
-        ValueError: a precision not in the artifact, or bad bench data.
+        ValueError: a precision not in the artifact, bad bench data, or ``repeats`` not a positive integer.
+        TypeError: ``options`` is not a :class:`LoadOptions`.
         ProviderError: a provider this onnxruntime build does not have (the message lists those it has).
     """
-    from memrerank.evaluation import average_precision
-    from memrerank.export.metrics import spearman, topk_overlap
     from memrerank.manifest import read_manifest
+    from memrerank.progress import bar
     from memrerank.runtime.backends import resolve_providers
-    from memrerank.runtime.reranker import _positive_int
 
-    _positive_int(batch_size, "batch_size")
-    _positive_int(repeats, "repeats")
-    if max_batch_tokens is not None:
-        _positive_int(max_batch_tokens, "max_batch_tokens")
+    options = LoadOptions.merge(options)
+    check_positive_int(repeats, "repeats")
     root = Path(artifact)
     manifest = read_manifest(root)
     available = list(manifest.precisions)
@@ -256,39 +273,44 @@ def run_bench(artifact: str | Path, precisions: Sequence[str] | None = None, dat
     missing = [p for p in precisions if p not in available]
     if missing:
         raise ValueError(f"--precision: {missing} not in this artifact (it has {', '.join(available)})")
-    resolved = resolve_providers(providers) if providers is not None else None
+    if options.providers is not None:  # checked here, once, naming what this build has
+        options = options.replace(providers=tuple(resolve_providers(list(options.providers))))
     if "fp32" not in precisions:
         precisions = ["fp32", *precisions]
     groups = load_bench_data(data)
-    spec_data = [(q, d, None) for q, d, _ in groups]
+    spec = _WorkerSpec(str(root), options, [(q, d, None) for q, d, _ in groups], repeats, tuple(ks),
+                       tuple(batch_sizes), host_k)
     results: dict[str, Any] = {}
-    from memrerank.progress import bar
-
     for p in bar(precisions, desc="bench", enabled=progress, unit="precision"):
-        spec = {"artifact": str(root), "precision": p, "data": spec_data, "batch_size": batch_size,
-                "threads": threads, "repeats": repeats, "ks": list(ks), "batch_sizes": list(batch_sizes),
-                "host_k": host_k, "providers": resolved, "max_batch_tokens": max_batch_tokens,
-                "prefix_reuse": prefix_reuse}
-        results[p] = _run_child(spec)
+        results[p] = _run_child(dataclasses.replace(spec, options=options.replace(precision=p)))
         results[p]["size_mb"] = manifest.precisions[p].size_bytes / 2**20
+    _add_fidelity(results, groups)
+    return {
+        "artifact": str(root), "family": manifest.family, "threads": options.threads or "onnxruntime default",
+        "providers": list(options.providers or ("CPUExecutionProvider",)),
+        "batch_size": results["fp32"]["batch_size"], "options": options.replace(precision="fp32").as_dict(),
+        "data": str(data) if data else "built-in pairs", "queries": len(groups),
+        "machine": _machine(), "precisions": results,
+    }
+
+
+def _add_fidelity(results: dict[str, Any], groups: list[tuple[str, list[str], set[int] | None]]) -> None:
+    """Each precision's agreement with fp32 (and MAP where the data has labels); the logits are dropped."""
+    from memrerank.evaluation import average_precision
+    from memrerank.export.metrics import spearman, topk_overlap
+
     ref = results["fp32"]["logits"]
-    for p, res in results.items():
+    for res in results.values():
         sp = [spearman(np.array(a), np.array(b)) for a, b in zip(res["logits"], ref)]
         tk = [topk_overlap(np.array(a), np.array(b), 10) for a, b in zip(res["logits"], ref)]
         res["fidelity"] = {"spearman_mean": float(np.mean(sp)), "top10_overlap": float(np.mean(tk))}
         labelled = [(np.array(a), g[2]) for a, g in zip(res["logits"], groups) if g[2]]
         if labelled:
             res["MAP"] = float(np.mean([average_precision(a, rel) for a, rel in labelled]))
-    for p, res in results.items():
+    for res in results.values():
         if "MAP" in res:
             res["fidelity"]["delta_MAP"] = res["MAP"] - results["fp32"]["MAP"]
         del res["logits"]
-    return {
-        "artifact": str(root), "family": manifest.family, "threads": threads or "onnxruntime default",
-        "providers": resolved or ["CPUExecutionProvider"], "batch_size": batch_size,
-        "data": str(data) if data else "built-in pairs", "queries": len(groups),
-        "machine": _machine(), "precisions": results,
-    }
 
 
 def _machine() -> dict[str, Any]:
@@ -339,5 +361,4 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
 
 
 if __name__ == "__main__":  # worker entry: python -m memrerank.benchmark SPEC OUT
-    spec_in = json.loads(Path(sys.argv[1]).read_text())
-    Path(sys.argv[2]).write_text(json.dumps(_worker(spec_in)))
+    Path(sys.argv[2]).write_text(json.dumps(_worker(_WorkerSpec.from_json(Path(sys.argv[1]).read_text("utf-8")))))

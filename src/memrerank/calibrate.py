@@ -24,9 +24,10 @@ import numpy as np
 
 from memrerank.calibration import Calibrator, sigmoid
 from memrerank.calibration.fit import fit_platt, fit_temperature, log_loss
-from memrerank.progress import bar
 from memrerank.calibration.metrics import brier, decision_agreement, ece, reliability_bins
 from memrerank.manifest import CalibrationEntry, read_manifest, write_manifest
+from memrerank.progress import bar
+from memrerank.runtime.options import LoadOptions
 
 #: Quantiles of fp32's calibrated held-out scores at which decision agreement is also reported: a weak model's
 #: calibrated scores may never reach 0.3, where agreement at fixed thresholds is trivially 1.
@@ -115,9 +116,9 @@ def _metrics(probs: np.ndarray, targets: np.ndarray, labelled: bool) -> dict[str
 
 
 def calibrate_artifact(artifact: str | Path, data: str | Path, method: str = "auto",
-                       precisions: Sequence[str] | None = None, holdout: float = 0.2, limit: int | None = None,
-                       plot: str | Path | None = None, log: Callable[[str], None] = print,
-                       progress: bool | None = False, **load_options: Any) -> dict[str, Any]:
+                       precisions: Sequence[str] | None = None, options: LoadOptions | None = None, *,
+                       holdout: float = 0.2, limit: int | None = None, plot: str | Path | None = None,
+                       log: Callable[[str], None] = print, progress: bool | None = False) -> dict[str, Any]:
     """Fit, report and store calibration for each precision of ``artifact``.
 
     Args:
@@ -126,13 +127,13 @@ def calibrate_artifact(artifact: str | Path, data: str | Path, method: str = "au
             none has) or a LoCoMo json (labels from its evidence).
         method: one of :data:`CALIBRATION_METHODS`.
         precisions: precisions to fit (default: every exported one).
+        options: how every precision is loaded (:class:`~memrerank.runtime.options.LoadOptions`: calibrate on the
+            device and settings the artifact will be served with); its ``precision`` is replaced by each one.
         holdout: fraction of queries held out for the before/after report.
         limit: LoCoMo only: most conversations to read.
         plot: write a reliability diagram (PNG) there (needs matplotlib).
         log: progress messages.
         progress: a progress bar over the precisions being scored (``None``: when stderr is a terminal).
-        load_options: passed to every :meth:`Reranker.load` (``providers``, ``threads``, ``max_batch_tokens``,
-            ``prefix_reuse``): calibrate on the device and settings the artifact will be served with.
 
     Returns:
         The report: mode, pair counts, and per precision the fitted method and parameters with before/after
@@ -140,14 +141,14 @@ def calibrate_artifact(artifact: str | Path, data: str | Path, method: str = "au
 
     Raises:
         ValueError: a bad argument or data file.
+        TypeError: ``options`` is not a :class:`LoadOptions`.
         ArtifactError: the artifact is missing, corrupted, or lacks a precision asked for.
     """
-    from memrerank import Reranker
-
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"--method: choose one of {', '.join(CALIBRATION_METHODS)}")
     if not 0.0 < holdout < 1.0:
         raise ValueError(f"--holdout must be in (0, 1), got {holdout}")
+    options = LoadOptions.merge(options)
     root = Path(artifact)
     manifest = read_manifest(root)
     names = list(precisions or manifest.precisions)
@@ -158,9 +159,7 @@ def calibrate_artifact(artifact: str | Path, data: str | Path, method: str = "au
         raise ValueError("--holdout leaves an empty train or held-out part; give more queries")
     pairs = list(zip(queries, docs))
     log(f"{len(pairs)} pairs ({'labels' if labelled else 'teacher'} mode), {int(held.sum())} held out")
-    logits = {p: Reranker.load(root, precision=p, **load_options).predict(pairs, raw=True).astype(np.float64)
-              for p in bar(list(dict.fromkeys(["fp32", *names])), desc="calibrate: scoring", enabled=progress,
-                           unit="precision")}
+    logits = _score(root, ["fp32", *names], options, pairs, progress)
     existing_fp32 = _calibrator(manifest.calibration.get("fp32"))
     report: dict[str, Any] = {"mode": "labels" if labelled else "teacher", "pairs": len(pairs),
                               "held_out": int(held.sum()), "precisions": {}}
@@ -173,28 +172,9 @@ def calibrate_artifact(artifact: str | Path, data: str | Path, method: str = "au
     order = [p for p in names if p != "fp32"]
     if labelled and "fp32" in names:
         order = ["fp32", *order]
-    fits: dict[str, CalibrationEntry] = {}
-    metrics: dict[str, dict[str, Any]] = {}
-    for p in order:
-        z = logits[p]
-        fits[p] = _fit(method, z[~held], teacher[~held])
-        before, after = sigmoid(z).astype(np.float64), _calibrator(fits[p])(z).astype(np.float64)
-        metrics[p] = {"before": _metrics(before[held], teacher[held], labelled),
-                      "after": _metrics(after[held], teacher[held], labelled)}
-        report["precisions"][p] = {"method": fits[p].method, "params": fits[p].params, **metrics[p]}
+    fits, metrics = _fit_all(report, order, logits, teacher, held, method, labelled)
     fp32_after = (_calibrator(fits["fp32"]) if "fp32" in fits else existing_fp32)(logits["fp32"])
-    for p in order:
-        if p != "fp32":  # decision agreement with fp32 at the usual thresholds, before and after
-            metrics[p]["agreement_vs_fp32"] = report["precisions"][p]["agreement_vs_fp32"] = {
-                "before": decision_agreement(sigmoid(logits[p])[held], sigmoid(logits["fp32"])[held]),
-                "after": decision_agreement(_calibrator(fits[p])(logits[p])[held], fp32_after[held]),
-            }
-            # and at thresholds this model's scores actually reach: fp32's held-out 90/95/99th percentiles
-            cuts = [float(c) for c in np.quantile(fp32_after[held], QUANTILES)]
-            mine, ref = _calibrator(fits[p])(logits[p])[held], fp32_after[held]
-            report["precisions"][p]["agreement_at_fp32_quantiles"] = {
-                "quantiles": list(QUANTILES), "thresholds": cuts,
-                "after": [float(np.mean((mine >= c) == (ref >= c))) for c in cuts]}
+    _add_agreement(report, metrics, fits, logits, held, fp32_after)
     if labelled:
         for r in report["precisions"].values():
             r["beats_uncalibrated"] = r["after"]["log_loss"] < r["before"]["log_loss"]
@@ -208,6 +188,51 @@ def calibrate_artifact(artifact: str | Path, data: str | Path, method: str = "au
         _plot(plot, {p: (sigmoid(logits[p])[held], _calibrator(fits[p])(logits[p])[held]) for p in order},
               teacher[held], labelled)
     return report
+
+
+def _score(root: Path, names: Sequence[str], options: LoadOptions, pairs: list[tuple[str, str]],
+           progress: bool | None) -> dict[str, np.ndarray]:
+    """Raw logits of ``pairs`` per precision (each loaded once, with ``options``)."""
+    from memrerank import Reranker
+
+    return {p: Reranker.load(root, options.replace(precision=p)).predict(pairs, raw=True).astype(np.float64)
+            for p in bar(list(dict.fromkeys(names)), desc="calibrate: scoring", enabled=progress,
+                         unit="precision")}
+
+
+def _fit_all(report: dict[str, Any], order: Sequence[str], logits: dict[str, np.ndarray], teacher: np.ndarray,
+             held: np.ndarray, method: str, labelled: bool
+             ) -> tuple[dict[str, CalibrationEntry], dict[str, dict[str, Any]]]:
+    """Fit each precision on the train part; its before/after metrics on the held-out part go into ``report``."""
+    fits: dict[str, CalibrationEntry] = {}
+    metrics: dict[str, dict[str, Any]] = {}
+    for p in order:
+        z = logits[p]
+        fits[p] = _fit(method, z[~held], teacher[~held])
+        before, after = sigmoid(z).astype(np.float64), _calibrator(fits[p])(z).astype(np.float64)
+        metrics[p] = {"before": _metrics(before[held], teacher[held], labelled),
+                      "after": _metrics(after[held], teacher[held], labelled)}
+        report["precisions"][p] = {"method": fits[p].method, "params": fits[p].params, **metrics[p]}
+    return fits, metrics
+
+
+def _add_agreement(report: dict[str, Any], metrics: dict[str, dict[str, Any]], fits: dict[str, CalibrationEntry],
+                   logits: dict[str, np.ndarray], held: np.ndarray, fp32_after: np.ndarray) -> None:
+    """Each lower precision's held-out decisions against fp32's, before and after calibration."""
+    for p in fits:
+        if p == "fp32":
+            continue
+        # at the usual thresholds, before and after
+        metrics[p]["agreement_vs_fp32"] = report["precisions"][p]["agreement_vs_fp32"] = {
+            "before": decision_agreement(sigmoid(logits[p])[held], sigmoid(logits["fp32"])[held]),
+            "after": decision_agreement(_calibrator(fits[p])(logits[p])[held], fp32_after[held]),
+        }
+        # and at thresholds this model's scores actually reach: fp32's held-out 90/95/99th percentiles
+        cuts = [float(c) for c in np.quantile(fp32_after[held], QUANTILES)]
+        mine, ref = _calibrator(fits[p])(logits[p])[held], fp32_after[held]
+        report["precisions"][p]["agreement_at_fp32_quantiles"] = {
+            "quantiles": list(QUANTILES), "thresholds": cuts,
+            "after": [float(np.mean((mine >= c) == (ref >= c))) for c in cuts]}
 
 
 def _plot(path: str | Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], targets: np.ndarray,

@@ -1,16 +1,23 @@
 """The ``memrerank`` console script: export, rank, serve, rescore, build-engine, info, bench, eval, calibrate,
 demo.
 
-One vocabulary across the commands:
+One vocabulary across the commands, one flag per idea:
 
 * ``--precision``: one precision or ``auto`` where one reranker is loaded (rank, serve, rescore); a comma list
   where several are (export, build-engine, bench, eval, calibrate).
-* ``--providers``, ``--threads``, ``--max-batch-tokens``, ``--prefix-reuse/--no-prefix-reuse``: how a reranker
-  is loaded (:meth:`memrerank.Reranker.load`), wherever one is.
-* ``--json``: print JSON to stdout instead of text; ``-o/--output``: where a file (bench, eval, calibrate: the
-  JSON report) or a directory (export: the artifact, rescore: the scores) goes.
+* How a reranker is loaded and run: ``--providers``, ``--threads``, ``--batch-size`` (model rows per call),
+  ``--max-batch-tokens``, ``--prefix-reuse/--no-prefix-reuse``, ``--allow-tf32``, ``--io-binding/--no-io-binding``
+  — the fields of :class:`memrerank.LoadOptions`, one flag each, wherever a reranker is loaded (rank, serve,
+  rescore, bench, eval, calibrate, demo); :func:`load_options` turns them into the one ``LoadOptions`` the command
+  passes on.
+* ``-o/--output``: what the command writes (export: the artifact directory; rescore: the output directory; bench,
+  eval, calibrate: a JSON copy of the report; demo: its directory).
+* ``--force``: replace what ``-o`` names (export, rescore) or rebuild it (demo).
+* ``--json``: print the command's result as JSON on stdout instead of text; ``-q/--quiet``: no progress bars or
+  progress messages. Every command has both.
 
-memrerank's own errors (bad input, a missing artifact, an unavailable provider) print one line and exit 2.
+memrerank's own errors (bad input, a missing artifact, an unavailable provider) and a bad flag print one line and
+exit 2.
 """
 
 from __future__ import annotations
@@ -20,15 +27,19 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from memrerank import __version__
 from memrerank.errors import MemrerankError
 from memrerank.manifest import PRECISIONS
 from memrerank.report import calibration_table, eval_table, info_text, markdown_table, rank_table
 
-__all__ = ["main", "build_parser", "system_info", "COMMANDS"]
+if TYPE_CHECKING:
+    from memrerank.runtime.options import LoadOptions
+
+__all__ = ["main", "build_parser", "load_options", "system_info", "COMMANDS"]
 
 #: One line per command, in the order ``memrerank -h`` lists them.
 #: ``memrerank export --graph`` choices: :data:`memrerank.export.fused.GRAPH_KINDS` (not imported here, so the CLI
@@ -50,8 +61,16 @@ COMMANDS = {
 _DESCRIPTION = ("Export Hugging Face rerankers to validated ONNX artifacts and score\n"
                 "query-document pairs with them, without torch.\n\ncommands:\n"
                 + "\n".join(f"  {name:<14}{text}" for name, text in COMMANDS.items()))
-_EPILOG = ("'memrerank COMMAND -h' shows a command's options. --json prints JSON to\n"
-           "stdout in every command; -o/--output names the file or directory written.")
+_EPILOG = ("'memrerank COMMAND -h' shows a command's options. In every command --json\n"
+           "prints JSON to stdout, -q silences progress and -o/--output names what the\n"
+           "command writes.")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with main's one-line errors (``memrerank rank: error: ...``, exit 2) instead of usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} -h')\n")
 
 
 # ------------------------------------------------------------------------------------------- argument types
@@ -80,77 +99,104 @@ def _positive_int(text: str) -> int:
     return value
 
 
-# ------------------------------------------------------------------------------------------------ the parser
+# --------------------------------------------------------------------------------------- shared arguments
 def _add_precision(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--precision", choices=PRECISIONS + ("auto",), default=default,
                    help="exported precision, or auto: the fastest that met its fidelity budget "
                         f"(default {default})")
 
 
-def _add_precisions(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", type=_precision_list, default=None,
-                   help=f"comma-separated precisions ({', '.join(PRECISIONS)}); default: every exported one")
+def _add_precisions(p: argparse.ArgumentParser, default: list[str] | None = None, what: str = "") -> None:
+    p.add_argument("--precision", type=_precision_list, default=default,
+                   help=f"comma-separated precisions ({what or ', '.join(PRECISIONS)}); default: "
+                        + (",".join(default) if default else "every exported one"))
 
 
-def _add_load_options(p: argparse.ArgumentParser, threads: bool = True) -> None:
-    """The options of Reranker.load, the same in every command that loads one."""
-    p.add_argument("--providers", type=_provider_list, default=None,
+def _add_load_options(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`memrerank.LoadOptions` field (the precision has its own), the same in every command
+    that loads a reranker."""
+    g = p.add_argument_group("how the reranker is loaded and run (memrerank.LoadOptions)")
+    g.add_argument("--providers", type=_provider_list, default=None,
                    help="comma-separated onnxruntime providers, best first: cpu, cuda, tensorrt or full names "
                         "(default: cpu)")
-    if threads:
-        p.add_argument("--threads", type=_positive_int, default=None,
-                       help="onnxruntime intra-op threads (default: onnxruntime's)")
-    p.add_argument("--max-batch-tokens", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="onnxruntime intra-op threads (default: onnxruntime's; rescore: per actor, also the "
+                        "CPUs each reserves, default 1)")
+    g.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                   help="most rows per model call (default: the runtime's, 32 on the CPU, 64 on a GPU)")
+    g.add_argument("--max-batch-tokens", type=_positive_int, default=None, metavar="N",
                    help="most padded tokens per model call; bounds peak memory (default: the runtime's)")
-    p.add_argument("--prefix-reuse", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--prefix-reuse", action=argparse.BooleanOptionalAction, default=None,
                    help="decoder artifacts: score documents against the query's cached prefix (default: on where "
                         "the artifact supports it; same scores either way)")
+    g.add_argument("--allow-tf32", action="store_true",
+                   help="CUDA: let fp32 products use TF32 (faster; logits move by ~1e-3)")
+    g.add_argument("--io-binding", action=argparse.BooleanOptionalAction, default=None,
+                   help="bind inputs and outputs on the provider's device (default: on for GPU providers; same "
+                        "scores either way)")
 
 
-def _add_quiet(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-q", "--quiet", action="store_true",
-                   help="no progress bars or progress messages (bars show only when stderr is a terminal)")
+def _add_output(p: argparse.ArgumentParser, what: str, *, required: bool = False, default: Path | None = None,
+                metavar: str = "FILE") -> None:
+    p.add_argument("-o", "--output", type=Path, required=required, default=default, metavar=metavar,
+                   help=f"what this command writes: {what}" + (f" (default {default})" if default else ""))
+
+
+def load_options(args: argparse.Namespace) -> LoadOptions:
+    """The one :class:`memrerank.LoadOptions` of a command, from its shared load flags.
+
+    Where the command takes a comma list of precisions, the options keep the default precision and the command
+    replaces it per precision.
+    """
+    from memrerank.runtime.options import LoadOptions
+
+    precision = getattr(args, "precision", None)
+    return LoadOptions.merge(
+        None, precision=precision if isinstance(precision, str) else None, providers=args.providers,
+        threads=args.threads, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
+        prefix_reuse=args.prefix_reuse, allow_tf32=args.allow_tf32, io_binding=args.io_binding)
 
 
 def _progress(args: argparse.Namespace) -> bool | None:
     """False with --quiet, else None: a bar when stderr is a terminal."""
-    return False if getattr(args, "quiet", False) else None
+    return False if args.quiet else None
 
 
-def _log(args: argparse.Namespace) -> Any:
-    return (lambda m: None) if getattr(args, "quiet", False) else (lambda m: print(m, file=sys.stderr))
+def _log(args: argparse.Namespace) -> Callable[[str], None]:
+    """Progress messages: to stderr, none with --quiet."""
+    return (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
 
 
-def _add_json(p: argparse.ArgumentParser, what: str, output: bool = False) -> None:
-    p.add_argument("--json", action="store_true", help=f"print {what} as JSON to stdout instead of text")
-    if output:
-        p.add_argument("-o", "--output", type=Path, default=None, metavar="FILE",
-                       help=f"also write {what} here")
+# --------------------------------------------------------------------------------------- the commands' flags
+#: name -> (register(parser), what --json prints, description); filled by @_arguments below.
+_ARGUMENTS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str, str | None]] = {}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed for tests and docs)."""
-    parser = argparse.ArgumentParser(prog="memrerank", description=_DESCRIPTION, epilog=_EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"memrerank {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                help="one of the commands above")
+def _arguments(name: str, json_what: str, description: str | None = None) -> Callable:
+    """Register a function adding command ``name``'s own flags; build_parser adds -q and --json to every one."""
+    def register(fn: Callable[[argparse.ArgumentParser], None]) -> Callable[[argparse.ArgumentParser], None]:
+        _ARGUMENTS[name] = (fn, json_what, description)
+        return fn
 
-    def command(name: str, description: str | None = None) -> argparse.ArgumentParser:
-        # no help= here: the description above lists the commands, one line each
-        line = COMMANDS[name]
-        return sub.add_parser(name, description=description or line[0].upper() + line[1:] + ".")
+    return register
 
-    p = command("export",
-                "Export a Hugging Face reranker to a validated artifact directory (ONNX graphs, tokenizer, "
-                "manifest).")
+
+@_arguments("export", "the artifact's manifest",
+            "Export a Hugging Face reranker to a validated artifact directory (ONNX graphs, tokenizer, manifest).")
+def _register_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="hub id (e.g. Qwen/Qwen3-Reranker-0.6B) or local checkpoint directory")
-    p.add_argument("-o", "--output", required=True, type=Path, help="artifact directory to write")
-    p.add_argument("--precision", type=_precision_list, default=["fp32"],
-                   help=f"comma-separated precisions ({', '.join(PRECISIONS)}); default fp32")
+    _add_output(p, "the artifact directory", required=True, metavar="DIR")
+    _add_precisions(p, ["fp32"])
     p.add_argument("--max-length", type=_positive_int, default=None,
                    help="longest pair in tokens (default: the model's)")
     p.add_argument("--instruction", default=None, help="default instruction for decoder rerankers")
+    p.add_argument("--system-prompt", default=None, metavar="TEXT",
+                   help="decoder yes/no rerankers: the system message (default: the Qwen3-Reranker one)")
+    p.add_argument("--prompt-suffix", default=None, metavar="TEXT",
+                   help="decoder yes/no rerankers: the text after the document, \\n for a newline (default: the "
+                        "Qwen3-Reranker suffix; for Qwen2 models the same without its think block)")
+    p.add_argument("--yes-token", default=None, metavar="TOKEN", help="decoder yes/no rerankers (default: yes)")
+    p.add_argument("--no-token", default=None, metavar="TOKEN", help="decoder yes/no rerankers (default: no)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code")
     p.add_argument("--allow-pickle", action="store_true",
@@ -160,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoder rerankers: 'fused' writes onnxruntime's fused attention/rotary/RMSNorm operators "
                         "for the CPU, 'fused-cuda' for the CUDA provider (same scores; onnxruntime >= 1.23); "
                         "default: Optimum's trace")
+    p.add_argument("--rotate", action="store_true",
+                   help="with a fused graph: write the weights in a rotated basis (same scores; int8 codes see no "
+                        "outlier channels on the residual stream)")
     p.add_argument("--calib-data", type=Path, default=None,
                    help="JSONL of {\"query\",\"document\"} pairs for int8-static ranges and fidelity checks "
                         "(default: built-in pairs)")
@@ -171,10 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "NVIDIA GPU and TensorRT)")
     p.add_argument("--profile", default=None,
                    help="TensorRT optimization profile min,opt,max as BATCHxSEQ (default: 1x1,32x128,64x1024)")
-    _add_quiet(p)
-    _add_json(p, "the artifact's manifest")
 
-    p = command("rank")
+
+@_arguments("rank", "the hits")
+def _register_rank(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=Path)
     p.add_argument("--query", required=True)
     p.add_argument("--docs", required=True, type=Path,
@@ -184,10 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction", default=None)
     _add_precision(p, "fp32")
     _add_load_options(p)
-    _add_json(p, "the hits")
 
-    p = command("serve",
-                "Local rerank service: Cohere /v1/rerank and TEI /rerank APIs, dynamic batching, limits.")
+
+@_arguments("serve", "the resolved configuration (one line, at startup)",
+            "Local rerank service: Cohere /v1/rerank and TEI /rerank APIs, dynamic batching, limits.")
+def _register_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=Path)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8080)
@@ -203,59 +253,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=_positive_int, default=1, help="--ray: replicas, each loading the artifact")
     p.add_argument("--address", default=None, help="--ray: Ray cluster address (default: a local Ray instance)")
 
-    p = command("rescore",
-                "Re-score a JSONL/Parquet table of (id, query, document) rows with Reranker actors on Ray Data.")
+
+@_arguments("rescore", "the job report",
+            "Re-score a JSONL/Parquet table of (id, query, document) rows with Reranker actors on Ray Data.")
+def _register_rescore(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=Path)
     p.add_argument("input", nargs="+", help="input file(s) or directories (*.jsonl or *.parquet)")
-    p.add_argument("-o", "--output", required=True, help="output directory")
+    _add_output(p, "the output directory of scores", required=True, metavar="DIR")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     _add_precision(p, "auto")
-    _add_load_options(p, threads=False)
+    _add_load_options(p)
     p.add_argument("--actors", type=_positive_int, default=1, help="Reranker actors (each loads the artifact once)")
-    p.add_argument("--threads-per-actor", type=_positive_int, default=1, help="CPUs and onnxruntime threads per actor")
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="rows per actor call")
+    p.add_argument("--block-rows", type=_positive_int, default=256, metavar="N",
+                   help="table rows per actor call (each actor's reranker splits them by --batch-size and "
+                        "--max-batch-tokens); default 256")
     p.add_argument("--id-column", default="id")
     p.add_argument("--query-column", default="query")
     p.add_argument("--document-column", default="document")
     p.add_argument("--keep-text", action="store_true", help="also write the query and document columns")
     p.add_argument("--output-format", choices=("jsonl", "parquet"), default=None, help="default: the input's")
     p.add_argument("--output-prefix", default="", help="prefix of the score/logit/truncated column names")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray instance)")
     p.add_argument("--num-cpus", type=_positive_int, default=None,
                    help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--instruction", default=None, help="decoder artifacts: task instruction (default: the artifact's)")
-    _add_quiet(p)
-    _add_json(p, "the job report")
 
-    p = command("build-engine")
+
+@_arguments("build-engine", "the built engines' manifest entries")
+def _register_build_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=Path)
-    p.add_argument("--precision", type=_precision_list, default=["fp16"], help="comma-separated: fp16, int8")
+    _add_precisions(p, ["fp16"], "fp16, int8")
     p.add_argument("--profile", default=None, help="min,opt,max as BATCHxSEQ (default: 1x1,32x128,64x1024)")
     p.add_argument("--workspace-gb", type=float, default=4.0)
 
-    p = command("info",
-                "Summarise an artifact's manifest or, with --system, what the runtime uses on this machine.")
+
+@_arguments("info", "the whole manifest (or the system report)",
+            "Summarise an artifact's manifest or, with --system, what the runtime uses on this machine.")
+def _register_info(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=Path, nargs="?")
     p.add_argument("--system", action="store_true",
                    help="which kernel path (native/numpy), onnxruntime providers and CPU features are in use")
-    _add_json(p, "the whole manifest (or the system report)")
 
-    p = command("bench",
-                "Latency, throughput, cold start, peak memory, size and fidelity vs fp32 per precision of an "
-                "artifact (each precision in its own process).")
+
+@_arguments("bench", "the full report",
+            "Latency, throughput, cold start, peak memory, size and fidelity vs fp32 per precision of an artifact "
+            "(each precision in its own process).")
+def _register_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=Path)
     _add_precisions(p)
     p.add_argument("--data", type=Path, default=None,
                    help="JSONL of {query,documents[,relevant]} or {query,document[,label]} (default: built-in pairs)")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--repeats", type=_positive_int, default=10, help="timed repeats per latency point")
     _add_load_options(p)
-    _add_quiet(p)
-    _add_json(p, "the full report", output=True)
+    _add_output(p, "a JSON copy of the report")
     p.add_argument("--plot", type=Path, default=None, help="write a latency/fidelity plot (PNG, needs matplotlib)")
 
-    p = command("eval",
-                "Retrieval quality (MAP, MRR, NDCG@10, Recall@k) per category on a memory benchmark.")
+
+@_arguments("eval", "the metrics",
+            "Retrieval quality (MAP, MRR, NDCG@10, Recall@k) per category on a memory benchmark.")
+def _register_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=Path)
     p.add_argument("--data", required=True, type=Path, help="LoCoMo's locomo10.json, or a JSONL of queries")
     p.add_argument("--benchmark", choices=("locomo", "jsonl"), default=None, help="default: from the file suffix")
@@ -265,11 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=0, help="LoCoMo: neighbouring sessions added on each side")
     p.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N queries only")
     _add_load_options(p)
-    _add_quiet(p)
-    _add_json(p, "the metrics", output=True)
+    _add_output(p, "a JSON copy of the metrics")
 
-    p = command("calibrate",
-                "Fit per-precision score calibration on pairs and store it in the artifact's manifest.")
+
+@_arguments("calibrate", "the report",
+            "Fit per-precision score calibration on pairs and store it in the artifact's manifest.")
+def _register_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=Path)
     p.add_argument("--data", required=True, type=Path,
                    help="JSONL of {query,document,label?} (no labels = teacher mode: match fp32) or LoCoMo's json")
@@ -280,31 +337,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, default=None, help="LoCoMo: first N questions only")
     p.add_argument("--plot", type=Path, default=None, help="reliability diagram PNG (needs matplotlib)")
     _add_load_options(p)
-    _add_quiet(p)
-    _add_json(p, "the report", output=True)
+    _add_output(p, "a JSON copy of the report")
 
-    p = command("demo",
-                "Export the default reranker, rank example agent memories, print latency and fidelity.")
+
+@_arguments("demo", "the results (rankings, latency per precision, next commands)",
+            "Export the default reranker, rank example agent memories, print latency and fidelity.")
+def _register_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="checkpoint to use (default: Qwen/Qwen3-Reranker-0.6B when the hub is reachable, "
                         "else the embedded all-MiniLM-L6-v2 body)")
-    p.add_argument("-o", "--output", type=Path, default=Path.home() / ".cache" / "memrerank" / "demo")
+    _add_output(p, "the demo's directory (artifact, its stamp, memories.txt)",
+                default=Path.home() / ".cache" / "memrerank" / "demo", metavar="DIR")
     p.add_argument("--force", action="store_true", help="re-export even if the demo artifact exists")
+    _add_load_options(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = _Parser(prog="memrerank", description=_DESCRIPTION, epilog=_EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"memrerank {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="one of the commands above")
+    for name, line in COMMANDS.items():
+        register, json_what, description = _ARGUMENTS[name]
+        # no help= here: the description above lists the commands, one line each
+        p = sub.add_parser(name, description=description or line[0].upper() + line[1:] + ".")
+        register(p)
+        p.add_argument("-q", "--quiet", action="store_true",
+                       help="no progress bars or progress messages (bars show only when stderr is a terminal)")
+        p.add_argument("--json", action="store_true", help=f"print {json_what} as JSON to stdout instead of text")
     return parser
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def _load_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword arguments for Reranker.load from the shared options (only those given)."""
-    out: dict[str, Any] = {"providers": list(args.providers) if args.providers else None,
-                           "prefix_reuse": args.prefix_reuse}
-    if getattr(args, "threads", None) is not None:
-        out["threads"] = args.threads
-    if args.max_batch_tokens is not None:
-        out["max_batch_tokens"] = args.max_batch_tokens
-    return out
-
-
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False))
 
@@ -331,7 +397,8 @@ def _read_docs(path: Path) -> list[str]:
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _build_engines(artifact: Path, precisions: list[str], profile_text: str | None, workspace_gb: float) -> None:
+def _build_engines(artifact: Path, precisions: list[str], profile_text: str | None, workspace_gb: float,
+                   log: Callable[[str], None]) -> None:
     from memrerank.export.tensorrt import ENGINE_PRECISIONS, build_engine, parse_profile, require_tensorrt
     from memrerank.manifest import read_manifest
 
@@ -345,7 +412,7 @@ def _build_engines(artifact: Path, precisions: list[str], profile_text: str | No
     except RuntimeError as exc:
         raise MemrerankError(str(exc)) from exc
     for p in precisions:
-        build_engine(artifact, p, profile, workspace_gb, log=lambda m: print(m, file=sys.stderr))
+        build_engine(artifact, p, profile, workspace_gb, log=log)
 
 
 def system_info() -> dict[str, Any]:
@@ -382,6 +449,18 @@ def system_info() -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ commands
+def _prompt(args: argparse.Namespace) -> Any:
+    """A YesNoPrompt from --system-prompt/--prompt-suffix/--yes-token/--no-token (None when none is given).
+    ``\\n`` in them is a newline, so a suffix can be typed on one line."""
+    pieces = [args.system_prompt, args.prompt_suffix, args.yes_token, args.no_token]
+    if all(p is None for p in pieces):
+        return None
+    from memrerank.export.families.decoder_yes_no import YesNoPrompt
+
+    system, suffix, yes, no = (p.replace("\\n", "\n") if p is not None else None for p in pieces)
+    return YesNoPrompt.chatml(system, suffix=suffix, yes=yes, no=no)
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from memrerank.export import export_model, require_export_extra
 
@@ -403,10 +482,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
                        instruction=args.instruction, force=args.force, revision=args.revision,
                        trust_remote_code=args.trust_remote_code, calib_data=args.calib_data,
                        fidelity=args.fidelity, allow_pickle=args.allow_pickle, graph=args.graph,
-                       command=" ".join(sys.argv),
+                       rotate=args.rotate, prompt=_prompt(args), command=" ".join(sys.argv),
                        log=_log(args), progress=_progress(args))
     if engines:
-        _build_engines(out, engines, args.profile, 4.0)
+        _build_engines(out, engines, args.profile, 4.0, _log(args))
     if args.json:
         from memrerank.manifest import read_manifest
 
@@ -420,7 +499,7 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     from memrerank import Reranker
 
     docs = _read_docs(args.docs)
-    reranker = Reranker.load(args.artifact, precision=args.precision, **_load_options(args))
+    reranker = Reranker.load(args.artifact, load_options(args))
     hits = reranker.rank(args.query, docs, top_k=args.top_k, threshold=args.threshold,
                          instruction=args.instruction)
     if args.json:
@@ -430,28 +509,49 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_startup(args: argparse.Namespace, config: Any) -> dict[str, Any]:
+    """What ``serve`` starts, as the startup line reports it: the config with ``auto`` resolved where the
+    artifact is on this machine (with --ray it may live only on the cluster's nodes)."""
+    options = config.options
+    precision = options.precision
+    if precision == "auto" and (Path(config.artifact) / "manifest.json").is_file():
+        from memrerank.manifest import read_manifest
+
+        precision = read_manifest(config.artifact).pick_auto(options.first_provider)
+    return {"url": f"http://{args.host}:{args.port}", "artifact": config.artifact, "precision": precision,
+            "options": options.as_dict(), "limits": dataclasses.asdict(config.limits),
+            "max_wait_ms": config.max_wait_ms, "max_batch_pairs": config.max_batch_pairs,
+            "server": "ray" if args.ray else "uvicorn",
+            **({"replicas": args.replicas, "address": args.address} if args.ray else {"workers": args.workers})}
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from memrerank.serve import Limits, ServeConfig, serve
 
     if args.ray and args.workers != 1:
         raise ValueError("--workers is for the uvicorn server; with --ray use --replicas")
     config = ServeConfig(
-        artifact=str(args.artifact), precision=args.precision, providers=args.providers, threads=args.threads,
-        max_batch_tokens=args.max_batch_tokens, prefix_reuse=args.prefix_reuse,
+        artifact=str(args.artifact), options=load_options(args),
         limits=Limits(args.max_documents, args.max_request_bytes, args.max_tokens_per_document),
         max_wait_ms=args.max_wait_ms, max_batch_pairs=args.max_batch_pairs)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"memrerank serve: listening on {args.host}, reachable beyond this machine", file=sys.stderr)
+    if not args.ray and config.options.providers:  # each worker loads in its own process: refuse a missing one
+        from memrerank.runtime.backends import resolve_providers
+
+        resolve_providers(list(config.options.providers))
+    startup = _serve_startup(args, config)
+    if args.json:
+        print(json.dumps(startup, ensure_ascii=False), flush=True)
+    else:
+        _log(args)(f"memrerank serve: {startup['artifact']} ({startup['precision']}) on {startup['url']} "
+                   f"({startup['server']})")
     if args.ray:
         from memrerank.scale import serve_on_ray
 
         serve_on_ray(config, host=args.host, port=args.port, replicas=args.replicas, address=args.address)
-        return 0
-    if args.providers:  # each worker loads the artifact in its own process: refuse a missing provider here
-        from memrerank.runtime.backends import resolve_providers
-
-        resolve_providers(list(args.providers))
-    serve(config, args.host, args.port, args.workers)
+    else:
+        serve(config, args.host, args.port, args.workers)
     return 0
 
 
@@ -460,13 +560,11 @@ def _cmd_rescore(args: argparse.Namespace) -> int:
     from memrerank.scale import RescoreJob, rescore
 
     job = RescoreJob(
-        input=args.input, output=args.output, artifact=str(args.artifact), precision=args.precision,
-        providers=args.providers, max_batch_tokens=args.max_batch_tokens, prefix_reuse=args.prefix_reuse,
-        actors=args.actors, threads_per_actor=args.threads_per_actor, batch_size=args.batch_size,
-        id_column=args.id_column, query_column=args.query_column, document_column=args.document_column,
-        keep_text=args.keep_text, output_format=args.output_format, output_prefix=args.output_prefix,
-        overwrite=args.overwrite, address=args.address, num_cpus=args.num_cpus, instruction=args.instruction,
-        verbose=_progress(args) is None and on_terminal())  # Ray Data's own progress bars
+        input=args.input, output=str(args.output), artifact=str(args.artifact), options=load_options(args),
+        actors=args.actors, block_rows=args.block_rows, id_column=args.id_column, query_column=args.query_column,
+        document_column=args.document_column, keep_text=args.keep_text, output_format=args.output_format,
+        output_prefix=args.output_prefix, force=args.force, address=args.address, num_cpus=args.num_cpus,
+        instruction=args.instruction, verbose=_progress(args) is None and on_terminal())  # Ray Data's bars
     report = rescore(job).as_dict()
     if args.json:
         _print_json(report)
@@ -477,7 +575,14 @@ def _cmd_rescore(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_engine(args: argparse.Namespace) -> int:
-    _build_engines(args.artifact, args.precision, args.profile, args.workspace_gb)
+    from memrerank.manifest import read_manifest
+
+    _build_engines(args.artifact, args.precision, args.profile, args.workspace_gb, _log(args))
+    if args.json:
+        engines = read_manifest(args.artifact).to_dict().get("engines", {})
+        _print_json({p: engines[p] for p in args.precision})
+    else:
+        print(info_text(args.artifact))
     return 0
 
 
@@ -504,19 +609,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from memrerank.demo import run_demo
 
-    return run_demo(model=args.model, out=args.output, force=args.force)
+    return run_demo(model=args.model, out=args.output, force=args.force, options=load_options(args),
+                    as_json=args.json, quiet=args.quiet)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from memrerank.benchmark import plot, run_bench
 
-    options = _load_options(args)
-    report = run_bench(args.artifact, args.precision, args.data, batch_size=args.batch_size,
-                       threads=options.pop("threads", None), repeats=args.repeats, progress=_progress(args),
-                       **options)
+    report = run_bench(args.artifact, args.precision, args.data, load_options(args), repeats=args.repeats,
+                       progress=_progress(args))
     if "fp16" in report["precisions"] and report["providers"][0] == "CPUExecutionProvider":
-        print("note: fp16 is a GPU precision; on the CPU provider it is not expected to be faster than fp32",
-              file=sys.stderr)
+        _log(args)("note: fp16 is a GPU precision; on the CPU provider it is not expected to be faster than fp32")
     if args.json:
         _print_json(report)
     else:
@@ -535,14 +638,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise MemrerankError(f"--data: {args.data} does not exist")
     if kind == "locomo":
         loaded = load_locomo(args.data, candidates=args.candidates, window=args.window, limit=args.limit)
-        print(f"LoCoMo: {len(loaded.queries)} queries; repaired {loaded.repaired_ids} malformed evidence ids, "
-              f"dropped {loaded.dropped_ids} ids naming no turn and {loaded.dropped_queries} queries without "
-              "evidence", file=sys.stderr if args.json else sys.stdout)
+        summary = (f"LoCoMo: {len(loaded.queries)} queries; repaired {loaded.repaired_ids} malformed evidence ids, "
+                   f"dropped {loaded.dropped_ids} ids naming no turn and {loaded.dropped_queries} queries without "
+                   "evidence")
+        if args.json:
+            _log(args)(summary)
+        else:
+            print(summary)
     else:
         loaded = load_jsonl_queries(args.data)
         loaded.queries = loaded.queries[: args.limit] if args.limit else loaded.queries
-    results = evaluate_artifact(args.artifact, loaded.queries, args.precision, progress=_progress(args),
-                                **_load_options(args))
+    results = evaluate_artifact(args.artifact, loaded.queries, args.precision, load_options(args),
+                                progress=_progress(args))
     if args.json:
         _print_json(results)
     else:
@@ -554,9 +661,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from memrerank.calibrate import calibrate_artifact
 
-    report = calibrate_artifact(args.artifact, args.data, method=args.method, precisions=args.precision,
-                                holdout=args.holdout, limit=args.limit, plot=args.plot,
-                                log=_log(args), progress=_progress(args), **_load_options(args))
+    report = calibrate_artifact(args.artifact, args.data, args.method, args.precision, load_options(args),
+                                holdout=args.holdout, limit=args.limit, plot=args.plot, log=_log(args),
+                                progress=_progress(args))
     if args.json:
         _print_json(report)
     else:
@@ -565,7 +672,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS: dict[str, Any] = {
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "export": _cmd_export, "rank": _cmd_rank, "serve": _cmd_serve, "rescore": _cmd_rescore,
     "build-engine": _cmd_build_engine, "info": _cmd_info, "bench": _cmd_bench, "eval": _cmd_eval,
     "calibrate": _cmd_calibrate, "demo": _cmd_demo,
@@ -586,7 +693,7 @@ def _resolve_artifact_argument(args: argparse.Namespace) -> None:
         precision = "fp32"  # engines are built from the fp32 (or int8-static) graph
     providers = getattr(args, "providers", None)
     provider = resolve_providers(list(providers) if providers else None)[0]
-    args.artifact = resolve_artifact(args.artifact, precision, provider)
+    args.artifact = resolve_artifact(args.artifact, precision, provider, quiet=args.quiet)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -595,6 +702,9 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         0 on success, 2 after a one-line message for memrerank's own errors (bad input, a missing or altered
         artifact, an unavailable provider). Anything else is a bug and keeps its traceback.
+
+    Raises:
+        SystemExit: 2 after a one-line message for a bad flag or value (argparse), 0 after ``-h``/``--version``.
     """
     args = build_parser().parse_args(argv)
     try:

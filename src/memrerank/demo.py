@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shlex
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-__all__ = ["run_demo", "HUB_DEFAULT", "DEMO_MEMORIES", "DEMO_QUESTIONS", "DEMO_ANSWERS", "HEAD_FILE",
-           "embedded_body_dir", "load_head"]
+if TYPE_CHECKING:
+    from memrerank.runtime.options import LoadOptions
+
+__all__ = ["run_demo", "demo_results", "demo_text", "HUB_DEFAULT", "DEMO_MEMORIES", "DEMO_QUESTIONS", "DEMO_ANSWERS",
+           "HEAD_FILE", "embedded_body_dir", "embedded_checkpoint", "load_head"]
 
 HUB_DEFAULT = "Qwen/Qwen3-Reranker-0.6B"
 #: The one-label head trained for the embedded body (``bench/train_demo_head.py``).
@@ -88,7 +95,7 @@ def load_head(path: Path = HEAD_FILE) -> tuple[dict[str, np.ndarray], dict]:
     return arrays, meta
 
 
-def _embedded_checkpoint(path: Path) -> Path:
+def embedded_checkpoint(path: Path) -> Path:
     """A one-label cross-encoder: the embedded all-MiniLM-L6-v2 body with the head trained for the demo."""
     import torch
     from transformers import AutoTokenizer, BertForSequenceClassification
@@ -145,7 +152,8 @@ def _cached(stamp_file: Path, artifact: Path, stamp: dict) -> bool:
         return False
 
 
-def run_demo(model: str | None, out: Path, force: bool = False) -> int:
+def run_demo(model: str | None, out: Path, force: bool = False, options: LoadOptions | None = None, *,
+             as_json: bool = False, quiet: bool = False) -> int:
     """Export (once per version), rank the demo memories, print fidelity, size, latency and what to run next.
 
     Without ``model`` and with the hub unreachable the model is the embedded default: the all-MiniLM-L6-v2 body
@@ -157,15 +165,47 @@ def run_demo(model: str | None, out: Path, force: bool = False) -> int:
         model: checkpoint (hub id or directory); ``None`` for the default.
         out: where the artifact, its stamp and the demo's memories file go.
         force: rebuild the artifact even when the cached one matches.
+        options: how the artifact is loaded (:class:`~memrerank.runtime.options.LoadOptions`); its precision is
+            replaced by ``auto`` for the rankings and by each exported precision for the latencies.
+        as_json: print one JSON object with the results (:func:`demo_results`) instead of the text.
+        quiet: no progress messages (which model, export steps, reuse of the cached artifact).
 
     Returns:
         0 (the CLI's exit status).
     """
-    from memrerank import Reranker
+    if as_json:  # progress messages go to stderr, stdout is the JSON
+        note = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr))
+        print(json.dumps(demo_results(model, out, force, options, log=note), indent=2, ensure_ascii=False))
+    else:
+        print(demo_text(demo_results(model, out, force, options, log=(lambda m: None) if quiet else print)))
+    return 0
+
+
+def demo_text(results: dict[str, Any]) -> str:
+    """What ``memrerank demo`` prints after the export: the artifact's summary, the precision ``auto`` picked,
+    each question's top hits, latency per precision and the next commands (``results``: :func:`demo_results`)."""
     from memrerank.report import info_text
 
-    t_demo = time.perf_counter()
-    out = Path(out)
+    artifact = Path(results["artifact"])
+    cold = f"cold start (load + first score): {results['cold_start_ms']:.0f} ms"
+    lines = [info_text(artifact), f"\nprecision 'auto' -> {results['precision']}; {cold}"]
+    for item in results["questions"]:
+        verdict = "the memory that answers it ranks first" if item["answer_first"] else (
+            f"the memory that answers it ([{item['answer']}]) does not rank first")
+        lines.append(f"\nQ: {item['query']}   ({verdict})")
+        lines += [f"  {hit['score']:.3f}  [{hit['index']:>2}] {hit['text']}" for hit in item["hits"]]
+    lines.append("")
+    for precision, lat in results["latency"].items():
+        lines.append(f"latency {precision:<5} 1 query x {len(DEMO_MEMORIES)} memories: p50 {lat['p50_ms']:6.1f} ms "
+                     f"({lat['pairs_per_s']:.0f} pairs/s, onnxruntime {lat['provider']})")
+    lines.append(f"\nthe artifact is in {artifact.resolve()}; next:")
+    lines += [f"  {command}" for command in results["next"]]
+    lines.append(f"demo finished in {results['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def _artifact(model: str | None, out: Path, force: bool, log: Callable[[str], None]) -> tuple[Path, dict]:
+    """The demo artifact in ``out``: the cached one while its stamp matches, else a fresh export."""
     artifact = out / "artifact"
     stamp_file = out / "demo.json"
     embedded = False
@@ -173,55 +213,72 @@ def run_demo(model: str | None, out: Path, force: bool = False) -> int:
         if _hub_reachable(HUB_DEFAULT):
             model = HUB_DEFAULT
         else:
-            print(f"hub not reachable: using the embedded default instead of {HUB_DEFAULT}:\n  {_head_summary()}")
+            log(f"hub not reachable: using the embedded default instead of {HUB_DEFAULT}:\n  {_head_summary()}")
             embedded = True
     stamp = _stamp(None if embedded else model)
+    built: dict = {"model": stamp["model"], "reused": True, "export_s": None}
     if not force and _cached(stamp_file, artifact, stamp):
-        print(f"reusing the demo artifact {artifact} built for memrerank {stamp['memrerank']} "
-              "(--force rebuilds it)")
-    else:
-        from memrerank.export import export_model
-
-        t0 = time.perf_counter()
-        stamp_file.unlink(missing_ok=True)  # no stamp until the new artifact is complete
-        source = str(_embedded_checkpoint(out / "checkpoint-minilm")) if embedded else model
-        export_model(source, artifact, precisions=DEMO_PRECISIONS,
-                     max_length=EMBEDDED_MAX_LENGTH if embedded else None, force=True,
-                     log=lambda m: print(f"  {m}"))
-        stamp_file.write_text(json.dumps(stamp, indent=1) + "\n", encoding="utf-8")
-        print(f"exported {source} -> {artifact} in {time.perf_counter() - t0:.1f} s")
-    print(info_text(artifact))
+        log(f"reusing the demo artifact {artifact} built for memrerank {stamp['memrerank']} (--force rebuilds it)")
+        return artifact, built
+    from memrerank.export import export_model
 
     t0 = time.perf_counter()
-    reranker = Reranker.load(artifact, precision="auto")
+    stamp_file.unlink(missing_ok=True)  # no stamp until the new artifact is complete
+    source = str(embedded_checkpoint(out / "checkpoint-minilm")) if embedded else model
+    export_model(source, artifact, precisions=DEMO_PRECISIONS, max_length=EMBEDDED_MAX_LENGTH if embedded else None,
+                 force=True, log=lambda m: log(f"  {m}"))
+    stamp_file.write_text(json.dumps(stamp, indent=1) + "\n", encoding="utf-8")
+    built.update(reused=False, export_s=time.perf_counter() - t0)
+    log(f"exported {source} -> {artifact} in {built['export_s']:.1f} s")
+    return artifact, built
+
+
+def demo_results(model: str | None, out: Path, force: bool = False, options: LoadOptions | None = None, *,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """What :func:`run_demo` prints, as a JSON-ready dict: the artifact, the precision ``auto`` picked, cold
+    start, each question's top 3 hits, latency per precision and the next commands.
+
+    Args:
+        model, out, force, options: as :func:`run_demo`.
+        log: progress messages (which model, the export's steps).
+    """
+    from memrerank import Reranker
+    from memrerank.runtime.options import LoadOptions
+
+    t_demo = time.perf_counter()
+    options = LoadOptions.merge(options)
+    out = Path(out)
+    artifact, built = _artifact(model, out, force, log)
+    t0 = time.perf_counter()
+    reranker = Reranker.load(artifact, options.replace(precision="auto"))
     reranker.predict([(DEMO_QUESTIONS[0], DEMO_MEMORIES[0])])
-    cold = time.perf_counter() - t0
-    print(f"\nprecision 'auto' -> {reranker.precision}; cold start (load + first score): {cold * 1e3:.0f} ms")
+    results: dict[str, Any] = {"artifact": str(artifact), **built, "precision": reranker.precision,
+                               "cold_start_ms": (time.perf_counter() - t0) * 1e3, "questions": [], "latency": {}}
     for q, answer in zip(DEMO_QUESTIONS, DEMO_ANSWERS, strict=True):
         hits = reranker.rank(q, DEMO_MEMORIES, top_k=3)
-        verdict = "the memory that answers it ranks first" if hits[0].index == answer else (
-            f"the memory that answers it ([{answer}]) does not rank first")
-        print(f"\nQ: {q}   ({verdict})")
-        for hit in hits:
-            print(f"  {hit.score:.3f}  [{hit.index:>2}] {hit.text}")
-    print()
+        results["questions"].append({"query": q, "answer": answer, "answer_first": hits[0].index == answer,
+                                     "hits": [dataclasses.asdict(h) for h in hits]})
     for precision in reranker.manifest.precisions:
-        r = Reranker.load(artifact, precision=precision)
+        r = Reranker.load(artifact, options.replace(precision=precision))
         times = []
         for _ in range(10):
             t0 = time.perf_counter()
             r.rank(DEMO_QUESTIONS[1], DEMO_MEMORIES)
             times.append(time.perf_counter() - t0)
         p50 = float(np.median(times))
-        print(f"latency {precision:<5} 1 query x {len(DEMO_MEMORIES)} memories: p50 {p50 * 1e3:6.1f} ms "
-              f"({len(DEMO_MEMORIES) / p50:.0f} pairs/s, onnxruntime CPU)")
+        entry = reranker.manifest.precisions[precision]
+        results["latency"][precision] = {"p50_ms": p50 * 1e3, "pairs_per_s": len(DEMO_MEMORIES) / p50,
+                                         "provider": _provider_label(r.backend.providers[0]),
+                                         "size_mb": entry.size_bytes / 2**20, "meets_budget": entry.meets_budget}
     memories = out / "memories.txt"
     memories.write_text("\n".join(DEMO_MEMORIES) + "\n", encoding="utf-8")
     art = shlex.quote(str(artifact))
-    print(f"\nthe artifact is in {artifact.resolve()}; next:")
-    print(f"  memrerank rank {art} --query {shlex.quote(DEMO_QUESTIONS[0])} --docs {shlex.quote(str(memories))} "
-          "--top-k 3")
-    print(f"  memrerank serve {art}")
-    print(f"  memrerank bench {art}")
-    print(f"demo finished in {time.perf_counter() - t_demo:.0f} s")
-    return 0
+    rank = f"memrerank rank {art} --query {shlex.quote(DEMO_QUESTIONS[0])} --docs {shlex.quote(str(memories))}"
+    results["next"] = [f"{rank} --top-k 3", f"memrerank serve {art}", f"memrerank bench {art}"]
+    results["seconds"] = time.perf_counter() - t_demo
+    return results
+
+
+def _provider_label(name: str) -> str:
+    """``CPUExecutionProvider`` -> ``CPU`` (what the latency line names)."""
+    return name.removesuffix("ExecutionProvider")

@@ -14,9 +14,12 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from memrerank.runtime.options import LoadOptions
 
 __all__ = [
     "Query", "LOCOMO_CATEGORIES", "load_locomo", "load_jsonl_queries", "average_precision", "reciprocal_rank",
@@ -194,28 +197,34 @@ def evaluate_scores(queries: Sequence[Query], scores: Sequence[np.ndarray]) -> d
 
 
 def evaluate_artifact(artifact: str | Path, queries: Sequence[Query], precisions: Sequence[str] | None = None,
-                      progress: bool | None = False, **load_options: Any) -> dict[str, dict[str, dict[str, float]]]:
+                      options: LoadOptions | None = None, *,
+                      progress: bool | None = False) -> dict[str, dict[str, dict[str, float]]]:
     """Score every query's candidates with each precision of an artifact and compute :func:`evaluate_scores`.
 
     Args:
         artifact: the artifact directory.
         queries: the evaluation queries (:func:`load_locomo`, :func:`load_jsonl_queries`).
         precisions: precisions to evaluate (``None`` = every exported one).
+        options: how the artifact is loaded (:class:`~memrerank.runtime.options.LoadOptions`; default: all
+            defaults); its ``precision`` is replaced by each precision evaluated.
         progress: a progress bar over the queries on stderr (``None``: when stderr is a terminal).
-        **load_options: passed to :meth:`memrerank.Reranker.load` (``providers``, ``threads``,
-            ``max_batch_tokens``, ``prefix_reuse``, ...).
 
     Returns:
         ``{precision: {category: {metric: value, "queries": n}}}``, ranked by the raw logits.
+
+    Raises:
+        TypeError: ``options`` is not a :class:`LoadOptions`.
     """
     from memrerank import Reranker
     from memrerank.manifest import read_manifest
     from memrerank.progress import bar
+    from memrerank.runtime.options import LoadOptions
 
+    options = LoadOptions.merge(options)
     names = list(precisions or read_manifest(artifact).precisions)
     results: dict[str, dict[str, dict[str, float]]] = {}
     for p in names:
-        r = Reranker.load(artifact, precision=p, **load_options)
+        r = Reranker.load(artifact, options.replace(precision=p))
         scores = [r.predict([(q.query, d) for d in q.documents], raw=True)
                   for q in bar(queries, desc=f"eval {p}", enabled=progress, unit="query")]
         results[p] = evaluate_scores(queries, scores)

@@ -1,10 +1,13 @@
-"""The artifact contract: ``OUT/manifest.json`` read into frozen dataclasses, and the one atomic writer.
+"""The artifact contract: ``OUT/manifest.json`` as frozen dataclasses, and the one atomic writer.
 
 Export writes it, everything else only reads it. :func:`read_manifest` parses the JSON once, at the edge, into a
 :class:`Manifest`; inside, code reads attributes. A missing or malformed field is an :class:`ArtifactError` that
-names the field (``manifest.json: precisions.int8.files: missing``) and says to re-export. :func:`write_manifest`
-is the only writer (export, ``calibrate``, ``build-engine``): a temporary file in the same directory, fsync,
-rename. This module imports nothing heavy.
+names the field (``manifest.json: precisions.int8.files: missing``) and says to re-export. Writers build the
+same types (export assembles a :class:`Manifest` from its families' and builders' blocks; ``calibrate`` and
+``build-engine`` add theirs with the ``with_*`` methods) and :func:`write_manifest` is the only writer: the
+JSON is parsed back first, then a temporary file in the same directory, fsync, rename. The family names live
+here too (:data:`FAMILIES`), so export and runtime register against one spelling. This module imports nothing
+heavy.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 from memrerank.errors import ArtifactError
 
@@ -25,7 +28,10 @@ __all__ = [
     "SCHEMA_VERSION",
     "MANIFEST_NAME",
     "TOKENIZER_NAME",
+    "DECODER_YES_NO",
+    "ENCODER_CROSS",
     "FAMILIES",
+    "FAMILY_TEMPLATES",
     "PRECISIONS",
     "PARITY_TOLERANCE",
     "PRECISION_PROVIDERS",
@@ -40,9 +46,13 @@ __all__ = [
     "CacheLayout",
     "Parity",
     "Fidelity",
+    "Build",
     "PrecisionEntry",
+    "EngineParity",
     "EngineEntry",
     "CalibrationEntry",
+    "CalibrationData",
+    "ExportInfo",
     "Manifest",
     "sha256_file",
     "file_entries",
@@ -55,8 +65,11 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
 
-#: Reranker families an artifact can hold (``Manifest.family``).
-FAMILIES = ("decoder-yes-no", "encoder-cross")
+#: The reranker families an artifact can hold (``Manifest.family``), named here once: export's family
+#: classes (``@register_family``) and the runtime's pair encoders (``@register_encoder``) register against
+#: these names, and :data:`FAMILY_TEMPLATES` maps each to the template type its manifest holds.
+DECODER_YES_NO = "decoder-yes-no"
+ENCODER_CROSS = "encoder-cross"
 
 #: Precisions, defined once: CLI choices, manifest keys and test parametrisation all use this tuple.
 PRECISIONS = ("fp32", "fp16", "int8", "int8-static")
@@ -138,6 +151,21 @@ class _Reader:
     def sub(self, key: str) -> _Reader:
         return _Reader(self.get(key, dict), self._path(key))
 
+    def has(self, key: str) -> bool:
+        """Whether an optional field is given (present and not null)."""
+        self.used.add(key)
+        return self.data.get(key) is not None
+
+    def numbers(self, key: str) -> dict[str, float]:
+        """An object of numbers, each checked (``{name: float}``)."""
+        block = self.sub(key)
+        return {k: block.get(k, float) for k in block.data}
+
+    def texts(self, key: str) -> dict[str, str]:
+        """An object of strings, each checked (``{name: str}``)."""
+        block = self.sub(key)
+        return {k: block.get(k, str) for k in block.data}
+
     def mapping(self, key: str, *, optional: bool = False) -> dict[str, Any]:
         return dict(self.get(key, dict, optional=optional, default={}))
 
@@ -179,9 +207,34 @@ def _files(r: _Reader, key: str) -> dict[str, FileEntry]:
     return {rel: FileEntry.parse(block.sub(rel)) for rel in block.data}
 
 
+_B = TypeVar("_B", bound="_Block")
+
+
+class _Block:
+    """What every block of the manifest shares: :meth:`parse` reads its JSON object, :meth:`to_dict` writes it
+    back (``type(b).from_dict(b.to_dict(), where) == b``)."""
+
+    @classmethod
+    def parse(cls: type[_B], r: _Reader) -> _B:
+        raise NotImplementedError
+
+    @classmethod
+    def from_dict(cls: type[_B], data: Any, where: str) -> _B:
+        """Parse one block's JSON object found at ``where`` (``precisions.int8.fidelity``).
+
+        Raises:
+            ArtifactError: naming ``where.<field>`` for the first missing or malformed field.
+        """
+        return cls.parse(_Reader(data, where))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The block's JSON object: its fields (JSON names), then ``extra``."""
+        return _dump(self)
+
+
 # ---------------------------------------------------------------------------------------------------- the types
 @dataclass(frozen=True)
-class FileEntry:
+class FileEntry(_Block):
     """One file of the artifact, checked before anything parses it."""
 
     sha256: str
@@ -193,7 +246,7 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
-class Source:
+class Source(_Block):
     """Where the artifact came from."""
 
     model: str
@@ -209,7 +262,7 @@ class Source:
 
 
 @dataclass(frozen=True)
-class Tokens:
+class Tokens(_Block):
     """Token-level facts the runtime needs: padding, length limit, and (decoders) the yes/no ids."""
 
     pad_id: int
@@ -232,7 +285,7 @@ class Tokens:
 
 
 @dataclass(frozen=True)
-class DecoderTemplate:
+class DecoderTemplate(_Block):
     """The official prompt of a yes/no decoder reranker, as text and as ids."""
 
     prefix: str
@@ -254,7 +307,7 @@ class DecoderTemplate:
 
 
 @dataclass(frozen=True)
-class EncoderTemplate:
+class EncoderTemplate(_Block):
     """Where a cross-encoder's special tokens sit around the query and the document (ids and type ids)."""
 
     lead_ids: tuple[int, ...]
@@ -277,7 +330,14 @@ class EncoderTemplate:
 
 
 Template = Union[DecoderTemplate, EncoderTemplate]
-_TEMPLATES: dict[str, type] = {"decoder-yes-no": DecoderTemplate, "encoder-cross": EncoderTemplate}
+
+#: Each reranker family → the template type its manifest holds; the keys are the families there are.
+FAMILY_TEMPLATES: dict[str, type[DecoderTemplate | EncoderTemplate]] = {
+    DECODER_YES_NO: DecoderTemplate,
+    ENCODER_CROSS: EncoderTemplate,
+}
+#: Reranker families an artifact can hold (``Manifest.family``), in :data:`FAMILY_TEMPLATES`' order.
+FAMILIES = tuple(FAMILY_TEMPLATES)
 
 
 def _id_checks(r: _Reader) -> dict[str, tuple[int, ...]]:
@@ -286,7 +346,7 @@ def _id_checks(r: _Reader) -> dict[str, tuple[int, ...]]:
 
 
 @dataclass(frozen=True)
-class CacheLayout:
+class CacheLayout(_Block):
     """The shared-past (prefix reuse) layout of a decoder graph: one batch-1 key/value pair per layer."""
 
     layers: int
@@ -310,7 +370,7 @@ class CacheLayout:
 
 
 @dataclass(frozen=True)
-class Parity:
+class Parity(_Block):
     """How far a graph's logits are from its reference (PyTorch for fp32, the fp32 graph otherwise)."""
 
     reference: str
@@ -332,7 +392,7 @@ class Parity:
 
 
 @dataclass(frozen=True)
-class Fidelity:
+class Fidelity(_Block):
     """A quantized precision's ranking fidelity vs fp32 and the products the sensitivity search kept in fp32."""
 
     meets_budget: bool
@@ -348,7 +408,30 @@ class Fidelity:
 
 
 @dataclass(frozen=True)
-class PrecisionEntry:
+class Build(_Block):
+    """How a precision's graph was built (``precisions.<name>.build``; empty for fp32): the builder's method,
+    whether a score is independent of what shares its batch, and the builder's own records in ``extra``
+    (products kept in fp32, smoothing, embedding tables, ...)."""
+
+    method: str | None = field(default=None, metadata={"omit_none": True})
+    batch_independent: bool | None = field(default=None, metadata={"omit_none": True})
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Build:
+        return cls(r.get("method", str, optional=True), r.get("batch_independent", bool, optional=True),
+                   r.rest())
+
+    def is_batch_independent(self, precision: str) -> bool:
+        """The recorded ``batch_independent``; for a build recording none, whether ``precision`` is not one of
+        :data:`BATCH_DEPENDENT_UNLESS_RECORDED`."""
+        if self.batch_independent is None:
+            return precision not in BATCH_DEPENDENT_UNLESS_RECORDED
+        return self.batch_independent
+
+
+@dataclass(frozen=True)
+class PrecisionEntry(_Block):
     """One exported precision: its graph, files, interface, the providers it is meant for, and how good it is."""
 
     graph: str
@@ -358,7 +441,7 @@ class PrecisionEntry:
     providers: tuple[str, ...] = ()
     parity: Parity | None = field(default=None, metadata={"omit_none": True})
     fidelity: Fidelity | None = field(default=None, metadata={"omit_none": True})
-    build: dict[str, Any] = field(default_factory=dict)
+    build: Build = field(default_factory=Build)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -367,11 +450,11 @@ class PrecisionEntry:
         files = _files(r, "files")
         if graph not in files:
             raise r.fail("graph", f"{graph!r} is not among the listed files")
-        parity = Parity.parse(r.sub("parity")) if r.data.get("parity") is not None else None
-        fidelity = Fidelity.parse(r.sub("fidelity")) if r.data.get("fidelity") is not None else None
-        r.used.update(("parity", "fidelity"))
+        parity = Parity.parse(r.sub("parity")) if r.has("parity") else None
+        fidelity = Fidelity.parse(r.sub("fidelity")) if r.has("fidelity") else None
+        build = Build.parse(r.sub("build")) if r.has("build") else Build()
         return cls(graph, files, r.strs("inputs", optional=True), r.strs("outputs", optional=True),
-                   r.strs("providers", optional=True), parity, fidelity, r.mapping("build", optional=True), r.rest())
+                   r.strs("providers", optional=True), parity, fidelity, build, r.rest())
 
     @property
     def meets_budget(self) -> bool:
@@ -384,7 +467,24 @@ class PrecisionEntry:
 
 
 @dataclass(frozen=True)
-class EngineEntry:
+class EngineParity(_Block):
+    """A TensorRT engine's logits vs the fp32 ONNX graph on the built-in pairs (``engines.<name>.parity``)."""
+
+    reference: str
+    max_abs_logit_diff: float
+    spearman_mean: float | None = field(default=None, metadata={"omit_none": True})
+    top3_agreement: float | None = field(default=None, metadata={"omit_none": True})
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> EngineParity:
+        return cls(r.get("reference", str), r.get("max_abs_logit_diff", float),
+                   r.get("spearman_mean", float, optional=True),
+                   r.get("top3_agreement", float, optional=True), r.rest())
+
+
+@dataclass(frozen=True)
+class EngineEntry(_Block):
     """A TensorRT engine built on one GPU with one TensorRT version (engines are not portable)."""
 
     engine: str
@@ -395,7 +495,7 @@ class EngineEntry:
     source_graph: str
     profile: dict[str, Any] = field(default_factory=dict)
     method: str = ""
-    parity: dict[str, Any] | None = None
+    parity: EngineParity | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -404,13 +504,14 @@ class EngineEntry:
         files = _files(r, "files")
         if engine not in files:
             raise r.fail("engine", f"{engine!r} is not among the listed files")
+        parity = EngineParity.parse(r.sub("parity")) if r.has("parity") else None
         return cls(engine, files, r.get("tensorrt", str), r.get("gpu", str), r.get("compute_capability", str),
                    r.get("source_graph", str), r.mapping("profile", optional=True), r.get("method", str, optional=True,
-                   default=""), r.get("parity", dict, optional=True), r.rest())
+                   default=""), parity, r.rest())
 
 
 @dataclass(frozen=True)
-class CalibrationEntry:
+class CalibrationEntry(_Block):
     """A fitted score calibration for one precision (``memrerank calibrate``)."""
 
     method: str
@@ -419,9 +520,46 @@ class CalibrationEntry:
 
     @classmethod
     def parse(cls, r: _Reader) -> CalibrationEntry:
-        params = r.sub("params")
-        values = {k: params.get(k, float) for k in params.data}
-        return cls(r.get("method", str), values, r.rest())
+        return cls(r.get("method", str), r.numbers("params"), r.rest())
+
+
+@dataclass(frozen=True)
+class CalibrationData(_Block):
+    """The query–document pairs the lower precisions were built and checked on (``calibration_data``)."""
+
+    source: str
+    pairs: int
+    queries: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> CalibrationData:
+        return cls(r.get("source", str), r.get("pairs", int), r.get("queries", int), r.rest())
+
+
+@dataclass(frozen=True)
+class ExportInfo(_Block):
+    """How the artifact was exported (``export``); informative, nothing the runtime does depends on it.
+
+    Every field is optional (artifacts from before a field existed lack it) except ``command``, which is
+    written even when unknown (``null``: the export did not come from a command line).
+    """
+
+    date: str | None = field(default=None, metadata={"omit_none": True})
+    versions: dict[str, str] | None = field(default=None, metadata={"omit_none": True})
+    opset: int | None = field(default=None, metadata={"omit_none": True})
+    graph: str | None = field(default=None, metadata={"omit_none": True})
+    command: str | None = None
+    allow_pickle: bool | None = field(default=None, metadata={"omit_none": True})
+    step_seconds: dict[str, float] | None = field(default=None, metadata={"omit_none": True})
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> ExportInfo:
+        return cls(r.get("date", str, optional=True), r.texts("versions") if r.has("versions") else None,
+                   r.get("opset", int, optional=True), r.get("graph", str, optional=True),
+                   r.get("command", str, optional=True), r.get("allow_pickle", bool, optional=True),
+                   r.numbers("step_seconds") if r.has("step_seconds") else None, r.rest())
 
 
 @dataclass(frozen=True)
@@ -437,8 +575,8 @@ class Manifest:
     calibration: dict[str, CalibrationEntry] = field(default_factory=dict)
     prefix_reuse: CacheLayout | None = None
     engines: dict[str, EngineEntry] = field(default_factory=dict, metadata={"omit_empty": True})
-    export: dict[str, Any] = field(default_factory=dict)
-    calibration_data: dict[str, Any] | None = field(default=None, metadata={"omit_none": True})
+    export: ExportInfo = field(default_factory=ExportInfo)
+    calibration_data: CalibrationData | None = field(default=None, metadata={"omit_none": True})
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -467,9 +605,8 @@ class Manifest:
             precisions[name] = PrecisionEntry.parse(precisions_r.sub(name))
         if not precisions:
             raise r.fail("precisions", "no precision exported")
-        calib_r = r.sub("calibration") if data.get("calibration") is not None else None
+        calib_r = r.sub("calibration") if r.has("calibration") else None
         calibration = {n: CalibrationEntry.parse(calib_r.sub(n)) for n in calib_r.data} if calib_r else {}
-        r.used.add("calibration")
         layout = CacheLayout.parse(r.sub("prefix_reuse")) if data.get("prefix_reuse") else None
         r.used.add("prefix_reuse")
         engines_r = r.sub("engines") if data.get("engines") else None
@@ -479,15 +616,16 @@ class Manifest:
         return cls(
             family=family,
             source=Source.parse(r.sub("source")),
-            template=_TEMPLATES[family].parse(r.sub("template")),
+            template=FAMILY_TEMPLATES[family].parse(r.sub("template")),
             tokens=Tokens.parse(r.sub("tokens")),
             tokenizer_files=_files(tokenizer, "files"),
             precisions=precisions,
             calibration=calibration,
             prefix_reuse=layout,
             engines=engines,
-            export=r.mapping("export", optional=True),
-            calibration_data=r.get("calibration_data", dict, optional=True),
+            export=ExportInfo.parse(r.sub("export")) if r.has("export") else ExportInfo(),
+            calibration_data=(CalibrationData.parse(r.sub("calibration_data")) if r.has("calibration_data")
+                              else None),
             extra=r.rest(),
         )
 
@@ -502,7 +640,7 @@ class Manifest:
     # ---------------------------------------------------------------------------------------------- queries
     @property
     def is_decoder(self) -> bool:
-        return self.family == "decoder-yes-no"
+        return self.family == DECODER_YES_NO
 
     def precision(self, name: str) -> PrecisionEntry:
         """The entry of one exported precision, or an ArtifactError naming those that exist."""
@@ -519,9 +657,7 @@ class Manifest:
         so a request's scores never depend on other requests batched with it."""
         for name in AUTO_ORDER.get(provider, ("fp32",)):
             entry = self.precisions.get(name)
-            independent = entry is not None and entry.build.get("batch_independent",
-                                                                name not in BATCH_DEPENDENT_UNLESS_RECORDED)
-            if entry is not None and entry.meets_budget and independent is True:
+            if entry is not None and entry.meets_budget and entry.build.is_batch_independent(name):
                 return name
             if provider == "TensorrtExecutionProvider" and name in self.engines:
                 return name
@@ -576,18 +712,27 @@ def read_manifest(root: str | Path) -> Manifest:
         raise ArtifactError(f"{root}: {exc}") from None
 
 
-def write_manifest(root: str | Path, manifest: Manifest | Mapping[str, Any]) -> Manifest:
+def write_manifest(root: str | Path, manifest: Manifest) -> Manifest:
     """Write ``root/manifest.json`` atomically: a temporary file in the same directory, fsync, rename.
 
-    A dict is checked by parsing it first, so nothing writes a manifest the runtime would refuse. A reader (or a
-    crash) sees the old manifest or the new one, never a mix.
+    The JSON is parsed back before anything is written, so nothing writes a manifest the runtime would
+    refuse (a block built with a wrong type or value fails here, named). A reader (or a crash) sees the old
+    manifest or the new one, never a mix.
 
     Returns:
-        The manifest as written, typed.
+        The manifest as written, as :func:`read_manifest` will read it.
+
+    Raises:
+        ArtifactError: the manifest would not read back (the message names the field).
+        TypeError: ``manifest`` is not a :class:`Manifest`.
     """
+    if not isinstance(manifest, Manifest):
+        raise TypeError(f"write_manifest takes a Manifest, got {type(manifest).__name__}; "
+                        "build one with Manifest.from_dict")
     root = Path(root)
-    typed = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest)
-    text = json.dumps(typed.to_dict(), indent=2, ensure_ascii=False) + "\n"
+    data = manifest.to_dict()
+    typed = Manifest.from_dict(data)
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", suffix=".tmp", dir=root)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

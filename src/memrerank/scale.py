@@ -31,8 +31,9 @@ from typing import Any
 
 from memrerank.atomic import recover, staging_path, swap_into_place
 from memrerank.errors import ArtifactError, MemrerankError
-from memrerank.manifest import PRECISIONS, read_manifest
-from memrerank.serve import Limits, ServeConfig, _check_positive, _provider_tuple
+from memrerank.manifest import read_manifest
+from memrerank.runtime.options import LoadOptions, check_optional_bool, check_positive_int
+from memrerank.serve import Limits, ServeConfig
 
 __all__ = ["RerankActor", "RescoreError", "RescoreJob", "RescoreReport", "build_app", "rescore", "serve_on_ray"]
 
@@ -41,6 +42,8 @@ _SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet"
 OUTPUT_COLUMNS = ("score", "logit", "truncated")
 _RAY_FORMAT = {"jsonl": "json", "parquet": "parquet"}  # Ray Data's read_*/write_* names
 _log = logging.getLogger(__name__)
+#: What a job's actors and a Ray Serve replica load unless told otherwise (ServeConfig's default too).
+_DEFAULT_OPTIONS = LoadOptions(precision="auto")
 
 
 class RescoreError(MemrerankError):
@@ -65,14 +68,15 @@ class RescoreJob:
             as a tuple of strings.
         output: the output directory (JSONL ``*.json`` files or Parquet, see ``output_format``).
         artifact: an artifact directory written by ``memrerank export``, at the same path on every node.
-        precision: an exported precision, or ``"auto"`` (the fastest one that met its fidelity budget on the
-            first provider; CPU by default).
-        providers: onnxruntime providers or aliases for every actor (``("cuda",)``); ``None`` = CPU.
+        options: how every actor loads the artifact (:class:`memrerank.LoadOptions`). Default:
+            ``precision="auto"`` (the fastest exported precision that met its fidelity budget on the first
+            provider; CPU by default). ``options.threads`` are the CPUs each actor reserves and its onnxruntime
+            intra-op threads (1 when ``None``; stored so); ``options.batch_size`` / ``max_batch_tokens`` bound
+            each model call inside an actor.
         actors: size of the :class:`RerankActor` pool (each loads the artifact once).
-        threads_per_actor: CPUs each actor reserves and its onnxruntime intra-op threads.
-        batch_size: rows per ``map_batches`` call (the reranker cuts them again by its token budget). With
+        block_rows: rows per ``map_batches`` call (the reranker cuts them again by its own batch budget). With
             several actors it is capped at ``ceil(rows / actors)`` (the input's rows are counted first), so a
-            small input still gives every actor a share instead of one batch to one actor.
+            small input still gives every actor a share instead of one block to one actor.
         id_column: input column written back with the scores.
         query_column: input column of the queries.
         document_column: input column of the documents.
@@ -81,13 +85,10 @@ class RescoreJob:
         output_format: ``"jsonl"`` or ``"parquet"``; default: the input's.
         output_prefix: prepended to the ``score``, ``logit`` and ``truncated`` column names (when the input
             already has columns of those names, e.g. when re-scoring an earlier output).
-        overwrite: replace a non-empty output directory.
+        force: replace a non-empty output directory.
         address: Ray cluster address (``"auto"``, ``"ray://head:10001"``); ``None`` = the running Ray instance
             if any, else a local one.
         num_cpus: CPUs of a local Ray instance started here (``None`` = all).
-        max_batch_tokens: the reranker's token budget per model call (``None`` = its default).
-        prefix_reuse: decoder artifacts: score documents against each query's cached prefix (``None`` = where
-            the artifact supports it).
         instruction: decoder artifacts: the task instruction (``None`` = the artifact's default).
         verbose: keep Ray Data's progress bars and INFO logs (default: warnings only).
 
@@ -99,12 +100,10 @@ class RescoreJob:
     input: str | Path | Sequence[str | Path]
     output: str
     artifact: str
+    options: LoadOptions = _DEFAULT_OPTIONS
     _: KW_ONLY
-    precision: str = "auto"
-    providers: tuple[str, ...] | None = None
     actors: int = 1
-    threads_per_actor: int = 1
-    batch_size: int = 256
+    block_rows: int = 256
     id_column: str = "id"
     query_column: str = "query"
     document_column: str = "document"
@@ -112,11 +111,9 @@ class RescoreJob:
     input_format: str | None = None
     output_format: str | None = None
     output_prefix: str = ""
-    overwrite: bool = False
+    force: bool = False
     address: str | None = None
     num_cpus: int | None = None
-    max_batch_tokens: int | None = None
-    prefix_reuse: bool | None = None
     instruction: str | None = None
     verbose: bool = False
 
@@ -127,14 +124,16 @@ class RescoreJob:
             raise ValueError("RescoreJob.input: no paths given")
         object.__setattr__(self, "output", _path(self.output, "RescoreJob.output"))
         object.__setattr__(self, "artifact", _path(self.artifact, "RescoreJob.artifact"))
-        if self.precision not in PRECISIONS + ("auto",):
-            raise ValueError(f"RescoreJob.precision: unknown {self.precision!r}; choose one of "
-                             f"{', '.join(PRECISIONS)} or 'auto'")
-        object.__setattr__(self, "providers", _provider_tuple(self.providers, "RescoreJob.providers"))
-        for name in ("actors", "threads_per_actor", "batch_size"):
-            _check_positive(getattr(self, name), f"RescoreJob.{name}")
-        for name in ("num_cpus", "max_batch_tokens"):
-            _check_positive(getattr(self, name), f"RescoreJob.{name}", optional=True)
+        if not isinstance(self.options, LoadOptions):
+            raise TypeError(f"RescoreJob.options must be a memrerank.LoadOptions, e.g. RescoreJob(input, output, "
+                            f"artifact, LoadOptions(\"int8\", threads=2)), got {self.options!r}")
+        if self.options.threads is None:  # an actor's onnxruntime threads are the CPUs Ray reserves for it
+            object.__setattr__(self, "options", self.options.replace(threads=1))
+        for name in ("actors", "block_rows"):
+            check_positive_int(getattr(self, name), f"RescoreJob.{name}")
+        check_positive_int(self.num_cpus, "RescoreJob.num_cpus", optional=True)
+        for name in ("keep_text", "force", "verbose"):
+            check_optional_bool(getattr(self, name), f"RescoreJob.{name}", optional=False)
         for name in ("input_format", "output_format"):
             if getattr(self, name) not in FORMATS + (None,):
                 raise ValueError(f"RescoreJob.{name}: unknown {getattr(self, name)!r}; choose one of "
@@ -144,8 +143,6 @@ class RescoreJob:
                 raise TypeError(f"RescoreJob.{name} must be a column name (str), got {getattr(self, name)!r}")
         if not isinstance(self.output_prefix, str):
             raise TypeError(f"RescoreJob.output_prefix must be a str, got {type(self.output_prefix).__name__}")
-        if self.prefix_reuse not in (None, True, False):
-            raise ValueError(f"RescoreJob.prefix_reuse must be True, False or None, got {self.prefix_reuse!r}")
         if self.instruction is not None and not isinstance(self.instruction, str):
             raise TypeError(f"RescoreJob.instruction must be a str or None, got {type(self.instruction).__name__}")
 
@@ -164,11 +161,11 @@ class RescoreReport:
     seconds: float
     pairs_per_s: float
     actors: int
-    threads_per_actor: int
+    threads: int  #: CPUs and onnxruntime threads per actor (:attr:`LoadOptions.threads`)
     precision: str
     output: str
     output_format: str
-    batch_size: int = 0  #: rows per ``map_batches`` call, after the cap (see :attr:`RescoreJob.batch_size`)
+    block_rows: int = 0  #: rows per ``map_batches`` call, after the cap (see :attr:`RescoreJob.block_rows`)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -181,17 +178,14 @@ class RerankActor:
     grouped by query score fastest.
 
     Args:
-        job: the job; the actor reads its artifact, precision, providers, threads, token budget, prefix reuse,
-            instruction and column options.
+        job: the job; the actor loads its artifact with its ``options`` and reads its instruction and column
+            names.
     """
 
     def __init__(self, job: RescoreJob) -> None:
         from memrerank import Reranker
 
-        n = job.max_batch_tokens
-        self.reranker = Reranker.load(job.artifact, precision=job.precision, providers=job.providers,
-                                      threads=job.threads_per_actor, prefix_reuse=job.prefix_reuse,
-                                      **({"max_batch_tokens": n} if n else {}))
+        self.reranker = Reranker.load(job.artifact, job.options)
         self.job = job
 
     def __call__(self, batch: Any) -> Any:
@@ -235,14 +229,14 @@ def _input_format(paths: list[str], given: str | None) -> str:
     return found.pop()
 
 
-def _check_output(output: str, overwrite: bool) -> None:
+def _check_output(output: str, force: bool) -> None:
     if "://" in output:  # remote filesystems: Ray Data's SaveMode decides
         return
     out = Path(output)
     recover(out, _log.warning)  # an output a killed job left aside comes back; stale siblings go
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise FileExistsError(f"output {output!r} exists and is not empty; choose a new directory or pass "
-                              "overwrite=True (--overwrite) to replace its contents")
+                              "force=True (--force) to overwrite its contents")
 
 
 def _check_io(job: RescoreJob) -> tuple[str, str]:
@@ -251,36 +245,33 @@ def _check_io(job: RescoreJob) -> tuple[str, str]:
         if "://" not in p and not Path(p).exists():
             raise FileNotFoundError(f"input {p!r} does not exist")
     fmt = _input_format(list(job.input), job.input_format)
-    _check_output(job.output, job.overwrite)
+    _check_output(job.output, job.force)
     return fmt, job.output_format or fmt
 
 
 def _driver_precision(job: RescoreJob) -> str:
     """The precision every actor loads: ``"auto"`` resolved and an exported one checked, where the driver sees
     the artifact (actors check it again where they run)."""
+    options = job.options
     if not Path(job.artifact).exists():
-        return job.precision
+        return options.precision
     manifest = read_manifest(job.artifact)
-    provider = "CPUExecutionProvider"
-    if job.providers:
-        from memrerank.runtime.backends.onnxruntime import provider_name
-
-        provider = provider_name(job.providers[0])
-    if job.precision == "auto":
-        return manifest.pick_auto(provider)
-    if not (job.precision in manifest.engines and provider == "TensorrtExecutionProvider"):
+    if options.precision == "auto":
+        return manifest.pick_auto(options.first_provider)
+    if not (options.precision in manifest.engines and options.wants_tensorrt):
         try:
-            manifest.precision(job.precision)
+            manifest.precision(options.precision)
         except ArtifactError as exc:
             raise ArtifactError(f"{job.artifact}: {exc}") from None
-    return job.precision
+    return options.precision
 
 
 def _check_cpus(ray: Any, job: RescoreJob) -> None:
-    need, have = job.actors * job.threads_per_actor, ray.cluster_resources().get("CPU", 0)
+    threads = job.options.threads
+    need, have = job.actors * threads, ray.cluster_resources().get("CPU", 0)
     if need > have:
-        msg = (f"{job.actors} actors x {job.threads_per_actor} threads need {need} CPUs; the Ray cluster has "
-               f"{have:g}. Lower actors / threads_per_actor")
+        msg = (f"{job.actors} actors x {threads} threads need {need} CPUs; the Ray cluster has "
+               f"{have:g}. Lower actors or options.threads (--actors / --threads)")
         if job.address is None:
             raise ValueError(msg + " (or start Ray with more CPUs)")
         warnings.warn(msg + "; the job waits until the cluster grows to fit them", stacklevel=3)
@@ -306,19 +297,19 @@ def _read_input(ray: Any, job: RescoreJob, fmt: str) -> Any:
     return ds
 
 
-def _write_output(ray: Any, scored: Any, output: str, out_fmt: str, overwrite: bool) -> int:
+def _write_output(ray: Any, scored: Any, output: str, out_fmt: str, force: bool) -> int:
     """Write the scored dataset (this runs the job) and return the rows written."""
     local = "://" not in output
     # Local output is written beside its destination and swapped into place when every row is in: a failed
     # or killed job leaves no partial directory that looks finished, and an overwritten output stays whole
     # until the new one is in (memrerank.atomic; the next job restores it if a kill hit the swap itself).
     target = str(staging_path(output)) if local else output
-    mode = {"mode": "overwrite"} if overwrite and not local else {}
+    mode = {"mode": "overwrite"} if force and not local else {}
     try:
         getattr(scored, f"write_{_RAY_FORMAT[out_fmt]}")(target, **mode, ray_remote_args={"num_cpus": 0})
         rows = getattr(ray.data, f"read_{_RAY_FORMAT[out_fmt]}")(target, num_cpus=0).count()
         if local:
-            swap_into_place(target, output)  # an empty output, or any with overwrite=True (checked before)
+            swap_into_place(target, output)  # an empty output, or any with force=True (checked before)
     except BaseException as exc:
         if local:
             shutil.rmtree(target, ignore_errors=True)
@@ -329,28 +320,31 @@ def _write_output(ray: Any, scored: Any, output: str, out_fmt: str, overwrite: b
 
 
 def rescore(job: RescoreJob | str | Path | Sequence[str | Path] | None = None,
-            output: str | Path | None = None, artifact: str | Path | None = None, **options: Any) -> RescoreReport:
+            output: str | Path | None = None, artifact: str | Path | None = None, **fields: Any) -> RescoreReport:
     """Re-score every ``(query, document)`` row of a JSONL/Parquet table on Ray; writes a directory of files.
 
-    ``rescore(RescoreJob(input, output, artifact, actors=2))``, or the same as keywords:
-    ``rescore(input, output, artifact, actors=2)`` (which fills a :class:`RescoreJob`; see it for every option).
+    ``rescore(RescoreJob(input, output, artifact, LoadOptions("int8"), actors=2))``, or the same as keywords:
+    ``rescore(input, output, artifact, options=LoadOptions("int8"), actors=2)`` (which fills a
+    :class:`RescoreJob`; see it for every field).
 
     Args:
         job: a :class:`RescoreJob`, or the input path(s) (``input=`` works too) with ``output``, ``artifact`` and
-            the job's options as keywords.
+            the job's other fields as keywords.
         output: keyword form only: the output directory.
         artifact: keyword form only: the artifact directory.
-        **options: keyword form only: the other :class:`RescoreJob` fields.
+        **fields: keyword form only: the other :class:`RescoreJob` fields (``options``, ``actors``,
+            ``block_rows``, ``force``, ...).
 
     Returns:
         A :class:`RescoreReport` (rows written, wall seconds including actor start-up, pairs/s).
 
     Raises:
-        ValueError: a bad option, missing columns, more CPUs asked for than a local Ray instance has.
-        FileNotFoundError / FileExistsError: a missing input, an output that exists (without ``overwrite``).
+        ValueError: a bad field, missing columns, more CPUs asked for than a local Ray instance has.
+        TypeError: a keyword that is no :class:`RescoreJob` field (a load option names ``options=``).
+        FileNotFoundError / FileExistsError: a missing input, an output that exists (without ``force``).
         RescoreError: the job failed in an actor (names the row or the cause).
     """
-    job = _as_job(job, output, artifact, options)
+    job = _as_job(job, output, artifact, fields)
     ray = _ray()
     fmt, out_fmt = _check_io(job)
     precision = _driver_precision(job)
@@ -359,44 +353,55 @@ def rescore(job: RescoreJob | str | Path | Sequence[str | Path] | None = None,
     with _job_settings(ray, job.verbose):
         ds = _read_input(ray, job, fmt)
         t0 = time.perf_counter()
-        batch_size = job.batch_size
+        block_rows = job.block_rows
         if job.actors > 1:  # counting reads the input once more
-            batch_size = shared_batch_size(ds.count(), job.actors, job.batch_size)
+            block_rows = shared_block_rows(ds.count(), job.actors, job.block_rows)
+        actor_job = dataclasses.replace(job, options=job.options.replace(precision=precision))
         scored = ds.map_batches(
-            RerankActor, batch_format="pyarrow", batch_size=batch_size, zero_copy_batch=True,
+            RerankActor, batch_format="pyarrow", batch_size=block_rows, zero_copy_batch=True,
             # one task in flight per actor: the first actor up (others still loading the model) would otherwise
             # queue several bundles and leave the rest idle on small and medium inputs
             compute=ray.data.ActorPoolStrategy(size=job.actors, max_tasks_in_flight_per_actor=1),
-            num_cpus=job.threads_per_actor,
-            fn_constructor_kwargs={"job": dataclasses.replace(job, precision=precision)})
-        rows = _write_output(ray, scored, job.output, out_fmt, job.overwrite)
+            num_cpus=job.options.threads, fn_constructor_kwargs={"job": actor_job})
+        rows = _write_output(ray, scored, job.output, out_fmt, job.force)
     seconds = time.perf_counter() - t0
     return RescoreReport(rows=rows, seconds=seconds, pairs_per_s=rows / seconds if seconds else 0.0,
-                         actors=job.actors, threads_per_actor=job.threads_per_actor, precision=precision,
-                         output=job.output, output_format=out_fmt, batch_size=batch_size)
+                         actors=job.actors, threads=job.options.threads, precision=precision,
+                         output=job.output, output_format=out_fmt, block_rows=block_rows)
 
 
-def shared_batch_size(rows: int, actors: int, batch_size: int) -> int:
-    """Rows per ``map_batches`` call so that ``rows`` reach every one of ``actors``: ``batch_size``, capped at
-    ``ceil(rows / actors)`` (240 rows, 2 actors, 256 asked: 120 each instead of one batch to one actor)."""
-    return max(1, min(batch_size, -(-rows // actors)))
+def shared_block_rows(rows: int, actors: int, block_rows: int) -> int:
+    """Rows per ``map_batches`` call so that ``rows`` reach every one of ``actors``: ``block_rows``, capped at
+    ``ceil(rows / actors)`` (240 rows, 2 actors, 256 asked: 120 each instead of one block to one actor)."""
+    return max(1, min(block_rows, -(-rows // actors)))
 
 
-def _as_job(job: Any, output: Any, artifact: Any, options: dict[str, Any]) -> RescoreJob:
+#: Keywords of the old RescoreJob, and LoadOptions fields passed beside the job: what to write instead.
+_RENAMED = {"threads_per_actor": "options=LoadOptions(threads=...)", "overwrite": "force=",
+            "batch_size": "block_rows= (rows per actor call; model rows per call are "
+                          "options=LoadOptions(batch_size=...))"}
+
+
+def _as_job(job: Any, output: Any, artifact: Any, fields: dict[str, Any]) -> RescoreJob:
     """``rescore``'s argument(s) as one RescoreJob (the keyword form fills one)."""
     if isinstance(job, RescoreJob):
-        if output is not None or artifact is not None or options:
-            raise TypeError("rescore(job): set the options on the RescoreJob (dataclasses.replace(job, ...)), "
+        if output is not None or artifact is not None or fields:
+            raise TypeError("rescore(job): set the fields on the RescoreJob (dataclasses.replace(job, ...)), "
                             "not beside it")
         return job
     if job is not None:
-        if "input" in options:
+        if "input" in fields:
             raise TypeError("rescore: input given twice (positionally and as input=)")
-        options["input"] = job
-    if output is None or artifact is None or "input" not in options:
-        raise TypeError("rescore takes a RescoreJob, or input, output and artifact (then the job's options as "
+        fields["input"] = job
+    if output is None or artifact is None or "input" not in fields:
+        raise TypeError("rescore takes a RescoreJob, or input, output and artifact (then the job's fields as "
                         "keywords)")
-    return RescoreJob(output=output, artifact=artifact, **options)
+    load = {f.name for f in dataclasses.fields(LoadOptions)}
+    for name in fields:
+        if name in _RENAMED or name in load:
+            hint = _RENAMED.get(name) or f"options=LoadOptions({name}=...)"
+            raise TypeError(f"rescore: {name}= is no RescoreJob field; pass {hint}")
+    return RescoreJob(output=output, artifact=artifact, **fields)
 
 
 def _init_ray(ray: Any, address: str | None, num_cpus: int | None) -> None:
@@ -452,57 +457,70 @@ def _deployment_class() -> Any:
     return MemrerankDeployment
 
 
-_APP_INTS = ("num_replicas", "threads", "max_batch_tokens", "max_batch_pairs", "max_documents",
-             "max_request_bytes", "max_tokens_per_document")
-_APP_KEYS = frozenset(_APP_INTS + ("artifact", "precision", "providers", "prefix_reuse", "max_wait_ms",
-                                   "model_name"))
+_LOAD_INTS = ("threads", "batch_size", "max_batch_tokens")
+_LOAD_BOOLS = ("prefix_reuse", "allow_tf32", "io_binding")
 _LIMIT_KEYS = ("max_documents", "max_request_bytes", "max_tokens_per_document")
+_APP_INTS = ("num_replicas", "max_batch_pairs") + _LOAD_INTS + _LIMIT_KEYS
+_LOAD_KEYS = ("precision", "providers") + _LOAD_INTS + _LOAD_BOOLS
+_APP_KEYS = frozenset(_APP_INTS + _LOAD_KEYS + ("artifact", "max_wait_ms", "model_name"))
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "none": None, "": None}
+
+
+def _app_value(key: str, value: Any) -> Any:
+    """One ``build_app`` value as its field's type: ``serve run`` passes strings; other values are the fields'
+    to check (``threads=2.7`` is refused by LoadOptions, not rounded here)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        if key in _APP_INTS:
+            return int(value)
+        if key == "max_wait_ms":
+            return float(value)
+    except ValueError:
+        raise ValueError(f"build_app: {key}={value!r}; {', '.join(_APP_INTS)} take integers, max_wait_ms a "
+                         "number") from None
+    if key in _LOAD_BOOLS:
+        if value.strip().lower() not in _BOOLS:
+            raise ValueError(f"build_app: {key}={value!r}; pass true, false or none")
+        return _BOOLS[value.strip().lower()]
+    return value
 
 
 def _parse_app_args(args: dict[str, Any]) -> tuple[ServeConfig, int]:
     """``build_app``'s dict (values may be strings) → the ServeConfig and the number of replicas."""
     if not isinstance(args, dict):
         raise TypeError(f"build_app takes one dict of options, got {type(args).__name__}")
-    opts = dict(args)
-    if "artifact" not in opts:
+    if "artifact" not in args:
         raise ValueError("build_app needs artifact=<artifact directory>")
-    unknown = sorted(set(opts) - _APP_KEYS)
+    unknown = sorted(set(args) - _APP_KEYS)
     if unknown:
         raise ValueError(f"build_app: unknown option(s) {', '.join(unknown)}; "
                          f"known: {', '.join(sorted(_APP_KEYS))}")
+    values = {k: _app_value(k, v) for k, v in args.items()}
     try:
-        opts = {k: int(v) if k in _APP_INTS else float(v) if k == "max_wait_ms" else v for k, v in opts.items()}
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"build_app: {exc}; {', '.join(_APP_INTS)} take integers, max_wait_ms a number") from exc
-    reuse = opts.get("prefix_reuse")
-    if isinstance(reuse, str):
-        if reuse.strip().lower() not in _BOOLS:
-            raise ValueError(f"build_app: prefix_reuse={reuse!r}; pass true, false or none")
-        opts["prefix_reuse"] = _BOOLS[reuse.strip().lower()]
-    replicas = opts.pop("num_replicas", 1)
-    try:
-        _check_positive(replicas, "num_replicas")
-        limits = Limits(**{k: opts.pop(k) for k in _LIMIT_KEYS if k in opts})
-        return ServeConfig(**opts, limits=limits), replicas
+        replicas = check_positive_int(values.pop("num_replicas", 1), "num_replicas")
+        limits = Limits(**{k: values.pop(k) for k in _LIMIT_KEYS if k in values})
+        options = LoadOptions.merge(_DEFAULT_OPTIONS, **{k: values.pop(k) for k in _LOAD_KEYS if k in values})
+        return ServeConfig(**values, options=options, limits=limits), replicas
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"build_app: {exc}") from exc
 
 
 def _application(config: ServeConfig, replicas: int) -> Any:
-    """The Ray Serve application: ``replicas`` replicas, each reserving ``config.threads`` CPUs (1 if unset)."""
+    """The Ray Serve application: ``replicas`` replicas, each reserving ``config.options.threads`` CPUs (1 if
+    unset)."""
     from ray import serve
 
     if not isinstance(config, ServeConfig):
         raise TypeError(f"expected a memrerank.serve.ServeConfig, got {type(config).__name__}")
-    _check_positive(replicas, "replicas")
+    check_positive_int(replicas, "replicas")
     if Path(config.artifact).exists():
         config = dataclasses.replace(config, artifact=str(Path(config.artifact).resolve()))
         read_manifest(config.artifact)  # fail here, not in every replica
-    if config.threads is None:  # a replica's onnxruntime threads match the CPUs Ray reserves for it
-        config = dataclasses.replace(config, threads=1)
+    if config.options.threads is None:  # a replica's onnxruntime threads match the CPUs Ray reserves for it
+        config = dataclasses.replace(config, options=config.options.replace(threads=1))
     deployment = serve.deployment(_deployment_class(), name="memrerank", num_replicas=replicas,
-                                  ray_actor_options={"num_cpus": config.threads})
+                                  ray_actor_options={"num_cpus": config.options.threads})
     return deployment.bind(config)
 
 
@@ -510,11 +528,13 @@ def build_app(args: dict[str, Any]) -> Any:
     """A Ray Serve application serving one artifact with ``memrerank serve``'s JSON API.
 
     Ray Serve's application-builder form: one dict, as ``serve run memrerank.scale:build_app artifact=OUT
-    precision=int8 num_replicas=2`` passes it (values may be strings). Keys: ``num_replicas`` (1) and the
-    :class:`memrerank.serve.ServeConfig` fields ``artifact`` (required), ``precision`` (``"auto"``),
-    ``providers`` (comma-separated), ``threads`` (1, CPUs per replica), ``max_batch_tokens``, ``prefix_reuse``
-    (true/false/none), ``max_wait_ms`` (5), ``max_batch_pairs`` (256), ``model_name``, and the limits
-    ``max_documents`` / ``max_request_bytes`` / ``max_tokens_per_document``.
+    precision=int8 num_replicas=2`` passes it (values may be strings). Keys: ``num_replicas`` (1); the
+    :class:`memrerank.serve.ServeConfig` fields ``artifact`` (required), ``max_wait_ms`` (5), ``max_batch_pairs``
+    (256), ``model_name``; the :class:`memrerank.LoadOptions` fields ``precision`` (``"auto"``), ``providers``
+    (comma-separated), ``threads`` (1, CPUs per replica), ``batch_size``, ``max_batch_tokens``, ``prefix_reuse``,
+    ``allow_tf32``, ``io_binding`` (the last three true/false/none); and the limits ``max_documents`` /
+    ``max_request_bytes`` / ``max_tokens_per_document``. They become one ServeConfig, as ``memrerank serve``
+    builds it.
 
     Raises:
         ValueError: a missing artifact, an unknown option, a value that is not a number or out of range.
@@ -533,7 +553,7 @@ def serve_on_ray(config: ServeConfig, *, host: str = "127.0.0.1", port: int = 80
     """Start Ray Serve's HTTP proxy on ``host:port`` and deploy ``config``'s service at ``/``.
 
     Args:
-        config: what each replica serves (its ``threads`` are the CPUs a replica reserves; 1 if unset).
+        config: what each replica serves (its ``options.threads`` are the CPUs a replica reserves; 1 if unset).
         host: the proxy's bind address.
         port: the proxy's port.
         replicas: replicas, each its own process loading the artifact once.

@@ -40,19 +40,14 @@ from typing import Any
 
 import numpy as np
 
-from memrerank.manifest import PRECISIONS
+from memrerank.runtime.options import LoadOptions, check_positive_int
 
-__all__ = ["Limits", "ServeConfig", "DynamicBatcher", "Metrics", "create_app", "serve"]
+__all__ = ["DynamicBatcher", "Limits", "Metrics", "ServeConfig", "create_app", "serve"]
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _SERVE_EXTRA = "memrerank serve needs the serve extra: pip install 'memrerank[serve]'"
-
-
-def _check_positive(value: Any, name: str, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}")
+#: A service loads the fastest exported precision that met its fidelity budget unless told otherwise.
+_DEFAULT_OPTIONS = LoadOptions(precision="auto")
 
 
 @dataclass(frozen=True)
@@ -69,7 +64,7 @@ class Limits:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            _check_positive(getattr(self, f.name), f"Limits.{f.name}")
+            check_positive_int(getattr(self, f.name), f"Limits.{f.name}")
 
 
 @dataclass(frozen=True)
@@ -78,13 +73,9 @@ class ServeConfig:
 
     Args:
         artifact: an artifact directory written by ``memrerank export`` (a ``Path`` is stored as ``str``).
-        precision: an exported precision or ``"auto"`` (the fastest that met its fidelity budget on the provider).
-        providers: onnxruntime providers or aliases, best first (``("cuda",)``); ``None`` = CPU. A list or a
-            comma-separated string is stored as a tuple.
-        threads: onnxruntime intra-op threads per worker (``None`` = onnxruntime's default).
-        max_batch_tokens: the reranker's padded-token budget per model call (``None`` = its default).
-        prefix_reuse: decoder artifacts: score documents against the query's cached prefix (``None`` = where the
-            artifact supports it).
+        options: how each worker or replica loads the artifact (:class:`memrerank.LoadOptions`: precision,
+            providers, threads, batch and token budgets, prefix reuse, ...). Default: ``precision="auto"``, the
+            fastest exported precision that met its fidelity budget on the first provider (the CPU unless told).
         limits: per-request :class:`Limits`.
         max_wait_ms: dynamic batching: the longest a request waits for company (0 = each request alone).
         max_batch_pairs: dynamic batching: the most pairs merged into one model call.
@@ -96,11 +87,7 @@ class ServeConfig:
     """
 
     artifact: str
-    precision: str = "auto"
-    providers: tuple[str, ...] | None = None
-    threads: int | None = None
-    max_batch_tokens: int | None = None
-    prefix_reuse: bool | None = None
+    options: LoadOptions = _DEFAULT_OPTIONS
     limits: Limits = Limits()
     max_wait_ms: float = 5.0
     max_batch_pairs: int = 256
@@ -111,15 +98,10 @@ class ServeConfig:
             raise TypeError(f"ServeConfig.artifact must be an artifact directory (str or Path), got "
                             f"{self.artifact!r}")
         object.__setattr__(self, "artifact", os.fspath(self.artifact))
-        if self.precision not in PRECISIONS + ("auto",):
-            raise ValueError(f"ServeConfig.precision: unknown {self.precision!r}; choose one of "
-                             f"{', '.join(PRECISIONS)} or 'auto'")
-        object.__setattr__(self, "providers", _provider_tuple(self.providers))
-        _check_positive(self.threads, "ServeConfig.threads", optional=True)
-        _check_positive(self.max_batch_tokens, "ServeConfig.max_batch_tokens", optional=True)
-        _check_positive(self.max_batch_pairs, "ServeConfig.max_batch_pairs")
-        if self.prefix_reuse not in (None, True, False):
-            raise ValueError(f"ServeConfig.prefix_reuse must be True, False or None, got {self.prefix_reuse!r}")
+        if not isinstance(self.options, LoadOptions):
+            raise TypeError(f"ServeConfig.options must be a memrerank.LoadOptions, e.g. "
+                            f"ServeConfig(artifact, LoadOptions(\"fp32\")), got {self.options!r}")
+        check_positive_int(self.max_batch_pairs, "ServeConfig.max_batch_pairs")
         if not isinstance(self.limits, Limits):
             raise TypeError(f"ServeConfig.limits must be a memrerank.serve.Limits, got "
                             f"{type(self.limits).__name__}")
@@ -130,32 +112,15 @@ class ServeConfig:
             raise ValueError(f"ServeConfig.model_name must be a non-empty string or None, got {self.model_name!r}")
 
     def load_reranker(self) -> Any:
-        """Load the artifact as this config says (one :class:`memrerank.Reranker` per worker or replica)."""
+        """Load the artifact as ``options`` say (one :class:`memrerank.Reranker` per worker or replica)."""
         from memrerank import Reranker
 
-        n = self.max_batch_tokens
-        return Reranker.load(self.artifact, precision=self.precision, providers=self.providers,
-                             threads=self.threads, prefix_reuse=self.prefix_reuse,
-                             **({"max_batch_tokens": n} if n else {}))
+        return Reranker.load(self.artifact, self.options)
 
     @property
     def name(self) -> str:
         """The model name the service reports."""
         return self.model_name or Path(self.artifact).resolve().name
-
-
-def _provider_tuple(providers: Any, name: str = "ServeConfig.providers") -> tuple[str, ...] | None:
-    """Provider names as a tuple (a comma-separated string or a list accepted); None stays None."""
-    if providers is None:
-        return None
-    items = providers.split(",") if isinstance(providers, str) else providers
-    try:
-        names = tuple(p.strip() for p in items if not isinstance(p, str) or p.strip())
-    except (TypeError, AttributeError):
-        raise TypeError(f"{name} must be provider names (e.g. ('cuda',)) or None, got {providers!r}") from None
-    if not names:
-        raise ValueError(f"{name} is empty; pass None for CPU or e.g. ('cuda',)")
-    return names
 
 
 class Metrics:
@@ -501,7 +466,7 @@ def create_app(config: ServeConfig) -> Any:
         ValueError: the serve extra (FastAPI) is not installed.
     """
     if not isinstance(config, ServeConfig):
-        raise TypeError(f"create_app takes a memrerank.serve.ServeConfig (ServeConfig(artifact, precision=...)), "
+        raise TypeError(f"create_app takes a memrerank.serve.ServeConfig (ServeConfig(artifact, LoadOptions(...))), "
                         f"got {type(config).__name__}")
     try:
         from fastapi import FastAPI
@@ -528,7 +493,7 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8080, worker
     """
     if not isinstance(config, ServeConfig):
         raise TypeError(f"serve takes a memrerank.serve.ServeConfig, got {type(config).__name__}")
-    _check_positive(workers, "workers")
+    check_positive_int(workers, "workers")
     try:
         import uvicorn
         from uvicorn.supervisors import Multiprocess

@@ -6,7 +6,10 @@ import math
 import os
 from typing import Any
 
-from memrerank.manifest import PRECISIONS
+from memrerank.runtime.options import LoadOptions
+
+#: What ``artifact=`` loads with when neither ``options`` nor ``precision`` is given.
+_DEFAULT_OPTIONS = LoadOptions(precision="auto")
 
 
 def missing_extra(framework: str, package: str, extra: str) -> str:
@@ -32,15 +35,26 @@ def check_threshold(value: Any) -> float | None:
     return float(value)
 
 
-def check_precision(value: Any) -> str:
-    """``precision`` as given: an exported precision name or ``"auto"``."""
-    if value not in PRECISIONS + ("auto",):
-        raise ValueError(f"precision: unknown {value!r}; choose one of {', '.join(PRECISIONS)} or 'auto'")
-    return value
+def load_options(options: Any, precision: Any, reranker: Any) -> LoadOptions:
+    """The :class:`~memrerank.LoadOptions` an ``artifact`` loads with: ``options`` (default: ``precision="auto"``)
+    with ``precision``, when given, in place of its precision.
+
+    Raises:
+        TypeError: ``options`` is not a :class:`memrerank.LoadOptions`.
+        ValueError: an unknown precision (naming it); ``options`` or ``precision`` beside ``reranker`` (it is
+            already loaded, so they would be ignored).
+    """
+    if options is not None and not isinstance(options, LoadOptions):
+        raise TypeError(f"options must be a memrerank.LoadOptions (LoadOptions(\"int8\", threads=2)), got "
+                        f"{options!r}")
+    if reranker is not None and (options is not None or precision is not None):
+        raise ValueError("options= and precision= say how artifact= loads; reranker= is already loaded, so "
+                         "pass one or the other")
+    return LoadOptions.merge(options if options is not None else _DEFAULT_OPTIONS, precision=precision)
 
 
-def resolve_reranker(artifact: Any, precision: str, reranker: Any) -> Any:
-    """The :class:`~memrerank.Reranker` passed, or one loaded from ``artifact`` with ``precision``.
+def resolve_reranker(artifact: Any, options: LoadOptions, reranker: Any) -> Any:
+    """The :class:`~memrerank.Reranker` passed, or one loaded from ``artifact`` with ``options``.
 
     Raises:
         ValueError: neither or both of ``artifact`` and ``reranker`` were given.
@@ -60,4 +74,4 @@ def resolve_reranker(artifact: Any, precision: str, reranker: Any) -> Any:
         return reranker
     if not isinstance(artifact, (str, os.PathLike)) or not os.fspath(artifact):
         raise TypeError(f"artifact must be an artifact directory (str or Path), got {artifact!r}")
-    return Reranker.load(artifact, precision=precision)
+    return Reranker.load(artifact, options)

@@ -8,16 +8,19 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
-from memrerank.integrations._common import check_precision, check_threshold, check_top_n, resolve_reranker
+from memrerank.integrations._common import check_threshold, check_top_n, load_options, resolve_reranker
+from memrerank.runtime.options import LoadOptions
 
 __all__ = ["RerankFields"]
 
 
 class RerankFields(BaseModel):
-    """``artifact`` or ``reranker``, ``precision``, ``top_n``, ``threshold``; the Reranker loads after validation."""
+    """``artifact`` (with ``options`` / ``precision``) or ``reranker``, ``top_n``, ``threshold``; the Reranker
+    loads after validation."""
 
     artifact: str | None = Field(default=None, description="Artifact directory written by memrerank export.")
-    precision: str = Field(default="auto", description="Exported precision, or 'auto'.")
+    options: Any = Field(default=None, description="memrerank.LoadOptions for artifact= (None: precision 'auto').")
+    precision: str | None = Field(default=None, description="Exported precision or 'auto', in place of options'.")
     top_n: int | None = Field(default=3, description="Most items to keep (None = all).")
     threshold: float | None = Field(default=None, description="Least calibrated probability to keep.")
     reranker: Any = Field(default=None, exclude=True, description="A loaded memrerank.Reranker.")
@@ -29,8 +32,8 @@ class RerankFields(BaseModel):
 
     @field_validator("precision", mode="before")
     @classmethod
-    def _precision(cls, value: Any) -> str:
-        return check_precision(value)
+    def _precision(cls, value: Any) -> str | None:
+        return value if value is None else LoadOptions(precision=value).precision  # raises naming the choices
 
     @field_validator("top_n", mode="before")
     @classmethod
@@ -45,4 +48,5 @@ class RerankFields(BaseModel):
     def __init__(self, **data: Any) -> None:
         super().__init__(**data)
         # after pydantic's validation, so an ArtifactError reaches the caller as itself, not wrapped
-        self.reranker = resolve_reranker(self.artifact, self.precision, self.reranker)
+        options = load_options(self.options, self.precision, self.reranker)
+        self.reranker = resolve_reranker(self.artifact, options, self.reranker)

@@ -20,6 +20,7 @@ try:
     from langchain_core.callbacks import Callbacks
     from langchain_core.documents import BaseDocumentCompressor, Document
     from pydantic import ConfigDict
+
     from memrerank.integrations._fields import RerankFields
 except ImportError as exc:
     raise ImportError(missing_extra("langchain", "langchain-core", "langchain")) from exc
@@ -34,18 +35,21 @@ class MemrerankRerank(RerankFields, BaseDocumentCompressor):
     ``ContextualCompressionRetriever(base_compressor=MemrerankRerank(...), base_retriever=...)``.
 
     Args:
-        artifact: an artifact directory written by ``memrerank export`` (loaded once, on the CPU); or
-        reranker: an already loaded :class:`memrerank.Reranker` (any providers, shared with other code).
-            Exactly one of the two.
-        precision: with ``artifact``: an exported precision or ``"auto"``.
+        artifact: an artifact directory written by ``memrerank export`` (loaded once, as ``options`` say); or
+        reranker: an already loaded :class:`memrerank.Reranker` (shared with other code). Exactly one of the two.
+        options: with ``artifact``: how to load it (:class:`memrerank.LoadOptions`: precision, providers,
+            threads, ...; default: ``precision="auto"`` on the CPU).
+        precision: with ``artifact``: an exported precision or ``"auto"``, in place of ``options``' precision
+            (shorthand for ``options=LoadOptions(precision)``).
         top_n: keep at most this many documents (``None`` = all).
         threshold: keep documents whose calibrated probability is ``>= threshold`` (``None`` = no cut).
 
     Raises:
         ValueError: a bad argument (a pydantic ``ValidationError`` naming it); neither or both of
-            ``artifact`` and ``reranker``; an artifact that does not load (an ``ArtifactError`` saying what
-            to do).
-        TypeError: ``reranker`` is not a :class:`memrerank.Reranker`.
+            ``artifact`` and ``reranker``; ``options`` or ``precision`` beside ``reranker``; an artifact that does
+            not load (an ``ArtifactError`` saying what to do).
+        TypeError: ``reranker`` is not a :class:`memrerank.Reranker`; ``options`` is not a
+            :class:`memrerank.LoadOptions`.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")

@@ -11,7 +11,6 @@ Needs ``llama-index-core`` (``pip install "memrerank[llama-index]"``)::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from memrerank.integrations._common import missing_extra
 
@@ -21,6 +20,7 @@ try:
     from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
     from llama_index.core.postprocessor.types import BaseNodePostprocessor
     from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
+
     from memrerank.integrations._fields import RerankFields
 except ImportError as exc:
     raise ImportError(missing_extra("llama_index", "llama-index-core", "llama-index")) from exc
@@ -38,18 +38,21 @@ class MemrerankRerank(RerankFields, BaseNodePostprocessor):
     and its ``ReRankStartEvent`` / ``ReRankEndEvent`` instrumentation events.
 
     Args:
-        artifact: an artifact directory written by ``memrerank export`` (loaded once, on the CPU); or
-        reranker: an already loaded :class:`memrerank.Reranker` (any providers, shared with other code).
-            Exactly one of the two.
-        precision: with ``artifact``: an exported precision or ``"auto"``.
+        artifact: an artifact directory written by ``memrerank export`` (loaded once, as ``options`` say); or
+        reranker: an already loaded :class:`memrerank.Reranker` (shared with other code). Exactly one of the two.
+        options: with ``artifact``: how to load it (:class:`memrerank.LoadOptions`: precision, providers,
+            threads, ...; default: ``precision="auto"`` on the CPU).
+        precision: with ``artifact``: an exported precision or ``"auto"``, in place of ``options``' precision
+            (shorthand for ``options=LoadOptions(precision)``).
         top_n: keep at most this many nodes (``None`` = all).
         threshold: keep nodes whose calibrated probability is ``>= threshold`` (``None`` = no cut).
 
     Raises:
         ValueError: a bad argument (a pydantic ``ValidationError`` naming it); neither or both of
-            ``artifact`` and ``reranker``; an artifact that does not load (an ``ArtifactError`` saying what
-            to do).
-        TypeError: ``reranker`` is not a :class:`memrerank.Reranker`.
+            ``artifact`` and ``reranker``; ``options`` or ``precision`` beside ``reranker``; an artifact that does
+            not load (an ``ArtifactError`` saying what to do).
+        TypeError: ``reranker`` is not a :class:`memrerank.Reranker`; ``options`` is not a
+            :class:`memrerank.LoadOptions`.
     """
 
     @classmethod

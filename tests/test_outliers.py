@@ -1,0 +1,120 @@
+"""Outlier channels kept out of the int8 codes (LLM.int8()'s decomposition with channels fixed at export), on a
+hand-built product whose input has the real decoders' shape of trouble: one channel ~100x the others."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from memrerank.export.quantize import quantize_per_row
+
+K, N = 64, 32
+
+
+def _product(path, w):
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="/model/layers.0.down_proj/MatMul")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", N])], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def _run(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def test_outlier_channels_run_in_fp32_beside_the_int8_product(tmp_path):
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.05, (K, N)).astype(np.float32)
+    x = rng.normal(0, 1, (3, 5, K)).astype(np.float32)
+    x[..., 7] *= 120.0  # the outlier channel: it sets every row's scale and crushes the other 63 channels
+    fp32 = _product(tmp_path / "fp32.onnx", w)
+    want = x @ w
+    plain, split = tmp_path / "plain.onnx", tmp_path / "split.onnx"
+    quantize_per_row(fp32, plain, ["/model/layers.0.down_proj/MatMul"], False)
+    quantize_per_row(fp32, split, ["/model/layers.0.down_proj/MatMul"], False, outliers={"x": np.array([7])})
+    err_plain = np.abs(_run(plain, x) - want).max()
+    err_split = np.abs(_run(split, x) - want).max()
+    assert err_split < err_plain / 10, (err_plain, err_split)
+    ops = [n.op_type for n in onnx.load(str(split)).graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 1 and ops.count("MatMul") == 1 and "Gather" in ops
+    # every channel an outlier: the int8 part codes zeros, the fp32 part is the whole product
+    every = tmp_path / "every.onnx"
+    quantize_per_row(fp32, every, ["/model/layers.0.down_proj/MatMul"], False, outliers={"x": np.arange(K)})
+    np.testing.assert_allclose(_run(every, x), want, atol=1e-4, rtol=1e-5)
+    # the channel set is a constant: a row's result does not depend on its neighbours
+    alone = _run(split, x[:1])
+    np.testing.assert_array_equal(alone, _run(split, x)[:1])
+
+
+def test_outlier_channels_are_those_far_above_the_median():
+    from memrerank.export.optimize import OUTLIER_RATIO, outlier_channels
+
+    ranges = np.full(100, 2.0)
+    ranges[[3, 40]] = [2.0 * OUTLIER_RATIO * 1.01, 600.0]
+    ranges[50] = 2.0 * OUTLIER_RATIO * 0.99
+    assert outlier_channels(ranges).tolist() == [3, 40]
+    assert outlier_channels(np.full(8, 3.0)).size == 0
+
+
+def test_a_decoder_int8_build_records_its_smoothing_and_outliers(qwen_ckpt, tmp_path):
+    """The decoder int8 plan smooths every quantized product's input and records the outlier channels it
+    found; the graph carries one smoothing Mul per coded activation."""
+    import json
+
+    from memrerank.export import export_model
+
+    art = export_model(str(qwen_ckpt), tmp_path / "q", precisions=["fp32", "int8"], fidelity="top10=0,spearman=0",
+                       log=lambda m: None)
+    build = json.loads((art / "manifest.json").read_text())["precisions"]["int8"]["build"]
+    assert build["smoothing"]["method"] == "SmoothQuant scale migration on every product input"
+    assert build["smoothing"]["activations"] > 0
+    assert build["outlier_channels"]["ratio"] > 0 and "channels" in build["outlier_channels"]
+    names = [n.name for n in onnx.load(str(art / "int8" / "model.onnx"), load_external_data=False).graph.node]
+    assert sum(n.endswith("_smooth") for n in names) == build["smoothing"]["activations"]
+
+
+def test_online_hadamard_spreads_an_outlier_channel_over_its_block(tmp_path):
+    """The down projection's input rotated block by block before coding (and the weight rows by the transpose):
+    the product is unchanged, an outlier channel's size is shared by its block, and rows stay independent."""
+    from memrerank.export.quantize import block_hadamard
+
+    h = block_hadamard(16)
+    np.testing.assert_allclose(h @ h.T, np.eye(16), atol=1e-12)  # orthogonal
+    assert abs(h[0, 0]) == 0.25  # normalized: every entry is ±1/sqrt(16)
+    rng = np.random.default_rng(1)
+    w = rng.normal(0, 0.05, (K, N)).astype(np.float32)
+    x = rng.normal(0, 1, (3, 5, K)).astype(np.float32)
+    x[..., 7] *= 120.0
+    fp32 = _product(tmp_path / "fp32.onnx", w)
+    want = x @ w
+    name = "/model/layers.0.down_proj/MatMul"
+    plain, rotated = tmp_path / "plain.onnx", tmp_path / "rot.onnx"
+    quantize_per_row(fp32, plain, [name], False)
+    quantize_per_row(fp32, rotated, [name], False, hadamard={"x": 32})
+    err_plain = np.abs(_run(plain, x) - want).max()
+    err_rot = np.abs(_run(rotated, x) - want).max()
+    assert err_rot < err_plain / 3, (err_plain, err_rot)
+    # the stored weight is Hᵀ·W block by block: fp32 activations through the graph's own H and the stored
+    # weight give x·W up to the weight's int8 rounding (x·H·Hᵀ·W = x·W)
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(rotated)).graph.initializer}
+    h_graph = next(v for k, v in inits.items() if k.endswith("_hadamard"))
+    w_q = next(v for k, v in inits.items() if k.endswith("_w_int8"))
+    w_s = next(v for k, v in inits.items() if k.endswith("_w_scale"))
+    mixed = (x.reshape(-1, 32) @ h_graph).reshape(x.shape)
+    np.testing.assert_allclose(mixed @ (w_q.astype(np.float32) * w_s), want, atol=0.02 * np.abs(want).max())
+    np.testing.assert_array_equal(_run(rotated, x[:1]), _run(rotated, x)[:1])
+    ops = [n.op_type for n in onnx.load(str(rotated)).graph.node]
+    assert ops.count("MatMul") == 1 and ops.count("MatMulIntegerToFloat") == 1  # the rotation, the product
+    try:
+        quantize_per_row(fp32, tmp_path / "bad.onnx", [name], False, hadamard={"x": 24})
+    except ValueError as exc:
+        assert "power of two" in str(exc)
+    else:
+        raise AssertionError("a block of 24 was accepted")
