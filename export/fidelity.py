@@ -149,13 +149,18 @@ class CalibSet:
 
         t0 = time.perf_counter()
         self.root = root
-        self.reranker = Reranker.load(root, "fp32")
-        ids, types, group_of = _encode(self.reranker, groups)
-        self._setup(groups, ids, types, group_of, batch_size, self.reranker.pad_id, self.reranker.padding_side)
+        # The fp32 reranker tokenizes and says how the artifact pads; its session is not kept (at 1.5B it would
+        # hold 6 GB for the whole search while every candidate opens its own).
+        reranker = Reranker.load(root, "fp32")
+        #: The artifact's manifest.
+        self.manifest = reranker.manifest
+        ids, types, group_of = _encode(reranker, groups)
+        self._setup(groups, ids, types, group_of, batch_size, reranker.pad_id, reranker.padding_side)
         #: Per query group, its pairs as prefix + documents + suffix (decoders with prefix reuse), else ``None``.
-        self.prefix_reuse = bool(self.reranker.prefix_reuse)
-        self._splits = ([self.reranker.encoder.split(q, docs) for q, docs in self.groups] if self.prefix_reuse
+        self.prefix_reuse = bool(reranker.prefix_reuse)
+        self._splits = ([reranker.encoder.split(q, docs) for q, docs in self.groups] if self.prefix_reuse
                         else None)
+        del reranker
         t1 = time.perf_counter()
         self.reference = self.score(root / "fp32" / "model.onnx")
         self.seconds = {"setup": t1 - t0, "fp32_reference": time.perf_counter() - t1}
@@ -186,7 +191,7 @@ class CalibSet:
     def _backend(self, graph: Path) -> Any:
         from memrerank.runtime.backends.onnxruntime import OrtBackend
 
-        return OrtBackend(graph, layout=self.reranker.manifest.prefix_reuse)
+        return OrtBackend(graph, layout=self.manifest.prefix_reuse)
 
     def feeds(self, graph: Path) -> list[dict[str, np.ndarray]]:
         import onnx
@@ -197,7 +202,7 @@ class CalibSet:
         names = {i.name for i in inputs}
         past_names = [n for n in names if n.startswith(("past_key.", "past_value."))]
         # decoder graphs: full pairs with an empty shared past (batch 1, length 0)
-        empty_past = make_empty_past(self.reranker.manifest.prefix_reuse, past_names) if past_names else {}
+        empty_past = make_empty_past(self.manifest.prefix_reuse, past_names) if past_names else {}
         out = []
         for b in self.batches:
             feed = {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "token_type_ids": b.token_type_ids}
@@ -255,7 +260,7 @@ class CalibSet:
 
         from memrerank.runtime import LoadOptions, Scorer
 
-        scorer = Scorer.open(self.root, self.reranker.manifest,
+        scorer = Scorer.open(self.root, self.manifest,
                              LoadOptions(prefix_reuse=True, batch_size=self.batch_size), graph=graph)
         assert self._splits is not None
         stats: dict[str, float] = {}

@@ -32,13 +32,14 @@ is converted from its fp32 graph, so a GPU artifact is exported with ``--graph f
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["GRAPH_KINDS", "FUSED_GRAPHS", "FUSED_EPS", "FUSED_OPSET", "Rotation", "write_fused_graph",
+__all__ = ["GRAPH_KINDS", "FUSED_GRAPHS", "FUSED_EPS", "FUSED_OPSET", "ROTATION_PROP", "Rotation", "write_fused_graph",
            "fused_op_counts"]
 
 #: Execution providers a fused graph is written for (see the module docstring for how they differ).
@@ -47,6 +48,8 @@ FUSED_EPS = ("cpu", "cuda")
 FUSED_GRAPHS = {"fused": "cpu", "fused-cuda": "cuda"}
 #: How export writes a decoder's fp32 graph: Optimum's trace of the PyTorch module, or one of the fused graphs.
 GRAPH_KINDS = ("traced", *FUSED_GRAPHS)
+#: The graph's metadata key that says its weights are rotated (:class:`Rotation`; the int8 plan reads it).
+ROTATION_PROP = "memrerank.rotation"
 #: ``Attention`` is an ONNX opset-23 operator.
 FUSED_OPSET = 23
 _MS = "com.microsoft"
@@ -213,10 +216,11 @@ def _weights(module: Any, rotation: Rotation | None = None) -> dict[str, Any]:
 
 
 def _rotate_rows(x: np.ndarray, q: np.ndarray, rows: int = 8192) -> np.ndarray:
-    """``x @ q`` in float64, a block of rows at a time (an embedding table is large), as float32."""
+    """``x @ q`` in float32 (rounding ~1e-6 relative, far inside fp32 parity), a block of rows at a time."""
     out = np.empty_like(x, dtype=np.float32)
+    q32 = q.astype(np.float32)
     for i in range(0, x.shape[0], rows):
-        out[i:i + rows] = x[i:i + rows].astype(np.float64) @ q
+        out[i:i + rows] = x[i:i + rows] @ q32
     return out
 
 
@@ -224,27 +228,25 @@ def _rotate_layer(lw: dict[str, np.ndarray | None], rot: dict[str, Any]) -> dict
     """A layer's weights in the rotated basis (:class:`Rotation`): norms folded into the products reading them,
     inputs by ``Qᵀ``, outputs by ``Q``, each value head by the Hadamard ``H`` (its inverse in the output product).
     """
-    q, h, n_kv, n_heads = rot["q"], rot["v"], rot["kv_heads"], rot["heads"]
+    f32 = np.float32
+    q, h, n_kv, n_heads = rot["q"].astype(f32), rot["v"].astype(f32), rot["kv_heads"], rot["heads"]
     d = h.shape[0]
-    f64 = np.float64
 
-    def reads(w: np.ndarray, norm: np.ndarray) -> np.ndarray:
-        return q.T @ (norm.astype(f64)[:, None] * w.astype(f64))
+    def reads(w: np.ndarray, norm: np.ndarray) -> np.ndarray:  # float32 products: ~1e-6 relative rounding
+        return q.T @ (norm[:, None] * w)
 
     qkv = reads(lw["qkv"], lw["in_norm"])
     v0 = qkv.shape[1] - n_kv * d
     qkv[:, v0:] = (qkv[:, v0:].reshape(-1, n_kv, d) @ h).reshape(qkv.shape[0], -1)
     bias = lw["qkv_bias"]
     if bias is not None:
-        bias = bias.astype(f64).copy()
+        bias = bias.copy()
         bias[v0:] = (bias[v0:].reshape(n_kv, d) @ h).reshape(-1)
-        bias = bias.astype(np.float32)
-    o = lw["o"].astype(f64).reshape(n_heads, d, -1)
+    o = lw["o"].reshape(n_heads, d, -1)
     o = np.einsum("ji,hjk->hik", h, o).reshape(n_heads * d, -1) @ q  # Hᵀ per head, then Q
-    return {**lw, "qkv": qkv.astype(np.float32), "qkv_bias": bias, "in_norm": np.ones_like(lw["in_norm"]),
-            "o": o.astype(np.float32), "post_norm": np.ones_like(lw["post_norm"]),
-            "gate_up": reads(lw["gate_up"], lw["post_norm"]).astype(np.float32),
-            "down": (lw["down"].astype(f64) @ q).astype(np.float32)}
+    return {**lw, "qkv": qkv, "qkv_bias": bias, "in_norm": np.ones_like(lw["in_norm"]), "o": o,
+            "post_norm": np.ones_like(lw["post_norm"]), "gate_up": reads(lw["gate_up"], lw["post_norm"]),
+            "down": lw["down"] @ q}
 
 
 def _layer_weights(layer: Any) -> dict[str, np.ndarray | None]:
@@ -346,7 +348,8 @@ def write_fused_graph(module: Any, path: str | Path, *, ep: str = "cpu", externa
                  name="/model/norm/SkipSimplifiedLayerNormalization")[0]
     logits = g.op("MatMul", final, g.const("head", w["head"]), name="/head/MatMul")
     g.op("Reshape", logits, g.const("shape_logits", [-1, 1], np.int64), outputs=["logits"])
-    return _save_graph(g, path, past_names, presents, w["kv_heads"], w["head_dim"])
+    props = {ROTATION_PROP: json.dumps(rotation.record())} if rotation is not None else None
+    return _save_graph(g, path, past_names, presents, w["kv_heads"], w["head_dim"], props)
 
 
 def _check_runtime(ep: str) -> None:
@@ -486,8 +489,8 @@ def _layer(g: _Writer, s: _Shared, i: int, lw: dict[str, np.ndarray], x: str, ml
     return x, g.op("MatMul", act, g.const(p + "down_proj", lw["down"]), name=f"/model/{p}down_proj/MatMul")
 
 
-def _save_graph(g: _Writer, path: Path, past_names: list[str], presents: list[str], n_kv: int, d: int
-                ) -> list[Path]:
+def _save_graph(g: _Writer, path: Path, past_names: list[str], presents: list[str], n_kv: int, d: int,
+                props: dict[str, str] | None = None) -> list[Path]:
     """Wrap the written nodes into the model (the traced graph's inputs and outputs) and save it to ``path``
     (its large weights are already in the sink's file when there is one); return the files, graph first."""
     import onnx
@@ -504,6 +507,8 @@ def _save_graph(g: _Writer, path: Path, past_names: list[str], presents: list[st
     model = helper.make_model(graph, producer_name="memrerank", opset_imports=[
         helper.make_opsetid("", FUSED_OPSET), helper.make_opsetid(_MS, 1)])
     model.ir_version = 10  # onnxruntime 1.18+ reads IR 10
+    if props:
+        helper.set_model_props(model, props)
     path.parent.mkdir(parents=True, exist_ok=True)
     if g.sink is not None:
         g.sink.close()

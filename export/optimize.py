@@ -196,11 +196,21 @@ def _decoder_plan(fp32: Path, skeleton: Any, quantized: list[str], calib: Any
     from one fp32 pass over the calibration pairs (:func:`activation_stats_of_file`) and the weights' row
     ranges read one tensor at a time (neither reads the whole model into this process).
 
-    Measured on the real Qwen2.5-Coder-1.5B, held-out LoCoMo pairs, every product int8 (Spearman vs fp32):
-    plain 0.874, smoothing alone (α 0.5) 0.930, outlier channels alone (8× the median) 0.923, both 0.954
-    (keeping the 28 down projections fp32 instead: 0.941). Both are found on the raw ranges: an outlier channel
-    runs in fp32 unsmoothed, the others are coded after smoothing. The SwiGLU down projection's input (the
-    largest outliers) gets a block Hadamard rotation instead (:data:`DECODER_HADAMARD_BLOCK`).
+    Measured on the real Qwen2.5-Coder-1.5B, held-out LoCoMo pairs (12 questions x 20 turns), every product
+    int8, Spearman vs fp32 / max |Δlogit|:
+
+    * unrotated graph: plain 0.874 / 0.52; smoothing alone (α 0.5) 0.930; outlier channels alone (8x the median)
+      0.923; both 0.954 / 0.29 (keeping the 28 down projections fp32 instead: 0.941).
+    * rotated graph (``export --rotate``, :class:`~memrerank.export.fused.Rotation`): no channel of a rotated
+      input passes 8x the median; with the down projection's input given a block Hadamard (128) and no
+      smoothing 0.977 / 0.17 (smoothing α 0.5 on top: 0.972; the down projection smoothed with outlier channels
+      instead of rotated: 0.955; Hadamard block 64: 0.970).
+
+    So a rotated graph's inputs are coded as they are (smoothing only moves weight range into them); an
+    unrotated one's are smoothed, with outlier channels in fp32. Both are found on the raw ranges: an outlier
+    channel runs in fp32 unsmoothed, the others are coded after smoothing. The SwiGLU down projection's input (the
+    largest outliers, which no offline rotation reaches) gets a block Hadamard rotation
+    (:data:`DECODER_HADAMARD_BLOCK`).
     """
     wanted = set(quantized)
     products = [n for n in skeleton.graph.node if n.name in wanted]
@@ -208,14 +218,19 @@ def _decoder_plan(fp32: Path, skeleton: Any, quantized: list[str], calib: Any
     if not inputs:
         return {}, {}, {}, {"smoothing": {"activations": 0}, "outlier_channels": {"activations": 0}}
     k = _input_channels(skeleton, products)
-    b = DECODER_HADAMARD_BLOCK
     hadamard = {x: b for x in {n.input[0] for n in products if "down_proj" in n.name}
-                if b and k.get(x, 0) % b == 0 and k.get(x, 0) > b}
-    stats = activation_stats_of_file(fp32, inputs, _spread(calib.feeds(fp32), PLAN_PAIRS))
+                if (b := _hadamard_block(k.get(x, 0), DECODER_HADAMARD_BLOCK))}
     coded = [x for x in inputs if x not in hadamard]
+    rotated = _rotation_of(skeleton)
+    if rotated:  # nothing to measure: a rotated input has no outlier channel and is not smoothed
+        record: dict[str, Any] = {
+            "smoothing": {"activations": 0, "why": "rotated weights (export --rotate): inputs coded as they are"},
+            "outlier_channels": {"activations": 0, "why": "rotated weights: no channel stands out"}}
+        return {}, {}, hadamard, _with_hadamard(record, hadamard)
+    stats = activation_stats_of_file(fp32, inputs, _spread(calib.feeds(fp32), PLAN_PAIRS))
     outliers = {x: idx for x in coded if len(idx := outlier_channels(stats[x][0]))}
-    w_range = _weight_row_ranges_of_file(fp32, skeleton, quantized)
-    smooth = smoothing_factors({x: stats[x][0] for x in coded}, w_range, DECODER_SMOOTH_ALPHA)
+    smooth = smoothing_factors({x: stats[x][0] for x in coded}, _weight_row_ranges_of_file(fp32, skeleton, quantized),
+                               DECODER_SMOOTH_ALPHA)
     ratios = {x: float(np.max(stats[x][0]) / max(float(np.median(stats[x][0])), 1e-30)) for x in inputs}
     record = {
         "smoothing": {"method": "SmoothQuant scale migration on every product input", "alpha":
@@ -224,11 +239,34 @@ def _decoder_plan(fp32: Path, skeleton: Any, quantized: list[str], calib: Any
                                        "the int8 product (fixed at export)", "ratio": OUTLIER_RATIO,
                              "activations": len(outliers), "channels": int(sum(len(v) for v in outliers.values())),
                              "largest_max_over_median": round(max(ratios.values()), 1)}}
+    return smooth, outliers, hadamard, _with_hadamard(record, hadamard)
+
+
+def _hadamard_block(k: int, most: int) -> int:
+    """The largest power of two up to ``most`` that divides ``k`` channels and leaves more than one block
+    (0: none of at least 16)."""
+    b = most
+    while b >= 16 and (k % b or k <= b):
+        b //= 2
+    return b if b >= 16 else 0
+
+
+def _with_hadamard(record: dict[str, Any], hadamard: dict[str, int]) -> dict[str, Any]:
     if hadamard:
         record["online_hadamard"] = {"method": "block-diagonal Hadamard rotation before coding, its transpose "
                                                "folded into the weights (SwiGLU down-projection inputs)",
-                                     "block": b, "activations": len(hadamard)}
-    return smooth, outliers, hadamard, record
+                                     "blocks": sorted(set(hadamard.values())), "activations": len(hadamard)}
+    return record
+
+
+def _rotation_of(model: Any) -> dict[str, Any] | None:
+    """The rotation a fused graph's weights were written in (its ``memrerank.rotation`` metadata), or None."""
+    import json
+
+    from memrerank.export.fused import ROTATION_PROP
+
+    value = next((p.value for p in model.metadata_props if p.key == ROTATION_PROP), None)
+    return json.loads(value) if value else None
 
 
 def _input_channels(skeleton: Any, products: list[Any]) -> dict[str, int]:

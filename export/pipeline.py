@@ -163,7 +163,7 @@ def export_model(
     fidelity: FidelityBudget | str | None = None,
     allow_pickle: bool = False,
     graph: str = "traced",
-    rotate: bool = False,
+    rotate: bool | None = None,
     prompt: Any = None,
     command: str | None = None,
     log: Callable[[str], None] = _log.info,
@@ -195,7 +195,8 @@ def export_model(
             operators, written for the CPU or the CUDA provider; same inputs, outputs and scores).
         rotate: a fused graph's weights in a rotated basis (:class:`~memrerank.export.fused.Rotation`, recorded in
             the manifest's ``export.rotation``): the same scores at every precision (checked against PyTorch
-            like any fp32 graph), no outlier channels for int8 to code on the residual stream.
+            like any fp32 graph), no outlier channels for int8 to code on the residual stream. ``None`` (the
+            default): on for the fused graphs; the traced graph cannot be rotated.
         prompt: decoder yes/no rerankers: a :class:`~memrerank.export.families.decoder_yes_no.YesNoPrompt`
             replacing the checkpoint's default (Qwen3: the Qwen3-Reranker recipe; Qwen2: the same without think).
         command: the command line recorded in the manifest's ``export`` block.
@@ -213,6 +214,8 @@ def export_model(
     recover(out, log)  # an artifact a killed export left aside comes back before anything looks at ``out``
     budget, calib_groups = _check_arguments(out, precisions, force=force, max_length=max_length,
                                             calib_data=calib_data, fidelity=fidelity, graph=graph)
+    if rotate is None:
+        rotate = graph in FUSED_GRAPHS
     if rotate and graph not in FUSED_GRAPHS:
         raise ValueError("rotate: the rotated basis is written by the fused graphs; pass --graph fused "
                          f"(or fused-cuda), not {graph!r}")

@@ -118,3 +118,31 @@ def test_online_hadamard_spreads_an_outlier_channel_over_its_block(tmp_path):
         assert "power of two" in str(exc)
     else:
         raise AssertionError("a block of 24 was accepted")
+
+
+def test_a_rotated_decoder_int8_build_codes_inputs_as_they_are_and_rotates_the_down_projection(tmp_path):
+    """On a rotated fused graph (export --rotate) the int8 plan measures nothing: no smoothing, no outlier
+    channels (the rotation left none), and every layer's down-projection input gets the online Hadamard; the
+    manifest says so and the graph has one Hadamard product per layer."""
+    import json
+
+    import models
+    from memrerank import LoadOptions, Reranker
+    from memrerank.export import export_model
+    from texts import DOCS, QUERIES
+
+    ckpt = models.make_qwen2(tmp_path / "q2", tied=False)
+    art = export_model(str(ckpt), tmp_path / "art", precisions=["fp32", "int8"], graph="fused", rotate=True,
+                       fidelity="top10=0,spearman=0", log=lambda m: None)
+    build = json.loads((art / "manifest.json").read_text())["precisions"]["int8"]["build"]
+    assert build["smoothing"]["activations"] == 0 and "rotated" in build["smoothing"]["why"]
+    assert build["outlier_channels"]["activations"] == 0
+    layers = json.loads((art / "manifest.json").read_text())["prefix_reuse"]["layers"]
+    assert build["online_hadamard"]["activations"] == layers
+    nodes = onnx.load(str(art / "int8" / "model.onnx"), load_external_data=False).graph.node
+    assert sum(n.name.endswith("_hadamard") for n in nodes) == layers
+    assert not any(n.name.endswith("_smooth") for n in nodes)
+    pairs = [(q, d) for q in QUERIES[:2] for d in DOCS]
+    fp32 = Reranker.load(art, LoadOptions("fp32")).predict(pairs, raw=True)
+    int8 = Reranker.load(art, LoadOptions("int8")).predict(pairs, raw=True)
+    assert np.abs(int8 - fp32).max() < 0.1 * (np.abs(fp32).max() + 1)

@@ -92,6 +92,9 @@ def test_qwen2_bias_is_in_the_graphs_and_int8_holds(qwen2):
 
     _ckpt, art = qwen2[False]
     assert fused_op_counts(art / "fp32" / "model.onnx")["Add"] >= 2
+    # a fused graph is rotated by default (the parity tests above run on it), the traced one never
+    assert "rotation" in json.loads((art / "manifest.json").read_text())["export"]
+    assert "rotation" not in json.loads((qwen2[True][1] / "manifest.json").read_text())["export"]
     r = Reranker.load(art, "int8")
     alone = r.predict([PAIRS[0]], raw=True)[0]
     crowd = r.predict(PAIRS, raw=True)[0]

@@ -206,9 +206,9 @@ def _register_export(p: argparse.ArgumentParser) -> None:
                    help="decoder rerankers: 'fused' writes onnxruntime's fused attention/rotary/RMSNorm operators "
                         "for the CPU, 'fused-cuda' for the CUDA provider (same scores; onnxruntime >= 1.23); "
                         "default: Optimum's trace")
-    p.add_argument("--rotate", action="store_true",
-                   help="with a fused graph: write the weights in a rotated basis (same scores; int8 codes see no "
-                        "outlier channels on the residual stream)")
+    p.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
+                   help="fused graphs: write the weights in a rotated basis (same scores; int8 codes see no outlier "
+                        "channels on the residual stream); default: on for --graph fused/fused-cuda")
     p.add_argument("--calib-data", type=Path, default=None,
                    help="JSONL of {\"query\",\"document\"} pairs for int8-static ranges and fidelity checks "
                         "(default: built-in pairs)")
