@@ -83,13 +83,10 @@ class Rotation:
 
     @staticmethod
     def head(d: int) -> np.ndarray:
-        """A normalized ``d × d`` Hadamard matrix (Sylvester; ``d`` a power of two), else the identity."""
-        if d & (d - 1):
-            return np.eye(d)
-        h = np.ones((1, 1))
-        while h.shape[0] < d:
-            h = np.block([[h, h], [h, -h]])
-        return h / np.sqrt(d)
+        """A normalized ``d × d`` Hadamard matrix (``d`` a power of two), else the identity."""
+        from memrerank.export.graph import block_hadamard
+
+        return np.eye(d) if d & (d - 1) else block_hadamard(d)
 
     def record(self) -> dict[str, Any]:
         """What the manifest says about it."""
@@ -203,7 +200,7 @@ def _weights(module: Any, rotation: Rotation | None = None) -> dict[str, Any]:
     rot = None
     if rotation is not None:
         q = rotation.residual(embed.shape[1])
-        rot = {"q": q, "v": rotation.head(head_dim), "kv_heads": n_kv, "heads": n_heads}
+        rot = {"q": q, "v": rotation.head(head_dim)}
         embed = _rotate_rows(embed, q)
         head = (q.T @ (norm.astype(np.float64)[:, None] * head)).astype(np.float32)
         norm = np.ones_like(norm)
@@ -224,12 +221,13 @@ def _rotate_rows(x: np.ndarray, q: np.ndarray, rows: int = 8192) -> np.ndarray:
     return out
 
 
-def _rotate_layer(lw: dict[str, np.ndarray | None], rot: dict[str, Any]) -> dict[str, np.ndarray | None]:
+def _rotate_layer(lw: dict[str, np.ndarray | None], rot: dict[str, Any], n_kv: int, n_heads: int
+                  ) -> dict[str, np.ndarray | None]:
     """A layer's weights in the rotated basis (:class:`Rotation`): norms folded into the products reading them,
     inputs by ``Qᵀ``, outputs by ``Q``, each value head by the Hadamard ``H`` (its inverse in the output product).
     """
     f32 = np.float32
-    q, h, n_kv, n_heads = rot["q"].astype(f32), rot["v"].astype(f32), rot["kv_heads"], rot["heads"]
+    q, h = rot["q"].astype(f32), rot["v"].astype(f32)
     d = h.shape[0]
 
     def reads(w: np.ndarray, norm: np.ndarray) -> np.ndarray:  # float32 products: ~1e-6 relative rounding
@@ -339,8 +337,9 @@ def write_fused_graph(module: Any, path: str | Path, *, ep: str = "cpu", externa
     mlp_out: str | None = None
     for i, layer in enumerate(w["layers"]):
         lw = _layer_weights(layer)
-        x, mlp_out = _layer(g, shared, i, lw if w["rotation"] is None else _rotate_layer(lw, w["rotation"]), x,
-                            mlp_out)
+        if w["rotation"] is not None:
+            lw = _rotate_layer(lw, w["rotation"], w["kv_heads"], w["heads"])
+        x, mlp_out = _layer(g, shared, i, lw, x, mlp_out)
         presents += [f"present_key.{i}", f"present_value.{i}"]
     # named like the traced graph's final norm, so the fp16 builder keeps it (and the head) in fp32
     final = g.op("SkipSimplifiedLayerNormalization", mlp_out, x, g.const("norm", w["norm"]), outputs=4,

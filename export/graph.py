@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-__all__ = ["export_onnx", "save_graph", "DEFAULT_OPSET", "EXTERNAL_DATA_BYTES"]
+__all__ = ["export_onnx", "save_graph", "block_hadamard", "DEFAULT_OPSET", "EXTERNAL_DATA_BYTES"]
 
 DEFAULT_OPSET = 17
 #: Graphs whose weights pass this many bytes keep them in one external-data file (``model.onnx_data``).
@@ -86,3 +86,15 @@ def _plain_weight(node: Any, inits: dict[str, Any]) -> tuple[Any, str | None, bo
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     transposed = bool(attrs.get("transB", 0))
     return (w.T if transposed else w), bias, transposed
+
+
+def block_hadamard(b: int) -> Any:
+    """The normalized ``b × b`` Sylvester Hadamard matrix (``b`` a power of two; symmetric and orthogonal)."""
+    import numpy as np
+
+    if b < 1 or b & (b - 1):
+        raise ValueError(f"a Hadamard block must be a power of two, got {b}")
+    h = np.ones((1, 1))
+    while h.shape[0] < b:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(b)

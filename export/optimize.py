@@ -220,14 +220,13 @@ def _decoder_plan(fp32: Path, skeleton: Any, quantized: list[str], calib: Any
     k = _input_channels(skeleton, products)
     hadamard = {x: b for x in {n.input[0] for n in products if "down_proj" in n.name}
                 if (b := _hadamard_block(k.get(x, 0), DECODER_HADAMARD_BLOCK))}
-    coded = [x for x in inputs if x not in hadamard]
-    rotated = _rotation_of(skeleton)
-    if rotated:  # nothing to measure: a rotated input has no outlier channel and is not smoothed
+    if _rotation_of(skeleton):  # nothing to measure: a rotated input has no outlier channel and is not smoothed
         record: dict[str, Any] = {
             "smoothing": {"activations": 0, "why": "rotated weights (export --rotate): inputs coded as they are"},
             "outlier_channels": {"activations": 0, "why": "rotated weights: no channel stands out"}}
         return {}, {}, hadamard, _with_hadamard(record, hadamard)
     stats = activation_stats_of_file(fp32, inputs, _spread(calib.feeds(fp32), PLAN_PAIRS))
+    coded = [x for x in inputs if x not in hadamard]
     outliers = {x: idx for x in coded if len(idx := outlier_channels(stats[x][0]))}
     smooth = smoothing_factors({x: stats[x][0] for x in coded}, _weight_row_ranges_of_file(fp32, skeleton, quantized),
                                DECODER_SMOOTH_ALPHA)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memrerank.export.graph import _plain_weight, save_graph
+from memrerank.export.graph import _plain_weight, block_hadamard, save_graph
 from memrerank.manifest import Build
 
 __all__ = ["PRECISION_BUILDERS", "register_precision", "GraphInfo", "graph_info", "weight_matmuls",
@@ -499,18 +499,6 @@ class _RowCoder:
                 numpy_helper.from_array(scale.astype(np.float32), tag + "_w_scale")])
             self.weights[key] = tag
         return self.weights[key]
-
-
-def block_hadamard(b: int) -> Any:
-    """The normalized ``b × b`` Sylvester Hadamard matrix (``b`` a power of two; symmetric and orthogonal)."""
-    import numpy as np
-
-    if b < 1 or b & (b - 1):
-        raise ValueError(f"a Hadamard block must be a power of two, got {b}")
-    h = np.ones((1, 1))
-    while h.shape[0] < b:
-        h = np.block([[h, h], [h, -h]])
-    return h / np.sqrt(b)
 
 
 def _row_codes(x: str, p: str, k: int, opset: int) -> tuple[list[Any], list[Any], tuple[str, str]]:
