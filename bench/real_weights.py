@@ -10,8 +10,8 @@ Steps (each reused when its output exists under ``--workdir``):
 1. LoCoMo split by conversation: calibration pairs from conversations 1–5 (``--calib-queries`` questions ×
    ``--k`` candidate turns, written as ``calib.jsonl``), held-out pairs from conversations 6–10 (questions never
    used for calibration).
-2. ``memrerank export CKPT --precision fp32,<precisions> --calib-data calib.jsonl --graph fused`` as a user types
-   it (``--export-args``), in a child process: wall and CPU seconds, peak RSS, the steps and the int8 search from
+2. ``memrerank export CKPT --precision fp32,<precisions> --calib-data calib.jsonl`` as a user types it (more
+   flags: ``--export-args``), in a child process: wall and CPU seconds, peak RSS, the steps and the int8 search from
    the manifest.
 3. Per precision, on the held-out pairs vs fp32: mean per-query Spearman, top-10 overlap, max |Δlogit|, agreement of
    p(yes) ≥ 0.5; weight products quantized; size on disk; cold start (load + first score, fresh process) and peak
@@ -116,17 +116,20 @@ def _search_record(fid: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------- per precision
 def weight_products(graph: Path) -> dict[str, int]:
-    """Weight products of a graph by how they run: int8 (``MatMulIntegerToFloat``), weight-only n-bit
-    (``MatMulNBits``), fp32 (``MatMul``/``Gemm`` by a constant)."""
+    """Weight products of a graph by how they run: int8 (``MatMulIntegerToFloat``; ``int8_two_pass`` of them
+    with their activation coded twice), weight-only n-bit (``MatMulNBits``), fp32 (``MatMul``/``Gemm`` by a
+    constant)."""
     import onnx
 
     g = onnx.load(str(graph), load_external_data=False).graph
     consts = {i.name for i in g.initializer} | {n.output[0] for n in g.node if n.op_type == "Constant"}
-    out = {"int8": sum(n.op_type == "MatMulIntegerToFloat" for n in g.node),
+    int8 = [n for n in g.node if n.op_type == "MatMulIntegerToFloat"]
+    out = {"int8": sum(not n.name.endswith("_quant_residual") for n in int8),
+           "int8_two_pass": sum(n.name.endswith("_quant_residual") for n in int8),
            "nbits": sum(n.op_type == "MatMulNBits" for n in g.node),
            "fp32": sum(n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in consts
                        for n in g.node)}
-    total = sum(out.values())
+    total = out["int8"] + out["nbits"] + out["fp32"]
     out["quantized_share"] = round((out["int8"] + out["nbits"]) / total, 4) if total else None
     return out
 
@@ -259,9 +262,9 @@ def main() -> int:
     ap.add_argument("--heldout-queries", type=int, default=12)
     ap.add_argument("--speed-queries", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--export-args", default="--graph fused",
-                    help="more `memrerank export` flags, space-separated (default: the fused graph, whose weights "
-                         "are rotated)")
+    ap.add_argument("--export-args", default="",
+                    help="more `memrerank export` flags, space-separated (default: none, as a user types it: a "
+                         "decoder gets the fused graph, its weights rotated)")
     ap.add_argument("--llama-convert", type=Path, default=None, help="llama.cpp's convert_hf_to_gguf.py")
     ap.add_argument("--skip", default="", help="comma list of steps not to run: transformers, llama.cpp, speed")
     ap.add_argument("--out", type=Path, default=None)

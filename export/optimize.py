@@ -84,6 +84,9 @@ class Int8Plan:
             (:func:`outlier_channels`; decoders).
         hadamard: activation name → block size of the online Hadamard rotation it gets before coding (the
             SwiGLU down projection's input of a decoder; :func:`memrerank.export.quantize.quantize_per_row`).
+        two_pass: products the sensitivity search keeps can run as two-pass int8 (their activation coded twice,
+            :func:`memrerank.export.quantize.quantize_per_row`) instead of fp32: decoder graphs, whose inputs
+            have symmetric codes.
         record: what was done, for the precision's ``build`` record in the manifest.
     """
 
@@ -93,6 +96,7 @@ class Int8Plan:
     lower_bounds: dict[str, float] = field(default_factory=dict)
     outliers: dict[str, np.ndarray] = field(default_factory=dict)
     hadamard: dict[str, int] = field(default_factory=dict)
+    two_pass: bool = False
     record: dict[str, Any] = field(default_factory=dict)
 
     def copy_model(self) -> Any:
@@ -169,6 +173,7 @@ def plan_int8(fp32: Path, info: Any, calib: Any = None, *, alpha: float = SMOOTH
     if calib is not None and _is_decoder(skeleton):
         plan.smooth, plan.outliers, plan.hadamard, decoder = _decoder_plan(Path(fp32), skeleton, quantized, calib)
         record.update(decoder)
+        plan.two_pass = True
     if calib is not None:
         try:
             _PLANS.setdefault(calib, {})[key] = plan

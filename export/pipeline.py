@@ -81,6 +81,8 @@ class _Job:
     command: str | None
     allow_pickle: bool
     rotation: Any = None  # a fused graph's Rotation, or None
+    auto_graph: bool = False  # the graph was the default's choice: a fused graph that cannot be written falls back
+    fallback: str | None = None  # why the default's fused graph fell back to the traced one
 
     def source(self, config: Any) -> Source:
         model = self.model if not Path(self.model).exists() else str(Path(self.model).resolve())
@@ -93,14 +95,16 @@ class _Job:
         return ExportInfo(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                           versions=_versions(), opset=self.opset if self.graph == "traced" else FUSED_OPSET,
                           graph=self.graph, command=self.command, allow_pickle=self.allow_pickle,
-                          extra={"rotation": self.rotation.record()} if self.rotation is not None else {})
+                          extra={**({"rotation": self.rotation.record()} if self.rotation is not None else {}),
+                                 **({"graph_fallback": self.fallback} if self.fallback else {})})
 
 
 def validate_artifact(root: Path, family: Any, precision: str = "fp32",
                       groups: Sequence[tuple[str, list[str]]] | None = None, *, release: bool = False) -> Parity:
     """Score the built-in groups with the artifact and with PyTorch.
 
-    Every run is checked: each padding side the family supports, batch 1 and 8, and for decoder artifacts
+    Every run is checked: batch 8 on each padding side the family supports, batch 1 on its own side (a batch of
+    one has no padding, so the other side would repeat it), and for decoder artifacts
     both scoring paths: ``reuse`` (the shared prefix run once per query, the default on onnxruntime) and
     ``whole`` (whole pairs with an empty past: ``prefix_reuse=False``, TensorRT engines, single documents).
 
@@ -128,7 +132,8 @@ def validate_artifact(root: Path, family: Any, precision: str = "fp32",
         reranker = Reranker.load(root, precision=precision, prefix_reuse=prefix_reuse)
         for side in family.padding_sides:
             reranker.padding_side = side
-            for batch_size in (1, 8):
+            # a batch of one has no padding: it runs once per path, on the family's own side
+            for batch_size in (1, 8) if side == family.padding_side else (8,):
                 reranker.batch_size = batch_size
                 diffs = []
                 for (q, docs), r in zip(groups, ref):
@@ -162,7 +167,7 @@ def export_model(
     calib_data: str | Path | None = None,
     fidelity: FidelityBudget | str | None = None,
     allow_pickle: bool = False,
-    graph: str = "traced",
+    graph: str | None = None,
     rotate: bool | None = None,
     prompt: Any = None,
     command: str | None = None,
@@ -192,11 +197,15 @@ def export_model(
             default: weights load from safetensors only, because unpickling can run code.
         graph: ``"traced"`` (Optimum's trace of the PyTorch module) or, for decoder families, ``"fused"`` /
             ``"fused-cuda"`` (:mod:`memrerank.export.fused`: onnxruntime's fused attention, rotary and RMSNorm
-            operators, written for the CPU or the CUDA provider; same inputs, outputs and scores).
+            operators, written for the CPU or the CUDA provider; same inputs, outputs and scores). ``None`` (the
+            default): ``"fused"`` for decoder families, falling back to ``"traced"`` (said in the log and
+            recorded as ``export.graph_fallback``) where the fused graph does not cover the model or the
+            installed onnxruntime lacks its operators; ``"traced"`` for encoders.
         rotate: a fused graph's weights in a rotated basis (:class:`~memrerank.export.fused.Rotation`, recorded in
             the manifest's ``export.rotation``): the same scores at every precision (checked against PyTorch
             like any fp32 graph), no outlier channels for int8 to code on the residual stream. ``None`` (the
-            default): on for the fused graphs; the traced graph cannot be rotated.
+            default): on for the fused graphs; the traced graph cannot be rotated (``True`` with ``graph``
+            ``"traced"`` is refused; with ``graph`` ``None`` it asks for the fused graph, fallback excluded).
         prompt: decoder yes/no rerankers: a :class:`~memrerank.export.families.decoder_yes_no.YesNoPrompt`
             replacing the checkpoint's default (Qwen3: the Qwen3-Reranker recipe; Qwen2: the same without think).
         command: the command line recorded in the manifest's ``export`` block.
@@ -214,9 +223,7 @@ def export_model(
     recover(out, log)  # an artifact a killed export left aside comes back before anything looks at ``out``
     budget, calib_groups = _check_arguments(out, precisions, force=force, max_length=max_length,
                                             calib_data=calib_data, fidelity=fidelity, graph=graph)
-    if rotate is None:
-        rotate = graph in FUSED_GRAPHS
-    if rotate and graph not in FUSED_GRAPHS:
+    if rotate and graph == "traced":
         raise ValueError("rotate: the rotated basis is written by the fused graphs; pass --graph fused "
                          f"(or fused-cuda), not {graph!r}")
     lower = [p for p in PRECISIONS if p in precisions and p != "fp32"]
@@ -225,7 +232,13 @@ def export_model(
     family, config, blocks, tmp = _load_step(model, out, steps, revision=revision, instruction=instruction,
                                              trust_remote_code=trust_remote_code, max_length=max_length,
                                              allow_pickle=allow_pickle, prompt=prompt)
-    job = _Job(model, revision, opset, graph, command, allow_pickle, Rotation() if rotate else None)
+    auto = graph is None
+    if auto:
+        graph = "fused" if family.cache_layout() is not None or rotate else "traced"
+        auto = not rotate  # --rotate without --graph asks for the fused graph: no quiet fallback
+    if rotate is None:
+        rotate = graph in FUSED_GRAPHS
+    job = _Job(model, revision, opset, graph, command, allow_pickle, Rotation() if rotate else None, auto)
     try:
         manifest = _build_artifact(tmp, job, config, family, blocks, lower, calib_groups, budget, steps)
         seconds = steps.finish()
@@ -240,10 +253,10 @@ def export_model(
 
 
 def _check_arguments(out: Path, precisions: Sequence[str], *, force: bool, max_length: int | None,
-                     calib_data: str | Path | None, fidelity: FidelityBudget | str | None, graph: str = "traced"
-                     ) -> tuple[FidelityBudget, list[tuple[str, list[str]]] | None]:
+                     calib_data: str | Path | None, fidelity: FidelityBudget | str | None,
+                     graph: str | None = None) -> tuple[FidelityBudget, list[tuple[str, list[str]]] | None]:
     """Refuse bad arguments before anything loads; return the fidelity budget and the ``--calib-data`` groups."""
-    if graph not in GRAPH_KINDS:
+    if graph is not None and graph not in GRAPH_KINDS:
         raise ValueError(f"graph: unknown {graph!r}; choose from {', '.join(GRAPH_KINDS)}")
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown or not precisions:
@@ -343,12 +356,22 @@ def _write_fp32(tmp: Path, job: _Job, config: Any, family: Any, blocks: tuple[Te
     onnx_config = family.onnx_config()
     layout = family.cache_layout()
     path = tmp / "fp32" / "model.onnx"
+    files = None
     if job.graph in FUSED_GRAPHS:
         if layout is None:
             raise ValueError(f"--graph {job.graph} is for decoder rerankers; {family.name} exports the "
                              "traced graph")
-        files = write_fused_graph(family.graph_module(), path, ep=FUSED_GRAPHS[job.graph], rotation=job.rotation)
-    else:
+        try:
+            files = write_fused_graph(family.graph_module(), path, ep=FUSED_GRAPHS[job.graph],
+                                      rotation=job.rotation)
+        except (ValueError, RuntimeError) as exc:
+            if not job.auto_graph:
+                raise
+            log(f"the fused graph does not cover this model ({exc}); exporting the traced graph")
+            job = dataclasses.replace(job, graph="traced", rotation=None, fallback=str(exc))
+            shutil.rmtree(path.parent, ignore_errors=True)  # whatever the fused writer left
+            log(f"exporting fp32 graph ({family.name}, {job.graph})")
+    if files is None:
         files = export_onnx(family.graph_module(), onnx_config, path, opset=job.opset)
     fp32 = PrecisionEntry(graph="fp32/model.onnx", files=file_entries(tmp, files),
                           inputs=tuple(onnx_config.inputs), outputs=tuple(onnx_config.outputs),
@@ -421,8 +444,9 @@ def _build_precision(tmp: Path, name: str, fp32: PrecisionEntry, calib: CalibSet
     builder = PRECISION_BUILDERS[name]
     builds: list[Build] = []  # the last one describes the graph on disk (the search rebuilds the one kept)
 
-    def build(exclude: list[str]) -> None:
-        builds.append(builder(tmp / fp32.graph, out_graph, info, calib, exclude))
+    def build(exclude: list[str], kept_as: str = "fp32") -> None:
+        extra = {"kept_as": kept_as} if kept_as != "fp32" else {}
+        builds.append(builder(tmp / fp32.graph, out_graph, info, calib, exclude, **extra))
 
     if name == "fp16":  # no search: fp16 keeps head and final norm in fp32 and is gated by its tolerance
         build([])
@@ -431,11 +455,21 @@ def _build_precision(tmp: Path, name: str, fp32: PrecisionEntry, calib: CalibSet
                                   "meets_budget": budget.met(metrics)
                                   and metrics["max_abs_logit_diff"] <= PARITY_TOLERANCE["fp16"]}
     else:
-        report = search_exclusions(build, out_graph, calib, info.groups, budget, log, label=f"{name} search",
-                                   progress=steps.enabled if steps is not None else False)
+        # the products the search keeps run as the builder's first way that meets the budget (int8 of a decoder:
+        # two-pass int8, then fp32); the search starts again only when the first way misses it
+        ways = getattr(builder, "kept_as", ("fp32",))
+        for way in ways:
+            report = search_exclusions(lambda exclude, way=way: build(exclude, way), out_graph, calib,
+                                       info.groups, budget, log, label=f"{name} search",
+                                       progress=steps.enabled if steps is not None else False)
+            report["kept_as"] = way
+            if report["meets_budget"] or way == ways[-1]:
+                break
+            log(f"  {name}: products kept as {way} miss the budget; searching again keeping them {ways[-1]}")
     m = report["fidelity"]
+    kept_as = report.get("kept_as", "fp32")
     log(f"  {name}: max|Δlogit| {m['max_abs_logit_diff']:.3e}, spearman {m['spearman_mean']:.4f}, "
-        f"top10 {m['top10_overlap']:.3f}, kept fp32: {report['kept_fp32'] or 'none'}")
+        f"top10 {m['top10_overlap']:.3f}, kept {kept_as}: {report['kept_fp32'] or 'none'}")
     shortfall = None if report["meets_budget"] else (
         f"  {name}: spearman {m['spearman_mean']:.4f} (need {budget.spearman}), top10 "
         f"{m['top10_overlap']:.3f} (need {budget.top10}), max|Δlogit| {m['max_abs_logit_diff']:.3e}")

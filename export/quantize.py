@@ -28,10 +28,16 @@ __all__ = ["PRECISION_BUILDERS", "register_precision", "GraphInfo", "graph_info"
 PRECISION_BUILDERS: dict[str, Callable[..., Build]] = {}
 
 
-def register_precision(name: str) -> Callable[[Callable[..., Build]], Callable[..., Build]]:
-    """Decorator registering the builder of one precision (name as in ``memrerank.manifest.PRECISIONS``)."""
+def register_precision(name: str, kept_as: tuple[str, ...] = ("fp32",)
+                       ) -> Callable[[Callable[..., Build]], Callable[..., Build]]:
+    """Decorator registering the builder of one precision (name as in ``memrerank.manifest.PRECISIONS``).
+
+    ``kept_as``: how the products its sensitivity search keeps may run, tried in this order (the builder takes
+    a ``kept_as`` argument when there is more than ``"fp32"``); recorded as the builder's ``kept_as``.
+    """
 
     def wrap(fn: Callable[..., Build]) -> Callable[..., Build]:
+        fn.kept_as = kept_as  # type: ignore[attr-defined]
         PRECISION_BUILDERS[name] = fn
         return fn
 
@@ -286,7 +292,8 @@ ROW_SCALE_FLOOR = 1e-30
 
 def quantize_per_row(fp32: Path, out: Path, nodes: list[str], external: bool, *, model: Any = None,
                      smooth: dict[str, Any] | None = None, lower_bounds: dict[str, float] | None = None,
-                     outliers: dict[str, Any] | None = None, hadamard: dict[str, int] | None = None) -> int:
+                     outliers: dict[str, Any] | None = None, hadamard: dict[str, int] | None = None,
+                     two_pass: set[str] | frozenset[str] = frozenset()) -> int:
     """Quantize weight MatMul/Gemm nodes with per-row (per-token) dynamic activation scales; write ``out``.
 
     Dynamic quantization as onnxruntime does it (``DynamicQuantizeLinear``) takes one activation scale for the
@@ -323,6 +330,13 @@ def quantize_per_row(fp32: Path, out: Path, nodes: list[str], external: bool, *,
             outlier channel's size is shared by its block (QuaRot's online rotation, for an input no offline
             rotation reaches: the SwiGLU down projection's). Takes the place of smoothing and outlier channels
             for that activation.
+        two_pass: products (of ``nodes``) whose activation is coded twice: the first codes as above, then the
+            rounding error they leave, ``r = x - s·(x_q - 128)`` (at most half a step per value), coded per row
+            the same way, and the product is the sum of two integer products by the same int8 weight,
+            ``(x_q·W_q)·s·w_s + (r_q·W_q)·s_r·w_s``. The activation's error shrinks ~127-fold (about 15
+            bits), the weight stays int8 and the row independence holds; it costs a second integer product
+            and the coding of ``r``, where keeping the product fp32 costs its whole fp32 weight and an fp32
+            product.
 
     Returns:
         The number of nodes quantized.
@@ -334,7 +348,7 @@ def quantize_per_row(fp32: Path, out: Path, nodes: list[str], external: bool, *,
         model = onnx.load(str(fp32))
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    coder = _RowCoder(model, smooth or {}, lower_bounds or {}, outliers or {}, hadamard or {})
+    coder = _RowCoder(model, smooth or {}, lower_bounds or {}, outliers or {}, hadamard or {}, set(two_pass))
     wanted = set(nodes)
     new_nodes = []
     done = 0
@@ -368,11 +382,13 @@ class _RowCoder:
     """
 
     def __init__(self, model: Any, smooth: dict[str, Any], lower_bounds: dict[str, float],
-                 outliers: dict[str, Any] | None = None, hadamard: dict[str, int] | None = None) -> None:
+                 outliers: dict[str, Any] | None = None, hadamard: dict[str, int] | None = None,
+                 two_pass: set[str] | None = None) -> None:
         import numpy as np
         from onnx import numpy_helper
 
         self.graph = model.graph
+        self.two_pass = set(two_pass or ())
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         self.hadamard = dict(hadamard or {})
         self.smooth = {x: v for x, v in smooth.items() if x not in self.hadamard}
@@ -384,6 +400,8 @@ class _RowCoder:
                   "_pr_floor": np.array(ROW_SCALE_FLOOR, np.float32), "_pr_flat": np.array([-1], np.int64)}
         self.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
         self.rows: dict[str, tuple[str, str, str]] = {}  # activation -> (uint8 codes, row scales, zero point)
+        self.residual_rows: dict[str, tuple[str, str]] = {}  # activation -> codes, row scales of its rounding error
+        self.coded: dict[str, tuple[str, int]] = {}  # activation -> (what was coded: x after any rotation, k)
         self.weights: dict[tuple[str, bool, str], str] = {}  # (weight, transposed, smoothed input) -> tag
         self.replaced: set[str] = set()  # weight initializers now read through their int8 codes
 
@@ -412,9 +430,24 @@ class _RowCoder:
         w_tag = self._store_weight((node.input[1], transposed, x if changed else ""), tag, w)
         out_name = node.output[0]
         product = out_name if bias is None and w_outliers is None else out_name + "_int8"
-        new.append(helper.make_node(
-            "MatMulIntegerToFloat", [codes, w_tag + "_w_int8", row_scale, w_tag + "_w_scale", zero_point],
-            [product], name=tag + "_quant", domain="com.microsoft"))
+        if node.name in self.two_pass:
+            if x in self.lower_bounds:
+                raise ValueError(f"{node.name}: two-pass codes need symmetric codes; {x} has offset codes")
+            new += [] if x in self.residual_rows else self._code_residual(x, tag)
+            r_codes, r_scale = self.residual_rows[x]
+            new += [helper.make_node(
+                        "MatMulIntegerToFloat", [codes, w_tag + "_w_int8", row_scale, w_tag + "_w_scale", zero_point],
+                        [product + "_pass1"], name=tag + "_quant", domain="com.microsoft"),
+                    helper.make_node(
+                        "MatMulIntegerToFloat", [r_codes, w_tag + "_w_int8", r_scale, w_tag + "_w_scale",
+                                                 zero_point],
+                        [product + "_pass2"], name=tag + "_quant_residual", domain="com.microsoft"),
+                    helper.make_node("Add", [product + "_pass1", product + "_pass2"], [product],
+                                     name=tag + "_two_pass")]
+        else:
+            new.append(helper.make_node(
+                "MatMulIntegerToFloat", [codes, w_tag + "_w_int8", row_scale, w_tag + "_w_scale", zero_point],
+                [product], name=tag + "_quant", domain="com.microsoft"))
         if w_outliers is not None:
             summed = out_name if bias is None else out_name + "_sum"
             new += self._add_outlier_part(x, tag, product, w_outliers, summed)
@@ -423,6 +456,26 @@ class _RowCoder:
             new.append(helper.make_node("Add", [product, bias], [out_name], name=tag + "_bias"))
         self.replaced.add(node.input[1])
         return new
+
+    def _code_residual(self, x: str, tag: str) -> list[Any]:
+        """Nodes coding what ``x``'s first codes leave out, ``r = x' - s·(x_q - 128)`` (``x'``: ``x`` as it was
+        coded, after any rotation, smoothing or outlier zeroing), per row; recorded in ``residual_rows``."""
+        import numpy as np
+        from onnx import helper, numpy_helper
+
+        if not self.residual_rows:  # the zero point as a float, added with the first residual
+            self.graph.initializer.append(numpy_helper.from_array(np.array(128.0, np.float32), "_pr_zp_f"))
+        src, k = self.coded[x]
+        codes, scale, _zero_point = self.rows[x]
+        p = f"{tag}_res"
+        nodes = [helper.make_node("Cast", [codes], [p + "_codes_f"], to=1, name=p + "_codes_f"),  # 1: FLOAT
+                 helper.make_node("Sub", [p + "_codes_f", "_pr_zp_f"], [p + "_centred"], name=p + "_centred"),
+                 helper.make_node("Mul", [p + "_centred", scale], [p + "_dequant"], name=p + "_dequant"),
+                 helper.make_node("Sub", [src, p + "_dequant"], [p + "_error"], name=p + "_error")]
+        more, inits, (r_codes, r_scale) = _row_codes(p + "_error", f"{tag}_res_row", k, self.opset)
+        self.graph.initializer.extend(inits)
+        self.residual_rows[x] = (r_codes, r_scale)
+        return nodes + more
 
     def _add_outlier_part(self, x: str, tag: str, product: str, w_outliers: Any, result: str) -> list[Any]:
         """``result = product + x[..., idx] · W[idx, :]`` (fp32), the gathered channels shared by ``x``'s
@@ -481,6 +534,7 @@ class _RowCoder:
         else:
             nodes_x, inits_x, (codes_x, scale_x) = _row_codes(src, f"{tag}_row", k, self.opset)
             self.rows[x] = (codes_x, scale_x, "_pr_zp")
+        self.coded[x] = (src, k)
         self.graph.initializer.extend(inits_x)
         return new + nodes_x
 
@@ -587,9 +641,15 @@ INT8_METHOD = ("per-row (per-token) symmetric dynamic activation scales, U8 code
                "per-channel symmetric S8 weights, MatMulIntegerToFloat (per-row a_scale) on weight MatMul/Gemm")
 
 
-@register_precision("int8")
-def build_int8(fp32: Path, out: Path, info: GraphInfo, calib: Any = None, exclude: list[str] | None = None
-               ) -> Build:
+#: How the products the sensitivity search keeps may run, best first (:func:`build_int8`'s ``kept_as``).
+KEPT_AS = {"two-pass": "int8 weights, activation coded twice (the second codes its rounding error): ~15-bit "
+                       "activations through two integer products",
+           "fp32": "fp32 weights and product"}
+
+
+@register_precision("int8", kept_as=tuple(KEPT_AS))
+def build_int8(fp32: Path, out: Path, info: GraphInfo, calib: Any = None, exclude: list[str] | None = None,
+               kept_as: str = "fp32") -> Build:
     """Per-row dynamic quantization: int8 weights per channel, activations quantized per token on the fly
     (:func:`quantize_per_row`), so scores do not depend on what shares a batch; int8 embedding tables.
 
@@ -597,17 +657,25 @@ def build_int8(fp32: Path, out: Path, info: GraphInfo, calib: Any = None, exclud
     layer computes the first token only where the head reads nothing else (checked against the fp32 graph),
     products that run on one row per pair stay fp32, LayerNorm outputs are smoothed and GELU outputs get offset
     codes. Every constant is fixed at export, so the graph stays batch-independent.
+
+    ``exclude``: the products the sensitivity search keeps, run as ``kept_as`` says (:data:`KEPT_AS`):
+    ``"fp32"``, or ``"two-pass"`` where the plan allows it (decoders: their weights stay int8 and their
+    activation gets a second code for its rounding error); otherwise fp32.
     """
     from memrerank.export.optimize import plan_int8
 
+    if kept_as not in KEPT_AS:
+        raise ValueError(f"kept_as: unknown {kept_as!r}; choose from {', '.join(KEPT_AS)}")
     exclude = set(exclude or [])
     plan = plan_int8(fp32, info, calib)
-    keep = exclude | set(plan.one_row)
+    two_pass = exclude - set(plan.one_row) if kept_as == "two-pass" and plan.two_pass else set()
+    keep = (exclude - two_pass) | set(plan.one_row)
     nodes = [n for n in info.weight_nodes if n not in keep]
     out.parent.mkdir(parents=True, exist_ok=True)
     if nodes:
         quantize_per_row(fp32, out, nodes, info.external_data, model=plan.copy_model(), smooth=plan.smooth,
-                         lower_bounds=plan.lower_bounds, outliers=plan.outliers, hadamard=plan.hadamard)
+                         lower_bounds=plan.lower_bounds, outliers=plan.outliers, hadamard=plan.hadamard,
+                         two_pass=two_pass)
     elif plan.model is not None:
         for stale in (out, out.parent / (out.name + "_data")):
             stale.unlink(missing_ok=True)
@@ -615,8 +683,9 @@ def build_int8(fp32: Path, out: Path, info: GraphInfo, calib: Any = None, exclud
     else:
         _copy_graph(fp32, out, info)
     tables = quantize_embeddings(out, [n for n in info.embedding_nodes if n not in exclude], info.external_data)
+    kept = {"kept_as": "two-pass" if two_pass else "fp32", "two_pass_products": len(two_pass)} if exclude else {}
     return Build(method=INT8_METHOD, batch_independent=True, extra={"embeddings": _embeddings_record(tables),
-                                                                    **plan.record})
+                                                                    **plan.record, **kept})
 
 
 def _embeddings_record(tables: int) -> str:

@@ -28,13 +28,14 @@ def qwen_ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def qwen_artifact(tmp_path_factory, qwen_ckpt) -> Path:
-    return _export(qwen_ckpt, tmp_path_factory.mktemp("art") / "qwen3")
+    """The traced graph (a decoder's default is the fused one: ``fused_artifact`` in test_fused.py)."""
+    return _export(qwen_ckpt, tmp_path_factory.mktemp("art") / "qwen3", graph="traced")
 
 
 @pytest.fixture(scope="session")
 def qwen_short_artifact(tmp_path_factory, qwen_ckpt) -> Path:
     """max_length small enough that long documents are truncated."""
-    return _export(qwen_ckpt, tmp_path_factory.mktemp("art") / "qwen3-short", max_length=128)
+    return _export(qwen_ckpt, tmp_path_factory.mktemp("art") / "qwen3-short", max_length=128, graph="traced")
 
 
 @pytest.fixture(scope="session")

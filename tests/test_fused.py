@@ -62,7 +62,7 @@ def test_fused_export_records_graph_and_parity(fused_artifact):
     parity = manifest.precision("fp32").parity
     assert manifest.to_dict()["export"]["graph"] == "fused"
     assert set(parity.extra["max_abs_logit_diff_by_run"]) == {
-        f"{path}/{side}/batch{b}" for path in ("reuse", "whole") for side in ("left", "right") for b in (1, 8)}
+        f"{path}/{run}" for path in ("reuse", "whole") for run in ("left/batch8", "right/batch8", "right/batch1")}
     assert parity.max_abs_logit_diff <= PARITY_ATOL["fp32"]
 
 
@@ -181,3 +181,29 @@ def test_cli_export_graph_choices_are_the_exporters(tmp_path, qwen_ckpt):
     out = tmp_path / "fused-cli"
     assert main(["export", str(qwen_ckpt), "-o", str(out), "--precision", "fp32", "--graph", "fused", "-q"]) == 0
     assert json.loads((out / "manifest.json").read_text())["export"]["graph"] == "fused"
+
+
+def test_a_decoder_exports_the_rotated_fused_graph_by_default_and_falls_back_to_traced(tmp_path, qwen_ckpt,
+                                                                                        monkeypatch):
+    """No --graph: a decoder gets the fused graph, rotated; where the fused writer cannot cover the model, the
+    traced graph, with the reason in the log and in the manifest's export block. Asking for fused explicitly
+    keeps the error."""
+    from memrerank.export import export_model, pipeline
+    from memrerank.manifest import read_manifest
+
+    art = export_model(str(qwen_ckpt), tmp_path / "default", max_length=128, log=lambda m: None)
+    export = read_manifest(art).to_dict()["export"]
+    assert export["graph"] == "fused" and export["rotation"]["seed"] == 0 and "graph_fallback" not in export
+
+    def cannot(*a, **kw):
+        raise ValueError("the fused graph does not support sliding-window layers")
+
+    monkeypatch.setattr(pipeline, "write_fused_graph", cannot)
+    said = []
+    art = export_model(str(qwen_ckpt), tmp_path / "fallback", max_length=128, log=said.append)
+    export = read_manifest(art).to_dict()["export"]
+    assert export["graph"] == "traced" and "rotation" not in export
+    assert "sliding-window" in export["graph_fallback"] and any("exporting the traced graph" in m for m in said)
+    assert read_manifest(art).precision("fp32").parity.within_tolerance
+    with pytest.raises(ValueError, match="sliding-window"):
+        export_model(str(qwen_ckpt), tmp_path / "asked", graph="fused", max_length=128, log=lambda m: None)

@@ -210,4 +210,4 @@ def test_rotate_needs_a_fused_graph(tmp_path):
     from memrerank.export import export_model
 
     with pytest.raises(ValueError, match="--graph fused"):
-        export_model(str(tmp_path / "none"), tmp_path / "out", rotate=True)
+        export_model(str(tmp_path / "none"), tmp_path / "out", rotate=True, graph="traced")

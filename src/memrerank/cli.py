@@ -202,10 +202,11 @@ def _register_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="load weights that exist only as a pickle (pytorch_model.bin); by default only "
                         "safetensors load, because unpickling can run code")
-    p.add_argument("--graph", choices=EXPORT_GRAPHS, default="traced",
+    p.add_argument("--graph", choices=EXPORT_GRAPHS, default=None,
                    help="decoder rerankers: 'fused' writes onnxruntime's fused attention/rotary/RMSNorm operators "
                         "for the CPU, 'fused-cuda' for the CUDA provider (same scores; onnxruntime >= 1.23); "
-                        "default: Optimum's trace")
+                        "'traced' is Optimum's trace. Default: fused for decoder rerankers (traced where the "
+                        "fused graph does not cover the model, and with --target tensorrt), traced for encoders")
     p.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                    help="fused graphs: write the weights in a rotated basis (same scores; int8 codes see no outlier "
                         "channels on the residual stream); default: on for --graph fused/fused-cuda")
@@ -478,10 +479,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
             raise MemrerankError(str(exc)) from exc
     elif args.profile:
         raise ValueError("--profile is a TensorRT option; pass --target tensorrt")
+    graph = args.graph
+    if graph is None and engines:
+        graph = "traced"  # TensorRT parses standard ONNX operators, not onnxruntime's fused ones
     out = export_model(args.model, args.output, precisions=args.precision, max_length=args.max_length,
                        instruction=args.instruction, force=args.force, revision=args.revision,
                        trust_remote_code=args.trust_remote_code, calib_data=args.calib_data,
-                       fidelity=args.fidelity, allow_pickle=args.allow_pickle, graph=args.graph,
+                       fidelity=args.fidelity, allow_pickle=args.allow_pickle, graph=graph,
                        rotate=args.rotate, prompt=_prompt(args), command=" ".join(sys.argv),
                        log=_log(args), progress=_progress(args))
     if engines:

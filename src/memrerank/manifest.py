@@ -393,7 +393,10 @@ class Parity(_Block):
 
 @dataclass(frozen=True)
 class Fidelity(_Block):
-    """A quantized precision's ranking fidelity vs fp32 and the products the sensitivity search kept in fp32."""
+    """A quantized precision's ranking fidelity vs fp32 and the products the sensitivity search kept out of the
+    plain quantization (``kept_fp32``, named when fp32 was the only way to keep them); ``extra["kept_as"]`` says
+    how they run: ``"fp32"`` (absent in older artifacts) or ``"two-pass"`` (int8 weights, activation coded
+    twice: :func:`memrerank.export.quantize.quantize_per_row`)."""
 
     meets_budget: bool
     kept_fp32: tuple[str, ...] = ()

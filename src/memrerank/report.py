@@ -48,8 +48,9 @@ def info_text(root: str | Path) -> str:
             if par.top10_overlap is not None:
                 fid = entry.fidelity
                 kept = ", ".join(fid.kept_fp32) if fid is not None else ""
+                kept_as = fid.extra.get("kept_as", "fp32") if fid is not None else "fp32"
                 parity += (f", top10 {par.top10_overlap:.3f}, budget {'met' if entry.meets_budget else 'MISSED'}"
-                           f", kept fp32: {kept or 'none'}")
+                           f", kept {kept_as}: {kept or 'none'}")
         lines.append(f"precision   {name:<11} {entry.size_bytes / 2**20:8.1f} MiB  {parity}")
     for name, engine in m.engines.items():
         lines.append(f"engine      {name:<11} TensorRT {engine.tensorrt} on {engine.gpu} "
