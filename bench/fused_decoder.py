@@ -36,7 +36,7 @@ def _export(ckpt: Path, out: Path) -> Path:
 
     if not (out / "manifest.json").exists():
         t = time.perf_counter()
-        export_model(str(ckpt), out, precisions=["fp32"], log=lambda m: print(m, file=sys.stderr))
+        export_model(str(ckpt), out, precisions=["fp32"], graph="traced", log=lambda m: print(m, file=sys.stderr))
         print(f"exported traced in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     return out
 

@@ -126,7 +126,8 @@ def main() -> int:
     art = args.workdir / f"artifact-{args.shape}"
     if not (art / "manifest.json").exists():
         t = time.perf_counter()
-        export_model(str(ckpt), art, precisions=["fp32", "fp16"], force=True, log=lambda m: print(m, file=sys.stderr))
+        export_model(str(ckpt), art, precisions=["fp32", "fp16"], force=True, graph="traced",
+                     log=lambda m: print(m, file=sys.stderr))
         print(f"export {time.perf_counter() - t:.0f} s", file=sys.stderr)
     query, docs = workload(args.locomo, args.k)
     pairs = [(query, d) for d in docs]

@@ -67,7 +67,7 @@ def _artifact(model: str, workdir: Path) -> Path:
         from peers_decoder import build_checkpoint
 
         ckpt = build_checkpoint(workdir / "checkpoint")
-    export_model(str(ckpt), artifact, precisions=["fp32"], log=lambda m: print(m, file=sys.stderr))
+    export_model(str(ckpt), artifact, precisions=["fp32"], graph="traced", log=lambda m: print(m, file=sys.stderr))
     return artifact
 
 

@@ -109,6 +109,7 @@ def export(ckpt: Path, out: Path, precisions: list[str], calib: Path, extra: lis
 def _search_record(fid: dict) -> dict:
     timing = fid.get("timing") or {}
     return {"meets_budget": fid.get("meets_budget"), "kept_fp32": fid.get("kept_fp32"),
+            "kept_as": fid.get("kept_as", "fp32"),
             "kept_fp32_nodes": len(fid.get("kept_fp32_nodes") or []), "plain": fid.get("plain"),
             "fidelity_on_calibration_pairs": fid.get("fidelity"), "builds": timing.get("builds"),
             "search_s": timing.get("total")}

@@ -495,6 +495,24 @@ def fused_decoder(d: dict) -> str:
     return "\n".join(lines)
 
 
+def _products(wp: dict) -> int:
+    """Weight products of a graph (a two-pass product is one int8 product, counted once)."""
+    return wp.get("int8", 0) + wp.get("nbits", 0) + wp.get("fp32", 0)
+
+
+def _search_line(name: str, r: dict) -> str:
+    """What the export's fidelity search did for one precision, from ``real_weights.py``'s export record."""
+    plain = r.get("plain") or {}
+    fid = r.get("fidelity_on_calibration_pairs") or {}
+    kept = r.get("kept_fp32_nodes") or 0
+    how = {"two-pass": " as two-pass int8 (activation coded twice)", "fp32": " fp32"}.get(r.get("kept_as"),
+                                                                                         " out of one-pass int8")
+    return (f"`{name}` search on the calibration pairs: every product int8 gives Spearman "
+            f"{plain.get('spearman_mean', float('nan')):.4f} / top-10 {plain.get('top10_overlap', float('nan')):.3f}"
+            + (f"; {kept} products kept{how} give {fid['spearman_mean']:.4f} / {fid['top10_overlap']:.3f}"
+               if kept else "; nothing kept") + f" ({r.get('builds')} builds, {(r.get('search_s') or 0) / 60:.1f} min).")
+
+
 def real_weights(d: dict) -> str:
     """bench/real_weights.py: each precision of a real Qwen2.5-Coder against fp32 on held-out LoCoMo pairs, its
     size, cold start and speed, and the peers on the same pairs; the issue's targets with met/missed."""
@@ -510,17 +528,20 @@ def real_weights(d: dict) -> str:
              "| precision | held-out vs fp32: Spearman / top-10 / max \\|Δlogit\\| / p(yes) agreement | weight "
              "products int8 | size (of fp32) | cold start | peak RSS | pairs/s, prefix reuse (× fp32) |",
              "|---|---|---|---|---|---|---|"]
+    search_lines = [_search_line(n, r) for n, r in (export.get("search") or {}).items()]
     for name, r in per.items():
         h = r.get("held_out")
         fid = (f"{h['spearman_mean']:.4f} / {h['top10_overlap']:.3f} / {h['max_abs_logit_diff']:.3f} / "
                f"{100 * h['p_yes_agreement']:.1f} %" if h else "reference")
         wp = r["weight_products"]
-        total = sum(wp.values())
+        total = _products(wp)
+        two = f" ({wp['int8_two_pass']} two-pass)" if wp.get("int8_two_pass") else ""
         s = scorers.get(f"memrerank {name} + prefix reuse", {}).get("pairs_per_s")
         sp = f"{s:.2f} ({s / fp32_speed:.2f}×)" if s and fp32_speed else "—"
-        lines.append(f"| `{name}` | {fid} | {wp.get('int8', 0)} / {total} | {r['size_bytes'] / 2**30:.2f} GiB "
+        lines.append(f"| `{name}` | {fid} | {wp.get('int8', 0)}{two} / {total} | {r['size_bytes'] / 2**30:.2f} GiB "
                      f"({100 * r['size_bytes'] / fp32_bytes:.0f} %) | {r['cold_start_s']:.2f} s | "
                      f"{r['peak_rss_mib']:,.0f} MiB | {sp} |")
+    lines += [""] + search_lines if search_lines else []
     if speed:
         lines += ["", f"Speed: {speed['queries']} held-out questions, {speed['pairs']} pairs, {speed['rounds']} "
                       "interleaved rounds (best round); peers on the same pairs, agreement with memrerank fp32:", "",
@@ -542,7 +563,7 @@ def real_weights(d: dict) -> str:
                   "- " + _target("held-out Spearman", h["spearman_mean"], 0.99, ""),
                   "- " + _target("held-out top-10 overlap", h["top10_overlap"], 0.95, ""),
                   "- " + _target("p(yes) agreement", 100 * h["p_yes_agreement"], 99, " %"),
-                  "- " + _target("weight products int8", 100 * wp.get("int8", 0) / sum(wp.values()), 90, " %"),
+                  "- " + _target("weight products int8", 100 * wp.get("int8", 0) / _products(wp), 90, " %"),
                   "- " + _target("size of fp32", 100 * r["size_bytes"] / fp32_bytes, 35, " %", higher=False),
                   "- " + _target("cold start", r["cold_start_s"], 3, " s", higher=False),
                   "- " + _target("export (fp32 + this precision, search included)", export["wall_s"] / 60, 20,

@@ -211,6 +211,12 @@ def _decoder_plan(fp32: Path, skeleton: Any, quantized: list[str], calib: Any
       smoothing 0.977 / 0.17 (smoothing α 0.5 on top: 0.972; the down projection smoothed with outlier channels
       instead of rotated: 0.955; Hadamard block 64: 0.970).
 
+    * two-pass codes (:func:`memrerank.export.quantize.quantize_per_row`'s ``two_pass``; same split, every
+      product int8, this rotated recipe): one pass 0.968 / 0.20 (a second run of the 0.977 above), two passes
+      on every product 0.997 / 0.08, on the 28 down projections only 0.969, on q/k/v only 0.977: the error is
+      spread over the products, so the search (which keeps products two-pass, :data:`Int8Plan.two_pass`)
+      picks them by block.
+
     So a rotated graph's inputs are coded as they are (smoothing only moves weight range into them); an
     unrotated one's are smoothed, with outlier channels in fp32. Both are found on the raw ranges: an outlier
     channel runs in fp32 unsmoothed, the others are coded after smoothing. The SwiGLU down projection's input (the
