@@ -148,7 +148,9 @@ def test_int8_static_is_qdq_on_weights(qwen_all):
     assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
     inits = {i.name: i for i in model.graph.initializer}
     int8_weights = [i for i in inits.values() if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
-    assert len(int8_weights) >= 7  # at least one layer's projections stored as int8
+    # at least one layer's worth of products stored as int8 (the default fused graph packs q/k/v and gate/up:
+    # four weight products per layer)
+    assert len(int8_weights) >= 4
 
 
 def test_fp16_halves_weights_and_keeps_fp32_io(qwen_all):
