@@ -232,10 +232,9 @@ def export_model(
     family, config, blocks, tmp = _load_step(model, out, steps, revision=revision, instruction=instruction,
                                              trust_remote_code=trust_remote_code, max_length=max_length,
                                              allow_pickle=allow_pickle, prompt=prompt)
-    auto = graph is None
-    if auto:
-        graph = "fused" if family.cache_layout() is not None or rotate else "traced"
-        auto = not rotate  # --rotate without --graph asks for the fused graph: no quiet fallback
+    auto = graph is None and not rotate  # --rotate without --graph asks for the fused graph: no quiet fallback
+    if graph is None:
+        graph = "fused" if rotate or family.cache_layout() is not None else "traced"
     if rotate is None:
         rotate = graph in FUSED_GRAPHS
     job = _Job(model, revision, opset, graph, command, allow_pickle, Rotation() if rotate else None, auto)
@@ -456,16 +455,18 @@ def _build_precision(tmp: Path, name: str, fp32: PrecisionEntry, calib: CalibSet
                                   and metrics["max_abs_logit_diff"] <= PARITY_TOLERANCE["fp16"]}
     else:
         # the products the search keeps run as the builder's first way that meets the budget (int8 of a decoder:
-        # two-pass int8, then fp32); the search starts again only when the first way misses it
+        # two-pass int8, then fp32); the search starts again only when a way the builds used misses it
         ways = getattr(builder, "kept_as", ("fp32",))
         for way in ways:
             report = search_exclusions(lambda exclude, way=way: build(exclude, way), out_graph, calib,
                                        info.groups, budget, log, label=f"{name} search",
                                        progress=steps.enabled if steps is not None else False)
-            report["kept_as"] = way
-            if report["meets_budget"] or way == ways[-1]:
+            # what the kept graph's build did (a builder may run a way it cannot apply as fp32: an encoder)
+            used = builds[-1].extra.get("kept_as", "fp32")
+            if report["meets_budget"] or used == ways[-1]:
                 break
-            log(f"  {name}: products kept as {way} miss the budget; searching again keeping them {ways[-1]}")
+            log(f"  {name}: products kept as {used} miss the budget; searching again keeping them {ways[-1]}")
+        report["kept_as"] = used
     m = report["fidelity"]
     kept_as = report.get("kept_as", "fp32")
     log(f"  {name}: max|Δlogit| {m['max_abs_logit_diff']:.3e}, spearman {m['spearman_mean']:.4f}, "

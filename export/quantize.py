@@ -388,7 +388,7 @@ class _RowCoder:
         from onnx import numpy_helper
 
         self.graph = model.graph
-        self.two_pass = set(two_pass or ())
+        self.two_pass = two_pass or set()
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         self.hadamard = dict(hadamard or {})
         self.smooth = {x: v for x, v in smooth.items() if x not in self.hadamard}
@@ -430,24 +430,20 @@ class _RowCoder:
         w_tag = self._store_weight((node.input[1], transposed, x if changed else ""), tag, w)
         out_name = node.output[0]
         product = out_name if bias is None and w_outliers is None else out_name + "_int8"
-        if node.name in self.two_pass:
-            if x in self.lower_bounds:
-                raise ValueError(f"{node.name}: two-pass codes need symmetric codes; {x} has offset codes")
+        two_pass = node.name in self.two_pass
+        if two_pass and x in self.lower_bounds:
+            raise ValueError(f"{node.name}: two-pass codes need symmetric codes; {x} has offset codes")
+        first = product + "_pass1" if two_pass else product
+        new.append(helper.make_node(
+            "MatMulIntegerToFloat", [codes, w_tag + "_w_int8", row_scale, w_tag + "_w_scale", zero_point],
+            [first], name=tag + "_quant", domain="com.microsoft"))
+        if two_pass:  # the same weight by the codes of the first codes' rounding error, added
             new += [] if x in self.residual_rows else self._code_residual(x, tag)
             r_codes, r_scale = self.residual_rows[x]
-            new += [helper.make_node(
-                        "MatMulIntegerToFloat", [codes, w_tag + "_w_int8", row_scale, w_tag + "_w_scale", zero_point],
-                        [product + "_pass1"], name=tag + "_quant", domain="com.microsoft"),
-                    helper.make_node(
-                        "MatMulIntegerToFloat", [r_codes, w_tag + "_w_int8", r_scale, w_tag + "_w_scale",
-                                                 zero_point],
-                        [product + "_pass2"], name=tag + "_quant_residual", domain="com.microsoft"),
-                    helper.make_node("Add", [product + "_pass1", product + "_pass2"], [product],
-                                     name=tag + "_two_pass")]
-        else:
-            new.append(helper.make_node(
-                "MatMulIntegerToFloat", [codes, w_tag + "_w_int8", row_scale, w_tag + "_w_scale", zero_point],
-                [product], name=tag + "_quant", domain="com.microsoft"))
+            new += [helper.make_node("MatMulIntegerToFloat", [r_codes, w_tag + "_w_int8", r_scale,
+                                                              w_tag + "_w_scale", zero_point],
+                                     [product + "_pass2"], name=tag + "_quant_residual", domain="com.microsoft"),
+                    helper.make_node("Add", [first, product + "_pass2"], [product], name=tag + "_two_pass")]
         if w_outliers is not None:
             summed = out_name if bias is None else out_name + "_sum"
             new += self._add_outlier_part(x, tag, product, w_outliers, summed)
