@@ -215,7 +215,8 @@ def _decoder_plan(fp32: Path, skeleton: Any, quantized: list[str], calib: Any
       product int8, this rotated recipe): one pass 0.968 / 0.20 (a second run of the 0.977 above), two passes
       on every product 0.997 / 0.08, on the 28 down projections only 0.969, on q/k/v only 0.977: the error is
       spread over the products, so the search (which keeps products two-pass, :data:`Int8Plan.two_pass`)
-      picks them by block.
+      picks them by block. Speed on 60 of those pairs (prefix reuse, 2 threads, quiet machine, interleaved):
+      fp32 58.7 s, one pass 18.8 s (3.1x), two passes on every product 32.3 s (1.8x).
 
     So a rotated graph's inputs are coded as they are (smoothing only moves weight range into them); an
     unrotated one's are smoothed, with outlier channels in fp32. Both are found on the raw ranges: an outlier
