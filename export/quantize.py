@@ -293,7 +293,7 @@ ROW_SCALE_FLOOR = 1e-30
 def quantize_per_row(fp32: Path, out: Path, nodes: list[str], external: bool, *, model: Any = None,
                      smooth: dict[str, Any] | None = None, lower_bounds: dict[str, float] | None = None,
                      outliers: dict[str, Any] | None = None, hadamard: dict[str, int] | None = None,
-                     two_pass: set[str] | frozenset[str] = frozenset()) -> int:
+                     two_pass: set[str] | frozenset[str] = frozenset(), two_pass_last: int = 0) -> int:
     """Quantize weight MatMul/Gemm nodes with per-row (per-token) dynamic activation scales; write ``out``.
 
     Dynamic quantization as onnxruntime does it (``DynamicQuantizeLinear``) takes one activation scale for the
@@ -337,6 +337,14 @@ def quantize_per_row(fp32: Path, out: Path, nodes: list[str], external: bool, *,
             bits), the weight stays int8 and the row independence holds; it costs a second integer product
             and the coding of ``r``, where keeping the product fp32 costs its whole fp32 weight and an fp32
             product.
+        two_pass_last: the other products (of ``nodes``) code twice only the activation rows of each sequence's
+            last ``two_pass_last`` real tokens (by the graph's ``attention_mask`` input; fewer when a row has
+            fewer): those rows are gathered, their rounding error coded and multiplied as above, and the sum
+            written back over the first pass's rows. A decoder's score is read at its last token, whose own
+            products carry its error straight to the logit, while the other tokens reach it through attention
+            (their independent rounding errors averaged); the extra work is ``two_pass_last`` rows per sequence.
+            The rows are each sequence's own, so a row's result still depends on that row alone. Needs products
+            whose input is ``(batch, sequence, channels)`` aligned with ``attention_mask``.
 
     Returns:
         The number of nodes quantized.
@@ -348,7 +356,8 @@ def quantize_per_row(fp32: Path, out: Path, nodes: list[str], external: bool, *,
         model = onnx.load(str(fp32))
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    coder = _RowCoder(model, smooth or {}, lower_bounds or {}, outliers or {}, hadamard or {}, set(two_pass))
+    coder = _RowCoder(model, smooth or {}, lower_bounds or {}, outliers or {}, hadamard or {}, set(two_pass),
+                      two_pass_last)
     wanted = set(nodes)
     new_nodes = []
     done = 0
@@ -383,12 +392,18 @@ class _RowCoder:
 
     def __init__(self, model: Any, smooth: dict[str, Any], lower_bounds: dict[str, float],
                  outliers: dict[str, Any] | None = None, hadamard: dict[str, int] | None = None,
-                 two_pass: set[str] | None = None) -> None:
+                 two_pass: set[str] | None = None, two_pass_last: int = 0) -> None:
         import numpy as np
         from onnx import numpy_helper
 
         self.graph = model.graph
         self.two_pass = two_pass or set()
+        if two_pass_last < 0:
+            raise ValueError(f"two_pass_last must be >= 0, got {two_pass_last}")
+        if two_pass_last and "attention_mask" not in {i.name for i in model.graph.input}:
+            raise ValueError("two_pass_last needs the graph's attention_mask input to find each row's last tokens")
+        self.two_pass_last = two_pass_last
+        self.last_index: tuple[str, str] | None = None  # (flat row indices, their column form), made once
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         self.hadamard = dict(hadamard or {})
         self.smooth = {x: v for x, v in smooth.items() if x not in self.hadamard}
@@ -400,16 +415,18 @@ class _RowCoder:
                   "_pr_floor": np.array(ROW_SCALE_FLOOR, np.float32), "_pr_flat": np.array([-1], np.int64)}
         self.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
         self.rows: dict[str, tuple[str, str, str]] = {}  # activation -> (uint8 codes, row scales, zero point)
-        self.residual_rows: dict[str, tuple[str, str]] = {}  # activation -> codes, row scales of its rounding error
+        # (activation, last tokens only) -> codes and row scales of its rounding error
+        self.residual_rows: dict[tuple[str, bool], tuple[str, str]] = {}
         self.coded: dict[str, tuple[str, int]] = {}  # activation -> (what was coded: x after any rotation, k)
         self.weights: dict[tuple[str, bool, str], str] = {}  # (weight, transposed, smoothed input) -> tag
         self.replaced: set[str] = set()  # weight initializers now read through their int8 codes
+        self.row_shapes: set[str] = set()  # (-1, n) shapes written for the last-token rows' outputs
 
     def replace(self, node: Any, w: Any, bias: str | None, transposed: bool) -> list[Any]:
         """The nodes computing ``node`` (a plain product by the weight ``w``, plus ``bias``) from int8 codes,
         preceded by the coding of its activation the first time that activation is read."""
         import numpy as np
-        from onnx import helper
+        from onnx import helper, numpy_helper
 
         x, tag = node.input[0], node.name or node.output[0]
         w_outliers = None
@@ -422,8 +439,7 @@ class _RowCoder:
         if x in self.hadamard:  # rows mixed by Hᵀ block by block, as the activation is by H
             b = self.hadamard[x]
             h = block_hadamard(b)
-            w = np.einsum("ji,kjn->kin", h, w.astype(np.float64).reshape(-1, b, w.shape[1])).reshape(
-                w.shape).astype(np.float32)
+            w = np.matmul(h.T, w.astype(np.float64).reshape(-1, b, w.shape[1])).reshape(w.shape).astype(np.float32)
         new = [] if x in self.rows else self._code_activation(x, tag, w.shape[0])
         codes, row_scale, zero_point = self.rows[x]
         changed = x in self.smooth or x in self.outliers or x in self.hadamard
@@ -433,17 +449,37 @@ class _RowCoder:
         two_pass = node.name in self.two_pass
         if two_pass and x in self.lower_bounds:
             raise ValueError(f"{node.name}: two-pass codes need symmetric codes; {x} has offset codes")
-        first = product + "_pass1" if two_pass else product
+        first = product + "_pass1" if two_pass or self.two_pass_last else product
         new.append(helper.make_node(
             "MatMulIntegerToFloat", [codes, w_tag + "_w_int8", row_scale, w_tag + "_w_scale", zero_point],
             [first], name=tag + "_quant", domain="com.microsoft"))
         if two_pass:  # the same weight by the codes of the first codes' rounding error, added
-            new += [] if x in self.residual_rows else self._code_residual(x, tag)
-            r_codes, r_scale = self.residual_rows[x]
+            new += [] if (x, False) in self.residual_rows else self._code_residual(x, tag)
+            r_codes, r_scale = self.residual_rows[(x, False)]
             new += [helper.make_node("MatMulIntegerToFloat", [r_codes, w_tag + "_w_int8", r_scale,
                                                               w_tag + "_w_scale", zero_point],
                                      [product + "_pass2"], name=tag + "_quant_residual", domain="com.microsoft"),
                     helper.make_node("Add", [first, product + "_pass2"], [product], name=tag + "_two_pass")]
+        elif self.two_pass_last:  # the last tokens' rows: their rounding error's product added in place
+            new += [] if (x, True) in self.residual_rows else self._code_residual(x, tag, last=True)
+            r_codes, r_scale = self.residual_rows[(x, True)]
+            idx, idx_col = self.last_index  # type: ignore[misc]
+            n_out = int(w.shape[1])
+            if f"_pr_rows_{n_out}" not in self.row_shapes:
+                self.graph.initializer.append(numpy_helper.from_array(np.array([-1, n_out], np.int64),
+                                                                      f"_pr_rows_{n_out}"))
+                self.row_shapes.add(f"_pr_rows_{n_out}")
+            p = tag + "_last"
+            new += [helper.make_node("MatMulIntegerToFloat", [r_codes, w_tag + "_w_int8", r_scale,
+                                                              w_tag + "_w_scale", zero_point],
+                                     [p + "_pass2"], name=tag + "_quant_last_residual", domain="com.microsoft"),
+                    helper.make_node("Reshape", [first, f"_pr_rows_{n_out}"], [p + "_rows"], name=p + "_rows"),
+                    helper.make_node("Gather", [p + "_rows", idx], [p + "_pass1"], axis=0, name=p + "_gather"),
+                    helper.make_node("Add", [p + "_pass1", p + "_pass2"], [p + "_sum"], name=p + "_sum"),
+                    helper.make_node("ScatterND", [p + "_rows", idx_col, p + "_sum"], [p + "_scattered"],
+                                     name=p + "_scatter"),
+                    helper.make_node("Shape", [first], [p + "_shape"], name=p + "_shape"),
+                    helper.make_node("Reshape", [p + "_scattered", p + "_shape"], [product], name=p + "_out")]
         if w_outliers is not None:
             summed = out_name if bias is None else out_name + "_sum"
             new += self._add_outlier_part(x, tag, product, w_outliers, summed)
@@ -453,9 +489,10 @@ class _RowCoder:
         self.replaced.add(node.input[1])
         return new
 
-    def _code_residual(self, x: str, tag: str) -> list[Any]:
+    def _code_residual(self, x: str, tag: str, last: bool = False) -> list[Any]:
         """Nodes coding what ``x``'s first codes leave out, ``r = x' - s·(x_q - 128)`` (``x'``: ``x`` as it was
-        coded, after any rotation, smoothing or outlier zeroing), per row; recorded in ``residual_rows``."""
+        coded, after any rotation, smoothing or outlier zeroing), per row; recorded in ``residual_rows``.
+        ``last``: only the rows of each sequence's last tokens (:meth:`_last_rows`), gathered first."""
         import numpy as np
         from onnx import helper, numpy_helper
 
@@ -464,14 +501,72 @@ class _RowCoder:
         src, k = self.coded[x]
         codes, scale, _zero_point = self.rows[x]
         p = f"{tag}_res"
-        nodes = [helper.make_node("Cast", [codes], [p + "_codes_f"], to=1, name=p + "_codes_f"),  # 1: FLOAT
+        nodes = []
+        if last:
+            nodes += self._last_rows()
+            idx = self.last_index[0]  # type: ignore[index]
+            self.graph.initializer.append(numpy_helper.from_array(np.array([-1, k], np.int64), p + "_2d_in"))
+            for name, t, shape in (("src", src, p + "_2d_in"), ("codes", codes, p + "_2d_in"),
+                                   ("scale", scale, "_pr_col")):
+                nodes += [helper.make_node("Reshape", [t, shape], [f"{p}_{name}_rows"], name=f"{p}_{name}_rows"),
+                          helper.make_node("Gather", [f"{p}_{name}_rows", idx], [f"{p}_{name}_last"], axis=0,
+                                           name=f"{p}_{name}_last")]
+            src, codes, scale = f"{p}_src_last", f"{p}_codes_last", f"{p}_scale_last"
+        nodes += [helper.make_node("Cast", [codes], [p + "_codes_f"], to=1, name=p + "_codes_f"),  # 1: FLOAT
                  helper.make_node("Sub", [p + "_codes_f", "_pr_zp_f"], [p + "_centred"], name=p + "_centred"),
                  helper.make_node("Mul", [p + "_centred", scale], [p + "_dequant"], name=p + "_dequant"),
                  helper.make_node("Sub", [src, p + "_dequant"], [p + "_error"], name=p + "_error")]
         more, inits, (r_codes, r_scale) = _row_codes(p + "_error", f"{tag}_res_row", k, self.opset)
         self.graph.initializer.extend(inits)
-        self.residual_rows[x] = (r_codes, r_scale)
+        self.residual_rows[(x, last)] = (r_codes, r_scale)
         return nodes + more
+
+    def _last_rows(self) -> list[Any]:
+        """Nodes (once per graph) computing, from ``attention_mask`` (B, S), the flat row indices (B·n,) into
+        the (B·S) tokens of each sequence's last ``n`` real tokens, the last first; a sequence with fewer real
+        tokens repeats its first one (the same row gathered and written twice, with the same value), a
+        padding-only row its first position (which nothing reads)."""
+        import numpy as np
+        from onnx import TensorProto, helper, numpy_helper
+
+        if self.last_index is not None:
+            return []
+        p, n = "_pr_last", self.two_pass_last
+        i64 = np.int64
+        consts = {p + "_back": np.arange(n, dtype=i64)[None, :], p + "_0": np.array(0, i64),
+                  p + "_1": np.array(1, i64), p + "_ax1": np.array([1], i64), p + "_flat": np.array([-1], i64),
+                  p + "_col": np.array([-1, 1], i64), "_pr_col": np.array([-1, 1], i64)}
+        self.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+
+        def node(op: str, inputs: list[str], out: str, **kw: Any) -> Any:
+            return helper.make_node(op, inputs, [p + out], name=p + out, **kw)
+
+        nodes = [
+            node("Cast", ["attention_mask"], "_mask", to=TensorProto.INT64),
+            node("Shape", [p + "_mask"], "_shape"),
+            node("Gather", [p + "_shape", p + "_0"], "_batch", axis=0),
+            node("Gather", [p + "_shape", p + "_1"], "_seq", axis=0),
+            node("Range", [p + "_0", p + "_seq", p + "_1"], "_steps"),
+            # the last real position of each row (either padding side), and how many real tokens it has
+            node("Mul", [p + "_mask", p + "_steps"], "_at"),
+            node("ReduceSum", [p + "_mask", p + "_ax1"], "_real", keepdims=1),
+            node("Range", [p + "_0", p + "_batch", p + "_1"], "_rows"),
+            node("Mul", [p + "_rows", p + "_seq"], "_starts"),
+            node("Sub", [p + "_real", p + "_1"], "_real_m1"),
+            node("Max", [p + "_real_m1", p + "_0"], "_room"),
+            node("Min", [p + "_back", p + "_room"], "_steps_back"),  # (B, n): 0, 1, … capped at real - 1
+            node("Unsqueeze", [p + "_starts", p + "_ax1"], "_starts_col"),
+        ]
+        if self.opset < 18:
+            nodes.append(node("ReduceMax", [p + "_at"], "_last", axes=[1], keepdims=1))
+        else:
+            nodes.append(node("ReduceMax", [p + "_at", p + "_ax1"], "_last", keepdims=1))
+        nodes += [node("Add", [p + "_starts_col", p + "_last"], "_flat_last"),
+                  node("Sub", [p + "_flat_last", p + "_steps_back"], "_idx2d"),
+                  node("Reshape", [p + "_idx2d", p + "_flat"], "_idx"),
+                  node("Reshape", [p + "_idx2d", p + "_col"], "_idx_col")]
+        self.last_index = (p + "_idx", p + "_idx_col")
+        return nodes
 
     def _add_outlier_part(self, x: str, tag: str, product: str, w_outliers: Any, result: str) -> list[Any]:
         """``result = product + x[..., idx] · W[idx, :]`` (fp32), the gathered channels shared by ``x``'s
@@ -667,11 +762,13 @@ def build_int8(fp32: Path, out: Path, info: GraphInfo, calib: Any = None, exclud
     two_pass = exclude - set(plan.one_row) if kept_as == "two-pass" and plan.two_pass else set()
     keep = (exclude - two_pass) | set(plan.one_row)
     nodes = [n for n in info.weight_nodes if n not in keep]
+    # with the last tokens coded twice, a product that reads only last tokens runs two-pass whole
+    whole = (set(plan.last_row) & set(nodes)) - two_pass if plan.two_pass_last else set()
     out.parent.mkdir(parents=True, exist_ok=True)
     if nodes:
         quantize_per_row(fp32, out, nodes, info.external_data, model=plan.copy_model(), smooth=plan.smooth,
                          lower_bounds=plan.lower_bounds, outliers=plan.outliers, hadamard=plan.hadamard,
-                         two_pass=two_pass)
+                         two_pass=two_pass | whole, two_pass_last=plan.two_pass_last)
     elif plan.model is not None:
         for stale in (out, out.parent / (out.name + "_data")):
             stale.unlink(missing_ok=True)

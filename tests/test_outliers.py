@@ -174,3 +174,66 @@ def test_two_pass_codes_leave_only_the_weight_rounding(tmp_path):
     assert np.abs(_run(rot, x) - x @ w).max() < np.abs(_run(one, x) - x @ w).max()
     with pytest.raises(ValueError, match="two-pass codes need symmetric codes"):
         quantize_per_row(fp32, tmp_path / "bad.onnx", [name], False, two_pass={name}, lower_bounds={"x": -0.17})
+
+
+def _masked_product(path, w):
+    """The product graph with an ``attention_mask`` input (B, S), which only the rewrite reads."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="/model/layers.0.down_proj/MatMul")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", K]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", N])], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def _run_masked(path, x, mask):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x, "attention_mask": mask})[0]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_the_last_tokens_rows_are_coded_twice_and_the_others_once(tmp_path, side):
+    """``two_pass_last=n``: each sequence's last n real tokens (by attention_mask, either padding side, fewer when
+    it has fewer) come out as the whole two-pass product gives them, every other row as the one-pass product;
+    a sequence's rows do not move with what shares its batch."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(0, 0.05, (K, N)).astype(np.float32)
+    lengths = [7, 2, 0, 5]  # real tokens per row; 0: a padding-only row
+    s, n = 7, 3
+    x = rng.normal(0, 1, (len(lengths), s, K)).astype(np.float32)
+    mask = np.zeros((len(lengths), s), np.int64)
+    for b, length in enumerate(lengths):
+        if side == "right":
+            mask[b, :length] = 1
+        else:
+            mask[b, s - length:] = 1
+    fp32 = _masked_product(tmp_path / "fp32.onnx", w)
+    name = "/model/layers.0.down_proj/MatMul"
+    one, two, last = tmp_path / "one.onnx", tmp_path / "two.onnx", tmp_path / "last.onnx"
+    quantize_per_row(fp32, one, [name], False)
+    quantize_per_row(fp32, two, [name], False, two_pass={name})
+    quantize_per_row(fp32, last, [name], False, two_pass_last=n)
+    y_one, y_two, y_last = (_run_masked(p, x, mask) for p in (one, two, last))
+    scale = np.abs(w).max(axis=0) / 127.0
+    w_q = np.clip(np.rint(w / scale), -127, 127) * scale  # what the int8 weight holds
+    want_q = x.astype(np.float64) @ w_q  # the two-pass rows are ~50x closer to it: the two graphs differ
+    assert np.abs(y_two - want_q).max() < np.abs(y_one - want_q).max() / 50
+    for b, length in enumerate(lengths):
+        real = np.flatnonzero(mask[b])
+        twice = set(real[-n:].tolist()) if length else {0}  # a padding-only row: its first position (unread)
+        for t in range(s):
+            want = y_two if t in twice else y_one
+            np.testing.assert_allclose(y_last[b, t], want[b, t], rtol=0, atol=1e-6, err_msg=f"row {b} token {t}")
+    # alone, each sequence (trimmed to its own length on its padding side) gets the same rows
+    for b, length in enumerate(lengths):
+        if length == 0:
+            continue
+        keep = slice(0, length) if side == "right" else slice(s - length, s)
+        alone = _run_masked(last, x[b:b + 1, keep], mask[b:b + 1, keep])
+        np.testing.assert_array_equal(alone[0], y_last[b, keep])
+    with pytest.raises(ValueError, match="attention_mask"):
+        quantize_per_row(_product(tmp_path / "nomask.onnx", w), tmp_path / "bad.onnx", [name], False,
+                         two_pass_last=n)
