@@ -118,15 +118,17 @@ def _search_record(fid: dict) -> dict:
 # ------------------------------------------------------------------------------------------- per precision
 def weight_products(graph: Path) -> dict[str, int]:
     """Weight products of a graph by how they run: int8 (``MatMulIntegerToFloat``; ``int8_two_pass`` of them
-    with their activation coded twice), weight-only n-bit (``MatMulNBits``), fp32 (``MatMul``/``Gemm`` by a
-    constant)."""
+    with their activation coded twice, ``int8_two_pass_last`` with the rows of each sequence's last tokens coded
+    twice), weight-only n-bit (``MatMulNBits``), fp32 (``MatMul``/``Gemm`` by a constant)."""
     import onnx
 
     g = onnx.load(str(graph), load_external_data=False).graph
     consts = {i.name for i in g.initializer} | {n.output[0] for n in g.node if n.op_type == "Constant"}
     int8 = [n for n in g.node if n.op_type == "MatMulIntegerToFloat"]
-    out = {"int8": sum(not n.name.endswith("_quant_residual") for n in int8),
+    second = ("_quant_residual", "_quant_last_residual")  # a product's second integer product
+    out = {"int8": sum(not n.name.endswith(second) for n in int8),
            "int8_two_pass": sum(n.name.endswith("_quant_residual") for n in int8),
+           "int8_two_pass_last": sum(n.name.endswith("_quant_last_residual") for n in int8),
            "nbits": sum(n.op_type == "MatMulNBits" for n in g.node),
            "fp32": sum(n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in consts
                        for n in g.node)}

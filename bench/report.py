@@ -496,7 +496,8 @@ def fused_decoder(d: dict) -> str:
 
 
 def _products(wp: dict) -> int:
-    """Weight products of a graph (a two-pass product is one int8 product, counted once)."""
+    """Weight products of a graph (a two-pass product, whole or on its last tokens, is one int8 product, counted
+    once)."""
     return wp.get("int8", 0) + wp.get("nbits", 0) + wp.get("fp32", 0)
 
 
@@ -535,7 +536,9 @@ def real_weights(d: dict) -> str:
                f"{100 * h['p_yes_agreement']:.1f} %" if h else "reference")
         wp = r["weight_products"]
         total = _products(wp)
-        two = f" ({wp['int8_two_pass']} two-pass)" if wp.get("int8_two_pass") else ""
+        two = "".join(f" ({wp[k]} {what})" for k, what in (("int8_two_pass", "two-pass"),
+                                                          ("int8_two_pass_last", "last tokens two-pass"))
+                      if wp.get(k))
         s = scorers.get(f"memrerank {name} + prefix reuse", {}).get("pairs_per_s")
         sp = f"{s:.2f} ({s / fp32_speed:.2f}×)" if s and fp32_speed else "—"
         lines.append(f"| `{name}` | {fid} | {wp.get('int8', 0)}{two} / {total} | {r['size_bytes'] / 2**30:.2f} GiB "
