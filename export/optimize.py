@@ -190,7 +190,7 @@ def plan_int8(fp32: Path, info: Any, calib: Any = None, *, alpha: float = SMOOTH
             plan.two_pass_last = DECODER_TWO_PASS_LAST
             plan.last_row = [n for n in last_row_products(skeleton) if n in set(quantized)]
             record["two_pass_last_tokens"] = {
-                "tokens": DECODER_TWO_PASS_LAST, "whole_products": len(plan.last_row),
+                "tokens": DECODER_TWO_PASS_LAST, "last_token_products": len(plan.last_row),
                 "method": "the rows of each sequence's last tokens coded twice (the second code takes the first's "
                           "rounding error) in every product; products after the last-token selection two-pass "
                           "whole"}

@@ -777,6 +777,8 @@ def build_int8(fp32: Path, out: Path, info: GraphInfo, calib: Any = None, exclud
         _copy_graph(fp32, out, info)
     tables = quantize_embeddings(out, [n for n in info.embedding_nodes if n not in exclude], info.external_data)
     kept = {"kept_as": "two-pass" if two_pass else "fp32", "two_pass_products": len(two_pass)} if exclude else {}
+    if whole:  # products after the last-token selection, two-pass whole (beside those the search kept)
+        kept["two_pass_last_token_products"] = len(whole)
     return Build(method=INT8_METHOD, batch_independent=True, extra={"embeddings": _embeddings_record(tables),
                                                                     **plan.record, **kept})
 

@@ -131,14 +131,21 @@ def test_int8_quantizes_weight_matmuls_only(qwen_all):
     fp32, _ = _ops(qwen_all / "fp32" / "model.onnx")
     weights = weight_matmuls(fp32)
     entry = json.loads((qwen_all / "manifest.json").read_text())["precisions"]["int8"]
-    _, ops = _ops(qwen_all / "int8" / "model.onnx")
+    model, ops = _ops(qwen_all / "int8" / "model.onnx")
     kept = len(entry["fidelity"].get("kept_fp32_nodes", []))
-    two_pass = entry["build"].get("two_pass_products", 0)  # kept products that stay int8, with two integer products
     fp32_kept = 0 if entry["fidelity"].get("kept_as") == "two-pass" else kept
-    quantized = ops.count("MatMulIntegerToFloat")  # per-row activation scales (quantize_per_row)
+    products = [n.name for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"]  # per-row activation scales
     assert "DynamicQuantizeLinear" not in ops  # no activation scale taken over the whole batch
-    # minus the folded head and the products kept in fp32; a two-pass product has two integer products
-    assert quantized == len(weights) - 1 - fp32_kept + two_pass
+    # minus the folded head and the products kept in fp32
+    first = [n for n in products if n.endswith("_quant")]
+    assert len(first) == len(weights) - 1 - fp32_kept
+    # a decoder codes each sequence's last tokens twice in every product: a second integer product for each, on
+    # the last tokens' rows, or whole for the products kept two-pass and those after the last-token selection
+    last = entry["build"]["two_pass_last_tokens"]
+    assert last["tokens"] > 0 and last["last_token_products"] == 3  # the last layer's o, gate/up and down
+    whole = sum(n.endswith("_quant_residual") for n in products)
+    assert whole == entry["build"].get("two_pass_products", 0) + entry["build"].get("two_pass_last_token_products", 0)
+    assert sum(n.endswith("_quant_last_residual") for n in products) == len(first) - whole
     # the folded head (hidden x 1) stays a float MatMul; the default (fused) graph's attention is one operator
     assert ops.count("MatMul") >= 1 and "Attention" in ops
 

@@ -51,6 +51,9 @@ def info_text(root: str | Path) -> str:
                 kept_as = fid.extra.get("kept_as", "fp32") if fid is not None else "fp32"
                 parity += (f", top10 {par.top10_overlap:.3f}, budget {'met' if entry.meets_budget else 'MISSED'}"
                            f", kept {kept_as}: {kept or 'none'}")
+                last = (entry.build.extra or {}).get("two_pass_last_tokens") if entry.build is not None else None
+                if last and last.get("tokens"):
+                    parity += f", last {last['tokens']} tokens coded twice"
         lines.append(f"precision   {name:<11} {entry.size_bytes / 2**20:8.1f} MiB  {parity}")
     for name, engine in m.engines.items():
         lines.append(f"engine      {name:<11} TensorRT {engine.tensorrt} on {engine.gpu} "
