@@ -27,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 README = HERE.parent / "README.md"
-BLOCK = re.compile(r"<!-- bench:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /bench:(?P=name) -->", re.S)
+BLOCK = re.compile(r"<!-- bench:(?P<name>[\w.-]+) -->\n(?P<body>.*?)<!-- /bench:(?P=name) -->", re.S)
 
 
 @dataclass(frozen=True)
@@ -79,10 +79,10 @@ def _num(x: float, digits: int = 1) -> str:
     return f"{x:,.{digits}f}"
 
 
-def _target(name: str, value: float, target: float, unit: str = "×", higher: bool = True) -> str:
+def _target(name: str, value: float, target: float, unit: str = "×", higher: bool = True, digits: int = 2) -> str:
     met = value >= target if higher else value <= target
     sign = "≥" if higher else "≤"
-    return f"{name}: {value:.2f}{unit} (target {sign} {target}{unit}) — " + ("met" if met else "**missed**")
+    return f"{name}: {value:.{digits}f}{unit} (target {sign} {target}{unit}) — " + ("met" if met else "**missed**")
 
 
 # --------------------------------------------------------------------------------------------------- sections
@@ -511,7 +511,8 @@ def _search_line(name: str, r: dict) -> str:
     return (f"`{name}` search on the calibration pairs: every product int8 gives Spearman "
             f"{plain.get('spearman_mean', float('nan')):.4f} / top-10 {plain.get('top10_overlap', float('nan')):.3f}"
             + (f"; {kept} products kept{how} give {fid['spearman_mean']:.4f} / {fid['top10_overlap']:.3f}"
-               if kept else "; nothing kept") + f" ({r.get('builds')} builds, {(r.get('search_s') or 0) / 60:.1f} min).")
+               if kept else "; nothing kept") + f" ({r.get('builds')} build{'s' * (r.get('builds') != 1)}, "
+                                     f"{(r.get('search_s') or 0) / 60:.1f} min).")
 
 
 def real_weights(d: dict) -> str:
@@ -568,9 +569,10 @@ def real_weights(d: dict) -> str:
             continue
         wp = r["weight_products"]
         lines += ["", f"Targets for `{name}`:", "",
-                  "- " + _target("held-out Spearman", h["spearman_mean"], 0.99, ""),
-                  "- " + _target("held-out top-10 overlap", h["top10_overlap"], 0.95, ""),
-                  "- " + _target("p(yes) agreement", 100 * h["p_yes_agreement"], 99, " %"),
+                  "- " + _target("held-out Spearman", h["spearman_mean"], 0.99, "", digits=4),
+                  "- " + _target("held-out top-10 overlap", h["top10_overlap"], 0.95, "", digits=3),
+                  "- " + _target("p(yes) agreement", 100 * h["p_yes_agreement"], 99, " %")
+                  + f" (fp32 says yes to {100 * h['reference_p_yes_share']:.1f} % of these pairs)",
                   "- " + _target("weight products int8", 100 * wp.get("int8", 0) / _products(wp), 90, " %"),
                   "- " + _target("size of fp32", 100 * r["size_bytes"] / fp32_bytes, 35, " %", higher=False),
                   "- " + _target("cold start", r["cold_start_s"], 3, " s", higher=False),
