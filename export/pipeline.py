@@ -227,7 +227,7 @@ def export_model(
         raise ValueError("rotate: the rotated basis is written by the fused graphs; pass --graph fused "
                          f"(or fused-cuda), not {graph!r}")
     lower = [p for p in PRECISIONS if p in precisions and p != "fp32"]
-    steps = Steps(3 + len(lower), desc=f"export {Path(model).name}", enabled=progress, log=log)
+    steps = Steps(3 + len(lower) + bool(lower), desc=f"export {Path(model).name}", enabled=progress, log=log)
     log = steps.log
     family, config, blocks, tmp = _load_step(model, out, steps, revision=revision, instruction=instruction,
                                              trust_remote_code=trust_remote_code, max_length=max_length,
@@ -411,6 +411,8 @@ def _build_precisions(tmp: Path, names: Sequence[str], groups: Sequence[tuple[st
         groups = builtin_calibration_groups()
         log("no --calib-data given: calibrating and checking fidelity on the built-in pairs")
     fp32 = manifest.precision("fp32")
+    if steps is not None:  # the fp32 logits every lower precision is judged against, scored once
+        steps.start("fp32 reference")
     calib = CalibSet(tmp, groups)
     info = graph_info(tmp / fp32.graph)
     calibration_data = CalibrationData(source, calib.n_pairs, len(groups))
