@@ -621,7 +621,7 @@ def generalisation(d: dict) -> str:
     dec = d.get("decoder", {}).get("held_out", {}).get("generated")
     if dec:
         lines.append("- " + _target("decoder int8 Spearman vs fp32 on the other source", dec["spearman_mean"], 0.99,
-                                    ""))
+                                    "", digits=4))
     return "\n".join(lines)
 
 
