@@ -146,6 +146,10 @@ def test_int8_quantizes_weight_matmuls_only(qwen_all):
     whole = sum(n.endswith("_quant_residual") for n in products)
     assert whole == entry["build"].get("two_pass_products", 0) + entry["build"].get("two_pass_last_token_products", 0)
     assert sum(n.endswith("_quant_last_residual") for n in products) == len(first) - whole
+    from memrerank.report import info_text  # `memrerank info` says so on the int8 line
+
+    int8_line = next(line for line in info_text(qwen_all).splitlines() if line.startswith("precision   int8"))
+    assert f"last {last['tokens']} tokens coded twice" in int8_line
     # the folded head (hidden x 1) stays a float MatMul; the default (fused) graph's attention is one operator
     assert ops.count("MatMul") >= 1 and "Attention" in ops
 
