@@ -6,7 +6,7 @@ memories, one relevant; templates, names, places and values of its own, nothing 
 
 * encoder: the real all-MiniLM-L6-v2 with the relevance head ``bench/peers_encoder.py`` fits on LoCoMo
   conversations 1-5, exported by that bench with 40 LoCoMo questions as ``--calib-data`` (its workdir is reused;
-  made here when missing). LoCoMo held-out: conversations 6-10.
+  made here by the same function when missing). LoCoMo held-out: conversations 6-10.
 * decoder: the real Qwen2.5-Coder-1.5B artifact ``bench/real_weights.py`` exported with LoCoMo calibration pairs
   (``--decoder-artifact``; its held-out LoCoMo figures are in that bench's results). The model ranks memories barely
   above random, so its NDCG is reported but agreement with fp32 is the figure.
@@ -73,28 +73,6 @@ def measure(artifact: Path, sets: dict, threads: int) -> dict:
     return out
 
 
-def encoder_artifact(workdir: Path, locomo: Path, threads: int) -> Path:
-    """peers_encoder.py's checkpoint and artifact (fitted and exported as that bench does when missing)."""
-    import random
-
-    from peers_encoder import fit_head, split_queries
-
-    from memrerank.export import export_model
-
-    train, _ = split_queries(locomo)
-    ckpt, artifact = workdir / "checkpoint", workdir / "artifact"
-    if not (ckpt / "config.json").exists():
-        fit_head(ckpt, train, threads)
-    if not (artifact / "manifest.json").exists():
-        calib = workdir / "calib.jsonl"
-        rng = random.Random(1)
-        calib.write_text("\n".join(json.dumps({"query": q.query, "document": d})
-                                   for q in rng.sample(train, 40) for d in q.documents))
-        export_model(str(ckpt), artifact, precisions=["fp32", "int8"], calib_data=calib, max_length=256,
-                     log=lambda m: print(m, file=sys.stderr))
-    return artifact
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--locomo", type=Path, default=DEFAULT_LOCOMO)
@@ -106,12 +84,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "generalisation.json")
     args = ap.parse_args()
-    from peers_encoder import split_queries
+    from peers_encoder import checkpoint_and_artifact, split_queries
 
     result: dict = {"environment": environment(args.threads), "other_source": "src/memrerank/demo_heldout.jsonl "
                     "(generated: templates, names, places and values of its own; 8 candidates, one relevant)"}
-    encoder = encoder_artifact(args.encoder_workdir, args.locomo, args.threads)
-    _, test = split_queries(args.locomo)
+    train, test = split_queries(args.locomo)
+    _, encoder, _ = checkpoint_and_artifact(args.encoder_workdir, train, args.threads)
     manifest = json.loads((encoder / "manifest.json").read_text())
     result["encoder"] = {
         "model": "all-MiniLM-L6-v2 + LoCoMo-fitted head (bench/peers_encoder.py)",

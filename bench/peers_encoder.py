@@ -103,6 +103,25 @@ def fit_head(ckpt_out: Path, train, threads: int, negatives: int = 8, seed: int 
     return {"train_pairs": len(pairs), "positives": int(y.sum())}
 
 
+def checkpoint_and_artifact(workdir: Path, train, threads: int) -> tuple[Path, Path, dict]:
+    """The checkpoint with its LoCoMo-fitted head and its fp32+int8 artifact (calibrated on 40 training questions)
+    under ``workdir``, each made when missing; and the head fit's record (empty when the checkpoint existed)."""
+    from memrerank.export import export_model
+
+    ckpt, artifact = workdir / "checkpoint", workdir / "artifact"
+    info = {}
+    if not (ckpt / "config.json").exists():
+        info = fit_head(ckpt, train, threads)
+    if not (artifact / "manifest.json").exists():
+        calib = workdir / "calib.jsonl"
+        rng = random.Random(1)
+        rows = [{"query": q.query, "document": d} for q in rng.sample(train, 40) for d in q.documents]
+        calib.write_text("\n".join(json.dumps(r) for r in rows))
+        export_model(str(ckpt), artifact, precisions=["fp32", "int8"], calib_data=calib, max_length=256,
+                     log=lambda m: print(m, file=sys.stderr))
+    return ckpt, artifact, info
+
+
 def st_onnx(workdir: Path, threads: int):
     """sentence-transformers' ``backend="onnx"`` CrossEncoder on its avx512_vnni qint8 export (made once)."""
     import onnxruntime as ort
@@ -191,22 +210,10 @@ def main() -> int:
     from sentence_transformers import CrossEncoder
 
     from memrerank import Reranker
-    from memrerank.export import export_model
 
     torch.set_num_threads(args.threads)
     train, test = split_queries(args.locomo)
-    ckpt = args.workdir / "checkpoint"
-    info = {}
-    if not (ckpt / "config.json").exists():
-        info = fit_head(ckpt, train, args.threads)
-    artifact = args.workdir / "artifact"
-    if not (artifact / "manifest.json").exists():
-        calib = args.workdir / "calib.jsonl"
-        rng = random.Random(1)
-        rows = [{"query": q.query, "document": d} for q in rng.sample(train, 40) for d in q.documents]
-        calib.write_text("\n".join(json.dumps(r) for r in rows))
-        export_model(str(ckpt), artifact, precisions=["fp32", "int8"], calib_data=calib, max_length=256,
-                     log=lambda m: print(m, file=sys.stderr))
+    ckpt, artifact, info = checkpoint_and_artifact(args.workdir, train, args.threads)
     peers: dict[str, object] = {
         ST_TORCH: CrossEncoder(str(ckpt), device="cpu", max_length=256),
         ST_QINT8: st_onnx(args.workdir, args.threads),

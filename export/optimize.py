@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import tempfile
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,7 +189,8 @@ def plan_int8(fp32: Path, info: Any, calib: Any = None, *, alpha: float = SMOOTH
         plan.two_pass = True
         if any(i.name == "attention_mask" for i in skeleton.graph.input):
             plan.two_pass_last = DECODER_TWO_PASS_LAST
-            plan.last_row = [n for n in last_row_products(skeleton) if n in set(quantized)]
+            wanted = set(quantized)
+            plan.last_row = [n for n in last_row_products(skeleton) if n in wanted]
             record["two_pass_last_tokens"] = {
                 "tokens": DECODER_TWO_PASS_LAST, "last_token_products": len(plan.last_row),
                 "method": "the rows of each sequence's last tokens coded twice (the second code takes the first's "
@@ -462,28 +464,9 @@ def first_token_last_layer(model: Any) -> list[str] | str:
 
 def one_row_products(model: Any) -> list[str]:
     """Weight products whose input has one row per pair: downstream of a first-token selection (a ``Gather``
-    of index 0 or a ``Slice`` 0:1 on the sequence axis). A product's rows follow its first input; any other op's
-    output has one row per pair when one of its data inputs has (shape reads are not data)."""
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    consts = _constants(g)
-    one_row: set[str] = set()
-    out: list[str] = []
-    for n in g.node:
-        if n.op_type in _ROW_OPS_SKIPPED:
-            continue
-        if _selects_first_token(n, consts):
-            one_row.update(n.output)
-            continue
-        if n.op_type in ("MatMul", "Gemm", "MatMulIntegerToFloat"):
-            if n.input and n.input[0] in one_row:
-                one_row.update(n.output)
-                if _is_weight_product(n, inits):
-                    out.append(n.name)
-            continue
-        if any(x in one_row for x in n.input):
-            one_row.update(n.output)
-    return out
+    of index 0 or a ``Slice`` 0:1 on the sequence axis)."""
+    consts = _constants(model.graph)
+    return _products_after(model, lambda n: _selects_first_token(n, consts))
 
 
 def last_row_products(model: Any) -> list[str]:
@@ -492,24 +475,35 @@ def last_row_products(model: Any) -> list[str]:
     real token). Gathers from constants (rotary tables indexed by positions) select no rows."""
     g = model.graph
     static = _static_names(g)
-    inits = {i.name: i for i in g.initializer}
     from_mask: set[str] = {"attention_mask"}
-    last: set[str] = set()
-    out: list[str] = []
     for n in g.node:
         if any(x in from_mask for x in n.input):
             from_mask.update(n.output)
-        if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] in from_mask and n.input[0] not in static:
-            last.update(n.output)
+    return _products_after(model, lambda n: n.op_type == "Gather" and len(n.input) > 1
+                           and n.input[1] in from_mask and n.input[0] not in static)
+
+
+def _products_after(model: Any, selects: Callable[[Any], bool]) -> list[str]:
+    """Weight products whose input rows come from a node ``selects`` picks. A product's rows follow its first
+    input; any other op's output follows its data inputs (shape reads are not data)."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    picked: set[str] = set()
+    out: list[str] = []
+    for n in g.node:
+        if n.op_type in _ROW_OPS_SKIPPED:
+            continue
+        if selects(n):
+            picked.update(n.output)
             continue
         if n.op_type in ("MatMul", "Gemm", "MatMulIntegerToFloat"):
-            if n.input and n.input[0] in last:
-                last.update(n.output)
+            if n.input and n.input[0] in picked:
+                picked.update(n.output)
                 if _is_weight_product(n, inits):
                     out.append(n.name)
             continue
-        if any(x in last for x in n.input if x not in static):
-            last.update(n.output)
+        if any(x in picked for x in n.input):
+            picked.update(n.output)
     return out
 
 

@@ -535,7 +535,7 @@ class _RowCoder:
         i64 = np.int64
         consts = {p + "_back": np.arange(n, dtype=i64)[None, :], p + "_0": np.array(0, i64),
                   p + "_1": np.array(1, i64), p + "_ax1": np.array([1], i64), p + "_flat": np.array([-1], i64),
-                  p + "_col": np.array([-1, 1], i64), "_pr_col": np.array([-1, 1], i64)}
+                  "_pr_col": np.array([-1, 1], i64)}
         self.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
 
         def node(op: str, inputs: list[str], out: str, **kw: Any) -> Any:
@@ -564,7 +564,7 @@ class _RowCoder:
         nodes += [node("Add", [p + "_starts_col", p + "_last"], "_flat_last"),
                   node("Sub", [p + "_flat_last", p + "_steps_back"], "_idx2d"),
                   node("Reshape", [p + "_idx2d", p + "_flat"], "_idx"),
-                  node("Reshape", [p + "_idx2d", p + "_col"], "_idx_col")]
+                  node("Reshape", [p + "_idx2d", "_pr_col"], "_idx_col")]
         self.last_index = (p + "_idx", p + "_idx_col")
         return nodes
 
