@@ -126,9 +126,11 @@ def weight_products(graph: Path) -> dict[str, int]:
     consts = {i.name for i in g.initializer} | {n.output[0] for n in g.node if n.op_type == "Constant"}
     int8 = [n for n in g.node if n.op_type == "MatMulIntegerToFloat"]
     second = ("_quant_residual", "_quant_last_residual")  # a product's second integer product
+    # the last tokens two-pass: one product over the rows stacked on their errors (before: a second product)
+    last = ("_quant_last_two_pass", "_quant_last_residual")
     out = {"int8": sum(not n.name.endswith(second) for n in int8),
            "int8_two_pass": sum(n.name.endswith("_quant_residual") for n in int8),
-           "int8_two_pass_last": sum(n.name.endswith("_quant_last_residual") for n in int8),
+           "int8_two_pass_last": sum(n.name.endswith(last) for n in int8),
            "nbits": sum(n.op_type == "MatMulNBits" for n in g.node),
            # by a constant, but not a weight: the online Hadamard mixing of an activation before its codes
            "fp32": sum(n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in consts

@@ -420,7 +420,9 @@ class _RowCoder:
         self.coded: dict[str, tuple[str, int]] = {}  # activation -> (what was coded: x after any rotation, k)
         self.weights: dict[tuple[str, bool, str], str] = {}  # (weight, transposed, smoothed input) -> tag
         self.replaced: set[str] = set()  # weight initializers now read through their int8 codes
-        self.row_shapes: set[str] = set()  # (-1, n) shapes written for the last-token rows' outputs
+        self.row_shapes: set[str] = set()  # (n,) widths written for the last-token rows' outputs
+        # activation -> its rows stacked over its last tokens' error codes: (codes, scales, sizes, lead shape)
+        self.stacked: dict[str, tuple[str, str, str, str]] = {}
 
     def replace(self, node: Any, w: Any, bias: str | None, transposed: bool) -> list[Any]:
         """The nodes computing ``node`` (a plain product by the weight ``w``, plus ``bias``) from int8 codes,
@@ -449,10 +451,11 @@ class _RowCoder:
         two_pass = node.name in self.two_pass
         if two_pass and x in self.lower_bounds:
             raise ValueError(f"{node.name}: two-pass codes need symmetric codes; {x} has offset codes")
-        first = product + "_pass1" if two_pass or self.two_pass_last else product
-        new.append(helper.make_node(
-            "MatMulIntegerToFloat", [codes, w_tag + "_w_int8", row_scale, w_tag + "_w_scale", zero_point],
-            [first], name=tag + "_quant", domain="com.microsoft"))
+        first = product + "_pass1" if two_pass else product
+        if not (self.two_pass_last and not two_pass):  # else one product over the rows and the last rows' errors
+            new.append(helper.make_node(
+                "MatMulIntegerToFloat", [codes, w_tag + "_w_int8", row_scale, w_tag + "_w_scale", zero_point],
+                [first], name=tag + "_quant", domain="com.microsoft"))
         if two_pass:  # the same weight by the codes of the first codes' rounding error, added
             new += [] if (x, False) in self.residual_rows else self._code_residual(x, tag)
             r_codes, r_scale = self.residual_rows[(x, False)]
@@ -461,25 +464,10 @@ class _RowCoder:
                                      [product + "_pass2"], name=tag + "_quant_residual", domain="com.microsoft"),
                     helper.make_node("Add", [first, product + "_pass2"], [product], name=tag + "_two_pass")]
         elif self.two_pass_last:  # the last tokens' rows: their rounding error's product added in place
+            if x in self.lower_bounds:
+                raise ValueError(f"{node.name}: two-pass codes need symmetric codes; {x} has offset codes")
             new += [] if (x, True) in self.residual_rows else self._code_residual(x, tag, last=True)
-            r_codes, r_scale = self.residual_rows[(x, True)]
-            idx, idx_col = self.last_index  # type: ignore[misc]
-            n_out = int(w.shape[1])
-            if f"_pr_rows_{n_out}" not in self.row_shapes:
-                self.graph.initializer.append(numpy_helper.from_array(np.array([-1, n_out], np.int64),
-                                                                      f"_pr_rows_{n_out}"))
-                self.row_shapes.add(f"_pr_rows_{n_out}")
-            p = tag + "_last"
-            new += [helper.make_node("MatMulIntegerToFloat", [r_codes, w_tag + "_w_int8", r_scale,
-                                                              w_tag + "_w_scale", zero_point],
-                                     [p + "_pass2"], name=tag + "_quant_last_residual", domain="com.microsoft"),
-                    helper.make_node("Reshape", [first, f"_pr_rows_{n_out}"], [p + "_rows"], name=p + "_rows"),
-                    helper.make_node("Gather", [p + "_rows", idx], [p + "_pass1"], axis=0, name=p + "_gather"),
-                    helper.make_node("Add", [p + "_pass1", p + "_pass2"], [p + "_sum"], name=p + "_sum"),
-                    helper.make_node("ScatterND", [p + "_rows", idx_col, p + "_sum"], [p + "_scattered"],
-                                     name=p + "_scatter"),
-                    helper.make_node("Shape", [first], [p + "_shape"], name=p + "_shape"),
-                    helper.make_node("Reshape", [p + "_scattered", p + "_shape"], [product], name=p + "_out")]
+            new += self._stack_last_rows(x, tag, w_tag, int(w.shape[1]), product)
         if w_outliers is not None:
             summed = out_name if bias is None else out_name + "_sum"
             new += self._add_outlier_part(x, tag, product, w_outliers, summed)
@@ -519,7 +507,59 @@ class _RowCoder:
         more, inits, (r_codes, r_scale) = _row_codes(p + "_error", f"{tag}_res_row", k, self.opset)
         self.graph.initializer.extend(inits)
         self.residual_rows[(x, last)] = (r_codes, r_scale)
+        if last:
+            more += self._stack_rows(x, p, r_codes, r_scale)
         return nodes + more
+
+    def _stack_rows(self, x: str, p: str, r_codes: str, r_scale: str) -> list[Any]:
+        """Nodes stacking ``x``'s codes as rows (B·S, k) over the codes of its last tokens' rounding errors
+        (B·n, k), and their row scales alike, so each product by a weight runs once over both (one integer
+        product, one prepacked weight); recorded in ``stacked[x]`` with the two row counts and ``x``'s leading
+        shape (B, S)."""
+        from onnx import helper
+
+        codes = self.rows[x][0]
+        rows = (f"{p}_codes_rows", f"{p}_scale_rows")  # (B·S, k) and (B·S, 1), made by _code_residual
+        nodes = [helper.make_node("Concat", [rows[0], r_codes], [p + "_codes_all"], axis=0, name=p + "_codes_all"),
+                 helper.make_node("Concat", [rows[1], r_scale], [p + "_scale_all"], axis=0, name=p + "_scale_all"),
+                 helper.make_node("Shape", [rows[0]], [p + "_n_all"], name=p + "_n_all"),
+                 helper.make_node("Shape", [r_codes], [p + "_m_all"], name=p + "_m_all"),
+                 helper.make_node("Shape", [codes], [p + "_x_shape"], name=p + "_x_shape")]
+        for name, src, start, end in (("_n", p + "_n_all", "_pr_0_1d", "_pr_1_1d"),
+                                      ("_m", p + "_m_all", "_pr_0_1d", "_pr_1_1d"),
+                                      ("_lead", p + "_x_shape", "_pr_0_1d", "_pr_flat")):
+            nodes.append(helper.make_node("Slice", [src, start, end], [p + name], name=p + name))
+        nodes.append(helper.make_node("Concat", [p + "_n", p + "_m"], [p + "_sizes"], axis=0, name=p + "_sizes"))
+        self.stacked[x] = (p + "_codes_all", p + "_scale_all", p + "_sizes", p + "_lead")
+        return nodes
+
+    def _stack_last_rows(self, x: str, tag: str, w_tag: str, n_out: int, product: str) -> list[Any]:
+        """Nodes computing ``product`` (``x`` by the weight ``w_tag``, n_out columns) with the rows of each
+        sequence's last tokens two-pass: one integer product over ``x``'s rows stacked on their rounding
+        errors' codes, split, the errors' product added to the last tokens' rows (Gather, Add, ScatterND: a
+        row listed twice is written twice with the same value), reshaped to ``x``'s leading shape."""
+        import numpy as np
+        from onnx import helper, numpy_helper
+
+        codes_all, scale_all, sizes, lead = self.stacked[x]
+        zero_point = self.rows[x][2]
+        idx, idx_col = self.last_index  # type: ignore[misc]
+        width = f"_pr_width_{n_out}"
+        if width not in self.row_shapes:
+            self.graph.initializer.append(numpy_helper.from_array(np.array([n_out], np.int64), width))
+            self.row_shapes.add(width)
+        p = tag + "_last"
+        return [
+            helper.make_node("MatMulIntegerToFloat", [codes_all, w_tag + "_w_int8", scale_all, w_tag + "_w_scale",
+                                                      zero_point],
+                             [p + "_all"], name=tag + "_quant_last_two_pass", domain="com.microsoft"),
+            helper.make_node("Split", [p + "_all", sizes], [p + "_rows", p + "_pass2"], axis=0, name=p + "_split"),
+            helper.make_node("Gather", [p + "_rows", idx], [p + "_pass1"], axis=0, name=p + "_gather"),
+            helper.make_node("Add", [p + "_pass1", p + "_pass2"], [p + "_sum"], name=p + "_sum"),
+            helper.make_node("ScatterND", [p + "_rows", idx_col, p + "_sum"], [p + "_scattered"],
+                             name=p + "_scatter"),
+            helper.make_node("Concat", [lead, width], [p + "_shape"], axis=0, name=p + "_shape"),
+            helper.make_node("Reshape", [p + "_scattered", p + "_shape"], [product], name=p + "_out")]
 
     def _last_rows(self) -> list[Any]:
         """Nodes (once per graph) computing, from ``attention_mask`` (B, S), the flat row indices (B·n,) into
@@ -535,7 +575,7 @@ class _RowCoder:
         i64 = np.int64
         consts = {p + "_back": np.arange(n, dtype=i64)[None, :], p + "_0": np.array(0, i64),
                   p + "_1": np.array(1, i64), p + "_ax1": np.array([1], i64), p + "_flat": np.array([-1], i64),
-                  "_pr_col": np.array([-1, 1], i64)}
+                  "_pr_col": np.array([-1, 1], i64), "_pr_0_1d": np.array([0], i64), "_pr_1_1d": np.array([1], i64)}
         self.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
 
         def node(op: str, inputs: list[str], out: str, **kw: Any) -> Any:

@@ -118,12 +118,14 @@ def test_int8_graph_scales_activations_per_row(artifacts):
         nodes = onnx.load(str(root / "int8" / "model.onnx"), load_external_data=False).graph.node
         ops = [n.op_type for n in nodes]
         # kept fp32: by the fidelity search, and by the build (products that run on one row per pair); a
-        # two-pass product (whole, or on its last tokens) has a second integer product on the same weight
+        # two-pass product has a second integer product on the same weight; one on its last tokens, one product
+        # over its rows stacked on the last tokens' error codes
         kept = set(entry["fidelity"].get("kept_fp32_nodes", [])) | set(entry["build"].get("fp32_nodes", []))
         if entry["fidelity"].get("kept_as") == "two-pass":
             kept = set(entry["build"].get("fp32_nodes", []))
         quantized = len(graph_info(root / "fp32" / "model.onnx").weight_nodes) - len(kept)
-        first = [n for n in nodes if n.op_type == "MatMulIntegerToFloat" and n.name.endswith("_quant")]
+        first = [n for n in nodes if n.op_type == "MatMulIntegerToFloat"
+                 and n.name.endswith(("_quant", "_quant_last_two_pass"))]  # the latter: rows stacked on errors
         assert quantized > 0 and len(first) == quantized
         assert "DynamicQuantizeLinear" not in ops and "DynamicQuantizeMatMul" not in ops
         assert ops.count("ReduceMax") >= 1

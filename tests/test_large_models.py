@@ -13,6 +13,7 @@ import onnx.shape_inference
 import pytest
 
 from memrerank import Reranker
+from memrerank.errors import ArtifactError
 from memrerank.manifest import PARITY_TOLERANCE, read_manifest
 
 
@@ -67,3 +68,10 @@ def test_the_fused_graph_streams_its_weights_to_external_data(qwen_ckpt, tmp_pat
     np.testing.assert_allclose(Reranker.load(big).predict(pairs, raw=True),
                                Reranker.load(small).predict(pairs, raw=True), atol=1e-6, rtol=0)
     assert np.isfinite(Reranker.load(big, "int8").predict(pairs, raw=True)).all()
+    # the int8 weights are hashed while onnxruntime builds the session: an altered byte still fails the load
+    data = big / "int8" / "model.onnx_data"
+    blob = bytearray(data.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    data.write_bytes(bytes(blob))
+    with pytest.raises(ArtifactError, match="model.onnx_data does not match its sha256"):
+        Reranker.load(big, "int8")

@@ -197,3 +197,48 @@ def test_a_family_is_named_once():
     with pytest.raises(ValueError, match=r"unknown family 'decoder'.*known: decoder-yes-no, encoder-cross"):
         register_family("SomeForCausalLM")(type("Other", (), {"name": "decoder"}))
     assert "SomeForCausalLM" not in FAMILY_REGISTRY
+
+
+def _flip_byte(path, at=10):
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_weights_are_hashed_while_loading_and_an_altered_file_fails_the_load(tmp_path):
+    """verify_files_while: what a parser reads (the graph) is hash-checked before ``load`` runs; the external
+    weight data while it runs, and the load fails, its result dropped, when they differ from the manifest."""
+    from memrerank.manifest import file_entries, is_weight_data, verify_files_while
+
+    graph, data = tmp_path / "m.onnx", tmp_path / "m.onnx_data"
+    graph.write_bytes(os.urandom(256))
+    data.write_bytes(os.urandom(3 << 20))
+    entries = file_entries(tmp_path, [graph, data])
+    assert is_weight_data("int8/model.onnx_data") and not is_weight_data("int8/model.onnx")
+    calls = []
+
+    def load():
+        calls.append(1)
+        return "session"
+
+    assert verify_files_while(tmp_path, entries, load) == "session" and calls == [1]
+    _flip_byte(data)
+    with pytest.raises(ArtifactError, match=r"m\.onnx_data does not match its sha256.*--force"):
+        verify_files_while(tmp_path, entries, load)
+    assert calls == [1, 1]  # built while the hash ran, then refused
+
+    def broken():
+        raise RuntimeError("onnxruntime: bad external data")
+
+    with pytest.raises(ArtifactError, match="sha256"):  # the altered file is named, not the error it caused
+        verify_files_while(tmp_path, entries, broken)
+    _flip_byte(data)  # restored
+    with pytest.raises(RuntimeError, match="bad external data"):
+        verify_files_while(tmp_path, entries, broken)
+    _flip_byte(graph)
+    with pytest.raises(ArtifactError, match=r"m\.onnx does not match its sha256"):
+        verify_files_while(tmp_path, entries, load)
+    assert calls == [1, 1]  # an altered graph never reaches the loader
+    data.write_bytes(data.read_bytes()[:-1])
+    with pytest.raises(ArtifactError, match="bytes, the manifest records"):
+        verify_files_while(tmp_path, entries, load)

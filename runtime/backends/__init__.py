@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from memrerank.errors import ArtifactError, ProviderError
-from memrerank.manifest import Manifest, verify_files
+from memrerank.manifest import Manifest, verify_files, verify_files_while
 from memrerank.runtime.backends.base import Backend, BatchBudget, PrefixCache, empty_past
 from memrerank.runtime.backends.onnxruntime import PROVIDER_ALIASES, resolve_providers
 
@@ -48,12 +48,13 @@ def open_backend(root: Path, manifest: Manifest, options: LoadOptions) -> Backen
         raise ArtifactError(f"{root}: {precision!r} exists only as a TensorRT engine; load it with "
                             "providers=['tensorrt'] (--providers tensorrt)")
     entry = manifest.precision(precision)
-    verify_files(root, entry.files)
     names = resolve_providers(options.providers)
     io_binding = names[0] != "CPUExecutionProvider" if options.io_binding is None else options.io_binding
     if io_binding:
         from memrerank.runtime.backends.iobinding import BoundOrtBackend as cls
     else:
         from memrerank.runtime.backends.onnxruntime import OrtBackend as cls
-    return cls(root / entry.graph, providers=names, threads=options.threads, layout=manifest.prefix_reuse,
-               allow_tf32=options.allow_tf32)
+    # the graph is hash-checked before onnxruntime parses it; its weight data while the session is built
+    return verify_files_while(root, entry.files, lambda: cls(
+        root / entry.graph, providers=names, threads=options.threads, layout=manifest.prefix_reuse,
+        allow_tf32=options.allow_tf32))

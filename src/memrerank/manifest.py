@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, Union
@@ -59,6 +59,8 @@ __all__ = [
     "read_manifest",
     "write_manifest",
     "verify_files",
+    "verify_files_while",
+    "is_weight_data",
 ]
 
 SCHEMA_VERSION = 1
@@ -766,17 +768,85 @@ def verify_files(root: str | Path, files: Mapping[str, FileEntry]) -> None:
     """
     root = Path(root)
     for rel, meta in files.items():
-        path = root / rel
-        if not path.is_file():
-            raise ArtifactError(f"{path} is missing; re-export with `memrerank export MODEL -o {root} --force`")
-        size = path.stat().st_size
-        if size != meta.bytes:
-            raise ArtifactError(
-                f"{path} has {size} bytes, the manifest records {meta.bytes} (truncated or replaced); "
-                f"re-export with `memrerank export MODEL -o {root} --force`"
-            )
-        if sha256_file(path) != meta.sha256:
-            raise ArtifactError(
-                f"{path} does not match its sha256 in the manifest (corrupted or edited); "
-                f"re-export with `memrerank export MODEL -o {root} --force`"
-            )
+        _check_size(root, rel, meta)
+    for rel, meta in files.items():
+        _check_sha256(root, rel, meta)
+
+
+def is_weight_data(rel: str) -> bool:
+    """Whether an artifact file is an ONNX graph's external data: raw tensor bytes that onnxruntime copies (and
+    prepacks) but never parses; the graph that names them, its shapes and offsets, is the parsed part."""
+    return rel.endswith((".onnx_data", ".onnx.data"))
+
+
+T = TypeVar("T")
+
+
+def verify_files_while(root: str | Path, files: Mapping[str, FileEntry], load: Callable[[], T]) -> T:
+    """:func:`verify_files`, with the weights' sha256 computed while ``load()`` runs; returns its result.
+
+    Every file's presence and size, and the sha256 of every file a parser reads (graph, tokenizer, configs),
+    are checked before ``load`` starts. The external weight data (:func:`is_weight_data`), most of an
+    artifact's bytes, is hashed on a thread while ``load`` builds its session from it (hashing a 1.5 GiB
+    int8 decoder takes ~1.1 s, building its onnxruntime session ~1.5 s: overlapped, cold start loses the
+    hash). The result is handed back only once the hash matched: an altered weight file fails the load, its
+    session is dropped unused.
+
+    Raises:
+        ArtifactError: as :func:`verify_files` (an altered weight file wins over ``load``'s own error, which
+            it likely caused).
+    """
+    import threading
+
+    root = Path(root)
+    for rel, meta in files.items():
+        _check_size(root, rel, meta)
+    later = {rel: meta for rel, meta in files.items() if is_weight_data(rel)}
+    for rel, meta in files.items():
+        if rel not in later:
+            _check_sha256(root, rel, meta)
+    if not later:
+        return load()
+    failed: list[BaseException] = []
+
+    def check() -> None:
+        try:
+            for rel, meta in later.items():
+                _check_sha256(root, rel, meta)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            failed.append(exc)
+
+    hashing = threading.Thread(target=check, name="memrerank-sha256", daemon=True)
+    hashing.start()
+    try:
+        result = load()
+    except BaseException:
+        hashing.join()
+        if failed:
+            raise failed[0] from None
+        raise
+    hashing.join()
+    if failed:
+        raise failed[0]
+    return result
+
+
+def _check_size(root: Path, rel: str, meta: FileEntry) -> None:
+    path = root / rel
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing; re-export with `memrerank export MODEL -o {root} --force`")
+    size = path.stat().st_size
+    if size != meta.bytes:
+        raise ArtifactError(
+            f"{path} has {size} bytes, the manifest records {meta.bytes} (truncated or replaced); "
+            f"re-export with `memrerank export MODEL -o {root} --force`"
+        )
+
+
+def _check_sha256(root: Path, rel: str, meta: FileEntry) -> None:
+    path = root / rel
+    if sha256_file(path) != meta.sha256:
+        raise ArtifactError(
+            f"{path} does not match its sha256 in the manifest (corrupted or edited); "
+            f"re-export with `memrerank export MODEL -o {root} --force`"
+        )
