@@ -144,7 +144,8 @@ class CalibSet:
     statistics, static-int8 calibration) stays whole pairs.
     """
 
-    def __init__(self, root: Path, groups: Sequence[tuple[str, list[str]]], batch_size: int = 16) -> None:
+    def __init__(self, root: Path, groups: Sequence[tuple[str, list[str]]], batch_size: int = 16, *,
+                 reference: bool = True) -> None:
         from memrerank.runtime import Reranker
 
         t0 = time.perf_counter()
@@ -162,7 +163,8 @@ class CalibSet:
                         else None)
         del reranker
         t1 = time.perf_counter()
-        self.reference = self.score(root / "fp32" / "model.onnx")
+        # reference=False: a set for building only (activation statistics), no fidelity figures
+        self.reference = self.score(root / "fp32" / "model.onnx") if reference else None
         self.seconds = {"setup": t1 - t0, "fp32_reference": time.perf_counter() - t1}
 
     def _setup(self, groups: Sequence[tuple[str, list[str]]], ids: list[np.ndarray], types: list[np.ndarray] | None,

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -293,7 +293,8 @@ ROW_SCALE_FLOOR = 1e-30
 def quantize_per_row(fp32: Path, out: Path, nodes: list[str], external: bool, *, model: Any = None,
                      smooth: dict[str, Any] | None = None, lower_bounds: dict[str, float] | None = None,
                      outliers: dict[str, Any] | None = None, hadamard: dict[str, int] | None = None,
-                     two_pass: set[str] | frozenset[str] = frozenset(), two_pass_last: int = 0) -> int:
+                     two_pass: set[str] | frozenset[str] = frozenset(), two_pass_last: int = 0,
+                     two_pass_last_skip: Collection[str] = ()) -> int:
     """Quantize weight MatMul/Gemm nodes with per-row (per-token) dynamic activation scales; write ``out``.
 
     Dynamic quantization as onnxruntime does it (``DynamicQuantizeLinear``) takes one activation scale for the
@@ -345,19 +346,20 @@ def quantize_per_row(fp32: Path, out: Path, nodes: list[str], external: bool, *,
             (their independent rounding errors averaged); the extra work is ``two_pass_last`` rows per sequence.
             The rows are each sequence's own, so a row's result still depends on that row alone. Needs products
             whose input is ``(batch, sequence, channels)`` aligned with ``attention_mask``.
+        two_pass_last_skip: products (of ``nodes``) whose last tokens are coded once all the same (for
+            measuring which products need it: ``bench/two_pass_products.py``).
 
     Returns:
         The number of nodes quantized.
     """
     import onnx
-    from onnx import helper
 
     if model is None:
         model = onnx.load(str(fp32))
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     coder = _RowCoder(model, smooth or {}, lower_bounds or {}, outliers or {}, hadamard or {}, set(two_pass),
-                      two_pass_last)
+                      two_pass_last, set(two_pass_last_skip))
     wanted = set(nodes)
     new_nodes = []
     done = 0
@@ -368,17 +370,27 @@ def quantize_per_row(fp32: Path, out: Path, nodes: list[str], external: bool, *,
             continue
         new_nodes += coder.replace(node, *weight)
         done += 1
+    write_rewritten(model, new_nodes, coder.replaced, out, external)
+    return done
+
+
+def write_rewritten(model: Any, nodes: list[Any], replaced: set[str], out: Path, external: bool) -> None:
+    """Save ``model`` to ``out`` with ``nodes`` as its graph's nodes: the weight initializers in ``replaced`` that
+    no node reads any more are dropped, the ``com.microsoft`` opset declared, a stale ``out`` (and data) removed."""
+    from onnx import helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
     del graph.node[:]
-    graph.node.extend(new_nodes)
+    graph.node.extend(nodes)
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    for name in coder.replaced - used:
+    for name in replaced - used:
         graph.initializer.remove(inits[name])
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     for stale in (out, out.parent / (out.name + "_data")):
         stale.unlink(missing_ok=True)
     save_graph(model, out, external)
-    return done
 
 
 class _RowCoder:
@@ -392,7 +404,8 @@ class _RowCoder:
 
     def __init__(self, model: Any, smooth: dict[str, Any], lower_bounds: dict[str, float],
                  outliers: dict[str, Any] | None = None, hadamard: dict[str, int] | None = None,
-                 two_pass: set[str] | None = None, two_pass_last: int = 0) -> None:
+                 two_pass: set[str] | None = None, two_pass_last: int = 0,
+                 two_pass_last_skip: set[str] | None = None) -> None:
         import numpy as np
         from onnx import numpy_helper
 
@@ -403,6 +416,7 @@ class _RowCoder:
         if two_pass_last and "attention_mask" not in {i.name for i in model.graph.input}:
             raise ValueError("two_pass_last needs the graph's attention_mask input to find each row's last tokens")
         self.two_pass_last = two_pass_last
+        self.two_pass_last_skip = two_pass_last_skip or set()
         self.last_index: tuple[str, str] | None = None  # (flat row indices, their column form), made once
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         self.hadamard = dict(hadamard or {})
@@ -428,7 +442,7 @@ class _RowCoder:
         """The nodes computing ``node`` (a plain product by the weight ``w``, plus ``bias``) from int8 codes,
         preceded by the coding of its activation the first time that activation is read."""
         import numpy as np
-        from onnx import helper, numpy_helper
+        from onnx import helper
 
         x, tag = node.input[0], node.name or node.output[0]
         w_outliers = None
@@ -452,7 +466,8 @@ class _RowCoder:
         if two_pass and x in self.lower_bounds:
             raise ValueError(f"{node.name}: two-pass codes need symmetric codes; {x} has offset codes")
         first = product + "_pass1" if two_pass else product
-        if not (self.two_pass_last and not two_pass):  # else one product over the rows and the last rows' errors
+        last = bool(self.two_pass_last) and not two_pass and node.name not in self.two_pass_last_skip
+        if not last:  # else one product over the rows stacked on the last rows' errors
             new.append(helper.make_node(
                 "MatMulIntegerToFloat", [codes, w_tag + "_w_int8", row_scale, w_tag + "_w_scale", zero_point],
                 [first], name=tag + "_quant", domain="com.microsoft"))
@@ -463,7 +478,7 @@ class _RowCoder:
                                                               w_tag + "_w_scale", zero_point],
                                      [product + "_pass2"], name=tag + "_quant_residual", domain="com.microsoft"),
                     helper.make_node("Add", [first, product + "_pass2"], [product], name=tag + "_two_pass")]
-        elif self.two_pass_last:  # the last tokens' rows: their rounding error's product added in place
+        elif last:  # the last tokens' rows: their rounding error's product added in place
             if x in self.lower_bounds:
                 raise ValueError(f"{node.name}: two-pass codes need symmetric codes; {x} has offset codes")
             new += [] if (x, True) in self.residual_rows else self._code_residual(x, tag, last=True)
@@ -780,7 +795,7 @@ KEPT_AS = {"two-pass": "int8 weights, activation coded twice (the second codes i
 
 @register_precision("int8", kept_as=tuple(KEPT_AS))
 def build_int8(fp32: Path, out: Path, info: GraphInfo, calib: Any = None, exclude: list[str] | None = None,
-               kept_as: str = "fp32") -> Build:
+               kept_as: str = "fp32", two_pass_last_skip: Collection[str] = ()) -> Build:
     """Per-row dynamic quantization: int8 weights per channel, activations quantized per token on the fly
     (:func:`quantize_per_row`), so scores do not depend on what shares a batch; int8 embedding tables.
 
@@ -791,7 +806,8 @@ def build_int8(fp32: Path, out: Path, info: GraphInfo, calib: Any = None, exclud
 
     ``exclude``: the products the sensitivity search keeps, run as ``kept_as`` says (:data:`KEPT_AS`):
     ``"fp32"``, or ``"two-pass"`` where the plan allows it (decoders: their weights stay int8 and their
-    activation gets a second code for its rounding error); otherwise fp32.
+    activation gets a second code for its rounding error); otherwise fp32. ``two_pass_last_skip``: products
+    whose last tokens are coded once (measurement only, see :func:`quantize_per_row`).
     """
     from memrerank.export.optimize import plan_int8
 
@@ -808,7 +824,8 @@ def build_int8(fp32: Path, out: Path, info: GraphInfo, calib: Any = None, exclud
     if nodes:
         quantize_per_row(fp32, out, nodes, info.external_data, model=plan.copy_model(), smooth=plan.smooth,
                          lower_bounds=plan.lower_bounds, outliers=plan.outliers, hadamard=plan.hadamard,
-                         two_pass=two_pass | whole, two_pass_last=plan.two_pass_last)
+                         two_pass=two_pass | whole, two_pass_last=plan.two_pass_last,
+                         two_pass_last_skip=two_pass_last_skip)
     elif plan.model is not None:
         for stale in (out, out.parent / (out.name + "_data")):
             stale.unlink(missing_ok=True)

@@ -234,6 +234,10 @@ def test_the_last_tokens_rows_are_coded_twice_and_the_others_once(tmp_path, side
         keep = slice(0, length) if side == "right" else slice(s - length, s)
         alone = _run_masked(last, x[b:b + 1, keep], mask[b:b + 1, keep])
         np.testing.assert_array_equal(alone[0], y_last[b, keep])
+    # a product named in two_pass_last_skip codes its last tokens once: the one-pass product, bit for bit
+    skip = tmp_path / "skip.onnx"
+    quantize_per_row(fp32, skip, [name], False, two_pass_last=n, two_pass_last_skip=[name])
+    np.testing.assert_array_equal(_run_masked(skip, x, mask), y_one)
     with pytest.raises(ValueError, match="attention_mask"):
         quantize_per_row(_product(tmp_path / "nomask.onnx", w), tmp_path / "bad.onnx", [name], False,
                          two_pass_last=n)
