@@ -33,6 +33,7 @@ from memrerank.export.graph import DEFAULT_OPSET, export_onnx
 from memrerank.export.metrics import spearman, topk_overlap
 from memrerank.export.pairs import builtin_calibration_groups, builtin_pairs
 from memrerank.export.quantize import PRECISION_BUILDERS, GraphInfo, graph_info
+from memrerank.export import int4 as _int4  # noqa: F401  (registers the int4 builder)
 from memrerank.manifest import (
     PARITY_TOLERANCE,
     PRECISION_PROVIDERS,

@@ -131,6 +131,21 @@ def test_int8_graph_scales_activations_per_row(artifacts):
         assert ops.count("ReduceMax") >= 1
 
 
+def test_int4_graph_runs_every_weight_product_4bit_by_rows(artifacts):
+    """With the budget open nothing is kept: every weight product but the folded head is a 4-bit MatMulNBits
+    (its activation coded per row by the kernel), the token embeddings int8, and the artifact a fraction of
+    fp32's bytes."""
+    for root in artifacts.values():
+        manifest = read_manifest(root)
+        nodes = onnx.load(str(root / "int4" / "model.onnx"), load_external_data=False).graph.node
+        nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
+        assert len(nbits) == len(graph_info(root / "fp32" / "model.onnx").weight_nodes) > 0
+        assert not any(n.op_type in ("MatMulIntegerToFloat", "DynamicQuantizeLinear") for n in nodes)
+        build = manifest.precisions["int4"].build
+        assert build.batch_independent and build.extra["embeddings"].startswith("1 table")
+        assert manifest.precisions["int4"].size_bytes < 0.5 * manifest.precisions["fp32"].size_bytes
+
+
 def test_auto_skips_an_int8_not_recorded_batch_independent(artifacts):
     """An artifact exported before per-row scales (its int8 build has no ``batch_independent`` record) or with
     a batch-dependent int8: ``auto`` falls back to the next CPU precision, never to that int8."""
@@ -142,9 +157,10 @@ def test_auto_skips_an_int8_not_recorded_batch_independent(artifacts):
             del build["batch_independent"]
         else:
             build["batch_independent"] = record
-        assert Manifest.from_dict(d).pick_auto("CPUExecutionProvider") == "int8-static"
-        del d["precisions"]["int8-static"]
-        assert Manifest.from_dict(d).pick_auto("CPUExecutionProvider") == "fp32"
+        for expected in [p for p in AUTO_CPU if p != "int8"]:  # the next in order, once those before are gone
+            assert Manifest.from_dict(d).pick_auto("CPUExecutionProvider") == expected
+            if expected != "fp32":
+                del d["precisions"][expected]
 
 
 def test_per_row_quantization_matches_the_hand_computed_maths(tmp_path):

@@ -282,7 +282,7 @@ def test_llama_index_emits_its_reranking_events(li, reference):
     ({"reranker": "REF", "top_n": 0}, ValueError, "top_n must be a positive int or None"),
     ({"reranker": "REF", "top_n": True}, ValueError, "top_n must be a positive int or None"),
     ({"reranker": "REF", "threshold": 1.5}, ValueError, r"threshold must be a calibrated probability in \["),
-    ({"artifact": "ART", "precision": "int4"}, ValueError, "precision: unknown 'int4'"),
+    ({"artifact": "ART", "precision": "int3"}, ValueError, "precision: unknown 'int3'"),
     ({"artifact": "ART", "precision": "int8"}, ArtifactError, "int8"),  # not exported: names what exists
     ({"artifact": "ART", "options": LoadOptions("int8")}, ArtifactError, "int8"),
     ({"artifact": "ART", "options": "fp32"}, TypeError, r"options must be a memrerank\.LoadOptions"),

@@ -127,6 +127,31 @@ def _ops(path):
     return model, [n.op_type for n in model.graph.node]
 
 
+def test_int4_runs_its_weight_products_4bit_and_keeps_the_rest_as_recorded(qwen_all):
+    """int4: every weight product not kept by the search is a 4-bit MatMulNBits, the kept ones run as the record
+    says (int8 products, as the int8 precision builds them, or fp32); the folded head stays a float MatMul."""
+    fp32, _ = _ops(qwen_all / "fp32" / "model.onnx")
+    weights = weight_matmuls(fp32)
+    manifest = json.loads((qwen_all / "manifest.json").read_text())
+    entry = manifest["precisions"]["int4"]
+    model, ops = _ops(qwen_all / "int4" / "model.onnx")
+    kept = entry["fidelity"].get("kept_fp32_nodes", [])
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == entry["build"]["int4_products"]
+    assert all({a.name: a.i for a in n.attribute}["bits"] == 4 for n in nbits)
+    int8 = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"
+            and n.name.endswith(("_quant", "_quant_last_two_pass"))]
+    if entry["fidelity"].get("kept_as") == "int8":
+        assert len(nbits) + len(int8) == len(weights) - 1 and entry["build"]["int8"]["products"] == len(int8)
+    else:
+        assert not int8 and len(nbits) == len(weights) - 1 - len(kept)
+    assert ops.count("MatMul") >= 1
+    from memrerank.report import info_text
+
+    line = next(x for x in info_text(qwen_all).splitlines() if x.startswith("precision   int4"))
+    assert f"4-bit blocks of {entry['build']['block_size']}" in line
+
+
 def test_int8_quantizes_weight_matmuls_only(qwen_all):
     fp32, _ = _ops(qwen_all / "fp32" / "model.onnx")
     weights = weight_matmuls(fp32)

@@ -91,7 +91,7 @@ def test_bad_arguments_name_the_argument(qwen, call, exc, word):
 
 def test_bad_load_arguments(qwen_short_artifact):
     with pytest.raises(ValueError, match="precision"):
-        Reranker.load(qwen_short_artifact, precision="int4")
+        Reranker.load(qwen_short_artifact, precision="int3")
     with pytest.raises(ValueError, match="batch_size"):
         Reranker.load(qwen_short_artifact, batch_size=0)
     with pytest.raises(ValueError, match="max_batch_tokens"):

@@ -123,8 +123,8 @@ def test_rescore_input_errors_are_clear(local_ray, tmp_path, bert_artifact):
     src.write_text(json.dumps({"key": 1, "question": "q", "text": "d"}) + "\n")
     with pytest.raises(ValueError, match=r"no column 'id', 'query', 'document'; it has key, question, text"):
         rescore(src, tmp_path / "o1", bert_artifact)
-    with pytest.raises(ValueError, match=r"LoadOptions\.precision: unknown 'int4'"):
-        rescore(src, tmp_path / "o2", bert_artifact, options=LoadOptions("int4"))
+    with pytest.raises(ValueError, match=r"LoadOptions\.precision: unknown 'int3'"):
+        rescore(src, tmp_path / "o2", bert_artifact, options=LoadOptions("int3"))
     with pytest.raises(ValueError, match="actors must be a positive integer"):
         rescore(src, tmp_path / "o3", bert_artifact, actors=0)
     with pytest.raises(TypeError, match="on the RescoreJob"):  # one job, its fields inside it

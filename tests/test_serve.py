@@ -363,7 +363,7 @@ def test_serve_config_takes_one_load_options():
 
 
 @pytest.mark.parametrize("field,value", [("threads", -1), ("threads", "2"), ("threads", 2.0), ("allow_tf32", "false"),
-                                         ("precision", "int4"), ("max_batch_tokens", 0), ("prefix_reuse", "yes"),
+                                         ("precision", "int3"), ("max_batch_tokens", 0), ("prefix_reuse", "yes"),
                                          ("providers", [])])
 def test_a_bad_load_option_is_refused_before_any_service_is_built(field, value):
     """What ServeConfig used to check field by field (or not at all: ``allow_tf32="false"`` is truthy) is

@@ -74,12 +74,12 @@ DECODER_YES_NO = "decoder-yes-no"
 ENCODER_CROSS = "encoder-cross"
 
 #: Precisions, defined once: CLI choices, manifest keys and test parametrisation all use this tuple.
-PRECISIONS = ("fp32", "fp16", "int8", "int8-static")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-static", "int4")
 
 #: Max |Δlogit| allowed at export: fp32 vs the PyTorch reference, fp16 vs the fp32 graph. Quantized precisions
 #: are gated by the ranking fidelity budget instead (memrerank.export.fidelity.FidelityBudget); their max |Δlogit|
 #: is recorded, not bounded.
-PARITY_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2, "int8": None, "int8-static": None}
+PARITY_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2, "int8": None, "int8-static": None, "int4": None}
 
 #: Providers each precision is meant for, best first (``precision="auto"`` uses this).
 PRECISION_PROVIDERS = {
@@ -87,12 +87,13 @@ PRECISION_PROVIDERS = {
     "fp16": ("CUDAExecutionProvider", "TensorrtExecutionProvider"),
     "int8": ("CPUExecutionProvider",),
     "int8-static": ("CPUExecutionProvider", "TensorrtExecutionProvider"),
+    "int4": ("CPUExecutionProvider",),
 }
 
 #: ``precision="auto"`` preference per provider: the first exported precision that met its budget and is
 #: batch-independent (a score never moves with the other documents of its call) wins.
 AUTO_ORDER = {
-    "CPUExecutionProvider": ("int8", "int8-static", "fp32"),
+    "CPUExecutionProvider": ("int8", "int4", "int8-static", "fp32"),
     "CUDAExecutionProvider": ("fp16", "fp32"),
     "TensorrtExecutionProvider": ("fp16", "int8-static", "fp32"),
 }
@@ -100,7 +101,7 @@ AUTO_ORDER = {
 #: Precisions ``auto`` treats as batch-dependent unless their build records ``batch_independent: true``: int8
 #: exported before per-row activation scales took one scale per input tensor, i.e. per batch. The others compute
 #: each row alone or with fixed scales; a build recording ``batch_independent: false`` is skipped whatever its name.
-BATCH_DEPENDENT_UNLESS_RECORDED = ("int8",)
+BATCH_DEPENDENT_UNLESS_RECORDED = ("int8", "int4")
 
 _REEXPORT = "re-export with `memrerank export MODEL -o OUT --force`"
 

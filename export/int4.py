@@ -1,0 +1,170 @@
+"""The ``int4`` precision: weight-only 4-bit products on onnxruntime's ``MatMulNBits``.
+
+Each weight product ``x·W`` (``W``: K × N) becomes ``MatMulNBits(x, W_q, s)``: ``W`` is cut into blocks of
+:data:`INT4_BLOCK` input channels per output column, each coded on the 4-bit grid -8..7 with one scale (symmetric,
+zero point 8; the scale clips the block's extremes where that lowers its squared error, :func:`int4_blocks`), so
+the weights take 4 bits + one fp32 scale per block (0.625 bytes per value at blocks of 32). The activation stays fp32 in the graph; with
+:data:`INT4_ACCURACY_LEVEL` 4 the CPU kernel codes each row's blocks to int8 on the fly and multiplies in int8
+(per row, so a score still depends on its own row alone). The token embeddings are stored int8 (one scale per
+row, as the ``int8`` precision does) and the folded head stays fp32.
+
+Where the fidelity search keeps a product (``exclude``), it runs as the ``int8`` precision would run it
+(``kept_as="int8"``: int8 weights, per-row activation codes, with the int8 plan's rotations and two-pass last
+tokens) or in fp32 (``kept_as="fp32"``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from memrerank.export.graph import _plain_weight
+from memrerank.export.quantize import (
+    GraphInfo,
+    build_int8,
+    quantize_embeddings,
+    register_precision,
+    write_rewritten,
+)
+from memrerank.manifest import Build
+
+__all__ = ["CLIP_RATIOS", "INT4_ACCURACY_LEVEL", "INT4_BLOCK", "INT4_METHOD", "build_int4", "int4_blocks",
+           "quantize_int4"]
+
+#: Input channels per 4-bit block (one scale each).
+INT4_BLOCK = 32
+#: ``MatMulNBits`` ``accuracy_level``: 4 = the activation coded int8 per block and int8 products (CPU).
+INT4_ACCURACY_LEVEL = 4
+
+INT4_METHOD = (f"weight-only 4-bit: symmetric blocks of {INT4_BLOCK} input channels, one fp32 scale each (the "
+               f"clipping of least squared error), MatMulNBits accuracy_level {INT4_ACCURACY_LEVEL} (each row's "
+               "activation blocks coded int8 on the fly); int8 embeddings; the folded head fp32")
+
+
+#: Clipping ratios tried per block: the block's scale is ``c · v / -8`` (``v`` its largest-magnitude value) for the
+#: ``c`` giving the least squared error over the block (1.0 = plain round to nearest over the full range).
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def int4_blocks(w: Any, block: int = INT4_BLOCK, clip_ratios: tuple[float, ...] = CLIP_RATIOS) -> tuple[Any, Any]:
+    """``W`` (K × N, float32) in ``MatMulNBits``' symmetric 4-bit layout.
+
+    Each block of ``block`` input channels of one column gets the scale ``c · v / -8`` (``v``: its value of
+    largest magnitude, ``c`` in ``clip_ratios``) that leaves the least squared error once its values are
+    rounded to the nearest step and clamped to -8..7: the extremes may clip so the many small values get a
+    finer grid.
+
+    Returns:
+        ``(packed, scales)``: uint8 ``(N, ceil(K / block), block / 2)``, two codes per byte, the lower channel
+        in the low nibble, each code ``q + 8``; float32 scales ``(N · ceil(K / block),)``, column-major by
+        block. Value ``(code - 8) · scale`` stands for ``W[k, n]``.
+    """
+    import numpy as np
+
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"int4 block size must be a power of two >= 16, got {block}")
+    if not clip_ratios or not all(0.0 < c <= 1.0 for c in clip_ratios):
+        raise ValueError(f"clip_ratios must be in (0, 1], got {clip_ratios}")
+    w = np.asarray(w, dtype=np.float32)
+    k, n = w.shape
+    blocks = -(-k // block)
+    packed = np.empty((n, blocks, block // 2), np.uint8)
+    scales = np.empty((n, blocks), np.float32)
+    step = max(1, (1 << 24) // (blocks * block))  # columns per chunk: ~16M values, bounded temporaries
+    for c0 in range(0, n, step):
+        cols = w[:, c0:c0 + step]
+        if blocks * block != k:  # the last block padded with zeros (code 8: they multiply nothing)
+            cols = np.pad(cols, ((0, blocks * block - k), (0, 0)))
+        wb = np.ascontiguousarray(cols.T).reshape(-1, blocks, block)
+        v = np.take_along_axis(wb, np.abs(wb).argmax(axis=-1)[..., None], axis=-1)
+        v[v == 0] = -8.0  # an all-zero block: scale 1, codes 8
+        best_err = np.full(v.shape, np.inf, np.float32)
+        best_scale = np.empty(v.shape, np.float32)
+        best_q = np.empty(wb.shape, np.int8)
+        for c in clip_ratios:
+            scale = (v * np.float32(c / -8.0)).astype(np.float32)
+            q = np.clip(np.rint(wb / scale), -8, 7)
+            err = np.square(q * scale - wb).sum(axis=-1, keepdims=True)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_scale = np.where(better, scale, best_scale)
+            best_q = np.where(better, q, best_q).astype(np.int8)
+        codes = (best_q + 8).astype(np.uint8)
+        packed[c0:c0 + step] = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        scales[c0:c0 + step] = best_scale[..., 0]
+    return packed, scales.reshape(-1)
+
+
+def quantize_int4(src: Path, out: Path, nodes: list[str], external: bool, *, block: int = INT4_BLOCK,
+                  accuracy_level: int = INT4_ACCURACY_LEVEL) -> int:
+    """Write ``src`` to ``out`` with the weight products ``nodes`` as 4-bit ``MatMulNBits``; returns how many.
+
+    A weight read by several products is coded once; a Gemm's bias becomes an ``Add`` after the product.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    wanted, coded, replaced = set(nodes), {}, set()
+    new_nodes, done = [], 0
+    for node in graph.node:
+        weight = _plain_weight(node, inits) if node.name in wanted else None
+        if weight is None:
+            new_nodes.append(node)
+            continue
+        w, bias, transposed = weight
+        key = (node.input[1], transposed)
+        tag = node.name or node.output[0]
+        k, n = w.shape
+        if key not in coded:
+            packed, scales = int4_blocks(w, block)
+            graph.initializer.extend([numpy_helper.from_array(packed, tag + "_w_int4"),
+                                      numpy_helper.from_array(scales, tag + "_w_int4_scale")])
+            coded[key] = tag
+        w_tag = coded[key]
+        product = node.output[0] if bias is None else node.output[0] + "_int4"
+        new_nodes.append(helper.make_node(
+            "MatMulNBits", [node.input[0], w_tag + "_w_int4", w_tag + "_w_int4_scale"], [product],
+            name=tag + "_int4", domain="com.microsoft", K=k, N=n, bits=4, block_size=block,
+            accuracy_level=accuracy_level))
+        if bias is not None:
+            new_nodes.append(helper.make_node("Add", [product, bias], [node.output[0]], name=tag + "_bias"))
+        replaced.add(node.input[1])
+        done += 1
+    write_rewritten(model, new_nodes, replaced, out, external)
+    return done
+
+
+@register_precision("int4", kept_as=("int8", "fp32"))
+def build_int4(fp32: Path, out: Path, info: GraphInfo, calib: Any = None, exclude: list[str] | None = None,
+               kept_as: str = "int8") -> Build:
+    """Weight-only 4-bit products (:func:`quantize_int4`), int8 embeddings, the head fp32.
+
+    ``exclude``: the products the sensitivity search keeps, run as ``kept_as`` says: ``"int8"`` (built by
+    :func:`~memrerank.export.quantize.build_int8` with its plan, calibration pairs included) or ``"fp32"``.
+    """
+    if kept_as not in ("int8", "fp32"):
+        raise ValueError(f"kept_as: unknown {kept_as!r}; choose from int8, fp32")
+    exclude = set(exclude or [])
+    nodes = [n for n in info.weight_nodes if n not in exclude]
+    kept = [n for n in info.weight_nodes if n in exclude]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    extra: dict[str, Any] = {"block_size": INT4_BLOCK, "accuracy_level": INT4_ACCURACY_LEVEL}
+    with tempfile.TemporaryDirectory(prefix=".int4-", dir=out.parent) as tmp:
+        src = fp32
+        if kept and kept_as == "int8":  # the kept products int8 first; the rest stay fp32 for the 4-bit pass
+            src = Path(tmp) / "int8" / "model.onnx"
+            int8 = build_int8(fp32, src, info, calib, exclude=nodes + list(info.embedding_nodes))
+            extra["int8"] = {"products": len(kept), **(int8.extra or {})}
+        elif kept:
+            extra["fp32_products"] = len(kept)
+        done = quantize_int4(src, out, nodes, info.external_data)
+    tables = quantize_embeddings(out, [n for n in info.embedding_nodes if n not in exclude], info.external_data)
+    extra["int4_products"] = done
+    extra["embeddings"] = f"{tables} table(s) int8 with one symmetric scale per row" if tables else "fp32"
+    if exclude:
+        extra["kept_as"] = kept_as
+    return Build(method=INT4_METHOD, batch_independent=True, extra=extra)
