@@ -149,7 +149,7 @@ def test_int4_runs_its_weight_products_4bit_and_keeps_the_rest_as_recorded(qwen_
     from memrerank.report import info_text
 
     line = next(x for x in info_text(qwen_all).splitlines() if x.startswith("precision   int4"))
-    assert f"4-bit blocks of {entry['build']['block_size']}" in line
+    assert f"{len(nbits)} products 4-bit (blocks of {entry['build']['block_size']})" in line
 
 
 def test_int8_quantizes_weight_matmuls_only(qwen_all):

@@ -54,9 +54,9 @@ def info_text(root: str | Path) -> str:
                 last = (entry.build.extra or {}).get("two_pass_last_tokens") if entry.build is not None else None
                 if last and last.get("tokens"):
                     parity += f", last {last['tokens']} tokens coded twice"
-                nbits = (entry.build.extra or {}).get("block_size") if entry.build is not None else None
-                if nbits:
-                    parity += f", 4-bit blocks of {nbits}"
+                extra = (entry.build.extra or {}) if entry.build is not None else {}
+                if extra.get("block_size"):
+                    parity += f", {extra.get('int4_products', '?')} products 4-bit (blocks of {extra['block_size']})"
         lines.append(f"precision   {name:<11} {entry.size_bytes / 2**20:8.1f} MiB  {parity}")
     for name, engine in m.engines.items():
         lines.append(f"engine      {name:<11} TensorRT {engine.tensorrt} on {engine.gpu} "
