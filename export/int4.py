@@ -19,13 +19,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from memrerank.export.graph import _plain_weight
 from memrerank.export.quantize import (
     GraphInfo,
     build_int8,
     quantize_embeddings,
     register_precision,
-    write_rewritten,
+    rewrite_products,
 )
 from memrerank.manifest import Build
 
@@ -106,36 +105,26 @@ def quantize_int4(src: Path, out: Path, nodes: list[str], external: bool, *, blo
     from onnx import helper, numpy_helper
 
     model = onnx.load(str(src))
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    wanted, coded, replaced = set(nodes), {}, set()
-    new_nodes, done = [], 0
-    for node in graph.node:
-        weight = _plain_weight(node, inits) if node.name in wanted else None
-        if weight is None:
-            new_nodes.append(node)
-            continue
-        w, bias, transposed = weight
-        key = (node.input[1], transposed)
-        tag = node.name or node.output[0]
+    coded: dict[tuple[str, bool], str] = {}  # (weight, transposed) -> the tag its codes are stored under
+
+    def replace(node: Any, w: Any, bias: str | None, transposed: bool) -> list[Any]:
+        key, tag = (node.input[1], transposed), node.name or node.output[0]
         k, n = w.shape
         if key not in coded:
             packed, scales = int4_blocks(w, block)
-            graph.initializer.extend([numpy_helper.from_array(packed, tag + "_w_int4"),
-                                      numpy_helper.from_array(scales, tag + "_w_int4_scale")])
+            model.graph.initializer.extend([numpy_helper.from_array(packed, tag + "_w_int4"),
+                                            numpy_helper.from_array(scales, tag + "_w_int4_scale")])
             coded[key] = tag
         w_tag = coded[key]
         product = node.output[0] if bias is None else node.output[0] + "_int4"
-        new_nodes.append(helper.make_node(
-            "MatMulNBits", [node.input[0], w_tag + "_w_int4", w_tag + "_w_int4_scale"], [product],
-            name=tag + "_int4", domain="com.microsoft", K=k, N=n, bits=4, block_size=block,
-            accuracy_level=accuracy_level))
+        new = [helper.make_node("MatMulNBits", [node.input[0], w_tag + "_w_int4", w_tag + "_w_int4_scale"],
+                                [product], name=tag + "_int4", domain="com.microsoft", K=k, N=n, bits=4,
+                                block_size=block, accuracy_level=accuracy_level)]
         if bias is not None:
-            new_nodes.append(helper.make_node("Add", [product, bias], [node.output[0]], name=tag + "_bias"))
-        replaced.add(node.input[1])
-        done += 1
-    write_rewritten(model, new_nodes, replaced, out, external)
-    return done
+            new.append(helper.make_node("Add", [product, bias], [node.output[0]], name=tag + "_bias"))
+        return new
+
+    return rewrite_products(model, nodes, replace, out, external)
 
 
 @register_precision("int4", kept_as=("int8", "fp32"))

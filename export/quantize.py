@@ -356,33 +356,31 @@ def quantize_per_row(fp32: Path, out: Path, nodes: list[str], external: bool, *,
 
     if model is None:
         model = onnx.load(str(fp32))
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
     coder = _RowCoder(model, smooth or {}, lower_bounds or {}, outliers or {}, hadamard or {}, set(two_pass),
                       two_pass_last, set(two_pass_last_skip))
-    wanted = set(nodes)
-    new_nodes = []
-    done = 0
+    return rewrite_products(model, nodes, coder.replace, out, external)
+
+
+def rewrite_products(model: Any, nodes: Collection[str], replace: Callable[..., list[Any]], out: Path,
+                     external: bool) -> int:
+    """Write ``model`` to ``out`` with each plain weight product named in ``nodes`` replaced by the nodes
+    ``replace(node, w, bias, transposed)`` returns (``w`` as K × N float32; see ``_plain_weight``); returns how
+    many were replaced. Weight initializers no node reads any more are dropped, the ``com.microsoft`` opset is
+    declared, a stale ``out`` (and its data) removed."""
+    from onnx import helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    wanted, replaced, new_nodes = set(nodes), set(), []
     for node in graph.node:
         weight = _plain_weight(node, inits) if node.name in wanted else None
         if weight is None:
             new_nodes.append(node)
             continue
-        new_nodes += coder.replace(node, *weight)
-        done += 1
-    write_rewritten(model, new_nodes, coder.replaced, out, external)
-    return done
-
-
-def write_rewritten(model: Any, nodes: list[Any], replaced: set[str], out: Path, external: bool) -> None:
-    """Save ``model`` to ``out`` with ``nodes`` as its graph's nodes: the weight initializers in ``replaced`` that
-    no node reads any more are dropped, the ``com.microsoft`` opset declared, a stale ``out`` (and data) removed."""
-    from onnx import helper
-
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
+        new_nodes += replace(node, *weight)
+        replaced.add(node.input[1])
     del graph.node[:]
-    graph.node.extend(nodes)
+    graph.node.extend(new_nodes)
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     for name in replaced - used:
         graph.initializer.remove(inits[name])
@@ -391,6 +389,7 @@ def write_rewritten(model: Any, nodes: list[Any], replaced: set[str], out: Path,
     for stale in (out, out.parent / (out.name + "_data")):
         stale.unlink(missing_ok=True)
     save_graph(model, out, external)
+    return len(replaced)
 
 
 class _RowCoder:
@@ -433,8 +432,7 @@ class _RowCoder:
         self.residual_rows: dict[tuple[str, bool], tuple[str, str]] = {}
         self.coded: dict[str, tuple[str, int]] = {}  # activation -> (what was coded: x after any rotation, k)
         self.weights: dict[tuple[str, bool, str], str] = {}  # (weight, transposed, smoothed input) -> tag
-        self.replaced: set[str] = set()  # weight initializers now read through their int8 codes
-        self.row_shapes: set[str] = set()  # (n,) widths written for the last-token rows' outputs
+        self.widths: set[str] = set()  # (n,) constants written for the last-token rows' output shapes
         # activation -> its rows stacked over its last tokens' error codes: (codes, scales, sizes, lead shape)
         self.stacked: dict[str, tuple[str, str, str, str]] = {}
 
@@ -463,10 +461,10 @@ class _RowCoder:
         out_name = node.output[0]
         product = out_name if bias is None and w_outliers is None else out_name + "_int8"
         two_pass = node.name in self.two_pass
-        if two_pass and x in self.lower_bounds:
-            raise ValueError(f"{node.name}: two-pass codes need symmetric codes; {x} has offset codes")
         first = product + "_pass1" if two_pass else product
         last = bool(self.two_pass_last) and not two_pass and node.name not in self.two_pass_last_skip
+        if (two_pass or last) and x in self.lower_bounds:
+            raise ValueError(f"{node.name}: two-pass codes need symmetric codes; {x} has offset codes")
         if not last:  # else one product over the rows stacked on the last rows' errors
             new.append(helper.make_node(
                 "MatMulIntegerToFloat", [codes, w_tag + "_w_int8", row_scale, w_tag + "_w_scale", zero_point],
@@ -479,8 +477,6 @@ class _RowCoder:
                                      [product + "_pass2"], name=tag + "_quant_residual", domain="com.microsoft"),
                     helper.make_node("Add", [first, product + "_pass2"], [product], name=tag + "_two_pass")]
         elif last:  # the last tokens' rows: their rounding error's product added in place
-            if x in self.lower_bounds:
-                raise ValueError(f"{node.name}: two-pass codes need symmetric codes; {x} has offset codes")
             new += [] if (x, True) in self.residual_rows else self._code_residual(x, tag, last=True)
             new += self._stack_last_rows(x, tag, w_tag, int(w.shape[1]), product)
         if w_outliers is not None:
@@ -489,7 +485,6 @@ class _RowCoder:
             product = summed
         if bias is not None:
             new.append(helper.make_node("Add", [product, bias], [out_name], name=tag + "_bias"))
-        self.replaced.add(node.input[1])
         return new
 
     def _code_residual(self, x: str, tag: str, last: bool = False) -> list[Any]:
@@ -560,9 +555,9 @@ class _RowCoder:
         zero_point = self.rows[x][2]
         idx, idx_col = self.last_index  # type: ignore[misc]
         width = f"_pr_width_{n_out}"
-        if width not in self.row_shapes:
+        if width not in self.widths:
             self.graph.initializer.append(numpy_helper.from_array(np.array([n_out], np.int64), width))
-            self.row_shapes.add(width)
+            self.widths.add(width)
         p = tag + "_last"
         return [
             helper.make_node("MatMulIntegerToFloat", [codes_all, w_tag + "_w_int8", scale_all, w_tag + "_w_scale",

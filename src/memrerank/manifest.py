@@ -767,11 +767,7 @@ def verify_files(root: str | Path, files: Mapping[str, FileEntry]) -> None:
     Raises:
         ArtifactError: naming the first file that is missing, truncated or altered.
     """
-    root = Path(root)
-    for rel, meta in files.items():
-        _check_size(root, rel, meta)
-    for rel, meta in files.items():
-        _check_sha256(root, rel, meta)
+    verify_files_while(root, files, lambda: None)
 
 
 def is_weight_data(rel: str) -> bool:
@@ -780,10 +776,10 @@ def is_weight_data(rel: str) -> bool:
     return rel.endswith((".onnx_data", ".onnx.data"))
 
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
-def verify_files_while(root: str | Path, files: Mapping[str, FileEntry], load: Callable[[], T]) -> T:
+def verify_files_while(root: str | Path, files: Mapping[str, FileEntry], load: Callable[[], _T]) -> _T:
     """:func:`verify_files`, with the weights' sha256 computed while ``load()`` runs; returns its result.
 
     Every file's presence and size, and the sha256 of every file a parser reads (graph, tokenizer, configs),

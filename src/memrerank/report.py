@@ -51,10 +51,10 @@ def info_text(root: str | Path) -> str:
                 kept_as = fid.extra.get("kept_as", "fp32") if fid is not None else "fp32"
                 parity += (f", top10 {par.top10_overlap:.3f}, budget {'met' if entry.meets_budget else 'MISSED'}"
                            f", kept {kept_as}: {kept or 'none'}")
-                last = (entry.build.extra or {}).get("two_pass_last_tokens") if entry.build is not None else None
+                extra = (entry.build.extra or {}) if entry.build is not None else {}
+                last = extra.get("two_pass_last_tokens")
                 if last and last.get("tokens"):
                     parity += f", last {last['tokens']} tokens coded twice"
-                extra = (entry.build.extra or {}) if entry.build is not None else {}
                 if extra.get("block_size"):
                     parity += f", {extra.get('int4_products', '?')} products 4-bit (blocks of {extra['block_size']})"
         lines.append(f"precision   {name:<11} {entry.size_bytes / 2**20:8.1f} MiB  {parity}")
