@@ -32,6 +32,7 @@ is converted from its fp32 graph, so a GPU artifact is exported with ``--graph f
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +103,8 @@ class _Writer:
     and without them the fp16 converter (``onnxruntime.transformers.float16``) cannot tell where to put casts.
     """
 
-    def __init__(self, types: dict[str, int], sink: _ExternalSink | None = None) -> None:
+    def __init__(self, types: dict[str, int], sink: _ExternalSink | None = None, coder: Any = None) -> None:
+        self.coder = coder
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
         self.types = dict(types)
@@ -150,6 +152,19 @@ class _Writer:
         self.types.update((o, kind) for o in outs if o)
         return outs[0] if len(outs) == 1 else outs
 
+    def product(self, x: str, weight_name: str, w: np.ndarray, name: str) -> str:
+        """``x · w`` for a weight product named ``name``: a plain ``MatMul``, or what :attr:`coder` writes in its
+        place (the streaming export's quantized products, written without an fp32 graph in between)."""
+        if self.coder is not None:
+            return self.coder.product(self, x, weight_name, w, name)
+        return self.op("MatMul", x, self.const(weight_name, w), name=name)
+
+    def embedding(self, table_name: str, table: np.ndarray, ids: str) -> str:
+        """The token-embedding lookup (``Gather``), or the coder's (int8 rows)."""
+        if self.coder is not None:
+            return self.coder.embedding(self, table_name, table, ids)
+        return self.op("Gather", self.const(table_name, table), ids)
+
     def value_info(self, skip: set[str]) -> list[Any]:
         from onnx import helper
 
@@ -167,9 +182,9 @@ def _arr(t: Any) -> np.ndarray:
 def _weights(module: Any, rotation: Rotation | None = None) -> dict[str, Any]:
     """Config numbers and float32 numpy weights of a folded-head decoder module (``_FoldedYesNo.build``).
 
-    ``layers`` holds the torch layers: :func:`_layer_weights` reads one at a time, so the packed Q/K/V and
-    gate/up copies of one layer exist at once, never the whole model's. ``bytes`` is what the graph's
-    weights will take.
+    ``layers`` holds one loader per layer (:func:`_layer_weights` of its torch layer): they are called one at a
+    time, so the packed Q/K/V and gate/up copies of one layer exist at once, never the whole model's. ``bytes``
+    is what the graph's fp32 weights would take.
     """
     import torch
 
@@ -206,9 +221,10 @@ def _weights(module: Any, rotation: Rotation | None = None) -> dict[str, Any]:
         norm = np.ones_like(norm)
     return {
         "heads": n_heads, "kv_heads": n_kv, "head_dim": head_dim, "eps": float(config.rms_norm_eps),
-        "intermediate": int(config.intermediate_size), "embed": embed, "norm": norm, "head": head,
-        "cos": _arr(cos[0, :, :half]), "sin": _arr(sin[0, :, :half]), "layers": list(body.layers),
-        "bytes": n_bytes, "rotation": rot,
+        "intermediate": int(config.intermediate_size), "hidden": int(embed.shape[1]), "embed": embed, "norm": norm, "head": head,
+        "cos": _arr(cos[0, :, :half]), "sin": _arr(sin[0, :, :half]),
+        "layers": [functools.partial(_layer_weights, layer) for layer in body.layers], "bytes": n_bytes,
+        "rotation": rot,
     }
 
 
@@ -265,6 +281,115 @@ def _layer_weights(layer: Any) -> dict[str, np.ndarray | None]:
     }
 
 
+@dataclass(frozen=True)
+class CheckpointSource:
+    """A decoder reranker read from its safetensors files one tensor at a time (the streaming export): what
+    :func:`write_fused_graph` takes instead of a PyTorch module, so the model is never whole in memory.
+
+    ``head``: the output rows the folded head subtracts (``(yes_id, no_id)``), or ``None`` for a "-seq-cls"
+    conversion (its one-row ``score`` weight).
+    """
+
+    checkpoint: Any  # memrerank.export.checkpoint.Checkpoint
+    config: Any  # the checkpoint's transformers config
+    head: tuple[int, int] | None
+
+
+def _prefix(ckpt: Any) -> str:
+    """The name prefix of the decoder stack (``model.`` in a ``*ForCausalLM`` checkpoint)."""
+    for name in ckpt.names():
+        if name.endswith("embed_tokens.weight"):
+            return name[: -len("embed_tokens.weight")]
+    raise ValueError(f"{ckpt.root}: no embed_tokens.weight; not a Qwen2/Qwen3 decoder checkpoint")
+
+
+def _rope_tables(config: Any, n_pos: int, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """The model's own RoPE tables (its transformers rotary class, built from the config alone)."""
+    import importlib
+
+    import torch
+
+    module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+    cls = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
+    with torch.no_grad():
+        cos, sin = cls(config=config)(torch.zeros(1, dtype=torch.float32), torch.arange(n_pos)[None])
+    if not torch.equal(cos[0, :, :half], cos[0, :, half:]):
+        raise ValueError("the fused graph needs RoPE with rotate-half frequency layout (cos repeated twice)")
+    return _arr(cos[0, :, :half]), _arr(sin[0, :, :half])
+
+
+def _checkpoint_weights(src: CheckpointSource, rotation: Rotation | None = None) -> dict[str, Any]:
+    """:func:`_weights` of a :class:`CheckpointSource`: the same numbers and arrays, read from the files (the
+    token embeddings and two head rows now, each layer when its loader is called)."""
+    ckpt, config = src.checkpoint, src.config
+    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    if head_dim % 2:
+        raise ValueError(f"the fused graph needs an even head_dim (RoPE rotates halves), got {head_dim}")
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        raise ValueError("the fused graph does not support sliding-window layers; export with --graph traced")
+    p = _prefix(ckpt)
+    n_layers = int(config.num_hidden_layers)
+    for i in range(n_layers):
+        a = f"{p}layers.{i}.self_attn."
+        if f"{a}o_proj.bias" in ckpt:
+            raise ValueError("the fused graph does not support an output projection with a bias")
+        has = [f"{a}{m}_proj.bias" in ckpt for m in "qkv"]
+        if any(has) and not all(has):
+            raise ValueError("the fused graph needs a bias on all of q/k/v or on none")
+    n_pos, half = int(config.max_position_embeddings), head_dim // 2
+    cos, sin = _rope_tables(config, n_pos, half)
+    embed_name = f"{p}embed_tokens.weight"
+    if src.head is None:
+        head = ckpt.rows("score.weight", [0])[0]
+    else:
+        tied = getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in ckpt
+        rows = ckpt.rows(embed_name if tied else "lm_head.weight", list(src.head))
+        head = rows[0] - rows[1]
+    embed, norm = ckpt.tensor(embed_name), ckpt.tensor(f"{p}norm.weight")
+    head = head.astype(np.float32).reshape(-1, 1)
+    n_bytes = 4 * (sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names() if n.startswith(p)) + head.size
+                   + 2 * n_pos * half)
+    rot = None
+    if rotation is not None:
+        q = rotation.residual(embed.shape[1])
+        rot = {"q": q, "v": rotation.head(head_dim)}
+        embed = _rotate_rows(embed, q)
+        head = (q.T @ (norm.astype(np.float64)[:, None] * head)).astype(np.float32)
+        norm = np.ones_like(norm)
+    return {
+        "heads": n_heads, "kv_heads": n_kv, "head_dim": head_dim, "eps": float(config.rms_norm_eps),
+        "intermediate": int(config.intermediate_size), "hidden": int(embed.shape[1]), "embed": embed, "norm": norm, "head": head,
+        "cos": cos, "sin": sin, "layers": [functools.partial(_checkpoint_layer, ckpt, f"{p}layers.{i}.")
+                                           for i in range(n_layers)],
+        "bytes": n_bytes, "rotation": rot,
+    }
+
+
+def _checkpoint_layer(ckpt: Any, p: str) -> dict[str, np.ndarray | None]:
+    """:func:`_layer_weights` of layer ``p`` read from the checkpoint's files."""
+    a, m = p + "self_attn.", p + "mlp."
+
+    def opt(name: str) -> np.ndarray | None:
+        return ckpt.tensor(name) if name in ckpt else None
+
+    qkv_bias = None
+    if f"{a}q_proj.bias" in ckpt:
+        qkv_bias = np.concatenate([ckpt.tensor(f"{a}{x}_proj.bias") for x in "qkv"])
+    return {
+        "in_norm": ckpt.tensor(p + "input_layernorm.weight"),
+        "qkv": np.concatenate([ckpt.tensor(f"{a}{x}_proj.weight") for x in "qkv"]).T,
+        "qkv_bias": qkv_bias,
+        "q_norm": opt(a + "q_norm.weight"),
+        "k_norm": opt(a + "k_norm.weight"),
+        "o": ckpt.tensor(a + "o_proj.weight").T,
+        "post_norm": ckpt.tensor(p + "post_attention_layernorm.weight"),
+        "gate_up": np.concatenate([ckpt.tensor(m + "gate_proj.weight"), ckpt.tensor(m + "up_proj.weight")]).T,
+        "down": ckpt.tensor(m + "down_proj.weight").T,
+    }
+
+
 class _ExternalSink:
     """Weights written straight into one external-data file as the graph is built: the graph in memory holds
     their file offsets only, so writing a model never holds a second copy of its weights. Each tensor starts on
@@ -299,16 +424,20 @@ class _ExternalSink:
 
 
 def write_fused_graph(module: Any, path: str | Path, *, ep: str = "cpu", external_data_bytes: int | None = None,
-                      rotation: Rotation | None = None) -> list[Path]:
-    """Write the fused graph of a folded-head decoder module to ``path``.
+                      rotation: Rotation | None = None, coder: Any = None) -> list[Path]:
+    """Write the fused graph of a folded-head decoder module (or of a checkpoint's files) to ``path``.
 
     Args:
-        module: what :meth:`DecoderYesNoFamily.graph_module` returns (its ``body``, ``head`` and ``config``).
+        module: what :meth:`DecoderYesNoFamily.graph_module` returns (its ``body``, ``head`` and ``config``), or a
+            :class:`CheckpointSource` (the streaming export: each weight read from the files when it is written).
         path: the ``.onnx`` file to write (its folder is created).
         ep: ``"cpu"`` or ``"cuda"`` (:data:`FUSED_EPS`; they differ only in how attention takes the grouped heads).
         external_data_bytes: weights above this many bytes go to ``<name>_data`` beside the graph (default:
             :data:`memrerank.export.graph.EXTERNAL_DATA_BYTES`).
         rotation: write the weights in a rotated basis (:class:`Rotation`; the same scores, int8-friendly).
+        coder: writes the weight products and the embedding lookup in place of fp32 ones (e.g.
+            :class:`memrerank.export.int4.Int4Coder`); the weights it writes are what ``external_data_bytes``
+            is weighed against.
 
     Returns:
         The files written, graph first.
@@ -322,21 +451,22 @@ def write_fused_graph(module: Any, path: str | Path, *, ep: str = "cpu", externa
 
     _check_runtime(ep)
     path = Path(path)
-    w = _weights(module, rotation)
+    w = _checkpoint_weights(module, rotation) if isinstance(module, CheckpointSource) else _weights(module, rotation)
     f32, int64 = TensorProto.FLOAT, TensorProto.INT64
     past_names = [f"past_{kind}.{i}" for i in range(len(w["layers"])) for kind in ("key", "value")]
     limit = EXTERNAL_DATA_BYTES if external_data_bytes is None else external_data_bytes
     for stale in (path, path.parent / (path.name + "_data")):
         stale.unlink(missing_ok=True)
-    sink = _ExternalSink(path.parent / (path.name + "_data")) if w["bytes"] > limit else None
-    g = _Writer({"input_ids": int64, "attention_mask": int64, **{n: f32 for n in past_names}}, sink)
+    n_bytes = w["bytes"] if coder is None else w["bytes"] // 6  # a coder writes 4- or 8-bit weights
+    sink = _ExternalSink(path.parent / (path.name + "_data")) if n_bytes > limit else None
+    g = _Writer({"input_ids": int64, "attention_mask": int64, **{n: f32 for n in past_names}}, sink, coder)
     shared = _shared(g, w, ep)
-    x = g.op("Gather", g.const("embed_tokens", w["embed"]), "input_ids")
+    x = g.embedding("embed_tokens", w.pop("embed"), "input_ids")  # its fp32 copy freed once written
     shared.shapes.update(_layer_shapes(g, w))
     presents: list[str] = []
     mlp_out: str | None = None
-    for i, layer in enumerate(w["layers"]):
-        lw = _layer_weights(layer)
+    for i, load in enumerate(w["layers"]):
+        lw = load()
         if w["rotation"] is not None:
             lw = _rotate_layer(lw, w["rotation"], w["kv_heads"], w["heads"])
         x, mlp_out = _layer(g, shared, i, lw, x, mlp_out)
@@ -416,7 +546,7 @@ def _shared(g: _Writer, w: dict[str, Any], ep: str) -> _Shared:
 def _layer_shapes(g: _Writer, w: dict[str, Any]) -> dict[str, str]:
     """The split sizes and reshape targets every layer uses."""
     n_heads, n_kv, d, i64 = w["heads"], w["kv_heads"], w["head_dim"], np.int64
-    hidden = w["embed"].shape[1]
+    hidden = w["hidden"]
     return {
         "split_qkv": g.const("split_qkv", [n_heads * d, n_kv * d, n_kv * d], i64),
         "split_mlp": g.const("split_mlp", [w["intermediate"], w["intermediate"]], i64),
@@ -447,7 +577,7 @@ def _layer(g: _Writer, s: _Shared, i: int, lw: dict[str, np.ndarray], x: str, ml
                           g.const(p + "input_layernorm", lw["in_norm"]), outputs=4, unused=(1, 2), domain=_MS,
                           epsilon=eps)
     # products named after their weights, with the layer index where graph_info looks for it (layers.N)
-    qkv = g.op("MatMul", h, g.const(p + "qkv_proj", lw["qkv"]), name=f"/model/{p}qkv_proj/MatMul")
+    qkv = g.product(h, p + "qkv_proj", lw["qkv"], f"/model/{p}qkv_proj/MatMul")
     if lw["qkv_bias"] is not None:  # Qwen2: q/k/v projections with a bias
         qkv = g.op("Add", qkv, g.const(p + "qkv_bias", lw["qkv_bias"]))
     q, k, v = g.op("Split", qkv, c["split_qkv"], outputs=3, axis=-1)
@@ -477,15 +607,15 @@ def _layer(g: _Writer, s: _Shared, i: int, lw: dict[str, np.ndarray], x: str, ml
     if i == s.layers - 1:  # only the last real token matters from here on: (B, 1, ·)
         y = g.op("Unsqueeze", g.op("Gather", g.op("Reshape", y, c["rows_q"]), n["flat_last"]), one)
         x = g.op("Unsqueeze", g.op("Gather", g.op("Reshape", x, c["rows_h"]), n["flat_last"]), one)
-    attn_out = g.op("MatMul", y, g.const(p + "o_proj", lw["o"]), name=f"/model/{p}o_proj/MatMul")
+    attn_out = g.product(y, p + "o_proj", lw["o"], f"/model/{p}o_proj/MatMul")
     h, _, _, x = g.op("SkipSimplifiedLayerNormalization", attn_out, x,
                       g.const(p + "post_attention_layernorm", lw["post_norm"]), outputs=4, unused=(1, 2),
                       domain=_MS, epsilon=eps)
-    gate_up = g.op("MatMul", h, g.const(p + "gate_up_proj", lw["gate_up"]), name=f"/model/{p}gate_up_proj/MatMul")
+    gate_up = g.product(h, p + "gate_up_proj", lw["gate_up"], f"/model/{p}gate_up_proj/MatMul")
     gate, up = g.op("Split", gate_up, c["split_mlp"],
                     outputs=2, axis=-1)
     act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
-    return x, g.op("MatMul", act, g.const(p + "down_proj", lw["down"]), name=f"/model/{p}down_proj/MatMul")
+    return x, g.product(act, p + "down_proj", lw["down"], f"/model/{p}down_proj/MatMul")
 
 
 def _save_graph(g: _Writer, path: Path, past_names: list[str], presents: list[str], n_kv: int, d: int,

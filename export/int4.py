@@ -22,14 +22,16 @@ from typing import Any
 from memrerank.export.quantize import (
     GraphInfo,
     build_int8,
+    int8_lookup_nodes,
+    int8_rows,
     quantize_embeddings,
     register_precision,
     rewrite_products,
 )
 from memrerank.manifest import Build
 
-__all__ = ["CLIP_RATIOS", "INT4_ACCURACY_LEVEL", "INT4_BLOCK", "INT4_METHOD", "build_int4", "int4_blocks",
-           "quantize_int4"]
+__all__ = ["CLIP_RATIOS", "INT4_ACCURACY_LEVEL", "INT4_BLOCK", "INT4_METHOD", "Int4Coder", "build_int4",
+           "int4_blocks", "quantize_int4"]
 
 #: Input channels per 4-bit block (one scale each).
 INT4_BLOCK = 32
@@ -109,22 +111,83 @@ def quantize_int4(src: Path, out: Path, nodes: list[str], external: bool, *, blo
 
     def replace(node: Any, w: Any, bias: str | None, transposed: bool) -> list[Any]:
         key, tag = (node.input[1], transposed), node.name or node.output[0]
-        k, n = w.shape
         if key not in coded:
             packed, scales = int4_blocks(w, block)
             model.graph.initializer.extend([numpy_helper.from_array(packed, tag + "_w_int4"),
                                             numpy_helper.from_array(scales, tag + "_w_int4_scale")])
             coded[key] = tag
-        w_tag = coded[key]
         product = node.output[0] if bias is None else node.output[0] + "_int4"
-        new = [helper.make_node("MatMulNBits", [node.input[0], w_tag + "_w_int4", w_tag + "_w_int4_scale"],
-                                [product], name=tag + "_int4", domain="com.microsoft", K=k, N=n, bits=4,
-                                block_size=block, accuracy_level=accuracy_level)]
+        new = [_product_node(node.input[0], coded[key], product, tag, w.shape, block, accuracy_level)]
         if bias is not None:
             new.append(helper.make_node("Add", [product, bias], [node.output[0]], name=tag + "_bias"))
         return new
 
     return rewrite_products(model, nodes, replace, out, external)
+
+
+def _product_node(x: str, w_tag: str, out: str, tag: str, shape: tuple[int, int], block: int,
+                  accuracy_level: int) -> Any:
+    """``out = MatMulNBits(x, w_tag_w_int4, w_tag_w_int4_scale)`` for a K × N weight coded by :func:`int4_blocks`."""
+    from onnx import helper
+
+    k, n = shape
+    return helper.make_node("MatMulNBits", [x, w_tag + "_w_int4", w_tag + "_w_int4_scale"], [out], name=tag + "_int4",
+                            domain="com.microsoft", K=k, N=n, bits=4, block_size=block, accuracy_level=accuracy_level)
+
+
+class Int4Coder:
+    """The ``int4`` precision written while the fused graph is written (the streaming export): each weight
+    product as :func:`quantize_int4` writes it, the token embeddings as int8 rows, the folded head fp32 (the
+    writer keeps it a plain ``MatMul``). No fp32 graph exists in between: each weight is coded as soon as it is
+    read and only its codes reach the graph's external data.
+
+    ``products`` and ``tables`` count what it wrote (the build record).
+    """
+
+    def __init__(self, block: int = INT4_BLOCK, accuracy_level: int = INT4_ACCURACY_LEVEL) -> None:
+        int4_blocks(np_zeros(block), block)  # refuses a bad block size before any weight is read
+        self.block, self.accuracy_level = block, accuracy_level
+        self.products = 0
+        self.tables = 0
+
+    def product(self, g: Any, x: str, weight_name: str, w: Any, name: str) -> str:
+        from onnx import TensorProto
+
+        packed, scales = int4_blocks(w, self.block)
+        g.const(name + "_w_int4", packed)
+        g.const(name + "_w_int4_scale", scales)
+        out = name + "_int4_out"
+        g.nodes.append(_product_node(x, name, out, name, w.shape, self.block, self.accuracy_level))
+        g.types[out] = TensorProto.FLOAT
+        self.products += 1
+        return out
+
+    def embedding(self, g: Any, table_name: str, table: Any, ids: str) -> str:
+        from onnx import TensorProto
+
+        q, scale = int8_rows(table)
+        g.const(table_name + "_int8", q)
+        g.const(table_name + "_row_scale", scale)
+        out = table_name + "_lookup"
+        nodes = int8_lookup_nodes(table_name, ids, out, "/model/embed_tokens/Gather")
+        g.nodes.extend(nodes)
+        g.types.update({o: TensorProto.FLOAT for node in nodes for o in node.output})
+        g.types[out + "_int8"] = TensorProto.INT8
+        self.tables += 1
+        return out
+
+    def build(self) -> Build:
+        """The manifest's ``build`` record of the graph written."""
+        return Build(method=INT4_METHOD, batch_independent=True, extra={
+            "block_size": self.block, "accuracy_level": self.accuracy_level, "int4_products": self.products,
+            "embeddings": f"{self.tables} table(s) int8 with one symmetric scale per row" if self.tables else "fp32",
+            "streamed": True})
+
+
+def np_zeros(block: int) -> Any:
+    import numpy as np
+
+    return np.zeros((block, 1), np.float32)
 
 
 @register_precision("int4", kept_as=("int8", "fp32"))

@@ -156,6 +156,30 @@ def graph_info(path: Path) -> GraphInfo:
                      matmul_nodes=[n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")])
 
 
+def int8_rows(table: Any) -> tuple[Any, Any]:
+    """An embedding table as int8 codes with one symmetric scale per row: ``(codes, scales (rows, 1))``."""
+    import numpy as np
+
+    table = np.asarray(table, dtype=np.float32)
+    scale = np.abs(table).max(axis=1, keepdims=True) / 127.0
+    scale[scale == 0] = 1.0
+    return np.clip(np.rint(table / scale), -127, 127).astype(np.int8), scale.astype(np.float32)
+
+
+def int8_lookup_nodes(base: str, ids: str, out: str, name: str) -> list[Any]:
+    """``out = Gather(base_int8, ids) · Gather(base_row_scale, ids)`` (:func:`int8_rows`' tables): only the rows a
+    batch looks up are expanded to fp32."""
+    import onnx
+    from onnx import helper
+
+    return [
+        helper.make_node("Gather", [base + "_int8", ids], [out + "_int8"], name=name),
+        helper.make_node("Cast", [out + "_int8"], [out + "_f"], to=onnx.TensorProto.FLOAT, name=name + "_dequant_cast"),
+        helper.make_node("Gather", [base + "_row_scale", ids], [out + "_scale"], name=name + "_scale"),
+        helper.make_node("Mul", [out + "_f", out + "_scale"], [out], name=name + "_dequant"),
+    ]
+
+
 def quantize_embeddings(path: Path, nodes: list[str], external: bool) -> int:
     """Store each embedding table as int8 with one symmetric scale per row, in place.
 
@@ -164,9 +188,8 @@ def quantize_embeddings(path: Path, nodes: list[str], external: bool) -> int:
     support uses one scale for the whole table, which a few outlier rows would make coarse for all the others.
     Returns the number of tables converted.
     """
-    import numpy as np
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     if not nodes:
         return 0
@@ -179,25 +202,15 @@ def quantize_embeddings(path: Path, nodes: list[str], external: bool) -> int:
         if node.name not in wanted or node.op_type != "Gather" or node.input[0] not in inits:
             new_nodes.append(node)
             continue
-        table = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
-        scale = np.abs(table).max(axis=1, keepdims=True) / 127.0
-        scale[scale == 0] = 1.0
-        q = np.clip(np.rint(table / scale), -127, 127).astype(np.int8)
-        base = node.input[0]
-        model.graph.initializer.remove(inits[base])
-        model.graph.initializer.extend([numpy_helper.from_array(q, base + "_int8"),
-                                        numpy_helper.from_array(scale.astype(np.float32), base + "_row_scale")])
-        ids, out = node.input[1], node.output[0]
         axis = [a for a in node.attribute if a.name == "axis"]
         if axis and axis[0].i != 0:
             raise ValueError(f"{node.name}: embedding Gather on axis {axis[0].i} is not supported")
-        new_nodes += [
-            helper.make_node("Gather", [base + "_int8", ids], [out + "_int8"], name=node.name),
-            helper.make_node("Cast", [out + "_int8"], [out + "_f"], to=onnx.TensorProto.FLOAT,
-                             name=node.name + "_dequant_cast"),
-            helper.make_node("Gather", [base + "_row_scale", ids], [out + "_scale"], name=node.name + "_scale"),
-            helper.make_node("Mul", [out + "_f", out + "_scale"], [out], name=node.name + "_dequant"),
-        ]
+        q, scale = int8_rows(numpy_helper.to_array(inits[node.input[0]]))
+        base = node.input[0]
+        model.graph.initializer.remove(inits[base])
+        model.graph.initializer.extend([numpy_helper.from_array(q, base + "_int8"),
+                                        numpy_helper.from_array(scale, base + "_row_scale")])
+        new_nodes += int8_lookup_nodes(base, node.input[1], node.output[0], node.name)
         done += 1
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)

@@ -1,0 +1,158 @@
+"""The streaming export's pieces: safetensors read one tensor at a time without torch, the fused graph written
+from the files (the same graph as from the PyTorch module), and int4 written while the graph is written (the same
+graph as the int4 pass over an fp32 graph)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from memrerank.export.checkpoint import Checkpoint
+from memrerank.export.fused import CheckpointSource, Rotation, write_fused_graph
+from memrerank.export.int4 import Int4Coder, quantize_int4
+from memrerank.export.quantize import graph_info, quantize_embeddings
+from models import make_qwen2, make_qwen3
+
+torch = pytest.importorskip("torch")
+
+
+def test_checkpoint_reads_each_dtype_as_safetensors_does(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    rng = np.random.default_rng(0)
+    tensors = {"a": torch.tensor(rng.normal(size=(5, 7)), dtype=torch.bfloat16),
+               "b": torch.tensor(rng.normal(size=(3,)), dtype=torch.float16),
+               "c": torch.tensor(rng.normal(size=(2, 3, 4)), dtype=torch.float32),
+               "d": torch.tensor(rng.normal(size=(6, 4)) * 1e30, dtype=torch.bfloat16)}  # bf16's wide range
+    save_file(tensors, tmp_path / "model.safetensors")
+    ckpt = Checkpoint(tmp_path)
+    ref = load_file(tmp_path / "model.safetensors")
+    assert sorted(ckpt.names()) == sorted(ref)
+    for name, t in ref.items():
+        got = ckpt.tensor(name)
+        assert got.dtype == np.float32 and got.shape == tuple(t.shape)
+        np.testing.assert_array_equal(got, t.float().numpy())  # exact: each widening is exact
+    np.testing.assert_array_equal(ckpt.rows("d", [4, 1]), ref["d"].float().numpy()[[4, 1]])
+    assert ckpt.dtypes() == {"BF16": 2, "F16": 1, "F32": 1}
+    with pytest.raises(KeyError, match="no tensor 'e'"):
+        ckpt.tensor("e")
+    with pytest.raises(IndexError, match="row 6 outside"):
+        ckpt.rows("d", [6])
+
+
+def test_checkpoint_refuses_truncated_files_and_pickles(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(64, 64)}, tmp_path / "model.safetensors")
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(ValueError, match="outside the file"):
+        Checkpoint(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 4)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        Checkpoint(tmp_path)
+    empty = tmp_path / "pickled"
+    empty.mkdir()
+    (empty / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="safetensors weights only"):
+        Checkpoint(empty)
+
+
+def test_checkpoint_reads_sharded_checkpoints(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.arange(6.0).reshape(2, 3)}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({"y": torch.ones(4, dtype=torch.bfloat16)}, tmp_path / "model-00002-of-00002.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"x": "model-00001-of-00002.safetensors", "y": "model-00002-of-00002.safetensors"}}))
+    ckpt = Checkpoint(tmp_path)
+    np.testing.assert_array_equal(ckpt.tensor("x"), np.arange(6.0, dtype=np.float32).reshape(2, 3))
+    np.testing.assert_array_equal(ckpt.tensor("y"), np.ones(4, np.float32))
+
+
+def _family(path):
+    from transformers import AutoConfig
+
+    from memrerank.export.families import family_for
+
+    config = AutoConfig.from_pretrained(path)
+    family = family_for(config)(str(path), config, revision=None, trust_remote_code=False, instruction=None,
+                                max_length=None)
+    family.load()
+    return family, config
+
+
+def _source(family, config, path):
+    head = None if family.is_seq_cls else family._yes_no_ids()
+    return CheckpointSource(Checkpoint(path), config, head)
+
+
+def _initializers(path):
+    model = onnx.load(str(path))
+    return [n.op_type for n in model.graph.node], {
+        i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+@pytest.fixture(scope="module", params=["qwen3", "qwen3-bf16", "qwen2-untied", "qwen3-seq-cls"])
+def tiny(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    if request.param.startswith("qwen2"):
+        make_qwen2(path, tied=False)
+    else:
+        make_qwen3(path, seq_cls=request.param.endswith("seq-cls"))
+    if request.param.endswith("bf16"):  # the hub's usual dtype: re-saved in bf16
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_the_graph_written_from_the_files_is_the_graph_written_from_the_module(tiny, tmp_path, rotate):
+    family, config = _family(tiny)
+    if "bf16" in tiny.name:
+        assert Checkpoint(tiny).dtypes() == {"BF16": len(Checkpoint(tiny).names())}
+    rotation = Rotation() if rotate else None
+    write_fused_graph(family.graph_module(), tmp_path / "module" / "model.onnx", rotation=rotation)
+    write_fused_graph(_source(family, config, tiny), tmp_path / "files" / "model.onnx", rotation=rotation)
+    ops_m, inits_m = _initializers(tmp_path / "module" / "model.onnx")
+    ops_f, inits_f = _initializers(tmp_path / "files" / "model.onnx")
+    assert ops_m == ops_f and sorted(inits_m) == sorted(inits_f)
+    for name, value in inits_m.items():  # the same float32 numbers: both read the same stored values
+        np.testing.assert_array_equal(inits_f[name], value, err_msg=name)
+
+
+def _run(path, ids):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_"):
+            feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+    return sess.run(["logits"], feed)[0]
+
+
+def test_int4_written_while_streaming_is_the_int4_pass_over_the_fp32_graph(tmp_path):
+    path = make_qwen3(tmp_path / "ckpt", hidden=128)
+    family, config = _family(path)
+    fp32 = tmp_path / "fp32" / "model.onnx"
+    write_fused_graph(family.graph_module(), fp32, rotation=Rotation())
+    info = graph_info(fp32)
+    two_pass = tmp_path / "two-pass" / "model.onnx"
+    assert quantize_int4(fp32, two_pass, info.weight_nodes, False) == len(info.weight_nodes) == 8
+    assert quantize_embeddings(two_pass, list(info.embedding_nodes), False) == 1
+    coder = Int4Coder()
+    streamed = tmp_path / "streamed" / "model.onnx"
+    write_fused_graph(_source(family, config, path), streamed, rotation=Rotation(), coder=coder)
+    assert (coder.products, coder.tables) == (8, 1)
+    assert coder.build().extra["int4_products"] == 8
+    ops = [n.op_type for n in onnx.load(str(streamed), load_external_data=False).graph.node]
+    assert ops.count("MatMulNBits") == 8 and ops.count("MatMul") == 1  # the folded head stays fp32
+    ids = np.random.default_rng(0).integers(0, 151_000, (3, 17)).astype(np.int64)
+    want = _run(two_pass, ids)
+    np.testing.assert_array_equal(_run(streamed, ids), want)
+    assert np.abs(want - _run(fp32, ids)).max() > 1e-4  # it is 4-bit: a graph that did not code would differ
