@@ -57,6 +57,9 @@ from memrerank.manifest import (
 __all__ = ["export_model", "validate_artifact", "TOPK"]
 
 TOPK = 3  # top-k agreement on the built-in groups (4–6 documents each)
+#: Precisions an export may write without an fp32 graph: streamed from the checkpoint's safetensors one tensor at
+#: a time (:func:`_build_streamed`), so a model larger than memory in fp32 still exports.
+STREAMED = ("int4",)
 _log = logging.getLogger(__name__)
 
 
@@ -101,7 +104,8 @@ class _Job:
 
 
 def validate_artifact(root: Path, family: Any, precision: str = "fp32",
-                      groups: Sequence[tuple[str, list[str]]] | None = None, *, release: bool = False) -> Parity:
+                      groups: Sequence[tuple[str, list[str]]] | None = None, *, release: bool = False,
+                      reference: tuple[str, list[np.ndarray]] | None = None) -> Parity:
     """Score the built-in groups with the artifact and with PyTorch.
 
     Every run is checked: batch 8 on each padding side the family supports, batch 1 on its own side (a batch of
@@ -115,12 +119,14 @@ def validate_artifact(root: Path, family: Any, precision: str = "fp32",
         top-k agreement.
 
     ``release``: free the PyTorch model once the reference scores are computed, before onnxruntime loads the
-    graph (the export needs it no more), so the two never share the memory at once.
+    graph (the export needs it no more), so the two never share the memory at once. ``reference``: the PyTorch
+    scores of ``groups`` computed before (the streaming export frees the model before it writes the graph), as
+    ``(what computed them, scores per group)``.
     """
     from memrerank.runtime import Reranker
 
     groups = list(groups) if groups is not None else builtin_pairs()
-    ref = [family.reference(q, docs, None) for q, docs in groups]
+    label, ref = reference or ("pytorch (transformers, fp32)", [family.reference(q, docs, None) for q, docs in groups])
     if release:
         family.release()
     paths: tuple[tuple[str, bool | None], ...] = (("", None),)
@@ -145,7 +151,7 @@ def validate_artifact(root: Path, family: Any, precision: str = "fp32",
                         topk.append(topk_overlap(got, r, TOPK))
                 by_run[f"{path}{side}/batch{batch_size}"] = max(diffs)
     return Parity(
-        reference="pytorch (transformers, fp32)",
+        reference=label,
         max_abs_logit_diff=max(by_run.values()),
         tolerance=PARITY_TOLERANCE[precision],
         spearman_mean=float(np.mean(spear)),
@@ -228,11 +234,14 @@ def export_model(
         raise ValueError("rotate: the rotated basis is written by the fused graphs; pass --graph fused "
                          f"(or fused-cuda), not {graph!r}")
     lower = [p for p in PRECISIONS if p in precisions and p != "fp32"]
-    steps = Steps(3 + len(lower) + bool(lower), desc=f"export {Path(model).name}", enabled=progress, log=log)
+    stream = "fp32" not in precisions  # the checkpoint's files read one tensor at a time, no fp32 graph
+    n_steps = 4 if stream else 3 + len(lower) + bool(lower)
+    steps = Steps(n_steps, desc=f"export {Path(model).name}", enabled=progress, log=log)
     log = steps.log
     family, config, blocks, tmp = _load_step(model, out, steps, revision=revision, instruction=instruction,
                                              trust_remote_code=trust_remote_code, max_length=max_length,
-                                             allow_pickle=allow_pickle, prompt=prompt)
+                                             allow_pickle=allow_pickle, prompt=prompt,
+                                             dtype="auto" if stream else None)
     auto = graph is None and not rotate  # --rotate without --graph asks for the fused graph: no quiet fallback
     if graph is None:
         graph = "fused" if rotate or family.cache_layout() is not None else "traced"
@@ -240,7 +249,10 @@ def export_model(
         rotate = graph in FUSED_GRAPHS
     job = _Job(model, revision, opset, graph, command, allow_pickle, Rotation() if rotate else None, auto)
     try:
-        manifest = _build_artifact(tmp, job, config, family, blocks, lower, calib_groups, budget, steps)
+        if stream:
+            manifest = _build_streamed(tmp, job, config, family, blocks, lower[0], calib_groups, budget, steps)
+        else:
+            manifest = _build_artifact(tmp, job, config, family, blocks, lower, calib_groups, budget, steps)
         seconds = steps.finish()
         write_manifest(tmp, _with_step_seconds(manifest, seconds))
         swap_into_place(tmp, out)
@@ -261,8 +273,13 @@ def _check_arguments(out: Path, precisions: Sequence[str], *, force: bool, max_l
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown or not precisions:
         raise ValueError(f"precision: unknown {unknown or 'none given'}; choose from {', '.join(PRECISIONS)}")
-    if "fp32" not in precisions:
-        raise ValueError("precision: fp32 is the reference every other precision is validated against; include it")
+    if "fp32" not in precisions and not set(precisions) <= set(STREAMED):
+        raise ValueError("precision: fp32 is the reference every other precision is validated against; include it "
+                         f"(only {', '.join(STREAMED)} exports alone: streamed from the checkpoint's files and "
+                         "validated against PyTorch)")
+    if "fp32" not in precisions and graph == "traced":
+        raise ValueError(f"precision {', '.join(precisions)} alone streams the fused graph from the checkpoint's "
+                         "files; drop --graph traced or add fp32")
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force (force=True) to replace it")
     budget = fidelity if isinstance(fidelity, FidelityBudget) else FidelityBudget.parse(fidelity)
@@ -273,8 +290,8 @@ def _check_arguments(out: Path, precisions: Sequence[str], *, force: bool, max_l
 
 
 def _load_family(model: str, *, revision: str | None, trust_remote_code: bool, instruction: str | None,
-                 max_length: int | None, allow_pickle: bool, log: Callable[[str], None], prompt: Any = None
-                 ) -> tuple[Any, Any]:
+                 max_length: int | None, allow_pickle: bool, log: Callable[[str], None], prompt: Any = None,
+                 dtype: Any = None) -> tuple[Any, Any]:
     """Read the checkpoint's config, pick its registered family and load the PyTorch model and tokenizer."""
     from transformers import AutoConfig
 
@@ -288,13 +305,14 @@ def _load_family(model: str, *, revision: str | None, trust_remote_code: bool, i
     family = family_for(config)(model, config, revision=revision, trust_remote_code=trust_remote_code,
                                 instruction=instruction, max_length=max_length, allow_pickle=allow_pickle,
                                 prompt=prompt)
+    family.load_dtype = dtype
     family.load()
     return family, config
 
 
 def _load_step(model: str, out: Path, steps: Steps, *, revision: str | None, trust_remote_code: bool,
-               instruction: str | None, max_length: int | None, allow_pickle: bool, prompt: Any = None
-               ) -> tuple[Any, Any, tuple[Template, Tokens], Path]:
+               instruction: str | None, max_length: int | None, allow_pickle: bool, prompt: Any = None,
+               dtype: Any = None) -> tuple[Any, Any, tuple[Template, Tokens], Path]:
     """The load step: the checkpoint in its family, the family's template and tokens, and the staging
     directory.
 
@@ -304,7 +322,7 @@ def _load_step(model: str, out: Path, steps: Steps, *, revision: str | None, tru
         steps.start("load")
         family, config = _load_family(model, revision=revision, trust_remote_code=trust_remote_code,
                                       instruction=instruction, max_length=max_length,
-                                      allow_pickle=allow_pickle, log=steps.log, prompt=prompt)
+                                      allow_pickle=allow_pickle, log=steps.log, prompt=prompt, dtype=dtype)
         blocks = family.template()
         return family, config, blocks, _staging(out)
     except BaseException:
@@ -338,6 +356,103 @@ def _build_artifact(tmp: Path, job: _Job, config: Any, family: Any, blocks: tupl
     if lower:
         manifest = _build_precisions(tmp, lower, groups, budget, manifest, steps.log, steps)
     return manifest
+
+
+def _build_streamed(tmp: Path, job: _Job, config: Any, family: Any, blocks: tuple[Template, Tokens], name: str,
+                    groups: Sequence[tuple[str, list[str]]] | None, budget: FidelityBudget, steps: Steps) -> Manifest:
+    """The streaming export of one precision (:data:`STREAMED`), for models whose fp32 graph would not fit.
+
+    PyTorch, holding the model in the checkpoint's own dtype (bf16: half of fp32), scores the built-in validation
+    pairs and the calibration pairs and is freed; then the graph is written from the checkpoint's safetensors one
+    tensor at a time, each weight coded as it is read (:class:`~memrerank.export.int4.Int4Coder`), so neither an
+    fp32 graph nor a second copy of the model ever exists; then onnxruntime scores the same pairs. The parity and
+    the fidelity budget are judged against PyTorch (there is no fp32 graph); with no fp32 graph there is no
+    sensitivity search either, so a precision that misses the budget fails with what to do instead.
+    """
+    import onnx
+
+    from memrerank.export.checkpoint import Checkpoint
+    from memrerank.export.fused import CheckpointSource
+    from memrerank.export.int4 import Int4Coder
+    from memrerank.runtime import Reranker
+
+    layout = family.cache_layout()
+    if layout is None or job.graph not in FUSED_GRAPHS:
+        raise ValueError(f"precision {name} alone streams the fused decoder graph; {family.name} exports the traced "
+                         f"graph: add fp32 (--precision fp32,{name})")
+    template, tokens = blocks
+    steps.start("pytorch reference")
+    dtype = str(next(family.model.parameters()).dtype).removeprefix("torch.")
+    label = f"pytorch (transformers, {dtype})"
+    source = "user --calib-data" if groups is not None else "built-in pairs"
+    groups = list(groups) if groups is not None else builtin_calibration_groups()
+    validation = builtin_pairs()
+    steps.log(f"scoring {sum(len(d) for _, d in validation) + sum(len(d) for _, d in groups)} pairs with PyTorch "
+              f"({dtype})")
+    ref_validation = [family.reference(q, docs, None) for q, docs in validation]
+    ref_calib = [family.reference(q, docs, None) for q, docs in groups]
+    head = None if family.is_seq_cls else family._yes_no_ids()
+    family.tokenizer.save_pretrained(tmp, legacy_format=False)
+    tokenizer_files = [p for p in sorted(tmp.iterdir()) if p.is_file()]
+    family.release()  # before the graph is written: the model and the writer never share the memory
+
+    steps.start(f"{name} graph")
+    steps.log(f"writing the {name} graph from the checkpoint's files ({family.name}, {job.graph}, streamed)")
+    coder = Int4Coder()
+    path = tmp / name / "model.onnx"
+    checkpoint = Checkpoint(_checkpoint_dir(job))
+    files = write_fused_graph(CheckpointSource(checkpoint, config, head), path, ep=FUSED_GRAPHS[job.graph],
+                              rotation=job.rotation, coder=coder)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    entry = PrecisionEntry(graph=f"{name}/model.onnx", files=file_entries(tmp, files),
+                           inputs=tuple(i.name for i in graph.input if not i.name.startswith("past_")),
+                           outputs=("logits",), providers=PRECISION_PROVIDERS[name], build=coder.build())
+    export = job.export_info()
+    export = dataclasses.replace(export, extra={**export.extra, "streamed": {
+        "checkpoint": checkpoint.describe(), "reference": label}})
+    manifest = write_manifest(tmp, Manifest(
+        family=family.name, source=job.source(config), template=template, tokens=tokens,
+        tokenizer_files=file_entries(tmp, tokenizer_files), precisions={name: entry}, prefix_reuse=layout,
+        export=export, calibration_data=CalibrationData(source, sum(len(d) for _, d in groups), len(groups))))
+
+    steps.start(f"validate {name}")
+    steps.log(f"validating the {name} graph against PyTorch ({dtype})")
+    parity = validate_artifact(tmp, family, name, validation, reference=(label, ref_validation))
+    reranker = Reranker.load(tmp, precision=name)
+    got = [reranker.predict([(q, d) for d in docs], raw=True) for q, docs in groups]
+    del reranker
+    metrics = _agreement(got, ref_calib)
+    report = {"budget": asdict(budget), "fidelity": metrics, "kept_fp32": [], "meets_budget": budget.met(metrics),
+              "reference": label, "search": "none: a streamed export has no fp32 graph to search with"}
+    entry = dataclasses.replace(entry, parity=parity, fidelity=Fidelity.from_dict(report, f"precisions.{name}.fidelity"))
+    manifest = write_manifest(tmp, manifest.with_precision(name, entry))
+    steps.log(f"  {name}: max|Δlogit| {metrics['max_abs_logit_diff']:.3e}, spearman {metrics['spearman_mean']:.4f}, "
+              f"top10 {metrics['top10_overlap']:.3f} vs {label}")
+    if not report["meets_budget"]:
+        raise ParityError(
+            f"{name} (streamed) misses the fidelity budget vs {label}: spearman {metrics['spearman_mean']:.4f} (need "
+            f"{budget.spearman}), top10 {metrics['top10_overlap']:.3f} (need {budget.top10}); a streamed export has "
+            f"no fp32 graph for the sensitivity search: export --precision fp32,{name} where memory allows, or relax "
+            "the budget with --fidelity top10=X,spearman=Y")
+    return manifest
+
+
+def _agreement(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> dict[str, float]:
+    """max |Δlogit|, mean per-query Spearman and top-10 overlap of ``got`` vs ``ref`` (per query group)."""
+    return {"max_abs_logit_diff": float(max(np.max(np.abs(np.asarray(g) - r)) for g, r in zip(got, ref))),
+            "spearman_mean": float(np.mean([spearman(g, r) for g, r in zip(got, ref)])),
+            "top10_overlap": float(np.mean([topk_overlap(g, r, 10) for g, r in zip(got, ref)])),
+            "pairs": int(sum(len(r) for r in ref)), "queries": len(ref)}
+
+
+def _checkpoint_dir(job: _Job) -> Path:
+    """The checkpoint's local directory (a hub id: the snapshot transformers already downloaded)."""
+    if Path(job.model).is_dir():
+        return Path(job.model)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(job.model, revision=job.revision,
+                                  allow_patterns=["*.safetensors", "*.safetensors.index.json", "config.json"]))
 
 
 def _write_fp32(tmp: Path, job: _Job, config: Any, family: Any, blocks: tuple[Template, Tokens],

@@ -156,3 +156,60 @@ def test_int4_written_while_streaming_is_the_int4_pass_over_the_fp32_graph(tmp_p
     want = _run(two_pass, ids)
     np.testing.assert_array_equal(_run(streamed, ids), want)
     assert np.abs(want - _run(fp32, ids)).max() > 1e-4  # it is 4-bit: a graph that did not code would differ
+
+
+@pytest.fixture(scope="module")
+def streamed(tmp_path_factory):
+    """A tiny Qwen3 saved in bf16 and exported as int4 alone (streamed; the budget relaxed: random weights)."""
+    from transformers import AutoModelForCausalLM
+
+    from memrerank.export import export_model
+
+    ckpt = make_qwen3(tmp_path_factory.mktemp("ckpt"), hidden=128)
+    AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).save_pretrained(ckpt)
+    out = tmp_path_factory.mktemp("art") / "int4"
+    export_model(str(ckpt), out, precisions=["int4"], fidelity="top10=0.5,spearman=0.5")
+    return ckpt, out
+
+
+def test_int4_alone_streams_without_an_fp32_graph_and_is_judged_against_pytorch(streamed):
+    from memrerank import Reranker
+    from memrerank.manifest import read_manifest
+    from test_parity import official_qwen3_logits
+    from texts import DOCS, QUERIES
+
+    ckpt, out = streamed
+    manifest = read_manifest(out)
+    assert list(manifest.precisions) == ["int4"] and not (out / "fp32").exists()
+    entry = manifest.precision("int4")
+    assert entry.build.extra["streamed"] and entry.build.extra["int4_products"] == 8
+    assert entry.parity.reference == "pytorch (transformers, bfloat16)"
+    assert entry.fidelity.extra["reference"] == entry.parity.reference and entry.fidelity.meets_budget
+    assert manifest.export.extra["streamed"]["checkpoint"]["dtypes"] == {"BF16": len(Checkpoint(ckpt).names())}
+    ops = [n.op_type for n in onnx.load(str(out / entry.graph), load_external_data=False).graph.node]
+    assert ops.count("MatMulNBits") == 8
+    # the artifact ranks like the official recipe (PyTorch, fp32 here) within what 4 bits cost
+    r = Reranker.load(out, "int4")
+    got = r.predict([(QUERIES[0], d) for d in DOCS], raw=True)
+    want = official_qwen3_logits(ckpt, [(QUERIES[0], d) for d in DOCS])
+    assert np.corrcoef(got, want)[0, 1] > 0.9
+    assert 1e-4 < np.abs(got - want).max() < 0.5 * np.abs(want).max()
+
+
+def test_streamed_int4_missing_its_budget_fails_with_what_to_do(streamed, tmp_path):
+    from memrerank.errors import ParityError
+    from memrerank.export import export_model
+
+    ckpt, _ = streamed
+    with pytest.raises(ParityError, match=r"--precision fp32,int4"):
+        export_model(str(ckpt), tmp_path / "out", precisions=["int4"], fidelity="top10=1.0,spearman=1.0")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("precisions, graph, match", [
+    (["int8"], None, "fp32 is the reference"), (["int4"], "traced", "streams the fused graph")])
+def test_what_cannot_stream_is_refused_before_loading(tmp_path, precisions, graph, match):
+    from memrerank.export import export_model
+
+    with pytest.raises(ValueError, match=match):
+        export_model(str(tmp_path / "nothing"), tmp_path / "out", precisions=precisions, graph=graph)

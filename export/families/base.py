@@ -42,6 +42,9 @@ class Family:
         self.prompt = prompt
         self.model: Any = None
         self.tokenizer: Any = None
+        #: The dtype :meth:`load` gives the PyTorch model: ``None`` = float32 (the reference an fp32 graph is
+        #: checked against); ``"auto"`` = the checkpoint's own (the streaming export: a bf16 4B model in 8 GB).
+        self.load_dtype: Any = None
 
     def load(self) -> None:
         """Load the PyTorch model (fp32, eval; through :meth:`_from_pretrained`) and the fast tokenizer."""

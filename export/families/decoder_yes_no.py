@@ -229,7 +229,8 @@ class DecoderYesNoFamily(Family):
         self.is_seq_cls = self.config.architectures[0].endswith("ForSequenceClassification")
         cls = AutoModelForSequenceClassification if self.is_seq_cls else AutoModelForCausalLM
         # eager attention: the export passes its own 4-D additive mask, which eager uses as given.
-        self.model = self._from_pretrained(cls, dtype=torch.float32, attn_implementation="eager").eval()
+        self.model = self._from_pretrained(cls, dtype=self.load_dtype or torch.float32,
+                                           attn_implementation="eager").eval()
         self.tokenizer = self._tokenizer()
         self.tokenizer.padding_side = "left"
         if self.is_seq_cls and getattr(self.model.config, "num_labels", 1) != 1:

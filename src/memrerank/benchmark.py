@@ -275,7 +275,7 @@ def run_bench(artifact: str | Path, precisions: Sequence[str] | None = None, dat
         raise ValueError(f"--precision: {missing} not in this artifact (it has {', '.join(available)})")
     if options.providers is not None:  # checked here, once, naming what this build has
         options = options.replace(providers=tuple(resolve_providers(list(options.providers))))
-    if "fp32" not in precisions:
+    if "fp32" not in precisions and "fp32" in available:  # the reference of every fidelity figure
         precisions = ["fp32", *precisions]
     groups = load_bench_data(data)
     spec = _WorkerSpec(str(root), options, [(q, d, None) for q, d, _ in groups], repeats, tuple(ks),
@@ -288,27 +288,30 @@ def run_bench(artifact: str | Path, precisions: Sequence[str] | None = None, dat
     return {
         "artifact": str(root), "family": manifest.family, "threads": options.threads or "onnxruntime default",
         "providers": list(options.providers or ("CPUExecutionProvider",)),
-        "batch_size": results["fp32"]["batch_size"], "options": options.replace(precision="fp32").as_dict(),
+        "batch_size": results[precisions[0]]["batch_size"],
+        "options": options.replace(precision=precisions[0]).as_dict(),
         "data": str(data) if data else "built-in pairs", "queries": len(groups),
         "machine": _machine(), "precisions": results,
     }
 
 
 def _add_fidelity(results: dict[str, Any], groups: list[tuple[str, list[str], set[int] | None]]) -> None:
-    """Each precision's agreement with fp32 (and MAP where the data has labels); the logits are dropped."""
+    """Each precision's agreement with fp32 (and MAP where the data has labels); the logits are dropped. An
+    artifact without fp32 (a streamed export) has no fidelity figures here: its manifest holds them vs PyTorch."""
     from memrerank.evaluation import average_precision
     from memrerank.export.metrics import spearman, topk_overlap
 
-    ref = results["fp32"]["logits"]
+    ref = results["fp32"]["logits"] if "fp32" in results else None
     for res in results.values():
-        sp = [spearman(np.array(a), np.array(b)) for a, b in zip(res["logits"], ref)]
-        tk = [topk_overlap(np.array(a), np.array(b), 10) for a, b in zip(res["logits"], ref)]
-        res["fidelity"] = {"spearman_mean": float(np.mean(sp)), "top10_overlap": float(np.mean(tk))}
+        if ref is not None:
+            sp = [spearman(np.array(a), np.array(b)) for a, b in zip(res["logits"], ref)]
+            tk = [topk_overlap(np.array(a), np.array(b), 10) for a, b in zip(res["logits"], ref)]
+            res["fidelity"] = {"spearman_mean": float(np.mean(sp)), "top10_overlap": float(np.mean(tk))}
         labelled = [(np.array(a), g[2]) for a, g in zip(res["logits"], groups) if g[2]]
         if labelled:
             res["MAP"] = float(np.mean([average_precision(a, rel) for a, rel in labelled]))
     for res in results.values():
-        if "MAP" in res:
+        if "MAP" in res and ref is not None:
             res["fidelity"]["delta_MAP"] = res["MAP"] - results["fp32"]["MAP"]
         del res["logits"]
 

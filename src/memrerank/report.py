@@ -126,12 +126,13 @@ def markdown_table(report: Mapping[str, Any]) -> str:
             + [f"pairs/s b={b}" for b in bss] + ["peak RSS MiB", "Spearman", "top-10", "ΔMAP"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p, r in report["precisions"].items():
-        f = r["fidelity"]
+        f = r.get("fidelity")  # none without an fp32 precision to compare with
         row = [p, f"{r['size_mb']:.1f}", f"{r['cold_start_s']:.2f}"]
         row += [f"{r['latency_ms'][str(k)]['p50']:.1f} / {r['latency_ms'][str(k)]['p95']:.1f}" for k in ks]
         row += [f"{r['pairs_per_s'][str(b)]:.0f}" for b in bss]
-        row += [f"{r['peak_rss_mb']:.0f}", f"{f['spearman_mean']:.4f}", f"{f['top10_overlap']:.3f}",
-                f"{f['delta_MAP']:+.4f}" if "delta_MAP" in f else "n/a"]
+        row += [f"{r['peak_rss_mb']:.0f}"]
+        row += ([f"{f['spearman_mean']:.4f}", f"{f['top10_overlap']:.3f}",
+                 f"{f['delta_MAP']:+.4f}" if "delta_MAP" in f else "n/a"] if f else ["no fp32"] * 3)
         lines.append("| " + " | ".join(row) + " |")
     lines += _fast_path_table(report)
     m = report["machine"]
