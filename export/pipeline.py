@@ -60,6 +60,10 @@ TOPK = 3  # top-k agreement on the built-in groups (4–6 documents each)
 #: Precisions an export may write without an fp32 graph: streamed from the checkpoint's safetensors one tensor at
 #: a time (:func:`_build_streamed`), so a model larger than memory in fp32 still exports.
 STREAMED = ("int4",)
+#: A streamed export judges its fidelity on at most this many calibration pairs (PyTorch scores them in the
+#: checkpoint's dtype on the CPU: at 4B, seconds per pair), as groups of at most :data:`STREAM_GROUP_DOCS`.
+STREAM_CALIB_PAIRS = 96
+STREAM_GROUP_DOCS = 24
 _log = logging.getLogger(__name__)
 
 
@@ -385,7 +389,8 @@ def _build_streamed(tmp: Path, job: _Job, config: Any, family: Any, blocks: tupl
     dtype = str(next(family.model.parameters()).dtype).removeprefix("torch.")
     label = f"pytorch (transformers, {dtype})"
     source = "user --calib-data" if groups is not None else "built-in pairs"
-    groups = list(groups) if groups is not None else builtin_calibration_groups()
+    groups = _first_pairs(groups if groups is not None else builtin_calibration_groups(), STREAM_CALIB_PAIRS,
+                          STREAM_GROUP_DOCS)
     validation = builtin_pairs()
     steps.log(f"scoring {sum(len(d) for _, d in validation) + sum(len(d) for _, d in groups)} pairs with PyTorch "
               f"({dtype})")
@@ -435,6 +440,17 @@ def _build_streamed(tmp: Path, job: _Job, config: Any, family: Any, blocks: tupl
             f"no fp32 graph for the sensitivity search: export --precision fp32,{name} where memory allows, or relax "
             "the budget with --fidelity top10=X,spearman=Y")
     return manifest
+
+
+def _first_pairs(groups: Sequence[tuple[str, list[str]]], most: int, per_group: int) -> list[tuple[str, list[str]]]:
+    """The first groups, each cut to ``per_group`` documents, up to ``most`` pairs in all (at least one group)."""
+    out: list[tuple[str, list[str]]] = []
+    for q, docs in groups:
+        docs = list(docs[:per_group])
+        if out and sum(len(d) for _, d in out) + len(docs) > most:
+            break
+        out.append((q, docs))
+    return out
 
 
 def _agreement(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> dict[str, float]:

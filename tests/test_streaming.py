@@ -185,6 +185,9 @@ def test_int4_alone_streams_without_an_fp32_graph_and_is_judged_against_pytorch(
     assert entry.build.extra["streamed"] and entry.build.extra["int4_products"] == 8
     assert entry.parity.reference == "pytorch (transformers, bfloat16)"
     assert entry.fidelity.extra["reference"] == entry.parity.reference and entry.fidelity.meets_budget
+    # PyTorch scores a bounded set: 4 of the 8 built-in queries x 24 of their 40 documents
+    assert (manifest.calibration_data.pairs, manifest.calibration_data.queries) == (96, 4)
+    assert entry.fidelity.metrics["pairs"] == 96
     assert manifest.export.extra["streamed"]["checkpoint"]["dtypes"] == {"BF16": len(Checkpoint(ckpt).names())}
     ops = [n.op_type for n in onnx.load(str(out / entry.graph), load_external_data=False).graph.node]
     assert ops.count("MatMulNBits") == 8
