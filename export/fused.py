@@ -152,11 +152,12 @@ class _Writer:
         self.types.update((o, kind) for o in outs if o)
         return outs[0] if len(outs) == 1 else outs
 
-    def product(self, x: str, weight_name: str, w: np.ndarray, name: str) -> str:
+    def product(self, x: str, weight_name: str, w: np.ndarray, name: str, one_row: bool = False) -> str:
         """``x · w`` for a weight product named ``name``: a plain ``MatMul``, or what :attr:`coder` writes in its
-        place (the streaming export's quantized products, written without an fp32 graph in between)."""
+        place (the streaming export's quantized products, written without an fp32 graph in between).
+        ``one_row``: the product runs on one row per pair (after the last-token selection)."""
         if self.coder is not None:
-            return self.coder.product(self, x, weight_name, w, name)
+            return self.coder.product(self, x, weight_name, w, name, one_row=one_row)
         return self.op("MatMul", x, self.const(weight_name, w), name=name)
 
     def embedding(self, table_name: str, table: np.ndarray, ids: str) -> str:
@@ -168,8 +169,10 @@ class _Writer:
     def value_info(self, skip: set[str]) -> list[Any]:
         from onnx import helper
 
+        # a coder's nodes may leave their outputs untyped: value_info is for the fp16 converter, which never
+        # runs on a coded graph
         return [helper.make_tensor_value_info(o, self.types[o], None)
-                for node in self.nodes for o in node.output if o and o not in skip]
+                for node in self.nodes for o in node.output if o and o not in skip and o in self.types]
 
 
 def _arr(t: Any) -> np.ndarray:
@@ -607,15 +610,16 @@ def _layer(g: _Writer, s: _Shared, i: int, lw: dict[str, np.ndarray], x: str, ml
     if i == s.layers - 1:  # only the last real token matters from here on: (B, 1, ·)
         y = g.op("Unsqueeze", g.op("Gather", g.op("Reshape", y, c["rows_q"]), n["flat_last"]), one)
         x = g.op("Unsqueeze", g.op("Gather", g.op("Reshape", x, c["rows_h"]), n["flat_last"]), one)
-    attn_out = g.product(y, p + "o_proj", lw["o"], f"/model/{p}o_proj/MatMul")
+    last = i == s.layers - 1  # from here on the last layer runs one row per pair
+    attn_out = g.product(y, p + "o_proj", lw["o"], f"/model/{p}o_proj/MatMul", one_row=last)
     h, _, _, x = g.op("SkipSimplifiedLayerNormalization", attn_out, x,
                       g.const(p + "post_attention_layernorm", lw["post_norm"]), outputs=4, unused=(1, 2),
                       domain=_MS, epsilon=eps)
-    gate_up = g.product(h, p + "gate_up_proj", lw["gate_up"], f"/model/{p}gate_up_proj/MatMul")
+    gate_up = g.product(h, p + "gate_up_proj", lw["gate_up"], f"/model/{p}gate_up_proj/MatMul", one_row=last)
     gate, up = g.op("Split", gate_up, c["split_mlp"],
                     outputs=2, axis=-1)
     act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
-    return x, g.product(act, p + "down_proj", lw["down"], f"/model/{p}down_proj/MatMul")
+    return x, g.product(act, p + "down_proj", lw["down"], f"/model/{p}down_proj/MatMul", one_row=last)
 
 
 def _save_graph(g: _Writer, path: Path, past_names: list[str], presents: list[str], n_kv: int, d: int,

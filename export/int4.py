@@ -22,11 +22,10 @@ from typing import Any
 from memrerank.export.quantize import (
     GraphInfo,
     build_int8,
-    int8_lookup_nodes,
-    int8_rows,
     quantize_embeddings,
     register_precision,
     rewrite_products,
+    write_int8_lookup,
 )
 from memrerank.manifest import Build
 
@@ -150,7 +149,7 @@ class Int4Coder:
         self.products = 0
         self.tables = 0
 
-    def product(self, g: Any, x: str, weight_name: str, w: Any, name: str) -> str:
+    def product(self, g: Any, x: str, weight_name: str, w: Any, name: str, one_row: bool = False) -> str:
         from onnx import TensorProto
 
         packed, scales = int4_blocks(w, self.block)
@@ -163,18 +162,8 @@ class Int4Coder:
         return out
 
     def embedding(self, g: Any, table_name: str, table: Any, ids: str) -> str:
-        from onnx import TensorProto
-
-        q, scale = int8_rows(table)
-        g.const(table_name + "_int8", q)
-        g.const(table_name + "_row_scale", scale)
-        out = table_name + "_lookup"
-        nodes = int8_lookup_nodes(table_name, ids, out, "/model/embed_tokens/Gather")
-        g.nodes.extend(nodes)
-        g.types.update({o: TensorProto.FLOAT for node in nodes for o in node.output})
-        g.types[out + "_int8"] = TensorProto.INT8
         self.tables += 1
-        return out
+        return write_int8_lookup(g, table_name, table, ids)
 
     def build(self) -> Build:
         """The manifest's ``build`` record of the graph written."""

@@ -59,7 +59,7 @@ __all__ = ["export_model", "validate_artifact", "TOPK"]
 TOPK = 3  # top-k agreement on the built-in groups (4–6 documents each)
 #: Precisions an export may write without an fp32 graph: streamed from the checkpoint's safetensors one tensor at
 #: a time (:func:`_build_streamed`), so a model larger than memory in fp32 still exports.
-STREAMED = ("int4",)
+STREAMED = ("int4", "int8")
 #: A streamed export judges its fidelity on at most this many calibration pairs (PyTorch scores them in the
 #: checkpoint's dtype on the CPU: at 4B, seconds per pair), as groups of at most :data:`STREAM_GROUP_DOCS`.
 STREAM_CALIB_PAIRS = 96
@@ -239,6 +239,9 @@ def export_model(
                          f"(or fused-cuda), not {graph!r}")
     lower = [p for p in PRECISIONS if p in precisions and p != "fp32"]
     stream = "fp32" not in precisions  # the checkpoint's files read one tensor at a time, no fp32 graph
+    if stream and lower == ["int8"] and rotate is False:
+        raise ValueError("precision int8 alone is streamed with the rotated recipe, which needs nothing measured; "
+                         "without --rotate int8 measures its plan on the fp32 graph: add fp32 (--precision fp32,int8)")
     n_steps = 4 if stream else 3 + len(lower) + bool(lower)
     steps = Steps(n_steps, desc=f"export {Path(model).name}", enabled=progress, log=log)
     log = steps.log
@@ -281,6 +284,9 @@ def _check_arguments(out: Path, precisions: Sequence[str], *, force: bool, max_l
         raise ValueError("precision: fp32 is the reference every other precision is validated against; include it "
                          f"(only {', '.join(STREAMED)} exports alone: streamed from the checkpoint's files and "
                          "validated against PyTorch)")
+    if "fp32" not in precisions and len(precisions) > 1:
+        raise ValueError(f"precision: {', '.join(precisions)} without fp32 would stream the checkpoint once per "
+                         "precision; export one at a time (or add fp32)")
     if "fp32" not in precisions and graph == "traced":
         raise ValueError(f"precision {', '.join(precisions)} alone streams the fused graph from the checkpoint's "
                          "files; drop --graph traced or add fp32")
@@ -368,7 +374,8 @@ def _build_streamed(tmp: Path, job: _Job, config: Any, family: Any, blocks: tupl
 
     PyTorch, holding the model in the checkpoint's own dtype (bf16: half of fp32), scores the built-in validation
     pairs and the calibration pairs and is freed; then the graph is written from the checkpoint's safetensors one
-    tensor at a time, each weight coded as it is read (:class:`~memrerank.export.int4.Int4Coder`), so neither an
+    tensor at a time, each weight coded as it is read (:class:`~memrerank.export.int4.Int4Coder`,
+    :class:`~memrerank.export.quantize.Int8Coder`), so neither an
     fp32 graph nor a second copy of the model ever exists; then onnxruntime scores the same pairs. The parity and
     the fidelity budget are judged against PyTorch (there is no fp32 graph); with no fp32 graph there is no
     sensitivity search either, so a precision that misses the budget fails with what to do instead.
@@ -378,12 +385,16 @@ def _build_streamed(tmp: Path, job: _Job, config: Any, family: Any, blocks: tupl
     from memrerank.export.checkpoint import Checkpoint
     from memrerank.export.fused import CheckpointSource
     from memrerank.export.int4 import Int4Coder
+    from memrerank.export.quantize import Int8Coder
     from memrerank.runtime import Reranker
 
     layout = family.cache_layout()
     if layout is None or job.graph not in FUSED_GRAPHS:
         raise ValueError(f"precision {name} alone streams the fused decoder graph; {family.name} exports the traced "
                          f"graph: add fp32 (--precision fp32,{name})")
+    if name == "int8" and job.rotation is None:
+        raise ValueError("precision int8 alone is streamed with the rotated recipe, which needs nothing measured; "
+                         "without --rotate int8 measures its plan on the fp32 graph: add fp32 (--precision fp32,int8)")
     template, tokens = blocks
     steps.start("pytorch reference")
     dtype = str(next(family.model.parameters()).dtype).removeprefix("torch.")
@@ -403,7 +414,7 @@ def _build_streamed(tmp: Path, job: _Job, config: Any, family: Any, blocks: tupl
 
     steps.start(f"{name} graph")
     steps.log(f"writing the {name} graph from the checkpoint's files ({family.name}, {job.graph}, streamed)")
-    coder = Int4Coder()
+    coder = Int4Coder() if name == "int4" else Int8Coder()
     path = tmp / name / "model.onnx"
     checkpoint = Checkpoint(_checkpoint_dir(job))
     files = write_fused_graph(CheckpointSource(checkpoint, config, head), path, ep=FUSED_GRAPHS[job.graph],

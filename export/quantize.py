@@ -166,6 +166,22 @@ def int8_rows(table: Any) -> tuple[Any, Any]:
     return np.clip(np.rint(table / scale), -127, 127).astype(np.int8), scale.astype(np.float32)
 
 
+def write_int8_lookup(g: Any, table_name: str, table: Any, ids: str) -> str:
+    """The token-embedding lookup of a streamed graph (the fused writer ``g``) over int8 rows
+    (:func:`int8_rows`, :func:`int8_lookup_nodes`); returns its output."""
+    from onnx import TensorProto
+
+    q, scale = int8_rows(table)
+    g.const(table_name + "_int8", q)
+    g.const(table_name + "_row_scale", scale)
+    out = table_name + "_lookup"
+    nodes = int8_lookup_nodes(table_name, ids, out, "/model/embed_tokens/Gather")
+    g.nodes.extend(nodes)
+    g.types.update({o: TensorProto.FLOAT for node in nodes for o in node.output})
+    g.types[out + "_int8"] = TensorProto.INT8
+    return out
+
+
 def int8_lookup_nodes(base: str, ids: str, out: str, name: str) -> list[Any]:
     """``out = Gather(base_int8, ids) · Gather(base_row_scale, ids)`` (:func:`int8_rows`' tables): only the rows a
     batch looks up are expanded to fp32."""
@@ -846,6 +862,75 @@ def build_int8(fp32: Path, out: Path, info: GraphInfo, calib: Any = None, exclud
         kept["two_pass_last_token_products"] = len(whole)
     return Build(method=INT8_METHOD, batch_independent=True, extra={"embeddings": _embeddings_record(tables),
                                                                     **plan.record, **kept})
+
+
+class Int8Coder:
+    """The ``int8`` precision of a decoder written while the fused graph is written (the streaming export), as
+    :func:`build_int8` builds it from a rotated fused graph, without the sensitivity search: each weight product
+    coded per row (:class:`_RowCoder`, the same nodes), the SwiGLU down projection's input rotated by a block
+    Hadamard (:data:`~memrerank.export.optimize.DECODER_HADAMARD_BLOCK`), each sequence's last
+    :data:`~memrerank.export.optimize.DECODER_TWO_PASS_LAST` tokens coded twice and the products that run on
+    last tokens only (the last layer's, after the last-token selection) two-pass whole, the token embeddings
+    int8 rows, the folded head fp32. For a rotated graph that is the whole int8 plan: nothing in it is measured.
+    """
+
+    def __init__(self) -> None:
+        import onnx
+        from onnx import TensorProto, helper
+
+        from memrerank.export.optimize import DECODER_TWO_PASS_LAST
+
+        # the coder adds its initializers to a graph of its own; each product's are moved into the writer's
+        self._shell = helper.make_model(helper.make_graph(
+            [], "shell", [helper.make_tensor_value_info(n, TensorProto.INT64, None)
+                          for n in ("input_ids", "attention_mask")], []),
+            opset_imports=[helper.make_opsetid("", 23)])
+        self._onnx = onnx
+        self._coder = _RowCoder(self._shell, {}, {}, two_pass_last=DECODER_TWO_PASS_LAST)
+        self.two_pass_last = DECODER_TWO_PASS_LAST
+        self.products = 0
+        self.two_pass_products = 0
+        self.hadamard = 0
+        self.tables = 0
+
+    def _drain(self, g: Any) -> None:
+        from onnx import numpy_helper
+
+        inits = self._shell.graph.initializer
+        for t in list(inits):
+            g.const(t.name, numpy_helper.to_array(t))
+        del inits[:]
+
+    def product(self, g: Any, x: str, weight_name: str, w: Any, name: str, one_row: bool = False) -> str:
+        from onnx import TensorProto, helper
+
+        from memrerank.export.optimize import DECODER_HADAMARD_BLOCK, _hadamard_block
+
+        if one_row:  # after the last-token selection every row is a last token: two-pass whole
+            self._coder.two_pass.add(name)
+            self.two_pass_products += 1
+        if "down_proj" in name and (b := _hadamard_block(int(w.shape[0]), DECODER_HADAMARD_BLOCK)):
+            self._coder.hadamard[x] = b
+            self.hadamard += 1
+        out = name + "_out"
+        nodes = self._coder.replace(helper.make_node("MatMul", [x, weight_name], [out], name=name), w, None, False)
+        self._drain(g)
+        g.nodes.extend(nodes)
+        g.types[out] = TensorProto.FLOAT
+        self.products += 1
+        return out
+
+    def embedding(self, g: Any, table_name: str, table: Any, ids: str) -> str:
+        self.tables += 1
+        return write_int8_lookup(g, table_name, table, ids)
+
+    def build(self) -> Build:
+        return Build(method=INT8_METHOD, batch_independent=True, extra={
+            "embeddings": _embeddings_record(self.tables), "streamed": True, "int8_products": self.products,
+            "online_hadamard": {"activations": self.hadamard},
+            "two_pass_last_tokens": {"tokens": self.two_pass_last}, "two_pass_last_token_products":
+                self.two_pass_products,
+            "smoothing": {"activations": 0, "why": "rotated weights: inputs coded as they are"}})
 
 
 def _embeddings_record(tables: int) -> str:

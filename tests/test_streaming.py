@@ -127,9 +127,9 @@ def test_the_graph_written_from_the_files_is_the_graph_written_from_the_module(t
         np.testing.assert_array_equal(inits_f[name], value, err_msg=name)
 
 
-def _run(path, ids):
+def _run(path, ids, mask=None):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids) if mask is None else mask}
     for i in sess.get_inputs():
         if i.name.startswith("past_"):
             feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
@@ -209,10 +209,55 @@ def test_streamed_int4_missing_its_budget_fails_with_what_to_do(streamed, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("precisions, graph, match", [
-    (["int8"], None, "fp32 is the reference"), (["int4"], "traced", "streams the fused graph")])
-def test_what_cannot_stream_is_refused_before_loading(tmp_path, precisions, graph, match):
+@pytest.mark.parametrize("precisions, kw, match", [
+    (["fp16"], {}, "fp32 is the reference"), (["int4"], {"graph": "traced"}, "streams the fused graph"),
+    (["int4", "int8"], {}, "one at a time"), (["int8"], {"rotate": False}, "rotated recipe")])
+def test_what_cannot_stream_is_refused_before_loading(tmp_path, precisions, kw, match):
     from memrerank.export import export_model
 
     with pytest.raises(ValueError, match=match):
-        export_model(str(tmp_path / "nothing"), tmp_path / "out", precisions=precisions, graph=graph)
+        export_model(str(tmp_path / "nothing"), tmp_path / "out", precisions=precisions, **kw)
+
+
+def test_int8_written_while_streaming_is_build_int8_of_the_rotated_fp32_graph(tmp_path):
+    """The streamed int8 is the int8 precision's own plan for a rotated decoder (block Hadamard before the down
+    projection, last tokens two-pass, last-layer products two-pass whole), without the search: the same scores,
+    bit for bit, with padded rows (the last-token indices) in the batch."""
+    from memrerank.export import export_model
+    from memrerank.export.fidelity import CalibSet
+    from memrerank.export.pairs import builtin_calibration_groups
+    from memrerank.export.quantize import Int8Coder, build_int8
+
+    path = make_qwen3(tmp_path / "ckpt", hidden=128)
+    art = export_model(str(path), tmp_path / "art", precisions=["fp32"])
+    fp32 = art / "fp32" / "model.onnx"
+    built = tmp_path / "built" / "model.onnx"
+    plan = build_int8(fp32, built, graph_info(fp32), CalibSet(art, builtin_calibration_groups()[:2]))
+    family, config = _family(path)
+    coder = Int8Coder()
+    streamed = tmp_path / "streamed" / "model.onnx"
+    write_fused_graph(_source(family, config, path), streamed, rotation=Rotation(), coder=coder)
+    record = coder.build().extra
+    assert (record["int8_products"], record["two_pass_last_token_products"]) == (8, 3)
+    assert record["online_hadamard"]["activations"] == plan.extra["online_hadamard"]["activations"] == 2
+    ids = np.random.default_rng(0).integers(0, 151_000, (3, 19)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 12:], mask[2, 4:] = 0, 0
+    want = _run(built, ids, mask)
+    np.testing.assert_array_equal(_run(streamed, ids, mask), want)
+    assert np.abs(want - _run(fp32, ids, mask)).max() > 1e-4
+
+
+def test_int8_alone_streams(tmp_path):
+    from memrerank import Reranker
+    from memrerank.export import export_model
+    from memrerank.manifest import read_manifest
+
+    path = make_qwen3(tmp_path / "ckpt", hidden=128)
+    out = export_model(str(path), tmp_path / "art", precisions=["int8"])  # the default budget holds at int8
+    manifest = read_manifest(out)
+    assert list(manifest.precisions) == ["int8"] and not (out / "fp32").exists()
+    entry = manifest.precision("int8")
+    assert entry.build.extra["streamed"] and entry.fidelity.meets_budget
+    assert entry.parity.reference == "pytorch (transformers, float32)" and entry.parity.max_abs_logit_diff < 0.2
+    assert Reranker.load(out, "auto").precision == "int8"
