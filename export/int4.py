@@ -1,12 +1,17 @@
 """The ``int4`` precision: weight-only 4-bit products on onnxruntime's ``MatMulNBits``.
 
-Each weight product ``x·W`` (``W``: K × N) becomes ``MatMulNBits(x, W_q, s)``: ``W`` is cut into blocks of
-:data:`INT4_BLOCK` input channels per output column, each coded on the 4-bit grid -8..7 with one scale (symmetric,
-zero point 8; the scale clips the block's extremes where that lowers its squared error, :func:`int4_blocks`), so
-the weights take 4 bits + one fp32 scale per block (0.625 bytes per value at blocks of 32). The activation stays fp32 in the graph; with
+Each weight product ``x·W`` (``W``: K × N) becomes ``MatMulNBits(x, W_q, s, z)``: ``W`` is cut into blocks of
+:data:`INT4_BLOCK` input channels per output column, each coded on the 4-bit grid 0..15 with its own scale and
+zero point (asymmetric: the grid spans the block's own range, zero included; the range shrunk where that lowers
+the block's squared error, :func:`int4_blocks`), so the weights take 4 bits + one fp32 scale and one 4-bit zero
+point per block (0.64 bytes per value at blocks of 32). The activation stays fp32 in the graph; with
 :data:`INT4_ACCURACY_LEVEL` 4 the CPU kernel codes each row's blocks to int8 on the fly and multiplies in int8
 (per row, so a score still depends on its own row alone). The token embeddings are stored int8 (one scale per
 row, as the ``int8`` precision does) and the folded head stays fp32.
+
+Asymmetric blocks, measured on the real Qwen2.5-Coder-1.5B (12 held-out LoCoMo questions x 20 turns, every
+product 4-bit, Spearman / top-10 vs fp32; ``bench/int4_recipes.py``): see that bench's results; symmetric
+blocks (zero point fixed at 8, ``symmetric=True``) are kept for comparison.
 
 Where the fidelity search keeps a product (``exclude``), it runs as the ``int8`` precision would run it
 (``kept_as="int8"``: int8 weights, per-row activation codes, with the int8 plan's rotations and two-pass last
@@ -37,28 +42,34 @@ INT4_BLOCK = 32
 #: ``MatMulNBits`` ``accuracy_level``: 4 = the activation coded int8 per block and int8 products (CPU).
 INT4_ACCURACY_LEVEL = 4
 
-INT4_METHOD = (f"weight-only 4-bit: symmetric blocks of {INT4_BLOCK} input channels, one fp32 scale each (the "
-               f"clipping of least squared error), MatMulNBits accuracy_level {INT4_ACCURACY_LEVEL} (each row's "
-               "activation blocks coded int8 on the fly); int8 embeddings; the folded head fp32")
+INT4_METHOD = (f"weight-only 4-bit: asymmetric blocks of {INT4_BLOCK} input channels, one fp32 scale and one 4-bit "
+               "zero point each (the range of least squared error), MatMulNBits accuracy_level "
+               f"{INT4_ACCURACY_LEVEL} (each row's activation blocks coded int8 on the fly); int8 embeddings; the "
+               "folded head fp32")
 
 
-#: Clipping ratios tried per block: the block's scale is ``c · v / -8`` (``v`` its largest-magnitude value) for the
-#: ``c`` giving the least squared error over the block (1.0 = plain round to nearest over the full range).
+#: Range ratios tried per block: the block's range (symmetric: its largest magnitude; asymmetric: its min and max,
+#: zero included) shrunk by ``c``, for the ``c`` giving the least squared error over the block (1.0 = plain round
+#: to nearest over the full range).
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
-def int4_blocks(w: Any, block: int = INT4_BLOCK, clip_ratios: tuple[float, ...] = CLIP_RATIOS) -> tuple[Any, Any]:
-    """``W`` (K × N, float32) in ``MatMulNBits``' symmetric 4-bit layout.
+def int4_blocks(w: Any, block: int = INT4_BLOCK, clip_ratios: tuple[float, ...] = CLIP_RATIOS, *,
+                symmetric: bool = False) -> tuple[Any, Any, Any]:
+    """``W`` (K × N, float32) in ``MatMulNBits``' 4-bit layout.
 
-    Each block of ``block`` input channels of one column gets the scale ``c · v / -8`` (``v``: its value of
-    largest magnitude, ``c`` in ``clip_ratios``) that leaves the least squared error once its values are
-    rounded to the nearest step and clamped to -8..7: the extremes may clip so the many small values get a
-    finer grid.
+    Asymmetric (the default): each block of ``block`` input channels of one column spans ``[c·lo, c·hi]``
+    (``lo = min(block, 0)``, ``hi = max(block, 0)``, ``c`` in ``clip_ratios``) with the scale
+    ``s = c·(hi - lo) / 15`` and the zero point ``z = round(-c·lo / s)`` in 0..15; its codes are
+    ``clamp(round(w / s) + z, 0, 15)`` and stand for ``(code - z)·s``. Symmetric: the scale ``c·v / -8`` (``v``:
+    the value of largest magnitude), zero point 8, codes ``clamp(round(w / s), -8, 7) + 8``. Either way the ``c``
+    leaving the least squared error is kept: the extremes may clip so the many small values get a finer grid.
 
     Returns:
-        ``(packed, scales)``: uint8 ``(N, ceil(K / block), block / 2)``, two codes per byte, the lower channel
-        in the low nibble, each code ``q + 8``; float32 scales ``(N · ceil(K / block),)``, column-major by
-        block. Value ``(code - 8) · scale`` stands for ``W[k, n]``.
+        ``(packed, scales, zero_points)``: uint8 ``(N, ceil(K / block), block / 2)``, two codes per byte, the
+        lower channel in the low nibble; float32 scales ``(N · ceil(K / block),)``, column-major by block; uint8
+        zero points ``(N · ceil(blocks / 2),)``, two per byte, the lower block in the low nibble (``None`` when
+        symmetric: ``MatMulNBits`` then takes 8).
     """
     import numpy as np
 
@@ -71,29 +82,48 @@ def int4_blocks(w: Any, block: int = INT4_BLOCK, clip_ratios: tuple[float, ...] 
     blocks = -(-k // block)
     packed = np.empty((n, blocks, block // 2), np.uint8)
     scales = np.empty((n, blocks), np.float32)
+    zeros = np.empty((n, blocks), np.uint8)
     step = max(1, (1 << 24) // (blocks * block))  # columns per chunk: ~16M values, bounded temporaries
     for c0 in range(0, n, step):
         cols = w[:, c0:c0 + step]
-        if blocks * block != k:  # the last block padded with zeros (code 8: they multiply nothing)
+        if blocks * block != k:  # the last block padded with zeros (they multiply nothing)
             cols = np.pad(cols, ((0, blocks * block - k), (0, 0)))
         wb = np.ascontiguousarray(cols.T).reshape(-1, blocks, block)
-        v = np.take_along_axis(wb, np.abs(wb).argmax(axis=-1)[..., None], axis=-1)
-        v[v == 0] = -8.0  # an all-zero block: scale 1, codes 8
-        best_err = np.full(v.shape, np.inf, np.float32)
-        best_scale = np.empty(v.shape, np.float32)
-        best_q = np.empty(wb.shape, np.int8)
+        if symmetric:
+            v = np.take_along_axis(wb, np.abs(wb).argmax(axis=-1)[..., None], axis=-1)
+            v[v == 0] = -8.0  # an all-zero block: scale 1, codes 8
+        else:
+            lo = np.minimum(wb.min(axis=-1, keepdims=True), 0.0)
+            hi = np.maximum(wb.max(axis=-1, keepdims=True), 0.0)
+            flat = hi == lo
+            hi[flat] = 15.0  # an all-zero block: scale 1, zero point 0
+        best_err = np.full(wb.shape[:-1] + (1,), np.inf, np.float32)
+        best_scale = np.empty_like(best_err)
+        best_zero = np.empty_like(best_err)
+        best_q = np.empty(wb.shape, np.uint8)
         for c in clip_ratios:
-            scale = (v * np.float32(c / -8.0)).astype(np.float32)
-            q = np.clip(np.rint(wb / scale), -8, 7)
-            err = np.square(q * scale - wb).sum(axis=-1, keepdims=True)
+            if symmetric:
+                scale = (v * np.float32(c / -8.0)).astype(np.float32)
+                zero = np.full_like(scale, 8.0)
+                q = np.clip(np.rint(wb / scale), -8, 7) + 8
+            else:
+                scale = ((hi - lo) * np.float32(c / 15.0)).astype(np.float32)
+                zero = np.clip(np.rint(-lo * np.float32(c) / scale), 0, 15)
+                q = np.clip(np.rint(wb / scale) + zero, 0, 15)
+            err = np.square((q - zero) * scale - wb).sum(axis=-1, keepdims=True)
             better = err < best_err
             best_err = np.where(better, err, best_err)
             best_scale = np.where(better, scale, best_scale)
-            best_q = np.where(better, q, best_q).astype(np.int8)
-        codes = (best_q + 8).astype(np.uint8)
-        packed[c0:c0 + step] = codes[..., 0::2] | (codes[..., 1::2] << 4)
+            best_zero = np.where(better, zero, best_zero)
+            best_q = np.where(better, q, best_q).astype(np.uint8)
+        packed[c0:c0 + step] = best_q[..., 0::2] | (best_q[..., 1::2] << 4)
         scales[c0:c0 + step] = best_scale[..., 0]
-    return packed, scales.reshape(-1)
+        zeros[c0:c0 + step] = best_zero[..., 0].astype(np.uint8)
+    if symmetric:
+        return packed, scales.reshape(-1), None
+    if blocks % 2:
+        zeros = np.pad(zeros, ((0, 0), (0, 1)), constant_values=8)
+    return packed, scales.reshape(-1), (zeros[:, 0::2] | (zeros[:, 1::2] << 4)).reshape(-1)
 
 
 def quantize_int4(src: Path, out: Path, nodes: list[str], external: bool, *, block: int = INT4_BLOCK,
@@ -106,17 +136,20 @@ def quantize_int4(src: Path, out: Path, nodes: list[str], external: bool, *, blo
     from onnx import helper, numpy_helper
 
     model = onnx.load(str(src))
-    coded: dict[tuple[str, bool], str] = {}  # (weight, transposed) -> the tag its codes are stored under
+    coded: dict[tuple[str, bool], tuple[str, bool]] = {}  # (weight, transposed) -> its codes' tag, zero points?
 
     def replace(node: Any, w: Any, bias: str | None, transposed: bool) -> list[Any]:
         key, tag = (node.input[1], transposed), node.name or node.output[0]
         if key not in coded:
-            packed, scales = int4_blocks(w, block)
+            packed, scales, zeros = int4_blocks(w, block)
             model.graph.initializer.extend([numpy_helper.from_array(packed, tag + "_w_int4"),
                                             numpy_helper.from_array(scales, tag + "_w_int4_scale")])
-            coded[key] = tag
+            if zeros is not None:
+                model.graph.initializer.append(numpy_helper.from_array(zeros, tag + "_w_int4_zero"))
+            coded[key] = (tag, zeros is not None)
+        w_tag, asymmetric = coded[key]
         product = node.output[0] if bias is None else node.output[0] + "_int4"
-        new = [_product_node(node.input[0], coded[key], product, tag, w.shape, block, accuracy_level)]
+        new = [_product_node(node.input[0], w_tag, product, tag, w.shape, block, accuracy_level, asymmetric)]
         if bias is not None:
             new.append(helper.make_node("Add", [product, bias], [node.output[0]], name=tag + "_bias"))
         return new
@@ -125,12 +158,14 @@ def quantize_int4(src: Path, out: Path, nodes: list[str], external: bool, *, blo
 
 
 def _product_node(x: str, w_tag: str, out: str, tag: str, shape: tuple[int, int], block: int,
-                  accuracy_level: int) -> Any:
-    """``out = MatMulNBits(x, w_tag_w_int4, w_tag_w_int4_scale)`` for a K × N weight coded by :func:`int4_blocks`."""
+                  accuracy_level: int, asymmetric: bool) -> Any:
+    """``out = MatMulNBits(x, w_tag_w_int4, w_tag_w_int4_scale[, w_tag_w_int4_zero])`` for a K × N weight coded by
+    :func:`int4_blocks`."""
     from onnx import helper
 
     k, n = shape
-    return helper.make_node("MatMulNBits", [x, w_tag + "_w_int4", w_tag + "_w_int4_scale"], [out], name=tag + "_int4",
+    inputs = [x, w_tag + "_w_int4", w_tag + "_w_int4_scale"] + ([w_tag + "_w_int4_zero"] if asymmetric else [])
+    return helper.make_node("MatMulNBits", inputs, [out], name=tag + "_int4",
                             domain="com.microsoft", K=k, N=n, bits=4, block_size=block, accuracy_level=accuracy_level)
 
 
@@ -152,11 +187,14 @@ class Int4Coder:
     def product(self, g: Any, x: str, weight_name: str, w: Any, name: str, one_row: bool = False) -> str:
         from onnx import TensorProto
 
-        packed, scales = int4_blocks(w, self.block)
+        packed, scales, zeros = int4_blocks(w, self.block)
         g.const(name + "_w_int4", packed)
         g.const(name + "_w_int4_scale", scales)
+        if zeros is not None:
+            g.const(name + "_w_int4_zero", zeros)
         out = name + "_int4_out"
-        g.nodes.append(_product_node(x, name, out, name, w.shape, self.block, self.accuracy_level))
+        g.nodes.append(_product_node(x, name, out, name, w.shape, self.block, self.accuracy_level,
+                                     zeros is not None))
         g.types[out] = TensorProto.FLOAT
         self.products += 1
         return out

@@ -13,25 +13,31 @@ from memrerank.export.int4 import CLIP_RATIOS, int4_blocks, quantize_int4
 K, N = 80, 24  # K not a multiple of the block: the last block is padded
 
 
-def _unpack(packed, scales, k, block):
+def _unpack(packed, scales, zeros, k, block):
     """W as the 4-bit codes stand for it, decoded independently of onnxruntime: two codes per byte, the lower
-    channel in the low nibble, value (code - 8) · the block's scale."""
+    channel in the low nibble, value (code - z) · the block's scale, z the block's zero point (two per byte, the
+    lower block in the low nibble) or 8 without zero points."""
     n, blocks, _ = packed.shape
     codes = np.empty((n, blocks, block), np.int64)
     codes[:, :, 0::2] = packed & 0x0F
     codes[:, :, 1::2] = packed >> 4
-    w = (codes - 8) * scales.reshape(n, blocks)[:, :, None]
-    return w.reshape(n, blocks * block)[:, :k].T, codes
+    if zeros is None:
+        z = np.full((n, blocks), 8)
+    else:
+        zz = zeros.reshape(n, -1)
+        z = np.stack([zz & 0x0F, zz >> 4], axis=-1).reshape(n, -1)[:, :blocks].astype(np.int64)
+    w = (codes - z[:, :, None]) * scales.reshape(n, blocks)[:, :, None]
+    return w.reshape(n, blocks * block)[:, :k].T, codes, z
 
 
 @pytest.mark.parametrize("block", [16, 32])
-def test_the_4bit_codes_round_each_block_to_its_own_grid(block):
+def test_symmetric_codes_round_each_block_to_its_own_grid(block):
     w = np.random.default_rng(0).normal(0, 0.05, (K, N)).astype(np.float32)
     w[5, 3] = 1.5  # an outlier widens its own block only
-    packed, scales = int4_blocks(w, block)
+    packed, scales, zeros = int4_blocks(w, block, symmetric=True)
     blocks = -(-K // block)
-    assert packed.shape == (N, blocks, block // 2) and scales.shape == (N * blocks,)
-    w_hat, codes = _unpack(packed, scales, K, block)
+    assert packed.shape == (N, blocks, block // 2) and scales.shape == (N * blocks,) and zeros is None
+    w_hat, codes, _ = _unpack(packed, scales, zeros, K, block)
     assert codes.min() >= 0 and codes.max() <= 15
     # per block: the scale is c·v/-8 (v the value of largest magnitude, c a clipping ratio), the codes the
     # values rounded to the nearest step and clamped to -8..7, and no ratio tried leaves a smaller squared error
@@ -51,6 +57,32 @@ def test_the_4bit_codes_round_each_block_to_its_own_grid(block):
     assert abs(scales.reshape(N, blocks)[3, 0]) > 5 * abs(scales.reshape(N, blocks)[3, 1])
     with pytest.raises(ValueError, match="power of two"):
         int4_blocks(w, 24)
+
+
+@pytest.mark.parametrize("block", [16, 32])
+def test_asymmetric_codes_span_each_blocks_own_range(block):
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.05, (K, N)).astype(np.float32)
+    w[:, 7] = np.abs(w[:, 7]) + 0.3  # a column of positive values only: zero point 0, the grid spent above zero
+    w[:, 9] = 0.0  # an all-zero column: every value exact
+    packed, scales, zeros = int4_blocks(w, block)
+    blocks = -(-K // block)
+    assert zeros.shape == (N * -(-blocks // 2),) and zeros.dtype == np.uint8
+    w_hat, codes, z = _unpack(packed, scales, zeros, K, block)
+    padded = np.pad(w, ((0, blocks * block - K), (0, 0))).T.reshape(N, blocks, block)
+    lo, hi = np.minimum(padded.min(-1), 0), np.maximum(padded.max(-1), 0)
+    s = scales.reshape(N, blocks)
+    live = hi > lo
+    # the scale is c·(hi - lo)/15 for a ratio c tried, the zero point -lo/s rounded, the codes round to nearest
+    ratio = s[live] * 15 / (hi - lo)[live]
+    assert np.all(np.abs(ratio[:, None] - np.asarray(CLIP_RATIOS)).min(axis=-1) < 1e-5)
+    np.testing.assert_array_equal(z[live], np.clip(np.rint(-lo[live] * ratio / s[live]), 0, 15))
+    want = np.clip(np.rint(padded / s[..., None]) + z[..., None], 0, 15)
+    assert (codes == want).mean() > 0.999
+    assert (z[7] == 0).all() and np.all(w_hat[:, 9] == 0)
+    err = np.square(w_hat - w).sum()
+    sym = _unpack(*int4_blocks(w, block, symmetric=True), K, block)[0]
+    assert err < 0.8 * np.square(sym - w).sum()  # the block's own range: a finer grid than ±max on most blocks
 
 
 def _product_graph(path, w, bias=None):
@@ -83,8 +115,7 @@ def test_matmulnbits_computes_the_decoded_weights_product_row_by_row(tmp_path):
     name = "/layers.0/mlp/down_proj/MatMul"
     assert quantize_int4(fp32, tmp_path / "exact.onnx", [name], False, block=16, accuracy_level=0) == 1
     quantize_int4(fp32, tmp_path / "int8.onnx", [name], False, block=16, accuracy_level=4)
-    packed, scales = int4_blocks(w, 16)
-    want = x.astype(np.float64) @ _unpack(packed, scales, K, 16)[0]
+    want = x.astype(np.float64) @ _unpack(*int4_blocks(w, 16), K, 16)[0]
     ops = [n.op_type for n in onnx.load(str(tmp_path / "exact.onnx")).graph.node]
     assert ops == ["MatMulNBits"]
     np.testing.assert_allclose(_run(tmp_path / "exact.onnx", x), want, rtol=1e-4, atol=1e-4)
