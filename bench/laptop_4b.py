@@ -8,6 +8,7 @@ Steps (each reused when its output exists in ``--workdir``):
    RSS of the whole export (PyTorch reference in bf16, the streamed int4 graph, onnxruntime validation). The budget
    is relaxed (``--fidelity top10=0,spearman=0``): random weights rank noise, and the int4-vs-PyTorch figures the
    manifest records are reported as they are;
+   With ``--int8``, ``--precision int8`` alone is exported the same way (wall, peak RSS, size);
 3. size on disk, cold start (load + first score in a fresh process) and that process's peak RSS while ranking
    one LoCoMo question's 20 candidate turns;
 4. ``rank(question, 20 turns)`` on ``--threads`` threads with prefix reuse vs llama.cpp Q4_K_M (the checkpoint
@@ -46,9 +47,9 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def export(ckpt: Path, artifact: Path) -> dict:
-    """The streamed int4 export in a child under ``/usr/bin/time -v``: wall seconds, peak RSS, its step seconds."""
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "memrerank.cli", "export", str(ckpt), "--precision", "int4",
+def export(ckpt: Path, artifact: Path, precision: str = "int4") -> dict:
+    """The streamed export in a child under ``/usr/bin/time -v``: wall seconds, peak RSS, its step seconds."""
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "memrerank.cli", "export", str(ckpt), "--precision", precision,
            "-o", str(artifact), "--force", "--fidelity", "top10=0,spearman=0", "--max-length", "8192"]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -57,8 +58,9 @@ def export(ckpt: Path, artifact: Path) -> dict:
         raise RuntimeError(f"export failed:\n{proc.stderr[-3000:]}")
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
     manifest = json.loads((artifact / "manifest.json").read_text())
-    entry = manifest["precisions"]["int4"]
-    return {"wall_s": round(wall, 1), "peak_rss_gib": round(rss_kb / 2**20, 3),
+    entry = manifest["precisions"][precision]
+    size = sum(p.stat().st_size for p in (artifact / precision).iterdir())
+    return {"wall_s": round(wall, 1), "peak_rss_gib": round(rss_kb / 2**20, 3), "bytes": size,
             "step_seconds": manifest["export"].get("step_seconds"), "parity_vs_pytorch": entry.get("parity"),
             "fidelity_vs_pytorch": entry.get("fidelity", {}).get("fidelity"), "build": entry.get("build")}
 
@@ -100,6 +102,7 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--llama-convert", type=Path, default=None)
+    ap.add_argument("--int8", action="store_true", help="also export --precision int8 alone (streamed) and record it")
     ap.add_argument("--out", type=Path, default=RESULTS / "laptop_4b.json")
     args = ap.parse_args()
     env = environment(args.threads)
@@ -119,6 +122,13 @@ def main() -> int:
     result["export"] = json.loads(done.read_text())
     log(f"export: {json.dumps(result['export'])[:400]}")
     result["int4_bytes"] = sum(p.stat().st_size for p in (artifact / "int4").iterdir())
+    if args.int8:
+        done8 = args.workdir / "export-int8.json"
+        if not done8.exists():
+            log("exporting int8 (streamed)")
+            done8.write_text(json.dumps(export(ckpt, args.workdir / "artifact-int8", "int8")))
+        result["int8_export"] = json.loads(done8.read_text())
+        log(f"int8 export: {json.dumps(result['int8_export'])[:300]}")
     _, held = split_locomo(args.locomo, 16, args.questions, args.k)
     result["cold"] = cold_start(artifact, "int4", args.threads, held[:1])
     log(f"cold start {result['cold']}")

@@ -639,6 +639,60 @@ def two_pass_products(d: dict) -> str:
     return "\n".join(lines)
 
 
+@section("int4-recipes", "int4_recipes.json", command="python bench/int4_recipes.py --rotated ... --unrotated ...")
+def int4_recipes(d: dict) -> str:
+    """bench/int4_recipes.py: every product 4-bit, symmetric vs asymmetric blocks, rotated vs unrotated weights."""
+    lines = [provenance(d), "", f"Held out: {d['held_out']}; every product 4-bit (blocks of {d['block_size']}, "
+             f"accuracy level {d['accuracy_level']}), no search; each against its own fp32 graph. Caveat: "
+             f"{d['caveat']}.", "",
+             "| weights, blocks | Spearman / top-10 / max \\|Δlogit\\| vs fp32 | size | seconds (indicative) |",
+             "|---|---|---|---|"]
+    for name, r in d["variants"].items():
+        lines.append(f"| {name} | {r['spearman_mean']:.4f} / {r['top10_overlap']:.3f} / "
+                     f"{r['max_abs_logit_diff']:.3f} | {r['bytes'] / 2**30:.2f} GiB | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+@section("laptop-4b", "laptop_4b.json", command="python bench/laptop_4b.py --workdir ... --llama-convert ...")
+def laptop_4b(d: dict) -> str:
+    """bench/laptop_4b.py: the Qwen3-4B shape (random weights) streamed to int4, beside llama.cpp Q4_K_M."""
+    e, cold, rank = d["export"], d["cold"], d["rank"]
+    ours, peer = rank["memrerank int4 + prefix reuse"], rank.get("llama.cpp Q4_K_M")
+    steps = ", ".join(f"{k} {v / 60:.1f} min" for k, v in (e.get("step_seconds") or {}).items())
+    par, fid = e["parity_vs_pytorch"], e["fidelity_vs_pytorch"]
+    lines = [provenance(d), "",
+             f"Shape {d['shape']}, weights {d['weights']} ({d['checkpoint_bytes'] / 2**30:.1f} GiB checkpoint). "
+             f"Workload: {d['workload']}.", "",
+             "| | memrerank `int4` (streamed export) | llama.cpp Q4_K_M |", "|---|---|---|",
+             f"| file size | {d['int4_bytes'] / 2**30:.2f} GiB | "
+             + (f"{d['llama_cpp_gguf']['size_bytes'] / 2**30:.2f} GiB |" if peer else "— |"),
+             f"| rank(question, 20 turns) p50 | {ours['p50_s']:.2f} s | " + (f"{peer['p50_s']:.2f} s |" if peer
+                                                                                else "— |"),
+             f"| export | {e['wall_s'] / 60:.1f} min, peak RSS {e['peak_rss_gib']:.2f} GiB ({steps}) | "
+             + (f"convert {d['llama_cpp_gguf'].get('convert_s', 0) / 60:.1f} min + quantize "
+                f"{d['llama_cpp_gguf'].get('quantize_s', 0) / 60:.1f} min |" if peer else "— |"),
+             f"| cold start (load + first score) | {cold['cold_start_s']:.2f} s | |",
+             f"| peak RSS ranking 20 candidates | {cold['peak_rss_mib'] / 1024:.2f} GiB | |", "",
+             f"int4 vs PyTorch ({par['reference']}) as the export recorded it (random weights rank noise, so these say "
+             f"only that the graph computes the model): validation pairs max \\|Δlogit\\| "
+             f"{par['max_abs_logit_diff']:.3f}, Spearman {par['spearman_mean']:.4f}; calibration pairs Spearman "
+             f"{fid['spearman_mean']:.4f}, top-10 {fid['top10_overlap']:.3f}.", "",
+             "- " + _target("export peak RSS", e["peak_rss_gib"], 12, " GiB", higher=False),
+             "- " + _target("export time", e["wall_s"] / 60, 30, " min", higher=False),
+             "- " + _target("int4 on disk", d["int4_bytes"] / 1e9, 2.8, " GB", higher=False),
+             "- " + _target("cold start", cold["cold_start_s"], 5, " s", higher=False),
+             "- " + _target("resident memory ranking 20 candidates", cold["peak_rss_mib"] * 2**20 / 1e9, 3.5, " GB",
+                            higher=False)]
+    if peer:
+        lines.append("- " + _target("rank() p50 vs llama.cpp Q4_K_M", rank["speedup_vs_llama_cpp_p50"], 1.5))
+    e8 = d.get("int8_export")
+    if e8:
+        lines.append("- " + _target(f"`--precision int8` alone (streamed, {e8['bytes'] / 2**30:.2f} GiB, "
+                                    f"{e8['wall_s'] / 60:.1f} min): export peak RSS", e8["peak_rss_gib"], 12, " GiB",
+                                    higher=False))
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------------ main
 def load(name: str) -> dict:
     path = RESULTS / name

@@ -127,10 +127,11 @@ def int4_blocks(w: Any, block: int = INT4_BLOCK, clip_ratios: tuple[float, ...] 
 
 
 def quantize_int4(src: Path, out: Path, nodes: list[str], external: bool, *, block: int = INT4_BLOCK,
-                  accuracy_level: int = INT4_ACCURACY_LEVEL) -> int:
+                  accuracy_level: int = INT4_ACCURACY_LEVEL, symmetric: bool = False) -> int:
     """Write ``src`` to ``out`` with the weight products ``nodes`` as 4-bit ``MatMulNBits``; returns how many.
 
     A weight read by several products is coded once; a Gemm's bias becomes an ``Add`` after the product.
+    ``symmetric``: blocks with the fixed zero point 8 (:func:`int4_blocks`; for measurement).
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -141,7 +142,7 @@ def quantize_int4(src: Path, out: Path, nodes: list[str], external: bool, *, blo
     def replace(node: Any, w: Any, bias: str | None, transposed: bool) -> list[Any]:
         key, tag = (node.input[1], transposed), node.name or node.output[0]
         if key not in coded:
-            packed, scales, zeros = int4_blocks(w, block)
+            packed, scales, zeros = int4_blocks(w, block, symmetric=symmetric)
             model.graph.initializer.extend([numpy_helper.from_array(packed, tag + "_w_int4"),
                                             numpy_helper.from_array(scales, tag + "_w_int4_scale")])
             if zeros is not None:

@@ -1,0 +1,95 @@
+"""Which 4-bit recipe: symmetric vs asymmetric blocks, rotated vs unrotated weights, on the real 1.5B weights,
+every product 4-bit (no search), judged against fp32 on held-out LoCoMo pairs, one run.
+
+Each variant is ``quantize_int4`` (blocks of 32, accuracy level 4) over an fp32 graph of the same checkpoint plus
+the int8 embeddings, as the ``int4`` precision builds it with nothing kept:
+
+- ``rotated``: the artifact's fp32 graph as ``memrerank export`` writes it by default (weights in the rotated basis,
+  :class:`memrerank.export.fused.Rotation`);
+- ``unrotated``: the fp32 graph of ``memrerank export --no-rotate``.
+
+Fidelity: the held-out questions of ``bench/real_weights.py`` (LoCoMo conversations 6–10, never calibrated on) vs
+each graph's own fp32 artifact: mean per-question Spearman, top-10 overlap, max |Δlogit|; seconds to score them
+(prefix reuse, ``--threads``; the variants one after another, so only indicative).
+
+Caveat: these weights are the dequantized Q4_K_M of a GGUF (``bench/real_weights_fetch.py``): every tensor but
+``attn_v`` and half of ``ffn_down`` (Q6_K) already lies on a 4-bit grid of blocks of 32 with a scale and a minimum,
+in the unrotated basis. An asymmetric block of 32 in that basis can land close to that grid; a rotation mixes it
+away. A checkpoint trained in bf16 has no such grid, so the unrotated advantage measured here is this checkpoint's.
+
+    python bench/int4_recipes.py --rotated A/artifact --unrotated B/artifact
+
+Results: ``bench/results/int4_recipes.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import DEFAULT_LOCOMO, RESULTS, environment, group_agreement, write  # noqa: E402
+from real_weights import split_locomo  # noqa: E402
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rotated", type=Path, required=True, help="artifact with the default (rotated) fp32 graph")
+    ap.add_argument("--unrotated", type=Path, required=True, help="artifact exported with --no-rotate")
+    ap.add_argument("--locomo", type=Path, default=DEFAULT_LOCOMO)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--k", type=int, default=20)
+    ap.add_argument("--heldout-queries", type=int, default=12)
+    ap.add_argument("--out", type=Path, default=RESULTS / "int4_recipes.json")
+    args = ap.parse_args()
+    env = environment(args.threads)
+    from memrerank import LoadOptions, Reranker
+    from memrerank.export.int4 import INT4_ACCURACY_LEVEL, INT4_BLOCK, quantize_int4
+    from memrerank.export.quantize import graph_info, quantize_embeddings
+
+    _, held = split_locomo(args.locomo, 16, args.heldout_queries, args.k)
+    sizes = [len(d) for _, d in held]
+    variants = {}
+    for basis, artifact in (("unrotated", args.unrotated), ("rotated", args.rotated)):
+        fp32 = Reranker.load(artifact, LoadOptions("fp32", threads=args.threads))
+        ref = np.concatenate([fp32.predict([(q, d) for d in docs], raw=True) for q, docs in held])
+        graph = artifact / "fp32" / "model.onnx"
+        info = graph_info(graph)
+        for kind in ("asymmetric", "symmetric"):
+            name = f"{basis}, {kind}"
+            with tempfile.TemporaryDirectory(prefix=".int4-recipe-", dir=artifact.parent) as tmp:
+                out = Path(tmp) / "model.onnx"
+                t = time.perf_counter()
+                quantize_int4(graph, out, info.weight_nodes, info.external_data, symmetric=kind == "symmetric")
+                quantize_embeddings(out, list(info.embedding_nodes), info.external_data)
+                built = time.perf_counter() - t
+                size = sum(p.stat().st_size for p in Path(tmp).iterdir())
+                r = fp32.with_graph(out, LoadOptions(threads=args.threads))
+                t = time.perf_counter()
+                logits = np.concatenate([r.predict([(q, d) for d in docs], raw=True) for q, docs in held])
+                seconds = time.perf_counter() - t
+                del r
+            variants[name] = {**group_agreement(logits, ref, sizes), "seconds": round(seconds, 1),
+                              "build_s": round(built, 1), "bytes": size}
+            log(f"{name}: {variants[name]}")
+        del fp32
+    write(args.out, {"environment": env, "block_size": INT4_BLOCK, "accuracy_level": INT4_ACCURACY_LEVEL,
+                     "held_out": f"{len(held)} LoCoMo questions x {args.k} turns (conversations 6-10)",
+                     "every_product_4bit": True, "variants": variants,
+                     "caveat": "weights dequantized from Q4_K_M: a 4-bit grid of blocks of 32 with scale and minimum "
+                               "in the unrotated basis (Q6_K for attn_v and half of ffn_down)"})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
