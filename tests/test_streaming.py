@@ -261,3 +261,24 @@ def test_int8_alone_streams(tmp_path):
     assert entry.build.extra["streamed"] and entry.fidelity.meets_budget
     assert entry.parity.reference == "pytorch (transformers, float32)" and entry.parity.max_abs_logit_diff < 0.2
     assert Reranker.load(out, "auto").precision == "int8"
+
+
+def test_calibrating_a_streamed_artifact_needs_labels(streamed, tmp_path):
+    import shutil
+
+    from memrerank.calibrate import calibrate_artifact
+    from memrerank.manifest import read_manifest
+    from texts import DOCS, QUERIES
+
+    art = shutil.copytree(streamed[1], tmp_path / "art")
+    rows = [{"query": q, "document": d, "label": int((i + j) % 3 == 0)} for i, q in enumerate(QUERIES)
+            for j, d in enumerate(DOCS)]
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text("\n".join(json.dumps(r) for r in rows))
+    unlabelled = tmp_path / "unlabelled.jsonl"
+    unlabelled.write_text("\n".join(json.dumps({k: r[k] for k in ("query", "document")}) for r in rows))
+    with pytest.raises(ValueError, match="no teacher for unlabelled pairs"):
+        calibrate_artifact(art, unlabelled)
+    report = calibrate_artifact(art, labelled)
+    assert list(report["precisions"]) == ["int4"] and "agreement_vs_fp32" not in report["precisions"]["int4"]
+    assert read_manifest(art).calibration["int4"].method == report["precisions"]["int4"]["method"]

@@ -158,8 +158,12 @@ def calibrate_artifact(artifact: str | Path, data: str | Path, method: str = "au
     if held.all() or not held.any():
         raise ValueError("--holdout leaves an empty train or held-out part; give more queries")
     pairs = list(zip(queries, docs))
+    has_fp32 = "fp32" in manifest.precisions
+    if not has_fp32 and not labelled:
+        raise ValueError(f"{root}: no fp32 precision (a streamed export), so there is no teacher for unlabelled pairs: "
+                         "give labelled pairs (a 'label' field), or export fp32 too")
     log(f"{len(pairs)} pairs ({'labels' if labelled else 'teacher'} mode), {int(held.sum())} held out")
-    logits = _score(root, ["fp32", *names], options, pairs, progress)
+    logits = _score(root, ["fp32", *names] if has_fp32 else names, options, pairs, progress)
     existing_fp32 = _calibrator(manifest.calibration.get("fp32"))
     report: dict[str, Any] = {"mode": "labels" if labelled else "teacher", "pairs": len(pairs),
                               "held_out": int(held.sum()), "precisions": {}}
@@ -173,8 +177,9 @@ def calibrate_artifact(artifact: str | Path, data: str | Path, method: str = "au
     if labelled and "fp32" in names:
         order = ["fp32", *order]
     fits, metrics = _fit_all(report, order, logits, teacher, held, method, labelled)
-    fp32_after = (_calibrator(fits["fp32"]) if "fp32" in fits else existing_fp32)(logits["fp32"])
-    _add_agreement(report, metrics, fits, logits, held, fp32_after)
+    if has_fp32:  # lower precisions' decisions against fp32's
+        fp32_after = (_calibrator(fits["fp32"]) if "fp32" in fits else existing_fp32)(logits["fp32"])
+        _add_agreement(report, metrics, fits, logits, held, fp32_after)
     if labelled:
         for r in report["precisions"].values():
             r["beats_uncalibrated"] = r["after"]["log_loss"] < r["before"]["log_loss"]
