@@ -1,4 +1,4 @@
-"""Which 4-bit recipe: symmetric vs asymmetric blocks, rotated vs unrotated weights, on the real 1.5B weights,
+"""Which 4-bit recipe: symmetric vs asymmetric blocks, block size, rotated vs unrotated weights, on the real 1.5B weights,
 every product 4-bit (no search), judged against fp32 on held-out LoCoMo pairs, one run.
 
 Each variant is ``quantize_int4`` (blocks of 32, accuracy level 4) over an fp32 graph of the same checkpoint plus
@@ -50,6 +50,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--heldout-queries", type=int, default=12)
+    ap.add_argument("--variants", default="unrotated:asymmetric:32,unrotated:asymmetric:64,unrotated:asymmetric:128,"
+                    "unrotated:symmetric:32,rotated:asymmetric:32,rotated:symmetric:32",
+                    help="comma list of basis:kind:block")
     ap.add_argument("--out", type=Path, default=RESULTS / "int4_recipes.json")
     args = ap.parse_args()
     env = environment(args.threads)
@@ -60,17 +63,22 @@ def main() -> int:
     _, held = split_locomo(args.locomo, 16, args.heldout_queries, args.k)
     sizes = [len(d) for _, d in held]
     variants = {}
+    wanted = [v.split(":") for v in args.variants.split(",")]  # basis:kind:block
     for basis, artifact in (("unrotated", args.unrotated), ("rotated", args.rotated)):
+        mine = [(kind, int(block)) for b, kind, block in wanted if b == basis]
+        if not mine:
+            continue
         fp32 = Reranker.load(artifact, LoadOptions("fp32", threads=args.threads))
         ref = np.concatenate([fp32.predict([(q, d) for d in docs], raw=True) for q, docs in held])
         graph = artifact / "fp32" / "model.onnx"
         info = graph_info(graph)
-        for kind in ("asymmetric", "symmetric"):
-            name = f"{basis}, {kind}"
+        for kind, block in mine:
+            name = f"{basis}, {kind}, blocks of {block}"
             with tempfile.TemporaryDirectory(prefix=".int4-recipe-", dir=artifact.parent) as tmp:
                 out = Path(tmp) / "model.onnx"
                 t = time.perf_counter()
-                quantize_int4(graph, out, info.weight_nodes, info.external_data, symmetric=kind == "symmetric")
+                quantize_int4(graph, out, info.weight_nodes, info.external_data, block=block,
+                              symmetric=kind == "symmetric")
                 quantize_embeddings(out, list(info.embedding_nodes), info.external_data)
                 built = time.perf_counter() - t
                 size = sum(p.stat().st_size for p in Path(tmp).iterdir())
@@ -80,10 +88,10 @@ def main() -> int:
                 seconds = time.perf_counter() - t
                 del r
             variants[name] = {**group_agreement(logits, ref, sizes), "seconds": round(seconds, 1),
-                              "build_s": round(built, 1), "bytes": size}
+                              "build_s": round(built, 1), "bytes": size, "block": block}
             log(f"{name}: {variants[name]}")
         del fp32
-    write(args.out, {"environment": env, "block_size": INT4_BLOCK, "accuracy_level": INT4_ACCURACY_LEVEL,
+    write(args.out, {"environment": env, "default_block_size": INT4_BLOCK, "accuracy_level": INT4_ACCURACY_LEVEL,
                      "held_out": f"{len(held)} LoCoMo questions x {args.k} turns (conversations 6-10)",
                      "every_product_4bit": True, "variants": variants,
                      "caveat": "weights dequantized from Q4_K_M: a 4-bit grid of blocks of 32 with scale and minimum "
