@@ -182,6 +182,46 @@ def _arr(t: Any) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().numpy()
 
 
+def _head_dim(config: Any) -> int:
+    """The config's head size, after refusing what the fused graph does not cover (odd head_dim, sliding window)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim % 2:
+        raise ValueError(f"the fused graph needs an even head_dim (RoPE rotates halves), got {head_dim}")
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        raise ValueError("the fused graph does not support sliding-window layers; export with --graph traced")
+    return int(head_dim)
+
+
+def _check_biases(o_bias: bool, qkv_biases: list[bool]) -> None:
+    """Refuse a layer the fused graph does not cover: an output-projection bias, or biases on some of q/k/v."""
+    if o_bias:
+        raise ValueError("the fused graph does not support an output projection with a bias")
+    if any(qkv_biases) and not all(qkv_biases):
+        raise ValueError("the fused graph needs a bias on all of q/k/v or on none")
+
+
+def _assemble(config: Any, embed: np.ndarray, norm: np.ndarray, head: np.ndarray,
+              rope: tuple[np.ndarray, np.ndarray], layers: list[Any], n_bytes: int,
+              rotation: Rotation | None) -> dict[str, Any]:
+    """The writer's weights dict (:func:`_weights`), with the embeddings, final norm and head in the rotated basis
+    when ``rotation`` is given."""
+    head_dim = _head_dim(config)
+    rot = None
+    if rotation is not None:
+        q = rotation.residual(embed.shape[1])
+        rot = {"q": q, "v": rotation.head(head_dim)}
+        embed = _rotate_rows(embed, q)
+        head = (q.T @ (norm.astype(np.float64)[:, None] * head)).astype(np.float32)
+        norm = np.ones_like(norm)
+    return {
+        "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads, "head_dim": head_dim,
+        "eps": float(config.rms_norm_eps), "intermediate": int(config.intermediate_size),
+        "hidden": int(embed.shape[1]), "embed": embed, "norm": norm, "head": head, "cos": rope[0], "sin": rope[1],
+        "layers": layers, "bytes": n_bytes, "rotation": rot,
+    }
+
+
 def _weights(module: Any, rotation: Rotation | None = None) -> dict[str, Any]:
     """Config numbers and float32 numpy weights of a folded-head decoder module (``_FoldedYesNo.build``).
 
@@ -192,43 +232,21 @@ def _weights(module: Any, rotation: Rotation | None = None) -> dict[str, Any]:
     import torch
 
     body, config = module.body, module.config
-    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-    if head_dim % 2:
-        raise ValueError(f"the fused graph needs an even head_dim (RoPE rotates halves), got {head_dim}")
-    layer_types = getattr(config, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types):
-        raise ValueError("the fused graph does not support sliding-window layers; export with --graph traced")
+    head_dim = _head_dim(config)
     with torch.no_grad():
         n_pos = int(config.max_position_embeddings)
         probe = torch.zeros(1, dtype=torch.float32)
         cos, sin = body.rotary_emb(probe, torch.arange(n_pos)[None])  # (1, n_pos, head_dim): the model's own RoPE
-        half = head_dim // 2
-        if not torch.equal(cos[0, :, :half], cos[0, :, half:]):
-            raise ValueError("the fused graph needs RoPE with rotate-half frequency layout (cos repeated twice)")
+    half = head_dim // 2
+    rope = _rope_halves(cos, sin, half)
     for layer in body.layers:
         attn = layer.self_attn
-        if getattr(attn.o_proj, "bias", None) is not None:
-            raise ValueError("the fused graph does not support an output projection with a bias")
-        biases = [getattr(m, "bias", None) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
-        if any(b is not None for b in biases) and not all(b is not None for b in biases):
-            raise ValueError("the fused graph needs a bias on all of q/k/v or on none")
+        _check_biases(getattr(attn.o_proj, "bias", None) is not None,
+                      [getattr(m, "bias", None) is not None for m in (attn.q_proj, attn.k_proj, attn.v_proj)])
     n_bytes = 4 * (sum(p.numel() for p in body.parameters()) + module.head.numel() + 2 * n_pos * half)
     embed, norm, head = _arr(body.embed_tokens.weight), _arr(body.norm.weight), _arr(module.head).reshape(-1, 1)
-    rot = None
-    if rotation is not None:
-        q = rotation.residual(embed.shape[1])
-        rot = {"q": q, "v": rotation.head(head_dim)}
-        embed = _rotate_rows(embed, q)
-        head = (q.T @ (norm.astype(np.float64)[:, None] * head)).astype(np.float32)
-        norm = np.ones_like(norm)
-    return {
-        "heads": n_heads, "kv_heads": n_kv, "head_dim": head_dim, "eps": float(config.rms_norm_eps),
-        "intermediate": int(config.intermediate_size), "hidden": int(embed.shape[1]), "embed": embed, "norm": norm, "head": head,
-        "cos": _arr(cos[0, :, :half]), "sin": _arr(sin[0, :, :half]),
-        "layers": [functools.partial(_layer_weights, layer) for layer in body.layers], "bytes": n_bytes,
-        "rotation": rot,
-    }
+    return _assemble(config, embed, norm, head, rope,
+                     [functools.partial(_layer_weights, layer) for layer in body.layers], n_bytes, rotation)
 
 
 def _rotate_rows(x: np.ndarray, q: np.ndarray, rows: int = 8192) -> np.ndarray:
@@ -316,6 +334,13 @@ def _rope_tables(config: Any, n_pos: int, half: int) -> tuple[np.ndarray, np.nda
     cls = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
     with torch.no_grad():
         cos, sin = cls(config=config)(torch.zeros(1, dtype=torch.float32), torch.arange(n_pos)[None])
+    return _rope_halves(cos, sin, half)
+
+
+def _rope_halves(cos: Any, sin: Any, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first halves of RoPE's (1, positions, head_dim) tables, after checking the rotate-half layout."""
+    import torch
+
     if not torch.equal(cos[0, :, :half], cos[0, :, half:]):
         raise ValueError("the fused graph needs RoPE with rotate-half frequency layout (cos repeated twice)")
     return _arr(cos[0, :, :half]), _arr(sin[0, :, :half])
@@ -325,22 +350,12 @@ def _checkpoint_weights(src: CheckpointSource, rotation: Rotation | None = None)
     """:func:`_weights` of a :class:`CheckpointSource`: the same numbers and arrays, read from the files (the
     token embeddings and two head rows now, each layer when its loader is called)."""
     ckpt, config = src.checkpoint, src.config
-    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-    if head_dim % 2:
-        raise ValueError(f"the fused graph needs an even head_dim (RoPE rotates halves), got {head_dim}")
-    layer_types = getattr(config, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types):
-        raise ValueError("the fused graph does not support sliding-window layers; export with --graph traced")
+    head_dim = _head_dim(config)
     p = _prefix(ckpt)
     n_layers = int(config.num_hidden_layers)
     for i in range(n_layers):
         a = f"{p}layers.{i}.self_attn."
-        if f"{a}o_proj.bias" in ckpt:
-            raise ValueError("the fused graph does not support an output projection with a bias")
-        has = [f"{a}{m}_proj.bias" in ckpt for m in "qkv"]
-        if any(has) and not all(has):
-            raise ValueError("the fused graph needs a bias on all of q/k/v or on none")
+        _check_biases(f"{a}o_proj.bias" in ckpt, [f"{a}{m}_proj.bias" in ckpt for m in "qkv"])
     n_pos, half = int(config.max_position_embeddings), head_dim // 2
     cos, sin = _rope_tables(config, n_pos, half)
     embed_name = f"{p}embed_tokens.weight"
@@ -354,20 +369,9 @@ def _checkpoint_weights(src: CheckpointSource, rotation: Rotation | None = None)
     head = head.astype(np.float32).reshape(-1, 1)
     n_bytes = 4 * (sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names() if n.startswith(p)) + head.size
                    + 2 * n_pos * half)
-    rot = None
-    if rotation is not None:
-        q = rotation.residual(embed.shape[1])
-        rot = {"q": q, "v": rotation.head(head_dim)}
-        embed = _rotate_rows(embed, q)
-        head = (q.T @ (norm.astype(np.float64)[:, None] * head)).astype(np.float32)
-        norm = np.ones_like(norm)
-    return {
-        "heads": n_heads, "kv_heads": n_kv, "head_dim": head_dim, "eps": float(config.rms_norm_eps),
-        "intermediate": int(config.intermediate_size), "hidden": int(embed.shape[1]), "embed": embed, "norm": norm, "head": head,
-        "cos": cos, "sin": sin, "layers": [functools.partial(_checkpoint_layer, ckpt, f"{p}layers.{i}.")
-                                           for i in range(n_layers)],
-        "bytes": n_bytes, "rotation": rot,
-    }
+    return _assemble(config, embed, norm, head, (cos, sin),
+                     [functools.partial(_checkpoint_layer, ckpt, f"{p}layers.{i}.") for i in range(n_layers)],
+                     n_bytes, rotation)
 
 
 def _checkpoint_layer(ckpt: Any, p: str) -> dict[str, np.ndarray | None]:

@@ -26,6 +26,7 @@ from typing import Any
 
 from memrerank.export.quantize import (
     GraphInfo,
+    _embeddings_record,
     build_int8,
     quantize_embeddings,
     register_precision,
@@ -54,6 +55,11 @@ INT4_METHOD = (f"weight-only 4-bit: asymmetric blocks of {INT4_BLOCK} input chan
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
+def _check_block(block: int) -> None:
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"int4 block size must be a power of two >= 16, got {block}")
+
+
 def int4_blocks(w: Any, block: int = INT4_BLOCK, clip_ratios: tuple[float, ...] = CLIP_RATIOS, *,
                 symmetric: bool = False) -> tuple[Any, Any, Any]:
     """``W`` (K × N, float32) in ``MatMulNBits``' 4-bit layout.
@@ -73,8 +79,7 @@ def int4_blocks(w: Any, block: int = INT4_BLOCK, clip_ratios: tuple[float, ...] 
     """
     import numpy as np
 
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"int4 block size must be a power of two >= 16, got {block}")
+    _check_block(block)
     if not clip_ratios or not all(0.0 < c <= 1.0 for c in clip_ratios):
         raise ValueError(f"clip_ratios must be in (0, 1], got {clip_ratios}")
     w = np.asarray(w, dtype=np.float32)
@@ -180,7 +185,7 @@ class Int4Coder:
     """
 
     def __init__(self, block: int = INT4_BLOCK, accuracy_level: int = INT4_ACCURACY_LEVEL) -> None:
-        int4_blocks(np_zeros(block), block)  # refuses a bad block size before any weight is read
+        _check_block(block)  # before any weight is read
         self.block, self.accuracy_level = block, accuracy_level
         self.products = 0
         self.tables = 0
@@ -208,14 +213,8 @@ class Int4Coder:
         """The manifest's ``build`` record of the graph written."""
         return Build(method=INT4_METHOD, batch_independent=True, extra={
             "block_size": self.block, "accuracy_level": self.accuracy_level, "int4_products": self.products,
-            "embeddings": f"{self.tables} table(s) int8 with one symmetric scale per row" if self.tables else "fp32",
+            "embeddings": _embeddings_record(self.tables),
             "streamed": True})
-
-
-def np_zeros(block: int) -> Any:
-    import numpy as np
-
-    return np.zeros((block, 1), np.float32)
 
 
 @register_precision("int4", kept_as=("int8", "fp32"))
@@ -244,7 +243,7 @@ def build_int4(fp32: Path, out: Path, info: GraphInfo, calib: Any = None, exclud
         done = quantize_int4(src, out, nodes, info.external_data)
     tables = quantize_embeddings(out, [n for n in info.embedding_nodes if n not in exclude], info.external_data)
     extra["int4_products"] = done
-    extra["embeddings"] = f"{tables} table(s) int8 with one symmetric scale per row" if tables else "fp32"
+    extra["embeddings"] = _embeddings_record(tables)
     if exclude:
         extra["kept_as"] = kept_as
     return Build(method=INT4_METHOD, batch_independent=True, extra=extra)
