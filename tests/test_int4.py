@@ -132,3 +132,34 @@ def test_matmulnbits_computes_the_decoded_weights_product_row_by_row(tmp_path):
     rows = x.reshape(-1, K)
     np.testing.assert_allclose(_run(tmp_path / "gemm4.onnx", rows), want.reshape(-1, N) + bias, rtol=1e-4,
                                atol=1e-4)
+
+
+def test_codes_are_remembered_by_the_weights_bytes_across_builds(tmp_path, monkeypatch):
+    """The search rebuilds the graph many times: a weight seen before is not coded again, an edited one is, and
+    the remembered codes are what a fresh coding writes."""
+    from memrerank.export import int4
+
+    monkeypatch.setattr(int4, "_codes", type(int4._codes)())
+    calls = []
+    real = int4.int4_blocks
+    monkeypatch.setattr(int4, "int4_blocks", lambda w, *a, **k: calls.append(1) or real(w, *a, **k))
+    rng = np.random.default_rng(2)
+    w = rng.normal(0, 0.05, (K, N)).astype(np.float32)
+    name = "/layers.0/mlp/down_proj/MatMul"
+    fp32 = _product_graph(tmp_path / "a.onnx", w)
+    quantize_int4(fp32, tmp_path / "a4.onnx", [name], False, block=16)
+    quantize_int4(_product_graph(tmp_path / "b.onnx", w.copy()), tmp_path / "b4.onnx", [name], False, block=16)
+    assert len(calls) == 1  # the same bytes in another file: coded once
+    for got in ("a4.onnx", "b4.onnx"):
+        inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / got)).graph.initializer}
+        for a, b in zip(real(w, 16), (inits[name + "_w_int4"], inits[name + "_w_int4_scale"],
+                                      inits[name + "_w_int4_zero"])):
+            np.testing.assert_array_equal(a, b)
+    w2 = w.copy()
+    w2[0, 0] += 0.01
+    quantize_int4(_product_graph(tmp_path / "c.onnx", w2), tmp_path / "c4.onnx", [name], False, block=16)
+    quantize_int4(fp32, tmp_path / "d4.onnx", [name], False, block=32)
+    assert len(calls) == 3  # an edited weight, another block size: coded afresh
+    monkeypatch.setattr(int4, "CODES_CACHE_BYTES", sum(a.nbytes for a in real(w, 16)))
+    quantize_int4(_product_graph(tmp_path / "e.onnx", w * 2), tmp_path / "e4.onnx", [name], False, block=16)
+    assert len(int4._codes) <= 1  # bounded: the oldest dropped
