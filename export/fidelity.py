@@ -69,6 +69,17 @@ class FidelityBudget:
     def met(self, metrics: dict[str, float]) -> bool:
         return metrics["top10_overlap"] >= self.top10 and metrics["spearman_mean"] >= self.spearman
 
+    @classmethod
+    def default(cls, precision: str) -> FidelityBudget:
+        """The budget ``precision`` is held to when ``--fidelity`` is not given (:data:`DEFAULT_BUDGETS`)."""
+        return DEFAULT_BUDGETS.get(precision, cls())
+
+
+#: Budgets other than :class:`FidelityBudget`'s default, by precision: ``int4`` is the size tier (a 4B model in
+#: ~2.7 GB), held to Spearman 0.98 / top-10 0.90 so that the sensitivity search keeps few products on 8 bits;
+#: ``--fidelity`` sets one budget for every precision.
+DEFAULT_BUDGETS: dict[str, FidelityBudget] = {"int4": FidelityBudget(top10=0.90, spearman=0.98)}
+
 
 def load_calib_jsonl(path: str | Path) -> list[tuple[str, list[str]]]:
     """Read ``{"query", "document"}`` lines (extra keys ignored) and group documents by query."""

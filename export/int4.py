@@ -13,23 +13,21 @@ Asymmetric blocks, measured on the real Qwen2.5-Coder-1.5B (12 held-out LoCoMo q
 product 4-bit, Spearman / top-10 vs fp32; ``bench/int4_recipes.py``): see that bench's results; symmetric
 blocks (zero point fixed at 8, ``symmetric=True``) are kept for comparison.
 
-Where the fidelity search keeps a product (``exclude``), it runs as the ``int8`` precision would run it
-(``kept_as="int8"``: int8 weights, per-row activation codes, with the int8 plan's rotations and two-pass last
-tokens) or in fp32 (``kept_as="fp32"``).
+Where the fidelity search keeps a product (``exclude``), it runs on 8 bits in the same blocks and kernel
+(``kept_as="8-bit"``: ``MatMulNBits`` with ``bits=8``) or in fp32 (``kept_as="fp32"``). Each build codes the
+weights from the fp32 graph in one pass (remembered across the search's builds, :data:`CODES_CACHE_BYTES`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 from memrerank.export.quantize import (
     GraphInfo,
     _embeddings_record,
-    build_int8,
     quantize_embeddings,
     register_precision,
     rewrite_products,
@@ -38,7 +36,7 @@ from memrerank.export.quantize import (
 from memrerank.manifest import Build
 
 __all__ = ["CLIP_RATIOS", "INT4_ACCURACY_LEVEL", "INT4_BLOCK", "INT4_METHOD", "Int4Coder", "build_int4",
-           "int4_blocks", "quantize_int4"]
+           "int4_blocks", "quantize_int4", "weight_blocks"]
 
 #: Input channels per 4-bit block (one scale each).
 INT4_BLOCK = 32
@@ -64,7 +62,15 @@ def _check_block(block: int) -> None:
 
 def int4_blocks(w: Any, block: int = INT4_BLOCK, clip_ratios: tuple[float, ...] = CLIP_RATIOS, *,
                 symmetric: bool = False) -> tuple[Any, Any, Any]:
-    """``W`` (K × N, float32) in ``MatMulNBits``' 4-bit layout.
+    """``W`` (K × N, float32) in ``MatMulNBits``' 4-bit layout (:func:`weight_blocks` with ``bits=4``)."""
+    return weight_blocks(w, block, clip_ratios, bits=4, symmetric=symmetric)
+
+
+def weight_blocks(w: Any, block: int = INT4_BLOCK, clip_ratios: tuple[float, ...] = CLIP_RATIOS, *,
+                  bits: int = 4, symmetric: bool = False) -> tuple[Any, Any, Any]:
+    """``W`` (K × N, float32) in ``MatMulNBits``' ``bits``-bit layout (4 or 8).
+
+    With ``bits=4`` (the grid 0..15, zero point 8 when symmetric):
 
     Asymmetric (the default): each block of ``block`` input channels of one column spans ``[c·lo, c·hi]``
     (``lo = min(block, 0)``, ``hi = max(block, 0)``, ``c`` in ``clip_ratios``) with the scale
@@ -73,21 +79,28 @@ def int4_blocks(w: Any, block: int = INT4_BLOCK, clip_ratios: tuple[float, ...] 
     the value of largest magnitude), zero point 8, codes ``clamp(round(w / s), -8, 7) + 8``. Either way the ``c``
     leaving the least squared error is kept: the extremes may clip so the many small values get a finer grid.
 
+    With ``bits=8`` the same on the grid 0..255 (zero point 128 when symmetric), one code and one zero point
+    per byte.
+
     Returns:
-        ``(packed, scales, zero_points)``: uint8 ``(N, ceil(K / block), block / 2)``, two codes per byte, the
-        lower channel in the low nibble; float32 scales ``(N · ceil(K / block),)``, column-major by block; uint8
-        zero points ``(N · ceil(blocks / 2),)``, two per byte, the lower block in the low nibble (``None`` when
-        symmetric: ``MatMulNBits`` then takes 8).
+        ``(packed, scales, zero_points)``: uint8 ``(N, ceil(K / block), block · bits / 8)``, 4-bit codes two per
+        byte, the lower channel in the low nibble; float32 scales ``(N · ceil(K / block),)``, column-major by
+        block; uint8 zero points, 4-bit ones ``(N · ceil(blocks / 2),)`` two per byte, the lower block in the low
+        nibble, 8-bit ones ``(N · blocks,)`` (``None`` when symmetric: ``MatMulNBits`` then takes the grid's
+        middle).
     """
     import numpy as np
 
     _check_block(block)
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    top, mid = float((1 << bits) - 1), float(1 << (bits - 1))
     if not clip_ratios or not all(0.0 < c <= 1.0 for c in clip_ratios):
         raise ValueError(f"clip_ratios must be in (0, 1], got {clip_ratios}")
     w = np.asarray(w, dtype=np.float32)
     k, n = w.shape
     blocks = -(-k // block)
-    packed = np.empty((n, blocks, block // 2), np.uint8)
+    packed = np.empty((n, blocks, block * bits // 8), np.uint8)
     scales = np.empty((n, blocks), np.float32)
     zeros = np.empty((n, blocks), np.uint8)
     step = max(1, (1 << 24) // (blocks * block))  # columns per chunk: ~16M values, bounded temporaries
@@ -98,36 +111,38 @@ def int4_blocks(w: Any, block: int = INT4_BLOCK, clip_ratios: tuple[float, ...] 
         wb = np.ascontiguousarray(cols.T).reshape(-1, blocks, block)
         if symmetric:
             v = np.take_along_axis(wb, np.abs(wb).argmax(axis=-1)[..., None], axis=-1)
-            v[v == 0] = -8.0  # an all-zero block: scale 1, codes 8
+            v[v == 0] = -mid  # an all-zero block: scale 1, codes at the middle
         else:
             lo = np.minimum(wb.min(axis=-1, keepdims=True), 0.0)
             hi = np.maximum(wb.max(axis=-1, keepdims=True), 0.0)
             flat = hi == lo
-            hi[flat] = 15.0  # an all-zero block: scale 1, zero point 0
+            hi[flat] = top  # an all-zero block: scale 1, zero point 0
         best_err = np.full(wb.shape[:-1] + (1,), np.inf, np.float32)
         best_scale = np.empty_like(best_err)
         best_zero = np.empty_like(best_err)
         best_q = np.empty(wb.shape, np.uint8)
         for c in clip_ratios:
             if symmetric:
-                scale = (v * np.float32(c / -8.0)).astype(np.float32)
-                zero = np.full_like(scale, 8.0)
-                q = np.clip(np.rint(wb / scale), -8, 7) + 8
+                scale = (v * np.float32(c / -mid)).astype(np.float32)
+                zero = np.full_like(scale, mid)
+                q = np.clip(np.rint(wb / scale), -mid, mid - 1) + mid
             else:
-                scale = ((hi - lo) * np.float32(c / 15.0)).astype(np.float32)
-                zero = np.clip(np.rint(-lo * np.float32(c) / scale), 0, 15)
-                q = np.clip(np.rint(wb / scale) + zero, 0, 15)
+                scale = ((hi - lo) * np.float32(c / top)).astype(np.float32)
+                zero = np.clip(np.rint(-lo * np.float32(c) / scale), 0, top)
+                q = np.clip(np.rint(wb / scale) + zero, 0, top)
             err = np.square((q - zero) * scale - wb).sum(axis=-1, keepdims=True)
             better = err < best_err
             best_err = np.where(better, err, best_err)
             best_scale = np.where(better, scale, best_scale)
             best_zero = np.where(better, zero, best_zero)
             best_q = np.where(better, q, best_q).astype(np.uint8)
-        packed[c0:c0 + step] = best_q[..., 0::2] | (best_q[..., 1::2] << 4)
+        packed[c0:c0 + step] = best_q if bits == 8 else best_q[..., 0::2] | (best_q[..., 1::2] << 4)
         scales[c0:c0 + step] = best_scale[..., 0]
         zeros[c0:c0 + step] = best_zero[..., 0].astype(np.uint8)
     if symmetric:
         return packed, scales.reshape(-1), None
+    if bits == 8:
+        return packed, scales.reshape(-1), zeros.reshape(-1)
     if blocks % 2:
         zeros = np.pad(zeros, ((0, 0), (0, 1)), constant_values=8)
     return packed, scales.reshape(-1), (zeros[:, 0::2] | (zeros[:, 1::2] << 4)).reshape(-1)
@@ -140,17 +155,17 @@ CODES_CACHE_BYTES = 2 << 30
 _codes: OrderedDict[tuple[Any, ...], tuple[Any, Any, Any]] = OrderedDict()
 
 
-def _cached_blocks(w: Any, block: int, symmetric: bool) -> tuple[Any, Any, Any]:
-    """:func:`int4_blocks` of ``w``, remembered by a digest of its bytes (so a weight read again from another
+def _cached_blocks(w: Any, block: int, symmetric: bool, bits: int = 4) -> tuple[Any, Any, Any]:
+    """:func:`weight_blocks` of ``w``, remembered by a digest of its bytes (so a weight read again from another
     graph file is coded once; an edited weight is coded afresh)."""
     import numpy as np
 
     w = np.ascontiguousarray(w, dtype=np.float32)
-    key = (hashlib.blake2b(w.data, digest_size=20).digest(), w.shape, block, symmetric, CLIP_RATIOS)
+    key = (hashlib.blake2b(w.data, digest_size=20).digest(), w.shape, block, bits, symmetric, CLIP_RATIOS)
     if key in _codes:
         _codes.move_to_end(key)
         return _codes[key]
-    codes = int4_blocks(w, block, symmetric=symmetric)
+    codes = weight_blocks(w, block, bits=bits, symmetric=symmetric)
     size = sum(a.nbytes for a in codes if a is not None)
     if size <= CODES_CACHE_BYTES:
         _codes[key] = codes
@@ -160,8 +175,12 @@ def _cached_blocks(w: Any, block: int, symmetric: bool) -> tuple[Any, Any, Any]:
 
 
 def quantize_int4(src: Path, out: Path, nodes: list[str], external: bool, *, block: int = INT4_BLOCK,
-                  accuracy_level: int = INT4_ACCURACY_LEVEL, symmetric: bool = False) -> int:
+                  accuracy_level: int = INT4_ACCURACY_LEVEL, symmetric: bool = False,
+                  eight_bit: Collection[str] = ()) -> int:
     """Write ``src`` to ``out`` with the weight products ``nodes`` as 4-bit ``MatMulNBits``; returns how many.
+
+    ``eight_bit``: products among ``nodes`` coded on 8 bits instead (the same blocks, kernel and activation codes:
+    what the sensitivity search keeps).
 
     A weight read by several products is coded once (and remembered across calls, :data:`CODES_CACHE_BYTES`); a
     Gemm's bias becomes an ``Add`` after the product.
@@ -171,12 +190,15 @@ def quantize_int4(src: Path, out: Path, nodes: list[str], external: bool, *, blo
     from onnx import helper, numpy_helper
 
     model = onnx.load(str(src))
-    coded: dict[tuple[str, bool], tuple[str, bool]] = {}  # (weight, transposed) -> its codes' tag, zero points?
+    coded: dict[tuple[str, bool, int], tuple[str, bool]] = {}  # (weight, transposed, bits) -> tag, zero points?
+    eight = set(eight_bit)
 
     def replace(node: Any, w: Any, bias: str | None, transposed: bool) -> list[Any]:
-        key, tag = (node.input[1], transposed), node.name or node.output[0]
+        tag = node.name or node.output[0]
+        bits = 8 if tag in eight else 4
+        key = (node.input[1], transposed, bits)
         if key not in coded:
-            packed, scales, zeros = _cached_blocks(w, block, symmetric)
+            packed, scales, zeros = _cached_blocks(w, block, symmetric, bits)
             model.graph.initializer.extend([numpy_helper.from_array(packed, tag + "_w_int4"),
                                             numpy_helper.from_array(scales, tag + "_w_int4_scale")])
             if zeros is not None:
@@ -184,7 +206,7 @@ def quantize_int4(src: Path, out: Path, nodes: list[str], external: bool, *, blo
             coded[key] = (tag, zeros is not None)
         w_tag, asymmetric = coded[key]
         product = node.output[0] if bias is None else node.output[0] + "_int4"
-        new = [_product_node(node.input[0], w_tag, product, tag, w.shape, block, accuracy_level, asymmetric)]
+        new = [_product_node(node.input[0], w_tag, product, tag, w.shape, block, accuracy_level, asymmetric, bits)]
         if bias is not None:
             new.append(helper.make_node("Add", [product, bias], [node.output[0]], name=tag + "_bias"))
         return new
@@ -193,15 +215,16 @@ def quantize_int4(src: Path, out: Path, nodes: list[str], external: bool, *, blo
 
 
 def _product_node(x: str, w_tag: str, out: str, tag: str, shape: tuple[int, int], block: int,
-                  accuracy_level: int, asymmetric: bool) -> Any:
+                  accuracy_level: int, asymmetric: bool, bits: int = 4) -> Any:
     """``out = MatMulNBits(x, w_tag_w_int4, w_tag_w_int4_scale[, w_tag_w_int4_zero])`` for a K × N weight coded by
-    :func:`int4_blocks`."""
+    :func:`weight_blocks` on ``bits`` bits."""
     from onnx import helper
 
     k, n = shape
     inputs = [x, w_tag + "_w_int4", w_tag + "_w_int4_scale"] + ([w_tag + "_w_int4_zero"] if asymmetric else [])
     return helper.make_node("MatMulNBits", inputs, [out], name=tag + "_int4",
-                            domain="com.microsoft", K=k, N=n, bits=4, block_size=block, accuracy_level=accuracy_level)
+                            domain="com.microsoft", K=k, N=n, bits=bits, block_size=block,
+                            accuracy_level=accuracy_level)
 
 
 class Int4Coder:
@@ -246,33 +269,33 @@ class Int4Coder:
             "streamed": True})
 
 
-@register_precision("int4", kept_as=("int8", "fp32"))
+#: How the products the sensitivity search keeps may run, best first (:func:`build_int4`'s ``kept_as``).
+KEPT_AS = {"8-bit": "8-bit weight blocks on the same MatMulNBits kernel (activations coded int8 per block)",
+           "fp32": "fp32 weights and product"}
+
+
+@register_precision("int4", kept_as=tuple(KEPT_AS))
 def build_int4(fp32: Path, out: Path, info: GraphInfo, calib: Any = None, exclude: list[str] | None = None,
-               kept_as: str = "int8") -> Build:
+               kept_as: str = "8-bit") -> Build:
     """Weight-only 4-bit products (:func:`quantize_int4`), int8 embeddings, the head fp32.
 
-    ``exclude``: the products the sensitivity search keeps, run as ``kept_as`` says: ``"int8"`` (built by
-    :func:`~memrerank.export.quantize.build_int8` with its plan, calibration pairs included) or ``"fp32"``.
+    ``exclude``: the products the sensitivity search keeps, run as ``kept_as`` says (:data:`KEPT_AS`): ``"8-bit"``
+    (the same blocks and kernel, 8-bit codes: an int8 product whose activation is coded per block of the row, so
+    an outlier channel costs its own block only) or ``"fp32"``. ``calib`` is not used: nothing in the 4-bit
+    coding is measured.
     """
-    if kept_as not in ("int8", "fp32"):
-        raise ValueError(f"kept_as: unknown {kept_as!r}; choose from int8, fp32")
+    if kept_as not in KEPT_AS:
+        raise ValueError(f"kept_as: unknown {kept_as!r}; choose from {', '.join(KEPT_AS)}")
     exclude = set(exclude or [])
-    nodes = [n for n in info.weight_nodes if n not in exclude]
-    kept = [n for n in info.weight_nodes if n in exclude]
+    eight = [n for n in info.weight_nodes if n in exclude] if kept_as == "8-bit" else []
+    nodes = [n for n in info.weight_nodes if n not in exclude or n in set(eight)]
     out.parent.mkdir(parents=True, exist_ok=True)
-    extra: dict[str, Any] = {"block_size": INT4_BLOCK, "accuracy_level": INT4_ACCURACY_LEVEL}
-    with tempfile.TemporaryDirectory(prefix=".int4-", dir=out.parent) as tmp:
-        src = fp32
-        if kept and kept_as == "int8":  # the kept products int8 first; the rest stay fp32 for the 4-bit pass
-            src = Path(tmp) / "int8" / "model.onnx"
-            int8 = build_int8(fp32, src, info, calib, exclude=nodes + list(info.embedding_nodes))
-            extra["int8"] = {"products": len(kept), **(int8.extra or {})}
-        elif kept:
-            extra["fp32_products"] = len(kept)
-        done = quantize_int4(src, out, nodes, info.external_data)
+    done = quantize_int4(fp32, out, nodes, info.external_data, eight_bit=eight)
     tables = quantize_embeddings(out, [n for n in info.embedding_nodes if n not in exclude], info.external_data)
-    extra["int4_products"] = done
-    extra["embeddings"] = _embeddings_record(tables)
-    if exclude:
+    extra: dict[str, Any] = {"block_size": INT4_BLOCK, "accuracy_level": INT4_ACCURACY_LEVEL,
+                             "int4_products": done - len(eight), "embeddings": _embeddings_record(tables)}
+    kept = [n for n in info.weight_nodes if n in exclude]
+    if kept:
         extra["kept_as"] = kept_as
+        extra["eight_bit_products" if kept_as == "8-bit" else "fp32_products"] = len(kept)
     return Build(method=INT4_METHOD, batch_independent=True, extra=extra)

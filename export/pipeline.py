@@ -203,7 +203,8 @@ def export_model(
         opset: ONNX opset.
         calib_data: JSONL of {"query","document"} pairs for static calibration and fidelity checks
             (default: the built-in pairs).
-        fidelity: budget every quantized precision must meet vs fp32 (``"top10=0.95,spearman=0.99"``).
+        fidelity: budget every quantized precision must meet vs fp32 (``"top10=0.95,spearman=0.99"``); default:
+            each precision's own (:meth:`~memrerank.export.fidelity.FidelityBudget.default`).
         allow_pickle: load a checkpoint whose weights are only a pickle (``pytorch_model.bin``). Off by
             default: weights load from safetensors only, because unpickling can run code.
         graph: ``"traced"`` (Optimum's trace of the PyTorch module) or, for decoder families, ``"fused"`` /
@@ -232,7 +233,7 @@ def export_model(
     """
     out = Path(out)
     recover(out, log)  # an artifact a killed export left aside comes back before anything looks at ``out``
-    budget, calib_groups = _check_arguments(out, precisions, force=force, max_length=max_length,
+    budgets, calib_groups = _check_arguments(out, precisions, force=force, max_length=max_length,
                                             calib_data=calib_data, fidelity=fidelity, graph=graph)
     if rotate and graph == "traced":
         raise ValueError("rotate: the rotated basis is written by the fused graphs; pass --graph fused "
@@ -257,9 +258,10 @@ def export_model(
     job = _Job(model, revision, opset, graph, command, allow_pickle, Rotation() if rotate else None, auto)
     try:
         if stream:
-            manifest = _build_streamed(tmp, job, config, family, blocks, lower[0], calib_groups, budget, steps)
+            manifest = _build_streamed(tmp, job, config, family, blocks, lower[0], calib_groups,
+                                       budgets[lower[0]], steps)
         else:
-            manifest = _build_artifact(tmp, job, config, family, blocks, lower, calib_groups, budget, steps)
+            manifest = _build_artifact(tmp, job, config, family, blocks, lower, calib_groups, budgets, steps)
         seconds = steps.finish()
         write_manifest(tmp, _with_step_seconds(manifest, seconds))
         swap_into_place(tmp, out)
@@ -273,8 +275,10 @@ def export_model(
 
 def _check_arguments(out: Path, precisions: Sequence[str], *, force: bool, max_length: int | None,
                      calib_data: str | Path | None, fidelity: FidelityBudget | str | None,
-                     graph: str | None = None) -> tuple[FidelityBudget, list[tuple[str, list[str]]] | None]:
-    """Refuse bad arguments before anything loads; return the fidelity budget and the ``--calib-data`` groups."""
+                     graph: str | None = None
+                     ) -> tuple[dict[str, FidelityBudget], list[tuple[str, list[str]]] | None]:
+    """Refuse bad arguments before anything loads; return the fidelity budget of each precision (``fidelity``
+    for all, else each one's default: :meth:`FidelityBudget.default`) and the ``--calib-data`` groups."""
     if graph is not None and graph not in GRAPH_KINDS:
         raise ValueError(f"graph: unknown {graph!r}; choose from {', '.join(GRAPH_KINDS)}")
     unknown = [p for p in precisions if p not in PRECISIONS]
@@ -292,11 +296,13 @@ def _check_arguments(out: Path, precisions: Sequence[str], *, force: bool, max_l
                          "files; drop --graph traced or add fp32")
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force (force=True) to replace it")
-    budget = fidelity if isinstance(fidelity, FidelityBudget) else FidelityBudget.parse(fidelity)
+    given = fidelity if isinstance(fidelity, FidelityBudget) else (
+        FidelityBudget.parse(fidelity) if fidelity else None)
+    budgets = {p: given or FidelityBudget.default(p) for p in precisions}
     calib_groups = load_calib_jsonl(calib_data) if calib_data else None
     if max_length is not None and max_length < 32:
         raise ValueError(f"--max-length must be at least 32, got {max_length}")
-    return budget, calib_groups
+    return budgets, calib_groups
 
 
 def _load_family(model: str, *, revision: str | None, trust_remote_code: bool, instruction: str | None,
@@ -356,7 +362,7 @@ def _with_step_seconds(manifest: Manifest, seconds: Mapping[str, float]) -> Mani
 
 def _build_artifact(tmp: Path, job: _Job, config: Any, family: Any, blocks: tuple[Template, Tokens],
                     lower: Sequence[str], groups: Sequence[tuple[str, list[str]]] | None,
-                    budget: FidelityBudget, steps: Steps) -> Manifest:
+                    budgets: Mapping[str, FidelityBudget], steps: Steps) -> Manifest:
     """The steps between loading and the swap: the fp32 graph, its check against PyTorch, then each lower
     precision. Each writes the manifest into ``tmp``; returns it as last written."""
     steps.start("fp32 graph")
@@ -364,7 +370,7 @@ def _build_artifact(tmp: Path, job: _Job, config: Any, family: Any, blocks: tupl
     steps.start("validate fp32")
     manifest = _validate_fp32(tmp, family, manifest, steps.log)
     if lower:
-        manifest = _build_precisions(tmp, lower, groups, budget, manifest, steps.log, steps)
+        manifest = _build_precisions(tmp, lower, groups, budgets, manifest, steps.log, steps)
     return manifest
 
 
@@ -541,7 +547,7 @@ def _validate_fp32(tmp: Path, family: Any, manifest: Manifest, log: Callable[[st
 
 
 def _build_precisions(tmp: Path, names: Sequence[str], groups: Sequence[tuple[str, list[str]]] | None,
-                      budget: FidelityBudget, manifest: Manifest, log: Callable[[str], None],
+                      budgets: Mapping[str, FidelityBudget], manifest: Manifest, log: Callable[[str], None],
                       steps: Steps | None = None) -> Manifest:
     """Build each lower precision from the fp32 graph and validate it against fp32 on the calibration pairs;
     write the manifest with their entries and return it.
@@ -565,7 +571,7 @@ def _build_precisions(tmp: Path, names: Sequence[str], groups: Sequence[tuple[st
         if steps is not None:
             steps.start(name)
         log(f"building {name}")
-        entry, shortfall = _build_precision(tmp, name, fp32, calib, info, budget, log, steps)
+        entry, shortfall = _build_precision(tmp, name, fp32, calib, info, budgets[name], log, steps)
         manifest = manifest.with_precision(name, entry)
         if shortfall is not None:
             failures.append(shortfall)

@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from memrerank.export.fidelity import FidelityBudget
 from memrerank.export.int4 import CLIP_RATIOS, int4_blocks, quantize_int4
 
 K, N = 80, 24  # K not a multiple of the block: the last block is padded
@@ -141,8 +142,8 @@ def test_codes_are_remembered_by_the_weights_bytes_across_builds(tmp_path, monke
 
     monkeypatch.setattr(int4, "_codes", type(int4._codes)())
     calls = []
-    real = int4.int4_blocks
-    monkeypatch.setattr(int4, "int4_blocks", lambda w, *a, **k: calls.append(1) or real(w, *a, **k))
+    real = int4.weight_blocks
+    monkeypatch.setattr(int4, "weight_blocks", lambda w, *a, **k: calls.append(1) or real(w, *a, **k))
     rng = np.random.default_rng(2)
     w = rng.normal(0, 0.05, (K, N)).astype(np.float32)
     name = "/layers.0/mlp/down_proj/MatMul"
@@ -163,3 +164,66 @@ def test_codes_are_remembered_by_the_weights_bytes_across_builds(tmp_path, monke
     monkeypatch.setattr(int4, "CODES_CACHE_BYTES", sum(a.nbytes for a in real(w, 16)))
     quantize_int4(_product_graph(tmp_path / "e.onnx", w * 2), tmp_path / "e4.onnx", [name], False, block=16)
     assert len(int4._codes) <= 1  # bounded: the oldest dropped
+
+
+def _unpack8(packed, scales, zeros, k, block):
+    """8-bit blocks decoded by hand: one code per byte, one zero point per block (128 without zero points)."""
+    n, blocks, _ = packed.shape
+    z = np.full((n, blocks), 128) if zeros is None else zeros.reshape(n, blocks).astype(np.int64)
+    w = (packed.astype(np.int64) - z[:, :, None]) * scales.reshape(n, blocks)[:, :, None]
+    return w.reshape(n, blocks * block)[:, :k].T
+
+
+def test_eight_bit_blocks_and_the_products_kept_on_them(tmp_path):
+    """The products the search keeps run on 8-bit blocks in the same kernel: codes on 0..255 within half a step
+    of the weight, MatMulNBits(bits=8) computes the decoded weights' product, a row alone as among others."""
+    from memrerank.export.int4 import weight_blocks
+
+    rng = np.random.default_rng(3)
+    w = rng.normal(0, 0.05, (K, N)).astype(np.float32)
+    packed, scales, zeros = weight_blocks(w, 16, bits=8)
+    assert packed.shape == (N, K // 16, 16) and zeros.shape == (N * (K // 16),)
+    w8 = _unpack8(packed, scales, zeros, K, 16)
+    step = np.repeat(scales.reshape(N, -1), 16, axis=1)[:, :K].T
+    assert np.all(np.abs(w8 - w) <= step / 2 + 1e-7)
+    w4 = _unpack(*int4_blocks(w, 16), K, 16)[0]
+    assert np.square(w8 - w).sum() < np.square(w4 - w).sum() / 100  # 16x finer grid
+    sym = _unpack8(*weight_blocks(w, 16, bits=8, symmetric=True), K, 16)
+    assert np.abs(sym - w).max() < np.abs(w).max() / 100
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        weight_blocks(w, 16, bits=3)
+
+    x = rng.normal(0, 1, (3, 5, K)).astype(np.float32)
+    x[0, 1, 3] = 600.0  # an outlier channel: its block's activation codes only
+    name = "/layers.0/mlp/down_proj/MatMul"
+    fp32 = _product_graph(tmp_path / "fp32.onnx", w)
+    quantize_int4(fp32, tmp_path / "exact.onnx", [name], False, block=16, accuracy_level=0, eight_bit=[name])
+    node = onnx.load(str(tmp_path / "exact.onnx")).graph.node[0]
+    assert node.op_type == "MatMulNBits" and {a.name: a.i for a in node.attribute}["bits"] == 8
+    np.testing.assert_allclose(_run(tmp_path / "exact.onnx", x), x.astype(np.float64) @ w8, rtol=1e-4, atol=1e-3)
+    quantize_int4(fp32, tmp_path / "level4.onnx", [name], False, block=16, eight_bit=[name])
+    got = _run(tmp_path / "level4.onnx", x)
+    want = x.astype(np.float64) @ w8
+    assert np.abs(got - want).max() / np.abs(want).max() < 0.02
+    for b in range(3):
+        for t in range(5):
+            np.testing.assert_array_equal(_run(tmp_path / "level4.onnx", x[b:b + 1, t:t + 1])[0, 0], got[b, t])
+
+
+def test_the_search_keeps_int4_products_on_8_bits(tmp_path, qwen_ckpt):
+    """Held to a budget plain int4 misses, the export's search keeps products on 8-bit blocks (the first way it
+    tries) and records them; the graph on disk is what the record says."""
+    import json
+
+    from memrerank.export import export_model
+
+    root = export_model(str(qwen_ckpt), tmp_path / "a", precisions=["fp32", "int4"],
+                        fidelity="top10=0.95,spearman=0.995", log=lambda m: None)
+    entry = json.loads((root / "manifest.json").read_text())["precisions"]["int4"]
+    fid, build = entry["fidelity"], entry["build"]
+    assert not FidelityBudget(top10=0.95, spearman=0.995).met(fid["plain"])  # plain int4 missed
+    assert fid["meets_budget"] and fid["kept_as"] == "8-bit" and fid["kept_fp32_nodes"]
+    nodes = onnx.load(str(root / "int4" / "model.onnx"), load_external_data=False).graph.node
+    eight = {n.name.removesuffix("_int4") for n in nodes if n.op_type == "MatMulNBits"
+             and {a.name: a.i for a in n.attribute}["bits"] == 8}
+    assert eight == set(fid["kept_fp32_nodes"]) and build["eight_bit_products"] == len(eight)

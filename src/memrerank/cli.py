@@ -214,7 +214,8 @@ def _register_export(p: argparse.ArgumentParser) -> None:
                    help="JSONL of {\"query\",\"document\"} pairs for int8-static ranges and fidelity checks "
                         "(default: built-in pairs)")
     p.add_argument("--fidelity", default=None,
-                   help="budget every quantized precision must keep vs fp32, e.g. top10=0.95,spearman=0.99 (default)")
+                   help="budget every quantized precision must keep vs fp32, e.g. top10=0.95,spearman=0.99 "
+                        "(default; int4: top10=0.90,spearman=0.98)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--target", choices=("onnx", "tensorrt"), default="onnx",
                    help="tensorrt: also build TensorRT engines for the fp16/int8 precisions asked for (needs an "

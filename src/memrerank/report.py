@@ -56,7 +56,9 @@ def info_text(root: str | Path) -> str:
                 if last and last.get("tokens"):
                     parity += f", last {last['tokens']} tokens coded twice"
                 if extra.get("block_size"):
-                    parity += f", {extra.get('int4_products', '?')} products 4-bit (blocks of {extra['block_size']})"
+                    parity += (f", {extra.get('int4_products', '?')} products 4-bit"
+                               + (f", {extra['eight_bit_products']} 8-bit" if extra.get("eight_bit_products") else "")
+                               + f" (blocks of {extra['block_size']})")
         lines.append(f"precision   {name:<11} {entry.size_bytes / 2**20:8.1f} MiB  {parity}")
     for name, engine in m.engines.items():
         lines.append(f"engine      {name:<11} TensorRT {engine.tensorrt} on {engine.gpu} "
