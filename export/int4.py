@@ -36,17 +36,22 @@ from memrerank.export.quantize import (
 from memrerank.manifest import Build
 
 __all__ = ["CLIP_RATIOS", "INT4_ACCURACY_LEVEL", "INT4_BLOCK", "INT4_METHOD", "Int4Coder", "build_int4",
-           "int4_blocks", "quantize_int4", "weight_blocks"]
+           "check_block", "int4_blocks", "quantize_int4", "weight_blocks"]
 
 #: Input channels per 4-bit block (one scale each).
 INT4_BLOCK = 32
 #: ``MatMulNBits`` ``accuracy_level``: 4 = the activation coded int8 per block and int8 products (CPU).
 INT4_ACCURACY_LEVEL = 4
 
-INT4_METHOD = (f"weight-only 4-bit: asymmetric blocks of {INT4_BLOCK} input channels, one fp32 scale and one 4-bit "
-               "zero point each (the range of least squared error), MatMulNBits accuracy_level "
-               f"{INT4_ACCURACY_LEVEL} (each row's activation blocks coded int8 on the fly); int8 embeddings; the "
-               "folded head fp32")
+def int4_method(block: int = INT4_BLOCK) -> str:
+    """The manifest's ``build.method`` of an int4 graph with blocks of ``block``."""
+    return (f"weight-only 4-bit: asymmetric blocks of {block} input channels, one fp32 scale and one 4-bit zero "
+            "point each (the range of least squared error), MatMulNBits accuracy_level "
+            f"{INT4_ACCURACY_LEVEL} (each row's activation blocks coded int8 on the fly); int8 embeddings; the "
+            "folded head fp32")
+
+
+INT4_METHOD = int4_method()
 
 
 #: Range ratios tried per block: the block's range (symmetric: its largest magnitude; asymmetric: its min and max,
@@ -55,9 +60,11 @@ INT4_METHOD = (f"weight-only 4-bit: asymmetric blocks of {INT4_BLOCK} input chan
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
-def _check_block(block: int) -> None:
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"int4 block size must be a power of two >= 16, got {block}")
+def check_block(block: int) -> None:
+    """Refuse a block size ``MatMulNBits`` does not take (a power of two from 16 to 256)."""
+    if isinstance(block, bool) or not isinstance(block, int) or block < 16 or block > 256 or block & (block - 1):
+        raise ValueError(f"int4 block size must be a power of two from 16 to 256 (16, 32, 64, 128, 256), got "
+                         f"{block!r}")
 
 
 def int4_blocks(w: Any, block: int = INT4_BLOCK, clip_ratios: tuple[float, ...] = CLIP_RATIOS, *,
@@ -91,7 +98,7 @@ def weight_blocks(w: Any, block: int = INT4_BLOCK, clip_ratios: tuple[float, ...
     """
     import numpy as np
 
-    _check_block(block)
+    check_block(block)
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     top, mid = float((1 << bits) - 1), float(1 << (bits - 1))
@@ -237,7 +244,7 @@ class Int4Coder:
     """
 
     def __init__(self, block: int = INT4_BLOCK, accuracy_level: int = INT4_ACCURACY_LEVEL) -> None:
-        _check_block(block)  # before any weight is read
+        check_block(block)  # before any weight is read
         self.block, self.accuracy_level = block, accuracy_level
         self.products = 0
         self.tables = 0
@@ -263,7 +270,7 @@ class Int4Coder:
 
     def build(self) -> Build:
         """The manifest's ``build`` record of the graph written."""
-        return Build(method=INT4_METHOD, batch_independent=True, extra={
+        return Build(method=int4_method(self.block), batch_independent=True, extra={
             "block_size": self.block, "accuracy_level": self.accuracy_level, "int4_products": self.products,
             "embeddings": _embeddings_record(self.tables),
             "streamed": True})
@@ -276,26 +283,27 @@ KEPT_AS = {"8-bit": "8-bit weight blocks on the same MatMulNBits kernel (activat
 
 @register_precision("int4", kept_as=tuple(KEPT_AS))
 def build_int4(fp32: Path, out: Path, info: GraphInfo, calib: Any = None, exclude: list[str] | None = None,
-               kept_as: str = "8-bit") -> Build:
+               kept_as: str = "8-bit", block: int = INT4_BLOCK) -> Build:
     """Weight-only 4-bit products (:func:`quantize_int4`), int8 embeddings, the head fp32.
 
     ``exclude``: the products the sensitivity search keeps, run as ``kept_as`` says (:data:`KEPT_AS`): ``"8-bit"``
     (the same blocks and kernel, 8-bit codes: an int8 product whose activation is coded per block of the row, so
     an outlier channel costs its own block only) or ``"fp32"``. ``calib`` is not used: nothing in the 4-bit
-    coding is measured.
+    coding is measured. ``block``: input channels per block (:data:`INT4_BLOCK`).
     """
+    check_block(block)
     if kept_as not in KEPT_AS:
         raise ValueError(f"kept_as: unknown {kept_as!r}; choose from {', '.join(KEPT_AS)}")
     exclude = set(exclude or [])
     eight = [n for n in info.weight_nodes if n in exclude] if kept_as == "8-bit" else []
     nodes = [n for n in info.weight_nodes if n not in exclude or n in set(eight)]
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = quantize_int4(fp32, out, nodes, info.external_data, eight_bit=eight)
+    done = quantize_int4(fp32, out, nodes, info.external_data, block=block, eight_bit=eight)
     tables = quantize_embeddings(out, [n for n in info.embedding_nodes if n not in exclude], info.external_data)
-    extra: dict[str, Any] = {"block_size": INT4_BLOCK, "accuracy_level": INT4_ACCURACY_LEVEL,
+    extra: dict[str, Any] = {"block_size": block, "accuracy_level": INT4_ACCURACY_LEVEL,
                              "int4_products": done - len(eight), "embeddings": _embeddings_record(tables)}
     kept = [n for n in info.weight_nodes if n in exclude]
     if kept:
         extra["kept_as"] = kept_as
         extra["eight_bit_products" if kept_as == "8-bit" else "fp32_products"] = len(kept)
-    return Build(method=INT4_METHOD, batch_independent=True, extra=extra)
+    return Build(method=int4_method(block), batch_independent=True, extra=extra)

@@ -89,6 +89,7 @@ class _Job:
     command: str | None
     allow_pickle: bool
     rotation: Any = None  # a fused graph's Rotation, or None
+    int4_block: int | None = None  # input channels per 4-bit block (None: INT4_BLOCK)
     auto_graph: bool = False  # the graph was the default's choice: a fused graph that cannot be written falls back
     fallback: str | None = None  # why the default's fused graph fell back to the traced one
 
@@ -180,6 +181,7 @@ def export_model(
     allow_pickle: bool = False,
     graph: str | None = None,
     rotate: bool | None = None,
+    int4_block: int | None = None,
     prompt: Any = None,
     command: str | None = None,
     log: Callable[[str], None] = _log.info,
@@ -203,6 +205,9 @@ def export_model(
         opset: ONNX opset.
         calib_data: JSONL of {"query","document"} pairs for static calibration and fidelity checks
             (default: the built-in pairs).
+        int4_block: input channels per 4-bit block of the ``int4`` precision (a power of two >= 16; default
+            :data:`~memrerank.export.int4.INT4_BLOCK`). Larger blocks: a smaller file and less memory once loaded
+            (fewer scales), coarser weights.
         fidelity: budget every quantized precision must meet vs fp32 (``"top10=0.95,spearman=0.99"``); default:
             each precision's own (:meth:`~memrerank.export.fidelity.FidelityBudget.default`).
         allow_pickle: load a checkpoint whose weights are only a pickle (``pytorch_model.bin``). Off by
@@ -234,7 +239,8 @@ def export_model(
     out = Path(out)
     recover(out, log)  # an artifact a killed export left aside comes back before anything looks at ``out``
     budgets, calib_groups = _check_arguments(out, precisions, force=force, max_length=max_length,
-                                            calib_data=calib_data, fidelity=fidelity, graph=graph)
+                                            calib_data=calib_data, fidelity=fidelity, graph=graph,
+                                             int4_block=int4_block)
     if rotate and graph == "traced":
         raise ValueError("rotate: the rotated basis is written by the fused graphs; pass --graph fused "
                          f"(or fused-cuda), not {graph!r}")
@@ -255,7 +261,7 @@ def export_model(
         graph = "fused" if rotate or family.cache_layout() is not None else "traced"
     if rotate is None:
         rotate = graph in FUSED_GRAPHS
-    job = _Job(model, revision, opset, graph, command, allow_pickle, Rotation() if rotate else None, auto)
+    job = _Job(model, revision, opset, graph, command, allow_pickle, Rotation() if rotate else None, int4_block, auto)
     try:
         if stream:
             manifest = _build_streamed(tmp, job, config, family, blocks, lower[0], calib_groups,
@@ -275,7 +281,7 @@ def export_model(
 
 def _check_arguments(out: Path, precisions: Sequence[str], *, force: bool, max_length: int | None,
                      calib_data: str | Path | None, fidelity: FidelityBudget | str | None,
-                     graph: str | None = None
+                     graph: str | None = None, int4_block: int | None = None
                      ) -> tuple[dict[str, FidelityBudget], list[tuple[str, list[str]]] | None]:
     """Refuse bad arguments before anything loads; return the fidelity budget of each precision (``fidelity``
     for all, else each one's default: :meth:`FidelityBudget.default`) and the ``--calib-data`` groups."""
@@ -296,6 +302,13 @@ def _check_arguments(out: Path, precisions: Sequence[str], *, force: bool, max_l
                          "files; drop --graph traced or add fp32")
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force (force=True) to replace it")
+    if int4_block is not None:
+        from memrerank.export.int4 import check_block
+
+        if "int4" not in precisions:
+            raise ValueError(f"--int4-block sets the int4 precision's blocks; add int4 to --precision "
+                             f"(asked: {', '.join(precisions)})")
+        check_block(int4_block)
     given = fidelity if isinstance(fidelity, FidelityBudget) else (
         FidelityBudget.parse(fidelity) if fidelity else None)
     budgets = {p: given or FidelityBudget.default(p) for p in precisions}
@@ -370,7 +383,8 @@ def _build_artifact(tmp: Path, job: _Job, config: Any, family: Any, blocks: tupl
     steps.start("validate fp32")
     manifest = _validate_fp32(tmp, family, manifest, steps.log)
     if lower:
-        manifest = _build_precisions(tmp, lower, groups, budgets, manifest, steps.log, steps)
+        manifest = _build_precisions(tmp, lower, groups, budgets, manifest, steps.log, steps,
+                                     options={"int4": _int4_options(job)})
     return manifest
 
 
@@ -420,7 +434,7 @@ def _build_streamed(tmp: Path, job: _Job, config: Any, family: Any, blocks: tupl
 
     steps.start(f"{name} graph")
     steps.log(f"writing the {name} graph from the checkpoint's files ({family.name}, {job.graph}, streamed)")
-    coder = Int4Coder() if name == "int4" else Int8Coder()
+    coder = Int4Coder(**_int4_options(job)) if name == "int4" else Int8Coder()
     path = tmp / name / "model.onnx"
     checkpoint = Checkpoint(_checkpoint_dir(job))
     files = write_fused_graph(CheckpointSource(checkpoint, config, head), path, ep=FUSED_GRAPHS[job.graph],
@@ -457,6 +471,11 @@ def _build_streamed(tmp: Path, job: _Job, config: Any, family: Any, blocks: tupl
             f"no fp32 graph for the sensitivity search: export --precision fp32,{name} where memory allows, or relax "
             "the budget with --fidelity top10=X,spearman=Y")
     return manifest
+
+
+def _int4_options(job: _Job) -> dict[str, int]:
+    """The int4 coder's or builder's keyword arguments the export was asked for."""
+    return {"block": job.int4_block} if job.int4_block is not None else {}
 
 
 def _first_pairs(groups: Sequence[tuple[str, list[str]]], most: int, per_group: int) -> list[tuple[str, list[str]]]:
@@ -548,7 +567,8 @@ def _validate_fp32(tmp: Path, family: Any, manifest: Manifest, log: Callable[[st
 
 def _build_precisions(tmp: Path, names: Sequence[str], groups: Sequence[tuple[str, list[str]]] | None,
                       budgets: Mapping[str, FidelityBudget], manifest: Manifest, log: Callable[[str], None],
-                      steps: Steps | None = None) -> Manifest:
+                      steps: Steps | None = None, options: Mapping[str, Mapping[str, Any]] | None = None
+                      ) -> Manifest:
     """Build each lower precision from the fp32 graph and validate it against fp32 on the calibration pairs;
     write the manifest with their entries and return it.
 
@@ -571,7 +591,8 @@ def _build_precisions(tmp: Path, names: Sequence[str], groups: Sequence[tuple[st
         if steps is not None:
             steps.start(name)
         log(f"building {name}")
-        entry, shortfall = _build_precision(tmp, name, fp32, calib, info, budgets[name], log, steps)
+        entry, shortfall = _build_precision(tmp, name, fp32, calib, info, budgets[name], log, steps,
+                                            (options or {}).get(name))
         manifest = manifest.with_precision(name, entry)
         if shortfall is not None:
             failures.append(shortfall)
@@ -582,7 +603,8 @@ def _build_precisions(tmp: Path, names: Sequence[str], groups: Sequence[tuple[st
 
 
 def _build_precision(tmp: Path, name: str, fp32: PrecisionEntry, calib: CalibSet, info: GraphInfo,
-                     budget: FidelityBudget, log: Callable[[str], None], steps: Steps | None
+                     budget: FidelityBudget, log: Callable[[str], None], steps: Steps | None,
+                     options: Mapping[str, Any] | None = None
                      ) -> tuple[PrecisionEntry, str | None]:
     """Build one lower precision from the fp32 graph (the quantized ones through the sensitivity search).
 
@@ -596,6 +618,7 @@ def _build_precision(tmp: Path, name: str, fp32: PrecisionEntry, calib: CalibSet
 
     def build(exclude: list[str], kept_as: str = "fp32") -> None:
         extra = {"kept_as": kept_as} if kept_as != "fp32" else {}
+        extra.update(options or {})
         builds.append(builder(tmp / fp32.graph, out_graph, info, calib, exclude, **extra))
 
     if name == "fp16":  # no search: fp16 keeps head and final norm in fp32 and is gated by its tolerance

@@ -227,3 +227,23 @@ def test_the_search_keeps_int4_products_on_8_bits(tmp_path, qwen_ckpt):
     eight = {n.name.removesuffix("_int4") for n in nodes if n.op_type == "MatMulNBits"
              and {a.name: a.i for a in n.attribute}["bits"] == 8}
     assert eight == set(fid["kept_fp32_nodes"]) and build["eight_bit_products"] == len(eight)
+
+
+def test_the_block_size_asked_for_is_the_block_size_written(tmp_path, qwen_ckpt):
+    """``--int4-block``: every 4-bit product of the graph, from the fp32 graph or streamed, has the blocks asked
+    for, and the manifest says so; the same command line parses it."""
+    import json
+
+    from memrerank.cli import build_parser
+    from memrerank.export import export_model
+
+    args = build_parser().parse_args(["export", "m", "-o", "x", "--precision", "int4", "--int4-block", "64"])
+    assert args.int4_block == 64
+    for precisions in (["fp32", "int4"], ["int4"]):
+        root = export_model(str(qwen_ckpt), tmp_path / "-".join(precisions), precisions=precisions, int4_block=64,
+                            fidelity="top10=0,spearman=0", log=lambda m: None)
+        entry = json.loads((root / "manifest.json").read_text())["precisions"]["int4"]
+        assert entry["build"]["block_size"] == 64 and "blocks of 64" in entry["build"]["method"]
+        nodes = [n for n in onnx.load(str(root / "int4" / "model.onnx"), load_external_data=False).graph.node
+                 if n.op_type == "MatMulNBits"]
+        assert nodes and all({a.name: a.i for a in n.attribute}["block_size"] == 64 for n in nodes)

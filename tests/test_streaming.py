@@ -211,7 +211,8 @@ def test_streamed_int4_missing_its_budget_fails_with_what_to_do(streamed, tmp_pa
 
 @pytest.mark.parametrize("precisions, kw, match", [
     (["fp16"], {}, "fp32 is the reference"), (["int4"], {"graph": "traced"}, "streams the fused graph"),
-    (["int4", "int8"], {}, "one at a time"), (["int8"], {"rotate": False}, "rotated recipe")])
+    (["int4", "int8"], {}, "one at a time"), (["int8"], {"rotate": False}, "rotated recipe"),
+    (["int4"], {"int4_block": 24}, "power of two from 16 to 256"), (["fp32", "int8"], {"int4_block": 64}, "add int4")])
 def test_what_cannot_stream_is_refused_before_loading(tmp_path, precisions, kw, match):
     from memrerank.export import export_model
 

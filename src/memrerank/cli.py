@@ -210,6 +210,9 @@ def _register_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                    help="fused graphs: write the weights in a rotated basis (same scores; int8 codes see no outlier "
                         "channels on the residual stream); default: on for --graph fused/fused-cuda")
+    p.add_argument("--int4-block", type=int, default=None, metavar="N",
+                   help="input channels per block of the int4 precision: 16, 32 (default), 64, 128 or 256; larger "
+                        "blocks make a smaller file and less resident memory, with coarser weights")
     p.add_argument("--calib-data", type=Path, default=None,
                    help="JSONL of {\"query\",\"document\"} pairs for int8-static ranges and fidelity checks "
                         "(default: built-in pairs)")
@@ -487,7 +490,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
                        instruction=args.instruction, force=args.force, revision=args.revision,
                        trust_remote_code=args.trust_remote_code, calib_data=args.calib_data,
                        fidelity=args.fidelity, allow_pickle=args.allow_pickle, graph=graph,
-                       rotate=args.rotate, prompt=_prompt(args), command=" ".join(sys.argv),
+                       rotate=args.rotate, int4_block=args.int4_block, prompt=_prompt(args),
+                       command=" ".join(sys.argv),
                        log=_log(args), progress=_progress(args))
     if engines:
         _build_engines(out, engines, args.profile, 4.0, _log(args))
