@@ -14,7 +14,9 @@ Steps (each reused when its output exists in ``--workdir``):
 4. ``rank(question, 20 turns)`` on ``--threads`` threads with prefix reuse vs llama.cpp Q4_K_M (the checkpoint
    converted by llama.cpp's ``convert_hf_to_gguf.py`` to bf16, then ``llama_model_quantize`` to Q4_K_M; scored as
    ``bench/peers_decoder.py`` does: each document one sequence, only the last token's logits), interleaved
-   rounds, p50 per question.
+   rounds, p50 per question;
+5. ``--also DIR``: another int4 artifact of the same checkpoint (another ``--int4-block``): its size, cold start,
+   peak RSS and rank() p50 in the same rounds.
 
     python bench/laptop_4b.py --workdir W --llama-convert .../llama.cpp/convert_hf_to_gguf.py
 
@@ -103,6 +105,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--llama-convert", type=Path, default=None)
     ap.add_argument("--int8", action="store_true", help="also export --precision int8 alone (streamed) and record it")
+    ap.add_argument("--also", type=Path, action="append", default=[],
+                    help="another int4 artifact of the same checkpoint (e.g. --int4-block 128) measured beside: size, "
+                         "cold start, peak RSS, rank() p50")
     ap.add_argument("--out", type=Path, default=RESULTS / "laptop_4b.json")
     args = ap.parse_args()
     env = environment(args.threads)
@@ -132,6 +137,17 @@ def main() -> int:
     _, held = split_locomo(args.locomo, 16, args.questions, args.k)
     result["cold"] = cold_start(artifact, "int4", args.threads, held[:1])
     log(f"cold start {result['cold']}")
+    others = {}
+    for other in args.also:
+        m = json.loads((other / "manifest.json").read_text())
+        block = m["precisions"]["int4"]["build"]["block_size"]
+        name = f"memrerank int4, blocks of {block} + prefix reuse"
+        others[name] = other
+        result.setdefault("variants", {})[name] = {
+            "block_size": block, "int4_bytes": sum(p.stat().st_size for p in (other / "int4").iterdir()),
+            "written_by": m.get("export", {}).get("command"),
+            "cold": cold_start(other, "int4", args.threads, held[:1])}
+        log(f"{name}: {result['variants'][name]}")
 
     from memrerank import LoadOptions, Reranker
     from memrerank.export.families.decoder_yes_no import DEFAULT_INSTRUCTION, QWEN3_RERANKER, format_body
@@ -139,6 +155,9 @@ def main() -> int:
     r = Reranker.load(artifact, LoadOptions("int4", threads=args.threads, prefix_reuse=True))
     scorers = {"memrerank int4 + prefix reuse": lambda q, d: np.array(
         [h.logit for h in sorted(r.rank(q, d), key=lambda h: h.index)])}
+    for name, other in others.items():
+        ro = Reranker.load(other, LoadOptions("int4", threads=args.threads, prefix_reuse=True))
+        scorers[name] = lambda q, d, ro=ro: np.array([h.logit for h in sorted(ro.rank(q, d), key=lambda h: h.index)])
     if args.llama_convert is not None:
         from peers_decoder import llama_cpp_scorer
 
@@ -158,10 +177,13 @@ def main() -> int:
             per_q[n] += wall[n]
     result["rank"] = {n: {"p50_s": round(statistics.median(v), 3), "min_s": round(min(v), 3), "calls": len(v)}
                       for n, v in per_q.items()}
-    if len(scorers) == 2:
-        a, b = (np.concatenate(v) for v in logits.values())
-        result["rank"]["speedup_vs_llama_cpp_p50"] = round(
-            result["rank"]["llama.cpp Q4_K_M"]["p50_s"] / result["rank"]["memrerank int4 + prefix reuse"]["p50_s"], 3)
+    if "llama.cpp Q4_K_M" in scorers:
+        a, b = (np.concatenate(logits[n]) for n in ("memrerank int4 + prefix reuse", "llama.cpp Q4_K_M"))
+        peer = result["rank"]["llama.cpp Q4_K_M"]["p50_s"]
+        ours = result["rank"]["memrerank int4 + prefix reuse"]["p50_s"]
+        result["rank"]["speedup_vs_llama_cpp_p50"] = round(peer / ours, 3)
+        for name in others:
+            result["variants"][name]["speedup_vs_llama_cpp_p50"] = round(peer / result["rank"][name]["p50_s"], 3)
         result["agreement_int4_vs_llama_q4"] = {"pearson": float(np.corrcoef(a, b)[0, 1])}
     result["workload"] = f"{len(held)} LoCoMo questions x {args.k} turns, rank() per question, {args.rounds} rounds"
     write(args.out, result)
