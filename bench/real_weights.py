@@ -119,7 +119,8 @@ def _search_record(fid: dict) -> dict:
 def weight_products(graph: Path) -> dict[str, int]:
     """Weight products of a graph by how they run: int8 (``MatMulIntegerToFloat``; ``int8_two_pass`` of them
     with their activation coded twice, ``int8_two_pass_last`` with the rows of each sequence's last tokens coded
-    twice), weight-only n-bit (``MatMulNBits``), fp32 (``MatMul``/``Gemm`` by a constant)."""
+    twice), weight-only 4-bit and 8-bit blocks (``MatMulNBits``, by its ``bits``), fp32 (``MatMul``/``Gemm`` by a
+    constant)."""
     import onnx
 
     g = onnx.load(str(graph), load_external_data=False).graph
@@ -131,13 +132,19 @@ def weight_products(graph: Path) -> dict[str, int]:
     out = {"int8": sum(not n.name.endswith(second) for n in int8),
            "int8_two_pass": sum(n.name.endswith("_quant_residual") for n in int8),
            "int8_two_pass_last": sum(n.name.endswith(last) for n in int8),
-           "nbits": sum(n.op_type == "MatMulNBits" for n in g.node),
+           "nbits": sum(n.op_type == "MatMulNBits" and _bits(n) == 4 for n in g.node),
+           "nbits_8bit": sum(n.op_type == "MatMulNBits" and _bits(n) == 8 for n in g.node),
            # by a constant, but not a weight: the online Hadamard mixing of an activation before its codes
            "fp32": sum(n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in consts
                        and not n.name.endswith("_hadamard") for n in g.node)}
-    total = out["int8"] + out["nbits"] + out["fp32"]
-    out["quantized_share"] = round((out["int8"] + out["nbits"]) / total, 4) if total else None
+    total = out["int8"] + out["nbits"] + out["nbits_8bit"] + out["fp32"]
+    out["quantized_share"] = round((total - out["fp32"]) / total, 4) if total else None
     return out
+
+
+def _bits(node) -> int:
+    """A ``MatMulNBits`` node's ``bits`` attribute (onnxruntime's default, 4, when absent)."""
+    return next((a.i for a in node.attribute if a.name == "bits"), 4)
 
 
 def precision_bytes(artifact: Path, precision: str) -> int:

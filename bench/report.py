@@ -498,7 +498,7 @@ def fused_decoder(d: dict) -> str:
 def _products(wp: dict) -> int:
     """Weight products of a graph (a two-pass product, whole or on its last tokens, is one int8 product, counted
     once)."""
-    return wp.get("int8", 0) + wp.get("nbits", 0) + wp.get("fp32", 0)
+    return wp.get("int8", 0) + wp.get("nbits", 0) + wp.get("nbits_8bit", 0) + wp.get("fp32", 0)
 
 
 def _search_line(name: str, r: dict) -> str:
@@ -507,7 +507,8 @@ def _search_line(name: str, r: dict) -> str:
     fid = r.get("fidelity_on_calibration_pairs") or {}
     kept = r.get("kept_fp32_nodes") or 0
     how = {"two-pass": " as two-pass int8 (activation coded twice)", "fp32": " fp32",
-           "int8": " as int8 (the `int8` precision's plan)"}.get(r.get("kept_as"), " out of one-pass int8")
+           "int8": " as int8 (the `int8` precision's plan)",
+           "8-bit": " as 8-bit weight blocks (same kernel)"}.get(r.get("kept_as"), " out of one-pass int8")
     every = "4-bit" if name == "int4" else "int8"
     return (f"`{name}` search on the calibration pairs: every product {every} gives Spearman "
             f"{plain.get('spearman_mean', float('nan')):.4f} / top-10 {plain.get('top10_overlap', float('nan')):.3f}"
@@ -605,7 +606,7 @@ def _int4_targets(r: dict, fp32_bytes: int, scorers: dict) -> str:
              "- " + _target("held-out Spearman", h["spearman_mean"], 0.98, "", digits=4),
              "- " + _target("held-out top-10 overlap", h["top10_overlap"], 0.9, "", digits=3),
              f"- weight products 4-bit: {wp.get('nbits', 0)} of {_products(wp)} (the search kept "
-             f"{wp.get('int8', 0)} int8, {wp.get('fp32', 0)} fp32); size {100 * r['size_bytes'] / fp32_bytes:.0f} % "
+             f"{wp.get('nbits_8bit', 0) + wp.get('int8', 0)} 8-bit, {wp.get('fp32', 0)} fp32); size {100 * r['size_bytes'] / fp32_bytes:.0f} % "
              "of fp32"]
     s = scorers.get("memrerank int4 + prefix reuse", {}).get("pairs_per_s")
     q4 = next((v["pairs_per_s"] for k, v in scorers.items() if k.startswith("llama.cpp shipped")), None)
