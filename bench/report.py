@@ -437,6 +437,45 @@ def serve_load(d: dict) -> str:
     return "\n".join(lines)
 
 
+#: bench/serve_abuse.py's scenarios, in table order
+SERVE_ABUSE = {"alone": "nothing (alone)", "big": "(a) 1,000-document requests, back to back",
+               "slow": "(b) 50 slow uploaders", "flood": "(c) 16 clients × 500 documents, beyond the queue",
+               "malformed": "(d) malformed requests (4 clients)"}
+
+
+@section("serve-abuse", "serve_abuse.json", command="python bench/serve_abuse.py --seconds 8")
+def serve_abuse(d: dict) -> str:
+    c, t = d["config"], d["targets"]
+    rows = {r["scenario"]: r for r in d["results"]}
+    first = d["results"][0]
+    setup = (f"Loopback; `memrerank serve` in a subprocess on the {d['artifact']}; {first['normal_clients']} normal "
+             f"clients sending 1-document requests in a closed loop ({d['client_timeout_s']:g} s timeout), "
+             f"{first['seconds']:g} s per scenario. Served with `--max-concurrency {c['max_concurrency']} "
+             f"--max-connections {c['max_connections']} --max-queued-tokens {c['max_queued_tokens']} "
+             f"--max-request-tokens {c['max_request_tokens']} --header-timeout {c['header_timeout_s']:g} "
+             f"--body-timeout {c['body_timeout_s']:g}`; one model call (a full step, alone): "
+             f"{d['model_call_ms']:.1f} ms.")
+    lines = [provenance(d), "", setup, "",
+             ("| beside the normal clients | normal clients: p50 / p99 ms | normal requests: 200 / 503 / timed out "
+              "| what the abuser got | server peak RSS |"), "|---|---|---|---|---|"]
+    for name, label in SERVE_ABUSE.items():
+        r = rows[name]
+        got = ", ".join(f"{v:,} × {k}" for k, v in sorted(r["abuser"].items()) if k.isdigit()) or "—"
+        lines.append(f"| {label} | {r['p50_ms']:,.1f} / {r['p99_ms']:,.1f} | {r['normal'].get('200', 0):,} / "
+                     f"{r['normal'].get('503', 0):,} / {r['timeouts']} | {got} | {r['rss_peak_mib']:,.0f} MiB |")
+    alone = rows["alone"]
+    lines += ["", "Targets: " + "; ".join([
+        f"(a) p99 of a 1-document request {t['a_p99_ms']:,.1f} ms ≤ 3 × {alone['p99_ms']:,.1f} + "
+        f"{d['model_call_ms']:.1f} = {t['a_target_ms']:,.1f} ms — " + ("met" if t["a_met"] else "**missed**"),
+        "(b), (c) every normal request answered (200 or 503), none past its timeout — "
+        + ("met" if t["bc_all_answered"] else "**missed**"),
+        f"peak RSS {t['rss_growth_mib']:,.0f} MiB above the idle server's {d['idle_rss_mib']:,.0f} MiB, within the "
+        f"configured budget of {t['rss_budget_mib']:,.0f} MiB — " + ("met" if t["rss_met"] else "**missed**"),
+        f"non-JSON error bodies: {t['non_json_errors']} of {t['errors_checked']:,} error answers — "
+        + ("met" if t["non_json_errors"] == 0 else "**missed**")]) + "."]
+    return "\n".join(lines)
+
+
 @section("scale", "scale_minilm.json", "scale_qwen3-0.6b-shape.json",
          command="python bench/scale.py (--name minilm / --name qwen3-0.6b-shape, see its docstring)")
 def scale(minilm: dict, qwen: dict) -> str:

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from memrerank.manifest import calibration_problem
+
 __all__ = ["sigmoid", "Calibrator", "METHODS"]
 
 METHODS = ("none", "temperature", "platt")
@@ -46,19 +48,20 @@ class Calibrator:
 
     @classmethod
     def from_params(cls, method: Any, params: dict[str, Any], info: dict[str, Any] | None = None) -> Calibrator:
-        """Build from a method name and its parameters (as a manifest's calibration entry holds them)."""
+        """Build from a method name and its parameters (as a manifest's calibration entry holds them).
+
+        Raises:
+            ValueError: an unknown method, or parameters that are not finite or out of the bounds
+                :func:`memrerank.manifest.calibration_problem` sets (a slope at or below 0 would change the
+                ranking; NaN, infinite or extreme parameters would make every score NaN, 0.5, 0 or 1).
+        """
+        problem = calibration_problem(method, params)
+        if problem:
+            raise ValueError(f"calibration: {problem}")
         block = info or {"method": method, "params": dict(params)}
         if method == "temperature":
-            t = float(params["temperature"])
-            if not t > 0:
-                raise ValueError(f"calibration: temperature must be > 0, got {t}")
-            return cls("temperature", 1.0 / t, 0.0, block)
-        if method == "platt":
-            a, b = float(params["a"]), float(params["b"])
-            if not a > 0:
-                raise ValueError(f"calibration: Platt slope must be > 0 to keep the ranking, got {a}")
-            return cls("platt", a, b, block)
-        raise ValueError(f"calibration: unknown method {method!r}; known: {', '.join(METHODS)}")
+            return cls("temperature", 1.0 / float(params["temperature"]), 0.0, block)
+        return cls("platt", float(params["a"]), float(params["b"]), block)
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
         return sigmoid(self.a * np.asarray(logits, dtype=np.float64) + self.b).astype(np.float32)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from memrerank.atomic import recover, staging_path, swap_into_place
+from memrerank.atomic import create_staging, discard, recover, swap_into_place
 from memrerank.errors import ParityError
 from memrerank.progress import Steps
 from memrerank.export.families import family_for
@@ -270,10 +270,10 @@ def export_model(
             manifest = _build_artifact(tmp, job, config, family, blocks, lower, calib_groups, budgets, steps)
         seconds = steps.finish()
         write_manifest(tmp, _with_step_seconds(manifest, seconds))
-        swap_into_place(tmp, out)
+        swap_into_place(tmp, out, replace=force)  # an OUT that appeared meanwhile is refused, never clobbered
     except BaseException:
         steps.finish()
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
     log(f"wrote {out} (" + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) + ")")
     return out
@@ -360,11 +360,8 @@ def _load_step(model: str, out: Path, steps: Steps, *, revision: str | None, tru
 
 
 def _staging(out: Path) -> Path:
-    """A new, empty staging directory beside ``out`` (:func:`memrerank.atomic.staging_path`)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_path(out)
-    tmp.mkdir()
-    return tmp
+    """A new, empty staging directory beside ``out``, with its lock (:func:`memrerank.atomic.create_staging`)."""
+    return create_staging(out, "partial")
 
 
 def _with_step_seconds(manifest: Manifest, seconds: Mapping[str, float]) -> Manifest:

@@ -2,6 +2,9 @@
 
 The engine is built with the TensorRT Python API from the artifact's own ONNX graphs:
 
+* TF32: TensorRT turns ``BuilderFlag.TF32`` on by default, letting fp32 layers round their products to TF32;
+  the builder clears it (fp32 stays fp32, as onnxruntime's CUDA provider runs it) unless ``allow_tf32=True``
+  (``--allow-tf32``), which the manifest's ``method`` then names.
 * ``fp16``: the fp32 graph with ``BuilderFlag.FP16``; the folded head and the final norm are pinned to fp32
   (``OBEY_PRECISION_CONSTRAINTS``), as the fp16 ONNX precision does.
 * ``int8``: explicit quantization from the ``int8-static`` QDQ graph when the artifact has it (ranges calibrated on
@@ -160,18 +163,25 @@ def engine_entry(precision: str, engine: Path, root: Path, *, trt_version: str, 
 
 
 def build_engine(root: str | Path, precision: str, profile: Profile | None = None, workspace_gb: float = 4.0,
-                 log: Callable[[str], None] = print) -> Path:
+                 log: Callable[[str], None] = print, *, allow_tf32: bool = False) -> Path:
     """Build ``OUT/tensorrt-<precision>/model.engine`` and record it in the manifest (see the module docstring).
 
     The engine's parity vs the fp32 ONNX graph is measured before the manifest is touched; the manifest is then
     written once, atomically, with the engine's entry and its parity.
 
+    Args:
+        allow_tf32: keep TensorRT's default ``BuilderFlag.TF32`` (fp32 layers may round products to TF32:
+            faster, logits move by ~1e-3). Off by default: the flag is cleared. Must be a bool.
+
     Raises:
         RuntimeError: TensorRT or a GPU is missing (with the install hint).
         ValueError: unknown precision or a profile outside the artifact's limits.
+        TypeError: ``allow_tf32`` is not a bool.
     """
     if precision not in ENGINE_PRECISIONS:
         raise ValueError(f"--precision: TensorRT engines are built for {', '.join(ENGINE_PRECISIONS)}, not {precision!r}")
+    if not isinstance(allow_tf32, bool):  # a string such as "false" would be truthy
+        raise TypeError(f"build_engine: allow_tf32 must be True or False, got {allow_tf32!r}")
     root = Path(root)
     manifest = read_manifest(root)
     trt = require_tensorrt()
@@ -185,7 +195,8 @@ def build_engine(root: str | Path, precision: str, profile: Profile | None = Non
         source, method = "fp32", "implicit INT8, entropy calibrator fed the built-in query-document pairs"
     else:
         source, method = "fp32", "FP16 builder flag; head and final norm pinned to fp32"
-    engine_path = _build(trt, cuda, root, manifest, precision, source, profile, workspace_gb, log)
+    method += "; TF32 allowed" if allow_tf32 else "; TF32 off"
+    engine_path = _build(trt, cuda, root, manifest, precision, source, profile, workspace_gb, log, allow_tf32)
     gpu, capability = cuda.device_name(), cuda.capability()
     entry = engine_entry(precision, engine_path, root, trt_version=trt.__version__, gpu=gpu, capability=capability,
                          profile=profile, source_graph=source, method=method, parity=None)
@@ -199,7 +210,7 @@ def build_engine(root: str | Path, precision: str, profile: Profile | None = Non
 
 
 def _build(trt: Any, cuda: Any, root: Path, manifest: Manifest, precision: str, source: str, profile: Profile,
-           workspace_gb: float, log: Callable[[str], None]) -> Path:
+           workspace_gb: float, log: Callable[[str], None], allow_tf32: bool = False) -> Path:
     """Parse the ``source`` graph and build the engine; write it and the timing cache; return the engine's path."""
     graph = root / manifest.precision(source).graph
     out_dir = root / f"tensorrt-{precision}"
@@ -213,6 +224,8 @@ def _build(trt: Any, cuda: Any, root: Path, manifest: Manifest, precision: str, 
         raise RuntimeError(f"TensorRT could not parse {graph}:\n{errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
+    if not allow_tf32:  # on by default in TensorRT: fp32 layers would round their products to TF32
+        config.clear_flag(trt.BuilderFlag.TF32)
     cache_path = out_dir / "timing.cache"
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 
 from memrerank.calibration import Calibrator
 from memrerank.errors import ArtifactError
-from memrerank.manifest import TOKENIZER_NAME, Manifest, read_manifest, verify_files
+from memrerank.manifest import TOKENIZER_NAME, Manifest, load_verified, read_manifest
 from memrerank.runtime.backends import Backend, resolve_providers
 from memrerank.runtime.encoding import SplitPairs, make_encoder
 from memrerank.runtime.hub import resolve_artifact
@@ -317,10 +317,21 @@ class Reranker:
 
 
 def _load_tokenizer(root: Path, manifest: Manifest) -> Tokenizer:
-    """The artifact's tokenizer, hash-checked and checked against the manifest's ids; no truncation or padding
+    """The artifact's tokenizer, built from the very bytes that were hash-checked (read once: nothing opens
+    ``tokenizer.json`` again after the check), then checked against the manifest's ids; no truncation or padding
     (the packer does both)."""
-    verify_files(root, manifest.tokenizer_files)
-    tokenizer = Tokenizer.from_file(str(root / TOKENIZER_NAME))
+    if TOKENIZER_NAME not in manifest.tokenizer_files:  # read_manifest refuses this; a hand-built Manifest may not
+        raise ArtifactError(f"{root}: the manifest does not list {TOKENIZER_NAME}, so it cannot be verified; "
+                            f"re-export with `memrerank export MODEL -o {root} --force`")
+
+    def parse(contents: Mapping[str, bytes]) -> Tokenizer:
+        try:
+            return Tokenizer.from_str(contents[TOKENIZER_NAME].decode("utf-8"))
+        except Exception as exc:  # not UTF-8, or tokenizers' own exception type
+            raise ArtifactError(f"{root / TOKENIZER_NAME} could not be parsed ({exc}); re-export with "
+                                f"`memrerank export MODEL -o {root} --force`") from exc
+
+    tokenizer = load_verified(root, manifest.tokenizer_files, parse)
     tokenizer.no_truncation()
     tokenizer.no_padding()
     _check_tokenizer(tokenizer, manifest)

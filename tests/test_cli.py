@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
 import shutil
 
 import pytest
@@ -119,13 +121,16 @@ def test_export_command(bert_ckpt, tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
 
 
-def test_calibrate_takes_precision_json_and_output(bert_artifact, tmp_path, capsys):
+def test_calibrate_takes_precision_json_and_output(minilm_artifact, tmp_path, capsys):
     art = tmp_path / "art"
-    shutil.copytree(bert_artifact, art)
+    shutil.copytree(minilm_artifact, art)
     data = tmp_path / "pairs.jsonl"
     words = ["cat", "tea", "Lisbon", "climbing", "passport", "piano", "river", "Marco", "birthday", "cabin"]
-    data.write_text("\n".join(json.dumps({"query": f"what about {w}?", "document": d, "label": int(d == w)})
-                              for w in words for d in (w, "sun", "dog", "map")))
+    pairs = [(f"what about {w}?", d) for w in words for d in (w, "sun", "dog", "map")]
+    # labels the scores predict: calibrate refuses labels a model's scores carry no information about
+    logits = memrerank.Reranker.load(art).predict(pairs, raw=True)
+    data.write_text("\n".join(json.dumps({"query": q, "document": d, "label": int(z > 0)})
+                              for (q, d), z in zip(pairs, logits)))
     report_file = tmp_path / "calibration.json"
     assert main(["calibrate", str(art), "--data", str(data), "--method", "temperature", "--precision", "fp32",
                  "--json", "-o", str(report_file)]) == 0
@@ -217,6 +222,11 @@ def test_rescore_speaks_the_shared_vocabulary(bert_artifact, tmp_path, rescore_j
     assert main([*argv, "--force", "--threads", "2", "--block-rows", "64", "--batch-size", "8", "-q"]) == 0
     (job,) = rescore_jobs
     assert job.force and job.block_rows == 64 and job.verbose is False
+    assert (job.resume, job.allow_duplicate_ids) == (False, False)
+    assert main([*argv, "--resume", "-q"]) == 0 and rescore_jobs[-1].resume
+    assert main([*argv, "--allow-duplicate-ids", "-q"]) == 0 and rescore_jobs[-1].allow_duplicate_ids
+    assert main([*argv, "--resume", "--allow-duplicate-ids"]) == 2
+    assert "needs unique ids" in capsys.readouterr().err
     assert (job.options.threads, job.options.batch_size) == (2, 8)
     for gone in (["--overwrite"], ["--threads-per-actor", "2"]):
         with pytest.raises(SystemExit) as exit_:
@@ -294,10 +304,13 @@ def test_build_engine_json_prints_the_engines_entries(bert_artifact, tmp_path, m
     art = tmp_path / "a"
     shutil.copytree(bert_artifact, art)
 
-    def fake_build(root, precision, profile, workspace_gb, log):
+    tf32 = []
+
+    def fake_build(root, precision, profile, workspace_gb, log, allow_tf32=False):
+        tf32.append(allow_tf32)
         log(f"building {precision}")
         engine = root / f"tensorrt-{precision}" / "model.engine"
-        engine.parent.mkdir()
+        engine.parent.mkdir(exist_ok=True)
         engine.write_bytes(b"engine")
         manifest = read_manifest(root)
         entry = export_trt.engine_entry(precision, engine, root, trt_version="10.0-fake", gpu="Fake GPU",
@@ -316,6 +329,8 @@ def test_build_engine_json_prints_the_engines_entries(bert_artifact, tmp_path, m
     assert main(["build-engine", str(art), "--precision", "int8"]) == 0  # text: the build log, then the summary
     captured = capsys.readouterr()
     assert "building int8" in captured.err and "engine      int8" in captured.out
+    assert main(["build-engine", str(art), "--precision", "fp16", "--allow-tf32", "-q"]) == 0
+    assert tf32 == [False, False, True]  # TF32 stays cleared unless asked for
 
 
 def test_demo_offline_uses_the_embedded_default(tmp_path, monkeypatch, capsys):
@@ -335,3 +350,90 @@ def test_demo_offline_uses_the_embedded_default(tmp_path, monkeypatch, capsys):
     art = tmp_path / "demo" / "artifact"
     assert (art / "int8" / "model.onnx").is_file()
     assert f"memrerank rank {art}" in out and f"memrerank serve {art}" in out and f"memrerank bench {art}" in out
+
+
+# ------------------------------------------------------------------------ errors of the system, bad paths
+def _never(*args, **kwargs):
+    raise AssertionError("work started before the output was checked")
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs Linux's /sys (not writable, even by root)")
+def test_unwritable_outputs_are_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    """`export -o /sys/x` and `bench -o /sys/r.json` ended in a traceback, bench's only after the whole run. Each
+    output is now checked before anything loads, starts or runs, and refused in one line."""
+    for target in ("memrerank.export.export_model", "memrerank.export.require_export_extra",
+                   "memrerank.benchmark.run_bench", "memrerank.scale.rescore"):
+        monkeypatch.setattr(target, _never)
+    cases = {
+        "cannot write in /sys": [["export", "some/model", "-o", "/sys/x"], ["bench", "art", "-o", "/sys/r.json"],
+                                 ["rescore", "art", "in.jsonl", "-o", "/sys/scores"],
+                                 ["calibrate", "art", "--data", "d.jsonl", "--plot", "/sys/p.png"]],
+        "no such directory": [["bench", "art", "-o", str(tmp_path / "missing" / "r.json")]],
+        "is a directory": [["eval", "art", "--data", "d.json", "-o", str(tmp_path)]],
+    }
+    for words, argvs in cases.items():
+        for argv in argvs:
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert err.startswith(f"memrerank {argv[0]}: error: ") and words in err, err
+            assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    # a directory output's missing parents are created by the command: fine when the nearest one is writable
+    cli._check_writable(tmp_path / "a" / "b" / "out", "-o", directory=True)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_disk_full_and_permission_denied_are_one_line(bert_artifact, tmp_path, monkeypatch, capsys):
+    """ENOSPC (a write to /dev/full) and EACCES raised inside a command: one line naming the error and the
+    file, exit 2, no traceback."""
+    import memrerank.benchmark
+
+    monkeypatch.setattr(memrerank.benchmark, "run_bench",
+                        lambda *a, **k: {"precisions": {}, "providers": ["CPUExecutionProvider"]})
+    assert main(["bench", str(bert_artifact), "-o", "/dev/full", "--json", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("memrerank bench: error: ") and "[ENOSPC]: /dev/full" in err and "\n" not in err
+
+    def denied(args):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "x"))
+
+    monkeypatch.setitem(cli._COMMANDS, "info", denied)
+    assert main(["info", "--system"]) == 2
+    assert capsys.readouterr().err.strip() == f"memrerank info: error: Permission denied [EACCES]: {tmp_path / 'x'}"
+    # a report that cannot be replaced leaves the previous one whole
+    report = tmp_path / "r.json"
+    report.write_text("previous")
+    from memrerank import atomic
+
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
+    with pytest.raises(OSError, match="No space"):
+        cli._write_json(report, {"new": 1})
+    assert report.read_text() == "previous" and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_a_missing_local_path_is_never_a_hub_download(tmp_path, monkeypatch, capsys):
+    """`memrerank info arts/qwen3-rr` (a typo of a local path) was taken for a hub id: a download and an export.
+    A path that does not exist is now "no such artifact directory" when it looks like a path (the rule in the
+    cli module docstring); only the remaining org/name form reaches the hub."""
+    from memrerank.errors import ArtifactError
+
+    monkeypatch.setattr("memrerank.runtime.hub.resolve_artifact", _never)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "arts").mkdir()
+    for arg in ("arts/qwen3-rr", "./org/name", "~/no-such-memrerank-artifact", "a/b/c", "qwen3-rr",
+                str(tmp_path / "gone"), "arts\\x"):
+        assert main(["info", arg]) == 2, arg
+        err = capsys.readouterr().err
+        assert err.startswith(f"memrerank info: error: no such artifact directory: {arg} (make one with "), err
+        assert len(err.strip().splitlines()) == 1
+    assert main(["rank", "arts/qwen3-rr", "--query", "q", "--docs", "d.txt"]) == 2
+    assert "no such artifact directory: arts/qwen3-rr" in capsys.readouterr().err
+    assert main(["export", "arts/ckpt", "-o", str(tmp_path / "out")]) == 2
+    assert "no such checkpoint directory: arts/ckpt" in capsys.readouterr().err
+    asked = []
+
+    def hub_id(reference, *args, **kwargs):
+        asked.append(str(reference))
+        raise ArtifactError(f"{reference}: offline (test)")
+
+    monkeypatch.setattr("memrerank.runtime.hub.resolve_artifact", hub_id)
+    assert main(["info", "Org/Model"]) == 2 and asked == ["Org/Model"]  # org/name with no ./Org: a hub id

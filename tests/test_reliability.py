@@ -518,26 +518,22 @@ def test_recovery_leaves_running_jobs_alone(tmp_path):
 
 
 RESCORE_SWAP_KILL_SCRIPT = """
-import os, signal, sys, types
+import os, signal, sys
 from pathlib import Path
-from memrerank import atomic, scale
+from memrerank import atomic
 
-class Written:  # stands in for the scored Ray dataset: writes one file where Ray Data would
-    def write_json(self, target, **kw):
-        Path(target).mkdir(parents=True)
-        (Path(target) / "new.json").write_text('{"id": "new"}\\n')
-
-read = types.SimpleNamespace(count=lambda: 1)
-ray = types.SimpleNamespace(data=types.SimpleNamespace(read_json=lambda *a, **kw: read),
-                            exceptions=types.SimpleNamespace(RayTaskError=RuntimeError))
+# what rescore --force holds at its swap: its staging (committed parts), the lock with its fingerprint
+staging = atomic.create_staging(Path(sys.argv[1]), "resume", {"rescore": {}})
+(staging / "part-0.json").write_text('{"id": "new"}\\n')
 atomic._FAULT = lambda point: os.kill(os.getpid(), signal.SIGKILL) if point == "swap" else None
-scale._write_output(ray, Written(), sys.argv[1], "jsonl", True)
+atomic.swap_into_place(staging, sys.argv[1], replace=True)
 """
 
 
 def test_rescore_force_killed_at_the_swap_is_restored_at_the_next_start(tmp_path):
     """rescore --force swaps its output in the same way: a SIGKILL between the renames leaves the previous
-    scores aside, and the next rescore puts them back (then refuses to overwrite without the flag)."""
+    scores aside, and the next rescore puts them back (then refuses to overwrite without the flag). The new,
+    complete scores stay beside it for --resume --force."""
     pytest.importorskip("ray", reason="the ray extra is not installed")
     from memrerank.scale import rescore
 
@@ -551,7 +547,114 @@ def test_rescore_force_killed_at_the_swap_is_restored_at_the_next_start(tmp_path
     src.write_text('{"id": "a", "query": "q", "document": "d"}\n')
     with pytest.raises(FileExistsError, match="--force"):
         rescore(src, out, tmp_path / "no-artifact-needed-to-refuse")
-    assert [p.name for p in out.iterdir()] == ["old.json"] and _siblings(out) == []
+    assert [p.name for p in out.iterdir()] == ["old.json"]
+    left = _siblings(out)
+    assert [n.split("-")[0] for n in left] == [".scores.lock", ".scores.resume"], left
+    assert [p.name for p in (out.parent / left[1]).iterdir()] == ["part-0.json"]
+
+
+# ------------------------------------------------------------------------------- locks, fsync, no clobbering
+def test_recovery_never_touches_a_job_of_another_host(tmp_path):
+    """recover() judged every sibling by its process id on this host, so it deleted (or "restored" over) the
+    staging of a live job on another host that shares the directory. Each job now writes a lock beside its
+    staging naming its host, boot, pid and start time: another host's job is reported and left alone, even
+    mid-swap; a live local job is left alone whatever its directory's name says; a dead one (or one from before
+    a reboot) is removed with its lock."""
+    import json
+    import socket
+
+    from memrerank import atomic
+
+    out = tmp_path / "art"
+    here, boot = socket.gethostname(), atomic._boot_id()
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    stat = atomic._process_stat(running.pid)
+    owners = {
+        "remote": {"host": "another-host", "pid": done.pid, "start": 1, "boot_id": "elsewhere"},
+        "live": {"host": here, "pid": running.pid, "start": stat[1] if stat else 0, "boot_id": boot},
+        "dead": {"host": here, "pid": done.pid, "start": 1, "boot_id": boot},
+        "rebooted": {"host": here, "pid": running.pid, "start": stat[1] if stat else 0, "boot_id": "before"},
+    }
+    tokens = {name: f"{done.pid}-1-0000{i:04x}" for i, name in enumerate(owners)}  # names: a dead local pid
+    try:
+        for name, owner in owners.items():
+            (tmp_path / f".art.lock-{tokens[name]}").write_text(json.dumps({"owner": owner}))
+            (tmp_path / f".art.partial-{tokens[name]}").mkdir()
+        (tmp_path / f".art.old-{tokens['remote']}").mkdir()  # the other host's job is between its two renames
+        messages = atomic.recover(out)
+        left = sorted(p.name for p in tmp_path.iterdir())
+    finally:
+        running.kill()
+        running.wait()
+    keep = [f".art.{kind}-{tokens[name]}" for name, kinds in (("remote", ("lock", "old", "partial")),
+                                                               ("live", ("lock", "partial"))) for kind in kinds]
+    assert left == sorted(keep), "another host's swap and a live job are untouched; dead ones go with their locks"
+    assert not out.exists(), "the other host's previous output is not 'restored' under its running swap"
+    assert any("another host" in m and "another-host" in m for m in messages), messages
+
+
+def test_swap_fsyncs_every_file_and_directory_before_the_rename(tmp_path, monkeypatch):
+    """Nothing was fsynced before the swap: a power loss right after it could publish empty files. Every file
+    and directory of the staging tree is fsynced before the rename, and the parent directory after it."""
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("reads fd paths from /proc")
+    from memrerank import atomic
+
+    out = tmp_path / "art"
+    staging = atomic.create_staging(out)
+    (staging / "fp32").mkdir()
+    (staging / "manifest.json").write_text("{}")
+    (staging / "fp32" / "model.onnx").write_bytes(b"onnx")
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "rename", lambda a, b: events.append(("rename", str(a), str(b))) or real_rename(a, b))
+    atomic.swap_into_place(staging, out)
+    at = events.index(("rename", str(staging), str(out)))
+    synced = {e[1] for e in events[:at] if e[0] == "fsync"}
+    assert {str(staging / "manifest.json"), str(staging / "fp32" / "model.onnx"), str(staging / "fp32"),
+            str(staging)} <= synced
+    assert ("fsync", str(tmp_path)) in events[at:]
+    assert (out / "fp32" / "model.onnx").read_bytes() == b"onnx" and _siblings(out) == []  # lock gone too
+
+
+def test_swap_never_clobbers_an_output_that_appeared_meanwhile(tmp_path):
+    """OUT is re-checked at the swap itself (the rename refuses a non-empty directory): without replace=True
+    (--force) an OUT that appeared while the job ran is left as it is and the staging directory kept."""
+    from memrerank import atomic
+
+    out = tmp_path / "art"
+    staging = atomic.create_staging(out)
+    (staging / "new").write_text("new")
+    out.mkdir()
+    (out / "theirs").write_text("theirs")
+    with pytest.raises(FileExistsError, match="appeared while the job ran"):
+        atomic.swap_into_place(staging, out)
+    assert [p.name for p in out.iterdir()] == ["theirs"] and (staging / "new").exists()
+    atomic.swap_into_place(staging, out, replace=True)
+    assert [p.name for p in out.iterdir()] == ["new"] and _siblings(out) == []
+
+
+def test_export_never_clobbers_an_output_that_appeared_meanwhile(bert_ckpt, tmp_path, monkeypatch):
+    """export checked OUT only at its start: one created while it ran was replaced. Now it is refused at the
+    swap and the export's staging removed."""
+    from memrerank.export import export_model, pipeline
+
+    out = tmp_path / "art"
+    real = pipeline.swap_into_place
+
+    def late(new, target, **kw):
+        out.mkdir()
+        (out / "theirs").write_text("theirs")
+        return real(new, target, **kw)
+
+    monkeypatch.setattr(pipeline, "swap_into_place", late)
+    with pytest.raises(FileExistsError, match="appeared while the job ran"):
+        export_model(str(bert_ckpt), out, max_length=64, log=lambda m: None)
+    assert [p.name for p in out.iterdir()] == ["theirs"] and _siblings(out) == []
 
 
 def test_export_without_the_extra_prints_the_install_line(tmp_path):

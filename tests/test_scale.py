@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +148,7 @@ def test_rescore_input_errors_are_clear(local_ray, tmp_path, bert_artifact):
                    + json.dumps({"id": "broken", "query": "q", "document": None}) + "\n")
     with pytest.raises(RescoreError, match=r"ValueError: row id='broken': column 'document' is NoneType"):
         rescore(bad, tmp_path / "o7", bert_artifact, options=FP32)
-    assert not (tmp_path / "o7").exists() and not list(tmp_path.glob(".o7.partial-*"))  # no half-written output
+    assert not (tmp_path / "o7").exists() and not list(tmp_path.glob(".o7.*"))  # nothing committed: nothing left
 
 
 def test_rescore_cli(local_ray, tmp_path, bert_artifact, capsys):
@@ -159,6 +164,185 @@ def test_rescore_cli(local_ray, tmp_path, bert_artifact, capsys):
     assert "--force" in capsys.readouterr().err
     assert main(["rescore", str(bert_artifact), str(src), "-o", str(tmp_path / "o2"), "--actors", "3"]) == 2
     assert "need 3 CPUs; the Ray cluster has 2" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- exactly once, resumably
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def _resume_dirs(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.resume-*"))
+
+
+def _beside(out: Path) -> list[str]:
+    """What a job left beside ``out`` (staging directories, locks)."""
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def test_rescore_ids_must_be_present_and_unique(local_ray, tmp_path, bert_artifact):
+    """A duplicated id and a null id were both written and the job reported success: now each is refused up
+    front, naming them, unless allow_duplicate_ids=True (then every row is still written, and counted)."""
+    rows = _rows(6)
+    rows[3]["id"] = rows[1]["id"]
+    rows[5]["id"] = None
+    src = _write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"1 row\(s\) with a null or missing 'id'.*--allow-duplicate-ids"):
+        rescore(src, out, bert_artifact, options=FP32)
+    rows[5]["id"] = "m9999"
+    _write_jsonl(src, rows)
+    with pytest.raises(ValueError, match=r"1 duplicate 'id' value\(s\): 'm0001' \(2 rows\)"):
+        rescore(src, out, bert_artifact, options=FP32)
+    assert not out.exists() and _beside(out) == []
+    rows[5]["id"] = None
+    _write_jsonl(src, rows)
+    report = rescore(src, out, bert_artifact, options=FP32, allow_duplicate_ids=True)
+    got = [r["id"] for r in _read_output(out)]
+    assert report.rows == 6 and sorted(got, key=str) == sorted((r["id"] for r in rows), key=str)
+    with pytest.raises(ValueError, match="needs unique ids"):
+        RescoreJob(src, out, bert_artifact, resume=True, allow_duplicate_ids=True)
+
+
+def test_rescore_fails_when_rows_out_differ_from_rows_in(local_ray, tmp_path, bert_artifact, monkeypatch):
+    """Rows in and rows out were never compared: a block lost between scoring and the swap now fails the job
+    with both counts, and nothing is written."""
+    from memrerank import scale
+
+    src = _write_jsonl(tmp_path / "pairs.jsonl", _rows(60))
+    out = tmp_path / "out"
+    lost = []
+
+    def lose_a_block(point: str) -> None:
+        if point == "verify":
+            (staging,) = _resume_dirs(out)
+            part = min(staging.glob("part-*"))
+            lost.append(len(part.read_text().splitlines()))
+            part.unlink()
+
+    monkeypatch.setattr(scale, "_FAULT", lose_a_block)
+    with pytest.raises(RescoreError, match=r"rows in 60, rows out \d+: .*exactly once; nothing was written"):
+        rescore(src, out, bert_artifact, options=FP32, block_rows=16)
+    assert lost and lost[0] > 0
+    assert not out.exists() and _beside(out) == []
+
+
+def test_interrupted_rescore_resumes_scoring_only_the_missing_rows(local_ray, tmp_path, bert_artifact,
+                                                                   monkeypatch):
+    """Interrupted once its first block is committed (Ctrl-C in the driver), the committed blocks stay beside
+    OUT; the next start refuses to silently redo or drop them; a resume with other input or settings is
+    refused; --resume scores only the rest, and the result is every id once with a clean run's scores."""
+    from memrerank import scale
+
+    rows = _rows(1200)
+    src = _write_jsonl(tmp_path / "pairs.jsonl", rows)
+    rescore(src, tmp_path / "clean", bert_artifact, options=FP32, block_rows=16)
+    clean = {r["id"]: r for r in _read_output(tmp_path / "clean")}
+    out = tmp_path / "out"
+
+    def interrupt(point: str) -> None:
+        if point == "block":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(scale, "_FAULT", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        rescore(src, out, bert_artifact, options=FP32, block_rows=16)
+    monkeypatch.setattr(scale, "_FAULT", None)
+    assert not out.exists()
+    (staging,) = _resume_dirs(out)
+    committed = {r["id"]: r for r in _read_output(staging)}
+    assert 16 <= len(committed) < len(rows)
+
+    with pytest.raises(FileExistsError, match=r"committed block\(s\).*--resume.*--force"):
+        rescore(src, out, bert_artifact, options=FP32)
+    with pytest.raises(ValueError, match=r"other input or settings \(keep_text False -> True\)"):
+        rescore(src, out, bert_artifact, options=FP32, resume=True, keep_text=True)
+    stat = src.stat()
+    os.utime(src, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match=rf"other input or settings \(input {src} changed\)"):
+        rescore(src, out, bert_artifact, options=FP32, resume=True)
+    os.utime(src, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    report = rescore(src, out, bert_artifact, options=FP32, block_rows=16, resume=True, actors=2)
+    assert report.rows == len(rows) and report.resumed >= len(committed)  # and what a straggler added before
+    got = _read_output(out)
+    assert sorted(r["id"] for r in got) == [r["id"] for r in rows]  # every id exactly once
+    for r in got:
+        assert r["label"] == clean[r["id"]]["label"]
+        assert r["logit"] == pytest.approx(clean[r["id"]]["logit"], abs=RAY_FP32_ATOL)
+        if r["id"] in committed:  # kept as committed, not scored again
+            assert r == committed[r["id"]]
+    assert _beside(out) == []
+
+
+KILL_SCRIPT = """
+import sys
+from memrerank import LoadOptions
+from memrerank.scale import rescore
+rescore(sys.argv[1], sys.argv[2], sys.argv[3], options=LoadOptions("fp32"), block_rows=16, address=sys.argv[4])
+"""
+
+
+def test_rescore_killed_mid_job_resumes_to_every_id_exactly_once(local_ray, tmp_path, bert_artifact):
+    """`rescore` killed with SIGKILL (a real driver process, on this Ray instance) once some blocks are
+    committed: everything was lost before. Now the committed blocks survive and `--resume` scores only the
+    missing rows; every id is written exactly once, with the scores of a clean run."""
+    rows = _rows(2400)
+    src = _write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "out"
+    address = ray.get_runtime_context().gcs_address
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(src), str(out), str(bert_artifact), address])
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            staging = _resume_dirs(out)
+            if staging and len(list(staging[0].glob("part-*"))) >= 3:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the job ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not out.exists()
+    (staging,) = _resume_dirs(out)
+    committed = {r["id"] for r in _read_output(staging)}
+    assert 3 * 16 <= len(committed) < len(rows)
+
+    report = rescore(src, out, bert_artifact, options=FP32, block_rows=16, resume=True)
+    assert report.resumed >= len(committed) and report.rows == len(rows)
+    got = _read_output(out)
+    assert sorted(r["id"] for r in got) == [r["id"] for r in rows]  # every id exactly once
+    rescore(src, tmp_path / "clean", bert_artifact, options=FP32, block_rows=16)
+    clean = {r["id"]: r["logit"] for r in _read_output(tmp_path / "clean")}
+    for r in got:
+        assert r["logit"] == pytest.approx(clean[r["id"]], abs=RAY_FP32_ATOL)
+    assert _beside(out) == []
+
+
+def test_rescore_never_clobbers_an_output_that_appeared_meanwhile(local_ray, tmp_path, bert_artifact, monkeypatch):
+    """OUT is checked again at the swap: one that appeared while the job ran is left as it is (without --force),
+    the scores are kept beside it, and --resume --force swaps them in without scoring again."""
+    from memrerank import scale
+
+    src = _write_jsonl(tmp_path / "pairs.jsonl", _rows(12))
+    out = tmp_path / "out"
+
+    def appear(point: str) -> None:
+        if point == "verify":
+            out.mkdir()
+            (out / "theirs.json").write_text('{"id": "theirs"}\n')
+
+    monkeypatch.setattr(scale, "_FAULT", appear)
+    with pytest.raises(FileExistsError, match="appeared while the job ran.*--resume and --force"):
+        rescore(src, out, bert_artifact, options=FP32)
+    monkeypatch.setattr(scale, "_FAULT", None)
+    assert [p.name for p in out.iterdir()] == ["theirs.json"]
+    report = rescore(src, out, bert_artifact, options=FP32, resume=True, force=True)
+    assert report.rows == report.resumed == 12
+    assert sorted(r["id"] for r in _read_output(out)) == [r["id"] for r in _rows(12)]
+    assert _beside(out) == []
 
 
 def test_ray_serve_deployment_speaks_the_same_api(local_ray, bert_artifact):

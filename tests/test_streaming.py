@@ -271,9 +271,13 @@ def test_calibrating_a_streamed_artifact_needs_labels(streamed, tmp_path):
     from memrerank.manifest import read_manifest
     from texts import DOCS, QUERIES
 
+    from memrerank import Reranker
+
     art = shutil.copytree(streamed[1], tmp_path / "art")
-    rows = [{"query": q, "document": d, "label": int((i + j) % 3 == 0)} for i, q in enumerate(QUERIES)
-            for j, d in enumerate(DOCS)]
+    pairs = [(q, d) for q in QUERIES for d in DOCS]
+    # labels the scores predict: calibrate refuses labels a model's scores carry no information about
+    logits = Reranker.load(art, "int4").predict(pairs, raw=True)
+    rows = [{"query": q, "document": d, "label": int(z > np.median(logits))} for (q, d), z in zip(pairs, logits)]
     labelled = tmp_path / "labelled.jsonl"
     labelled.write_text("\n".join(json.dumps(r) for r in rows))
     unlabelled = tmp_path / "unlabelled.jsonl"

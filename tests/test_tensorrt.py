@@ -197,7 +197,7 @@ def fake_tensorrt():
     trt.__version__, trt.float32, trt.built = "10.0-fake", "float32", []
     trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
     trt.MemoryPoolType, trt.TensorIOMode = ns(WORKSPACE=0), ns(INPUT="in", OUTPUT="out")
-    trt.BuilderFlag = ns(FP16="FP16", INT8="INT8", OBEY_PRECISION_CONSTRAINTS="OBEY")
+    trt.BuilderFlag = ns(FP16="FP16", INT8="INT8", OBEY_PRECISION_CONSTRAINTS="OBEY", TF32="TF32")
 
     class OnnxParser:
         def __init__(self, network, logger):
@@ -212,11 +212,12 @@ def fake_tensorrt():
 
     class Config:
         def __init__(self):
-            self.flags, self.profiles = set(), []
+            self.flags, self.profiles = {"TF32"}, []  # TensorRT's builder config starts with TF32 on
             cache = ns(serialize=lambda: b"timing")
             self.create_timing_cache, self.get_timing_cache = lambda data: cache, lambda: cache
             self.set_memory_pool_limit = self.set_timing_cache = lambda *a, **k: None
             self.set_flag, self.add_optimization_profile = self.flags.add, self.profiles.append
+            self.clear_flag = self.flags.discard
 
     class Builder:
         def __init__(self, logger):
@@ -274,6 +275,7 @@ def test_engine_build_manifest_load_and_parity_without_tensorrt(bert_artifact, t
     assert len(writes) == 1, "the manifest is written once, after the parity check"
     (config,) = trt.built
     assert {"FP16", "OBEY"} <= config.flags and config.profiles[0].shapes["input_ids"] == ((1, 1), (32, 64), (64, 64))
+    assert "TF32" not in config.flags, "TF32 (on by default in TensorRT) is cleared unless allow_tf32=True"
     m = read_manifest(art)
     assert "fp16" not in m.precisions and set(m.engines) == {"fp16"}
     entry = m.engines["fp16"]
@@ -300,3 +302,27 @@ def test_engine_build_manifest_load_and_parity_without_tensorrt(bert_artifact, t
         for got in runs:
             np.testing.assert_allclose(got, fp32.predict(pairs, raw=True), atol=1e-6)
     assert cuda.live == {}, "every call frees exactly its own buffers"
+
+
+def test_engine_builder_clears_tf32_unless_allowed(bert_artifact, tmp_path, monkeypatch):
+    """TensorRT turns BuilderFlag.TF32 on by default; the engine keeps fp32 products in fp32 (as the CUDA provider
+    runs them with allow_tf32=False) unless allow_tf32=True, which the manifest's method names. allow_tf32 must
+    be a bool: a string such as "false" is refused before anything is built."""
+    from memrerank.export import tensorrt as export_trt
+    from memrerank.runtime.backends.cuda import CudaRuntime
+
+    art = tmp_path / "a"
+    shutil.copytree(bert_artifact, art)
+    trt = fake_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(CudaRuntime, "load", classmethod(lambda cls: HostCuda()))
+    export_trt.build_engine(art, "fp16", log=lambda m: None)
+    assert read_manifest(art).engines["fp16"].method.endswith("TF32 off")
+    export_trt.build_engine(art, "fp16", log=lambda m: None, allow_tf32=True)
+    assert read_manifest(art).engines["fp16"].method.endswith("TF32 allowed")
+    off, on = trt.built
+    assert "TF32" not in off.flags and "TF32" in on.flags
+    for bad in ("false", 1, None):
+        with pytest.raises(TypeError, match=r"allow_tf32 must be True or False, got"):
+            export_trt.build_engine(art, "fp16", log=lambda m: None, allow_tf32=bad)
+    assert len(trt.built) == 2, "a bad allow_tf32 is refused before TensorRT builds anything"

@@ -7,13 +7,18 @@ session (CPU, CUDA, ...) over the precision's graph.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from memrerank.errors import ArtifactError, ProviderError
-from memrerank.manifest import Manifest, verify_files, verify_files_while
+from memrerank.manifest import Manifest, artifact_path, is_weight_data, load_verified
 from memrerank.runtime.backends.base import Backend, BatchBudget, PrefixCache, empty_past
-from memrerank.runtime.backends.onnxruntime import PROVIDER_ALIASES, resolve_providers
+from memrerank.runtime.backends.onnxruntime import (
+    LOADS_EXTERNAL_DATA_FROM_BYTES,
+    PROVIDER_ALIASES,
+    resolve_providers,
+)
 
 if TYPE_CHECKING:
     from memrerank.runtime.options import LoadOptions
@@ -31,7 +36,8 @@ def open_backend(root: Path, manifest: Manifest, options: LoadOptions) -> Backen
     off on the CPU, where plain ``run`` copies nothing anyway.
 
     Raises:
-        ArtifactError: the precision is not in the artifact, or its files are missing or altered.
+        ArtifactError: the precision is not in the artifact, or its files are outside it, missing, altered or
+            changed while loading.
         ProviderError: a provider is unavailable, or TensorRT / the GPU is missing for an engine.
     """
     precision = options.precision
@@ -39,11 +45,13 @@ def open_backend(root: Path, manifest: Manifest, options: LoadOptions) -> Backen
     if engine is not None and options.wants_tensorrt:
         from memrerank.runtime.backends.tensorrt import TensorRTBackend
 
-        verify_files(root, engine.files)
-        try:
-            return TensorRTBackend(root, precision, engine, manifest.prefix_reuse)
-        except RuntimeError as exc:
-            raise ProviderError(f"providers: 'tensorrt' asked for, but {exc}") from exc
+        def deserialize(contents: Mapping[str, bytes]) -> TensorRTBackend:
+            try:  # the engine bytes that were hashed are the bytes deserialized
+                return TensorRTBackend(root, precision, engine, manifest.prefix_reuse, blob=contents[engine.engine])
+            except RuntimeError as exc:
+                raise ProviderError(f"providers: 'tensorrt' asked for, but {exc}") from exc
+
+        return load_verified(root, engine.files, deserialize)
     if precision not in manifest.precisions and precision in manifest.engines:
         raise ArtifactError(f"{root}: {precision!r} exists only as a TensorRT engine; load it with "
                             "providers=['tensorrt'] (--providers tensorrt)")
@@ -54,7 +62,13 @@ def open_backend(root: Path, manifest: Manifest, options: LoadOptions) -> Backen
         from memrerank.runtime.backends.iobinding import BoundOrtBackend as cls
     else:
         from memrerank.runtime.backends.onnxruntime import OrtBackend as cls
-    # the graph is hash-checked before onnxruntime parses it; its weight data while the session is built
-    return verify_files_while(root, entry.files, lambda: cls(
-        root / entry.graph, providers=names, threads=options.threads, layout=manifest.prefix_reuse,
-        allow_tf32=options.allow_tf32))
+    graph = artifact_path(root, entry.graph)
+    # The graph's bytes are read once, hash-checked and handed to onnxruntime; its external weight data, which
+    # onnxruntime opens by path beside the graph, is hashed on a thread while the session is built and must still
+    # be the file that was hashed afterwards (memrerank.manifest.load_verified). An onnxruntime that cannot find
+    # external data for a graph given as bytes (before 1.21) opens the graph by path too, under the same check.
+    external = any(is_weight_data(rel) for rel in entry.files)
+    by_path = (entry.graph,) if external and not LOADS_EXTERNAL_DATA_FROM_BYTES else ()
+    return load_verified(root, entry.files, lambda contents: cls(
+        graph, providers=names, threads=options.threads, layout=manifest.prefix_reuse,
+        allow_tf32=options.allow_tf32, model=contents.get(entry.graph)), by_path=by_path)

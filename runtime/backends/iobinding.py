@@ -40,8 +40,8 @@ class BoundOrtBackend(OrtBackend):
 
     def __init__(self, path: str | Path, providers: Sequence[str] | str | None = None, threads: int | None = None,
                  layout: CacheLayout | None = None, *, allow_tf32: bool = False, device: str | None = None,
-                 device_id: int = 0) -> None:
-        super().__init__(path, providers, threads, layout, allow_tf32=allow_tf32)
+                 device_id: int = 0, model: bytes | None = None) -> None:
+        super().__init__(path, providers, threads, layout, allow_tf32=allow_tf32, model=model)
         self.device = device or DEVICE_OF_PROVIDER.get(self.providers[0], "cpu")
         self.device_id = device_id
         # The empty past lives on the device too: bound, not copied, on every whole-pair call.

@@ -12,7 +12,7 @@ from memrerank.errors import ArtifactError, ProviderError
 from memrerank.manifest import CacheLayout
 from memrerank.runtime.backends.base import CPU_BUDGET, GPU_BUDGET, BatchBudget, PrefixCache, empty_past
 
-__all__ = ["PROVIDER_ALIASES", "resolve_providers", "OrtBackend"]
+__all__ = ["PROVIDER_ALIASES", "LOADS_EXTERNAL_DATA_FROM_BYTES", "resolve_providers", "OrtBackend"]
 
 #: Short names accepted for ``providers=`` besides onnxruntime's full provider names.
 PROVIDER_ALIASES = {
@@ -23,6 +23,19 @@ PROVIDER_ALIASES = {
     "coreml": "CoreMLExecutionProvider",
     "dml": "DmlExecutionProvider",
 }
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+#: Whether this onnxruntime finds a graph's external data when the graph comes as bytes (the session option
+#: ``session.model_external_initializers_file_folder_path``, onnxruntime 1.21): the graph is then parsed from
+#: the very bytes that were hash-checked (:func:`memrerank.manifest.load_verified`).
+LOADS_EXTERNAL_DATA_FROM_BYTES = _version(ort.__version__) >= (1, 21)
 
 #: Providers whose calls are GPU kernel launches: they get the GPU batch budget, every other the CPU's.
 _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -69,20 +82,26 @@ class OrtBackend:
         threads: intra-op threads (``None`` = onnxruntime's default).
         layout: the artifact's prefix-reuse layout (decoder graphs with a shared past), else ``None``.
         allow_tf32: CUDA only: let fp32 matrix products use TF32 (faster, but logits move by ~1e-3).
+        model: the graph's bytes, already read (and hash-checked): the session is built from them, not by opening
+            ``path`` again; ``path`` then names the graph in messages and its folder is where onnxruntime finds
+            the external weight data. ``None``: onnxruntime opens ``path``.
     """
 
     def __init__(self, path: str | Path, providers: Sequence[str] | str | None = None, threads: int | None = None,
-                 layout: CacheLayout | None = None, *, allow_tf32: bool = False) -> None:
+                 layout: CacheLayout | None = None, *, allow_tf32: bool = False, model: bytes | None = None) -> None:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = int(threads)
         opts.log_severity_level = 3
+        if model is not None:
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                          str(Path(path).resolve().parent))
         asked = resolve_providers(providers)
         options = [{"use_tf32": "1" if allow_tf32 else "0"} if p == "CUDAExecutionProvider" else {} for p in asked]
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=asked,
-                                                provider_options=options)
+            self.session = ort.InferenceSession(str(path) if model is None else model, sess_options=opts,
+                                                providers=asked, provider_options=options)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ArtifactError(
                 f"onnxruntime could not load {path}: {exc}; re-export with `memrerank export MODEL -o OUT --force`"

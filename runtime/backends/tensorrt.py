@@ -53,9 +53,14 @@ def check_engine_compat(entry: EngineEntry, *, trt_version: str, gpu: str, capab
 
 
 class TensorRTBackend:
-    """One TensorRT execution context over a serialized engine."""
+    """One TensorRT execution context over a serialized engine.
 
-    def __init__(self, root: Path, precision: str, entry: EngineEntry, layout: CacheLayout | None) -> None:
+    ``blob``: the engine's bytes, already read and hash-checked (:func:`memrerank.manifest.load_verified`);
+    ``None`` reads ``root / entry.engine``.
+    """
+
+    def __init__(self, root: Path, precision: str, entry: EngineEntry, layout: CacheLayout | None, *,
+                 blob: bytes | None = None) -> None:
         import threading
 
         from memrerank.runtime.backends.cuda import CudaRuntime
@@ -65,7 +70,9 @@ class TensorRTBackend:
         check_engine_compat(entry, trt_version=trt.__version__, gpu=self.cuda.device_name(),
                             capability=self.cuda.capability(), root=root, precision=precision)
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = runtime.deserialize_cuda_engine((root / entry.engine).read_bytes())
+        if blob is None:
+            blob = (root / entry.engine).read_bytes()
+        self.engine = runtime.deserialize_cuda_engine(blob)
         if self.engine is None:
             raise RuntimeError(f"TensorRT could not deserialize {root / entry.engine}; rebuild it with "
                                f"`memrerank build-engine {root} --precision {precision}`")

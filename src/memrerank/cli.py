@@ -16,17 +16,30 @@ One vocabulary across the commands, one flag per idea:
 * ``--json``: print the command's result as JSON on stdout instead of text; ``-q/--quiet``: no progress bars or
   progress messages. Every command has both.
 
-memrerank's own errors (bad input, a missing artifact, an unavailable provider) and a bad flag print one line and
-exit 2.
+memrerank's own errors (bad input, a missing artifact, an unavailable provider), the system's (permission denied,
+disk full) and a bad flag print one line and exit 2. Before any work (loading a model, starting Ray, a benchmark)
+the outputs are checked: a directory a command creates (export, rescore ``-o``) needs its nearest existing parent
+to be a writable directory; a file it writes (bench, eval, calibrate ``-o``, ``--plot``) needs its parent directory
+to exist and be writable.
+
+ARTIFACT (and export's MODEL) is a local directory when it exists. One that does not exist is "no such artifact
+directory" (export: "no such checkpoint directory"), never a hub download, when it looks like a path: it starts
+with ``/``, ``.`` or ``~``, holds a backslash or more than one ``/``, or its first component is a directory here
+(``arts/qwen3-rr`` with ``./arts`` present). Only the remaining ``org/name`` form is a hub id (exported into the
+cache on first use: :mod:`memrerank.runtime.hub`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
+import re
+import stat
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -96,6 +109,38 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+class _ArgPath(type(Path())):  # type: ignore[misc]
+    """A Path that remembers the text it was typed as (``Path("./a/b")`` reads ``a/b``)."""
+
+    raw: str
+
+
+def _artifact_arg(text: str) -> Path:
+    path = _ArgPath(text)
+    path.raw = text
+    return path
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port in 1..65535, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
 
 
@@ -229,7 +274,7 @@ def _register_export(p: argparse.ArgumentParser) -> None:
 
 @_arguments("rank", "the hits")
 def _register_rank(p: argparse.ArgumentParser) -> None:
-    p.add_argument("artifact", type=Path)
+    p.add_argument("artifact", type=_artifact_arg)
     p.add_argument("--query", required=True)
     p.add_argument("--docs", required=True, type=Path,
                    help="documents: a .jsonl of strings or {'text'|'document': ...} objects, or a text file, one per line")
@@ -244,8 +289,9 @@ def _register_rank(p: argparse.ArgumentParser) -> None:
             "Local rerank service: Cohere /v1/rerank and TEI /rerank APIs, dynamic batching, limits.")
 def _register_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=Path)
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="bind address (default: loopback only; beyond it, --api-key or --allow-unauthenticated)")
+    p.add_argument("--port", type=_port, default=8080, help="TCP port, 1..65535 (default 8080)")
     _add_precision(p, "auto")
     _add_load_options(p)
     p.add_argument("--workers", type=_positive_int, default=1, help="server processes (each loads the artifact)")
@@ -254,6 +300,27 @@ def _register_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-documents", type=_positive_int, default=1000, help="limit: documents per request")
     p.add_argument("--max-request-bytes", type=_positive_int, default=4 * 2**20, help="limit: request body bytes")
     p.add_argument("--max-tokens-per-document", type=_positive_int, default=8192, help="limit: tokens per document")
+    p.add_argument("--max-request-tokens", type=_positive_int, default=None,
+                   help="limit: tokens of work per request, each document cut to the model's length (default 262144)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every request but /health (default: the "
+                        "MEMRERANK_API_KEY environment variable; none)")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="allow a non-loopback --host without an API key")
+    p.add_argument("--allowed-host", action="append", default=None, metavar="HOST",
+                   help="a Host header name to answer (repeatable; '*' any; default: localhost, 127.0.0.1, [::1] "
+                        "on a loopback bind, any host beyond it)")
+    p.add_argument("--max-concurrency", type=_positive_int, default=None,
+                   help="requests being scored; beyond, 503 with Retry-After; bodies being received share "
+                        "max-concurrency x max-request-bytes (default 32)")
+    p.add_argument("--max-connections", type=_positive_int, default=None,
+                   help="open connections; beyond, 503 (default 128)")
+    p.add_argument("--max-queued-tokens", type=_positive_int, default=None,
+                   help="queue of admitted, unscored work in tokens; beyond, 503 with Retry-After (default 1048576)")
+    p.add_argument("--header-timeout", type=_seconds, default=None,
+                   help="seconds to receive a request's headers; then 408 (default 10)")
+    p.add_argument("--body-timeout", type=_seconds, default=None,
+                   help="seconds to receive a request's body; then 408 (default 30)")
     p.add_argument("--ray", action="store_true", help="serve on Ray Serve instead of uvicorn (the ray extra)")
     p.add_argument("--replicas", type=_positive_int, default=1, help="--ray: replicas, each loading the artifact")
     p.add_argument("--address", default=None, help="--ray: Ray cluster address (default: a local Ray instance)")
@@ -262,10 +329,17 @@ def _register_serve(p: argparse.ArgumentParser) -> None:
 @_arguments("rescore", "the job report",
             "Re-score a JSONL/Parquet table of (id, query, document) rows with Reranker actors on Ray Data.")
 def _register_rescore(p: argparse.ArgumentParser) -> None:
-    p.add_argument("artifact", type=Path)
+    p.add_argument("artifact", type=_artifact_arg)
     p.add_argument("input", nargs="+", help="input file(s) or directories (*.jsonl or *.parquet)")
     _add_output(p, "the output directory of scores", required=True, metavar="DIR")
-    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty output directory (without --resume, also discard what an interrupted "
+                        "job of it left)")
+    p.add_argument("--resume", action="store_true",
+                   help="finish the interrupted job of this output: keep its committed blocks, score only the rows "
+                        "they lack (refused if the input files, the artifact or a setting changed)")
+    p.add_argument("--allow-duplicate-ids", action="store_true",
+                   help="score rows whose ids repeat or are null (default: refused; such a job cannot --resume)")
     _add_precision(p, "auto")
     _add_load_options(p)
     p.add_argument("--actors", type=_positive_int, default=1, help="Reranker actors (each loads the artifact once)")
@@ -286,16 +360,18 @@ def _register_rescore(p: argparse.ArgumentParser) -> None:
 
 @_arguments("build-engine", "the built engines' manifest entries")
 def _register_build_engine(p: argparse.ArgumentParser) -> None:
-    p.add_argument("artifact", type=Path)
+    p.add_argument("artifact", type=_artifact_arg)
     _add_precisions(p, ["fp16"], "fp16, int8")
     p.add_argument("--profile", default=None, help="min,opt,max as BATCHxSEQ (default: 1x1,32x128,64x1024)")
     p.add_argument("--workspace-gb", type=float, default=4.0)
+    p.add_argument("--allow-tf32", action="store_true",
+                   help="keep TensorRT's TF32 for fp32 layers (faster; logits move by ~1e-3); default: cleared")
 
 
 @_arguments("info", "the whole manifest (or the system report)",
             "Summarise an artifact's manifest or, with --system, what the runtime uses on this machine.")
 def _register_info(p: argparse.ArgumentParser) -> None:
-    p.add_argument("artifact", type=Path, nargs="?")
+    p.add_argument("artifact", type=_artifact_arg, nargs="?")
     p.add_argument("--system", action="store_true",
                    help="which kernel path (native/numpy), onnxruntime providers and CPU features are in use")
 
@@ -304,7 +380,7 @@ def _register_info(p: argparse.ArgumentParser) -> None:
             "Latency, throughput, cold start, peak memory, size and fidelity vs fp32 per precision of an artifact "
             "(each precision in its own process).")
 def _register_bench(p: argparse.ArgumentParser) -> None:
-    p.add_argument("artifact", type=Path)
+    p.add_argument("artifact", type=_artifact_arg)
     _add_precisions(p)
     p.add_argument("--data", type=Path, default=None,
                    help="JSONL of {query,documents[,relevant]} or {query,document[,label]} (default: built-in pairs)")
@@ -317,7 +393,7 @@ def _register_bench(p: argparse.ArgumentParser) -> None:
 @_arguments("eval", "the metrics",
             "Retrieval quality (MAP, MRR, NDCG@10, Recall@k) per category on a memory benchmark.")
 def _register_eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument("artifact", type=Path)
+    p.add_argument("artifact", type=_artifact_arg)
     p.add_argument("--data", required=True, type=Path, help="LoCoMo's locomo10.json, or a JSONL of queries")
     p.add_argument("--benchmark", choices=("locomo", "jsonl"), default=None, help="default: from the file suffix")
     _add_precisions(p)
@@ -332,7 +408,7 @@ def _register_eval(p: argparse.ArgumentParser) -> None:
 @_arguments("calibrate", "the report",
             "Fit per-precision score calibration on pairs and store it in the artifact's manifest.")
 def _register_calibrate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("artifact", type=Path)
+    p.add_argument("artifact", type=_artifact_arg)
     p.add_argument("--data", required=True, type=Path,
                    help="JSONL of {query,document,label?} (no labels = teacher mode: match fp32) or LoCoMo's json")
     p.add_argument("--method", choices=("auto", "temperature", "platt"), default="auto",
@@ -381,8 +457,95 @@ def _print_json(obj: Any) -> None:
 
 
 def _write_json(path: Path | None, obj: Any) -> None:
-    if path is not None:
-        path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    """Write a report: a regular file is replaced atomically (a full disk leaves the previous one whole); a
+    device or pipe (``/dev/stdout``) is written in place."""
+    if path is None:
+        return
+    from memrerank.atomic import write_file_atomic
+
+    data = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    try:
+        regular = stat.S_ISREG(path.stat().st_mode)
+    except FileNotFoundError:
+        regular = True
+    try:
+        if regular:
+            write_file_atomic(path, data)
+        else:
+            with open(path, "wb") as f:
+                f.write(data)
+    except OSError as exc:  # name the report, not a temporary file (or no file: a failed flush)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+
+
+#: ``-o`` of these commands names a directory the command creates (with any missing parents).
+_DIRECTORY_OUTPUTS = ("export", "rescore")
+#: Flags naming files a command writes (bench, eval, calibrate).
+_FILE_FLAGS = (("output", "-o"), ("plot", "--plot"))
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before any work, an output the command could not write (see the module docstring)."""
+    if args.command in _DIRECTORY_OUTPUTS:
+        _check_writable(Path(args.output), "-o", directory=True)
+    elif args.command in ("bench", "eval", "calibrate"):
+        for attr, flag in _FILE_FLAGS:
+            if getattr(args, attr, None) is not None:
+                _check_writable(Path(getattr(args, attr)), flag, directory=False)
+
+
+def _check_writable(path: Path, flag: str, *, directory: bool) -> None:
+    if "://" in str(path):  # rescore to a remote filesystem: Ray Data's writers check it
+        return
+    path = path.expanduser()
+    if directory:
+        parent = path.absolute().parent
+        while not parent.exists() and parent != parent.parent:  # the command creates the missing ones
+            parent = parent.parent
+    else:
+        if path.is_dir():
+            raise MemrerankError(f"{flag} {path}: is a directory; name a file")
+        if path.exists() and not path.is_file():  # a device or pipe (/dev/stdout): written as it is
+            return
+        parent = path.absolute().parent
+        if not parent.exists():
+            raise MemrerankError(f"{flag} {path}: no such directory {parent}")
+    if not parent.is_dir():
+        raise MemrerankError(f"{flag} {path}: {parent} is not a directory")
+    try:  # os.access says yes to root even on a read-only or pseudo filesystem (/sys): try it
+        os.rmdir(tempfile.mkdtemp(prefix=".memrerank-probe-", dir=parent))
+    except OSError as exc:
+        raise MemrerankError(f"{flag} {path}: cannot write in {parent} ({exc.strerror or exc})") from None
+
+
+def _os_error(exc: OSError) -> str:
+    """One line for an error of the system (permission denied, disk full): what, its errno name, which file."""
+    what = exc.strerror or str(exc)
+    if exc.errno in errno.errorcode:
+        what += f" [{errno.errorcode[exc.errno]}]"
+    files = [str(f) for f in (exc.filename, exc.filename2) if f is not None]
+    return f"{what}: {' -> '.join(files)}" if files else what
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _looks_like_a_path(text: str) -> bool:
+    """Whether an argument that does not exist names a local path rather than a hub id (module docstring)."""
+    if text.startswith(("/", ".", "~")) or "\\" in text or (os.sep != "/" and os.sep in text):
+        return True
+    parts = text.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
+
+
+def _check_reference(text: str, what: str) -> None:
+    """Refuse a missing local path (``what`` names it) before anything treats it as a hub id."""
+    if Path(text).expanduser().exists():
+        return
+    if _looks_like_a_path(text) or not _HUB_ID.match(text):
+        hint = "make one with `memrerank export MODEL -o DIR`" if what == "artifact" else "a local checkpoint " \
+               "directory, or a hub id org/name whose org is no directory here"
+        raise MemrerankError(f"no such {what} directory: {text} ({hint})")
 
 
 def _read_docs(path: Path) -> list[str]:
@@ -403,7 +566,7 @@ def _read_docs(path: Path) -> list[str]:
 
 
 def _build_engines(artifact: Path, precisions: list[str], profile_text: str | None, workspace_gb: float,
-                   log: Callable[[str], None]) -> None:
+                   log: Callable[[str], None], allow_tf32: bool = False) -> None:
     from memrerank.export.tensorrt import ENGINE_PRECISIONS, build_engine, parse_profile, require_tensorrt
     from memrerank.manifest import read_manifest
 
@@ -417,7 +580,7 @@ def _build_engines(artifact: Path, precisions: list[str], profile_text: str | No
     except RuntimeError as exc:
         raise MemrerankError(str(exc)) from exc
     for p in precisions:
-        build_engine(artifact, p, profile, workspace_gb, log=log)
+        build_engine(artifact, p, profile, workspace_gb, log=log, allow_tf32=allow_tf32)
 
 
 def system_info() -> dict[str, Any]:
@@ -527,29 +690,42 @@ def _serve_startup(args: argparse.Namespace, config: Any) -> dict[str, Any]:
         from memrerank.manifest import read_manifest
 
         precision = read_manifest(config.artifact).pick_auto(options.first_provider)
-    return {"url": f"http://{args.host}:{args.port}", "artifact": config.artifact, "precision": precision,
+    host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host
+    return {"url": f"http://{host}:{args.port}", "artifact": config.artifact, "precision": precision,
             "options": options.as_dict(), "limits": dataclasses.asdict(config.limits),
             "max_wait_ms": config.max_wait_ms, "max_batch_pairs": config.max_batch_pairs,
+            "auth": "api-key" if config.api_key else "none", "allowed_hosts": list(config.allowed_hosts),
+            **{k: getattr(config, k) for k in ("max_concurrency", "max_connections", "max_queued_tokens",
+                                               "header_timeout_s", "body_timeout_s")},
             "server": "ray" if args.ray else "uvicorn",
             **({"replicas": args.replicas, "address": args.address} if args.ray else {"workers": args.workers})}
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from memrerank.serve import Limits, ServeConfig, serve
+    from memrerank.serve_guard import is_loopback
 
     if args.ray and args.workers != 1:
         raise ValueError("--workers is for the uvicorn server; with --ray use --replicas")
+    given = {"max_concurrency": args.max_concurrency, "max_connections": args.max_connections,
+             "max_queued_tokens": args.max_queued_tokens, "header_timeout_s": args.header_timeout,
+             "body_timeout_s": args.body_timeout, "allowed_hosts": args.allowed_host}
+    request_tokens = {} if args.max_request_tokens is None else {"max_request_tokens": args.max_request_tokens}
     config = ServeConfig(
         artifact=str(args.artifact), options=load_options(args),
-        limits=Limits(args.max_documents, args.max_request_bytes, args.max_tokens_per_document),
-        max_wait_ms=args.max_wait_ms, max_batch_pairs=args.max_batch_pairs)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"memrerank serve: listening on {args.host}, reachable beyond this machine", file=sys.stderr)
+        limits=Limits(args.max_documents, args.max_request_bytes, args.max_tokens_per_document, **request_tokens),
+        max_wait_ms=args.max_wait_ms, max_batch_pairs=args.max_batch_pairs,
+        api_key=args.api_key if args.api_key is not None else (os.environ.get("MEMRERANK_API_KEY") or None),
+        allow_unauthenticated=args.allow_unauthenticated, **{k: v for k, v in given.items() if v is not None})
+    bound = config.bound_to(args.host)  # a non-loopback bind without a key is refused here, before loading
+    if not is_loopback(args.host):
+        print(f"memrerank serve: listening on {args.host}, reachable beyond this machine"
+              f"{'' if bound.api_key else ' WITHOUT authentication'}", file=sys.stderr)
     if not args.ray and config.options.providers:  # each worker loads in its own process: refuse a missing one
         from memrerank.runtime.backends import resolve_providers
 
         resolve_providers(list(config.options.providers))
-    startup = _serve_startup(args, config)
+    startup = _serve_startup(args, bound)
     if args.json:
         print(json.dumps(startup, ensure_ascii=False), flush=True)
     else:
@@ -572,7 +748,8 @@ def _cmd_rescore(args: argparse.Namespace) -> int:
         input=args.input, output=str(args.output), artifact=str(args.artifact), options=load_options(args),
         actors=args.actors, block_rows=args.block_rows, id_column=args.id_column, query_column=args.query_column,
         document_column=args.document_column, keep_text=args.keep_text, output_format=args.output_format,
-        output_prefix=args.output_prefix, force=args.force, address=args.address, num_cpus=args.num_cpus,
+        output_prefix=args.output_prefix, force=args.force, resume=args.resume,
+        allow_duplicate_ids=args.allow_duplicate_ids, address=args.address, num_cpus=args.num_cpus,
         instruction=args.instruction, verbose=_progress(args) is None and on_terminal())  # Ray Data's bars
     report = rescore(job).as_dict()
     if args.json:
@@ -586,7 +763,7 @@ def _cmd_rescore(args: argparse.Namespace) -> int:
 def _cmd_build_engine(args: argparse.Namespace) -> int:
     from memrerank.manifest import read_manifest
 
-    _build_engines(args.artifact, args.precision, args.profile, args.workspace_gb, _log(args))
+    _build_engines(args.artifact, args.precision, args.profile, args.workspace_gb, _log(args), args.allow_tf32)
     if args.json:
         engines = read_manifest(args.artifact).to_dict().get("engines", {})
         _print_json({p: engines[p] for p in args.precision})
@@ -689,9 +866,16 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def _resolve_artifact_argument(args: argparse.Namespace) -> None:
-    """A hub id or checkpoint directory given as ARTIFACT: export it into the cache on first use (runtime.hub)."""
-    if getattr(args, "artifact", None) is None or args.command == "export":
+    """A hub id or checkpoint directory given as ARTIFACT: export it into the cache on first use (runtime.hub).
+    A missing local path is refused first, never looked up on the hub (the rule: the module docstring)."""
+    if args.command == "export":
+        _check_reference(args.model, "checkpoint")
         return
+    if getattr(args, "artifact", None) is None:
+        return
+    text = getattr(args.artifact, "raw", str(args.artifact))
+    _check_reference(text, "artifact")
+    args.artifact = Path(args.artifact).expanduser()
     from memrerank.runtime.backends import resolve_providers
     from memrerank.runtime.hub import is_model_reference, resolve_artifact
 
@@ -710,17 +894,22 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns:
         0 on success, 2 after a one-line message for memrerank's own errors (bad input, a missing or altered
-        artifact, an unavailable provider). Anything else is a bug and keeps its traceback.
+        artifact, an unavailable provider, an output that cannot be written) and the system's (``OSError``:
+        permission denied, disk full). Anything else is a bug and keeps its traceback.
 
     Raises:
         SystemExit: 2 after a one-line message for a bad flag or value (argparse), 0 after ``-h``/``--version``.
     """
     args = build_parser().parse_args(argv)
     try:
+        _check_outputs(args)  # before anything loads, starts or runs
         _resolve_artifact_argument(args)
         return _COMMANDS[args.command](args)
     except (MemrerankError, FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"memrerank {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the system's: permission denied, disk full, a read-only filesystem
+        print(f"memrerank {args.command}: error: {_os_error(exc)}", file=sys.stderr)
         return 2
 
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import stat
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, TypeVar, Union
 
 from memrerank.errors import ArtifactError
@@ -51,6 +53,10 @@ __all__ = [
     "EngineParity",
     "EngineEntry",
     "CalibrationEntry",
+    "CALIBRATION_PARAMS",
+    "CALIBRATION_SLOPE_RANGE",
+    "CALIBRATION_MAX_BIAS",
+    "calibration_problem",
     "CalibrationData",
     "ExportInfo",
     "Manifest",
@@ -60,6 +66,9 @@ __all__ = [
     "write_manifest",
     "verify_files",
     "verify_files_while",
+    "load_verified",
+    "artifact_path",
+    "relative_path_problem",
     "is_weight_data",
 ]
 
@@ -104,6 +113,24 @@ AUTO_ORDER = {
 BATCH_DEPENDENT_UNLESS_RECORDED = ("int8", "int4")
 
 _REEXPORT = "re-export with `memrerank export MODEL -o OUT --force`"
+_INSIDE_ONLY = ("a manifest may only name files inside its artifact directory (relative paths, no '..'): this one was "
+                "edited or not written by memrerank, so do not load it; " + _REEXPORT)
+
+
+def relative_path_problem(rel: str) -> str | None:
+    """Why ``rel`` cannot name a file inside an artifact directory (``None``: it can, as far as its spelling
+    goes; symlinks are checked where the file is opened, :func:`artifact_path`)."""
+    if not rel or rel in (".", "./"):
+        return "is empty"
+    if "\0" in rel:
+        return "contains a NUL character"
+    if "\\" in rel:
+        return "contains a backslash (a manifest's paths use '/')"
+    if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).drive:
+        return "is an absolute path"
+    if ".." in PurePosixPath(rel).parts:
+        return "climbs out of the artifact directory with '..'"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- parsing helpers
@@ -207,6 +234,10 @@ def _dump(value: Any) -> Any:
 
 def _files(r: _Reader, key: str) -> dict[str, FileEntry]:
     block = r.sub(key)
+    for rel in block.data:
+        problem = relative_path_problem(rel)
+        if problem:
+            raise ArtifactError(f"{MANIFEST_NAME}: {r._path(key)}: {rel!r} {problem}; {_INSIDE_ONLY}")
     return {rel: FileEntry.parse(block.sub(rel)) for rel in block.data}
 
 
@@ -516,9 +547,56 @@ class EngineEntry(_Block):
                    default=""), parity, r.rest())
 
 
+#: The calibration methods a manifest may record and the parameters each takes: ``p = sigmoid(a·logit + b)``,
+#: with temperature scaling ``a = 1/T, b = 0``.
+CALIBRATION_PARAMS = {"temperature": ("temperature",), "platt": ("a", "b")}
+#: Bounds on the slope ``a`` (``1/T``), taking ±20 as a generous span for a reranker's logits (a decoder's
+#: yes−no logit, a cross-encoder's head). Below 0.01, that whole span moves the score by less than ±0.05 around
+#: one value: every document scores alike. Above 100, logits 0.2 apart score below 5e-5 and above 1 − 5e-5: every
+#: score is 0 or 1. Neither is a calibration; an honest fit lands far inside (LoCoMo pairs, MiniLM: a = 1.74).
+CALIBRATION_SLOPE_RANGE = (1e-2, 1e2)
+#: Bound on the bias ``|b|``, the calibrated log-odds where the raw logit is 0. At 50 the probability there is
+#: 2e-22: far beyond any base rate a calibration set can measure (ln N is 28 for N = 10^12 pairs), with room left
+#: for the slope times the logits' offset from 0 (LoCoMo, MiniLM: b = −3.25).
+CALIBRATION_MAX_BIAS = 50.0
+
+
+def calibration_problem(method: str, params: Mapping[str, float]) -> str | None:
+    """Why ``(method, params)`` is not a calibration the runtime applies (``None``: it is one).
+
+    Checked when a manifest is read (an edited or corrupted calibration is refused at load, not turned into NaN
+    or constant scores), by :class:`memrerank.calibration.Calibrator` and by ``memrerank calibrate`` before it
+    writes (a fit that would map every score to one value never lands in an artifact).
+    """
+    if method not in CALIBRATION_PARAMS:
+        return f"unknown method {method!r}; known: {', '.join(CALIBRATION_PARAMS)}"
+    names = CALIBRATION_PARAMS[method]
+    if set(params) != set(names):
+        return f"{method} takes the parameters {', '.join(names)}, got {', '.join(params) or 'none'}"
+    values = {k: params[k] for k in names}
+    for k, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return f"{k} = {v!r} is not a finite number"
+    lo, hi = CALIBRATION_SLOPE_RANGE
+    if method == "temperature":
+        t = values["temperature"]
+        if not 1 / hi <= t <= 1 / lo:
+            return (f"temperature = {t:g} is outside [{1 / hi:g}, {1 / lo:g}] (at 0 or below it is undefined; "
+                    "near 0 every score is 0 or 1, very large every score is 0.5)")
+        return None
+    a, b = values["a"], values["b"]
+    if not lo <= a <= hi:
+        return (f"a = {a:g} is outside [{lo:g}, {hi:g}] (a slope at or below 0 reverses or erases the ranking; "
+                "near 0 every score is the same, very large every score is 0 or 1)")
+    if abs(b) > CALIBRATION_MAX_BIAS:
+        return f"b = {b:g} is outside [-{CALIBRATION_MAX_BIAS:g}, {CALIBRATION_MAX_BIAS:g}]"
+    return None
+
+
 @dataclass(frozen=True)
 class CalibrationEntry(_Block):
-    """A fitted score calibration for one precision (``memrerank calibrate``)."""
+    """A fitted score calibration for one precision (``memrerank calibrate``); its parameters are checked by
+    :func:`calibration_problem` when read."""
 
     method: str
     params: dict[str, float]
@@ -526,7 +604,13 @@ class CalibrationEntry(_Block):
 
     @classmethod
     def parse(cls, r: _Reader) -> CalibrationEntry:
-        return cls(r.get("method", str), r.numbers("params"), r.rest())
+        method, params = r.get("method", str), r.numbers("params")
+        problem = calibration_problem(method, params)
+        if problem:
+            where = r._path("params" if method in CALIBRATION_PARAMS else "method")
+            raise ArtifactError(f"{MANIFEST_NAME}: {where}: {problem}; fit it again with `memrerank calibrate` or "
+                                f"remove the block (scores are then sigmoid(logit))")
+        return cls(method, params, r.rest())
 
 
 @dataclass(frozen=True)
@@ -619,12 +703,16 @@ class Manifest:
         engines = {n: EngineEntry.parse(engines_r.sub(n)) for n in engines_r.data} if engines_r else {}
         r.used.add("engines")
         tokenizer = r.sub("tokenizer")
+        tokenizer_files = _files(tokenizer, "files")
+        if TOKENIZER_NAME not in tokenizer_files:  # the runtime loads it: unlisted, it could not be verified
+            raise tokenizer.fail("files", f"{TOKENIZER_NAME} is not listed (with its sha256 and size), so it cannot "
+                                 "be verified before it is loaded")
         return cls(
             family=family,
             source=Source.parse(r.sub("source")),
             template=FAMILY_TEMPLATES[family].parse(r.sub("template")),
             tokens=Tokens.parse(r.sub("tokens")),
-            tokenizer_files=_files(tokenizer, "files"),
+            tokenizer_files=tokenizer_files,
             precisions=precisions,
             calibration=calibration,
             prefix_reuse=layout,
@@ -761,89 +849,213 @@ def write_manifest(root: str | Path, manifest: Manifest) -> Manifest:
     return typed
 
 
-def verify_files(root: str | Path, files: Mapping[str, FileEntry]) -> None:
-    """Check presence, size and sha256 of each listed file before anything parses it.
-
-    Raises:
-        ArtifactError: naming the first file that is missing, truncated or altered.
-    """
-    verify_files_while(root, files, lambda: None)
-
-
 def is_weight_data(rel: str) -> bool:
     """Whether an artifact file is an ONNX graph's external data: raw tensor bytes that onnxruntime copies (and
     prepacks) but never parses; the graph that names them, its shapes and offsets, is the parsed part."""
     return rel.endswith((".onnx_data", ".onnx.data"))
 
 
+def artifact_path(root: str | Path, rel: str) -> Path:
+    """``root/rel`` with every symlink resolved, refused unless it is inside ``root`` (resolved too).
+
+    Raises:
+        ArtifactError: ``rel`` is absolute or climbs out with ``..``, or a symlink on the way leads out of the
+            artifact directory.
+    """
+    problem = relative_path_problem(rel)
+    if problem:
+        raise ArtifactError(f"{root}: the manifest names {rel!r}, which {problem}; {_INSIDE_ONLY}")
+    base = Path(root).resolve()
+    real = (base / rel).resolve()
+    if real != base and base not in real.parents:
+        raise ArtifactError(
+            f"{Path(root) / rel} leads out of the artifact directory (to {real}, through a symlink); an artifact's "
+            f"files must be inside it: copy the file in instead of linking it (huggingface_hub's "
+            f"snapshot_download(..., local_dir=DIR) writes real files), or re-export with "
+            f"`memrerank export MODEL -o {root} --force`")
+    return real
+
+
 _T = TypeVar("_T")
+_O_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+
+
+@dataclass
+class _Opened:
+    """One artifact file opened once: its descriptor and what ``fstat`` said when it was opened."""
+
+    rel: str
+    real: Path
+    fd: int
+    stat: os.stat_result
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    # ctime too: unlike mtime, no ordinary call (utime) can set it back after a file is rewritten in place
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def verify_files(root: str | Path, files: Mapping[str, FileEntry]) -> None:
+    """Check that each listed file is inside ``root``, present, of its size and sha256 (read in chunks).
+
+    This says what the files hold now, not what a later ``open`` reads: to load, use :func:`load_verified`.
+
+    Raises:
+        ArtifactError: naming the first file that is outside the artifact, missing, truncated or altered.
+    """
+    load_verified(root, files, lambda contents: None, by_path=tuple(files))
 
 
 def verify_files_while(root: str | Path, files: Mapping[str, FileEntry], load: Callable[[], _T]) -> _T:
-    """:func:`verify_files`, with the weights' sha256 computed while ``load()`` runs; returns its result.
+    """:func:`load_verified` for a ``load()`` that opens every file itself by path: each is hashed through a
+    descriptor opened before ``load`` runs (the weight data while it runs) and must still be the same file
+    (device, inode, size, mtime, ctime) once it returned."""
+    return load_verified(root, files, lambda contents: load(), by_path=tuple(files))
 
-    Every file's presence and size, and the sha256 of every file a parser reads (graph, tokenizer, configs),
-    are checked before ``load`` starts. The external weight data (:func:`is_weight_data`), most of an
-    artifact's bytes, is hashed on a thread while ``load`` builds its session from it (hashing a 1.5 GiB
-    int8 decoder takes ~1.1 s, building its onnxruntime session ~1.5 s: overlapped, cold start loses the
-    hash). The result is handed back only once the hash matched: an altered weight file fails the load, its
-    session is dropped unused.
+
+def load_verified(root: str | Path, files: Mapping[str, FileEntry], load: Callable[[Mapping[str, bytes]], _T], *,
+                  by_path: Collection[str] = ()) -> _T:
+    """Check the listed files and hand ``load`` what was checked; returns what ``load`` returns.
+
+    Every file must resolve inside ``root`` (:func:`artifact_path`), be a regular file and have the recorded
+    size before anything is hashed. Then what is hashed is what is loaded:
+
+    * each file a parser reads (graph, tokenizer, configs, TensorRT engine), unless named in ``by_path``, is read
+      once into memory, its sha256 checked on those bytes, and the bytes handed to ``load`` (``contents[rel]``):
+      nothing opens it again, so a concurrent ``export --force`` cannot slip another file in between the check
+      and the parse. Loading then holds the file in memory once more than a parser reading it itself would;
+      graphs above 1 GiB keep their weights in external data, which is not read here.
+    * the external weight data (:func:`is_weight_data`), most of an artifact's bytes, is opened before ``load``
+      runs and hashed through that descriptor on a thread while ``load`` builds its session (hashing a 1.5 GiB
+      int8 decoder takes ~1.1 s, building its onnxruntime session ~1.5 s: overlapped, cold start loses the
+      hash). onnxruntime opens it by path, so the guarantee is this: after ``load`` returned, the path still
+      names the very file that was hashed (same device and inode) and that file was not written meanwhile
+      (same size, mtime and ctime as when it was opened). ``export --force`` swaps whole directories by
+      rename and never rewrites a file in place, so a load that overlaps it gets the file it hashed or fails;
+      what could still pass is a path renamed away and back between the two checks, or a file rewritten
+      without a change of ctime (which takes setting the system clock back). The graph names its data file;
+      as the graph's own bytes were hash-checked, the name is the one export wrote.
+    * files in ``by_path`` (a parser that can only open a path) are hashed through a descriptor opened
+      before ``load`` and held to the same same-file check afterwards.
+
+    The result is handed back only once every hash matched and every file checked above was unchanged: an
+    altered weight file fails the load, its session dropped unused.
+
+    Args:
+        root: the artifact directory.
+        files: ``{path relative to root: FileEntry}`` from the manifest.
+        load: builds what the files are for from ``contents`` (``{rel: bytes}`` of the files read).
+        by_path: files ``load`` opens by path itself (not read into ``contents``).
 
     Raises:
-        ArtifactError: as :func:`verify_files` (an altered weight file wins over ``load``'s own error, which
-            it likely caused).
+        ArtifactError: naming the first file that is outside the artifact, missing, truncated, altered or
+            changed while loading (an altered weight file wins over ``load``'s own error, which it likely
+            caused).
     """
     import threading
 
-    root = Path(root)
-    for rel, meta in files.items():
-        _check_size(root, rel, meta)
-    later = {rel: meta for rel, meta in files.items() if is_weight_data(rel)}
-    for rel, meta in files.items():
-        if rel not in later:
-            _check_sha256(root, rel, meta)
-    if not later:
-        return load()
-    failed: list[BaseException] = []
-
-    def check() -> None:
-        try:
-            for rel, meta in later.items():
-                _check_sha256(root, rel, meta)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-            failed.append(exc)
-
-    hashing = threading.Thread(target=check, name="memrerank-sha256", daemon=True)
-    hashing.start()
+    opened: dict[str, _Opened] = {}
     try:
-        result = load()
-    except BaseException:
-        hashing.join()
+        for rel, meta in files.items():
+            opened[rel] = _open_checked(root, rel, meta)
+        contents: dict[str, bytes] = {}
+        for rel, meta in files.items():
+            if is_weight_data(rel):
+                continue
+            if rel in by_path:
+                _check_digest(root, opened[rel], meta, _sha256_fd(opened[rel].fd))
+            else:
+                contents[rel] = _read_checked(root, opened[rel], meta)
+        later = [rel for rel in files if is_weight_data(rel)]
+        watched = [rel for rel in files if is_weight_data(rel) or rel in by_path]
+        failed: list[BaseException] = []
+
+        def check() -> None:
+            try:
+                for rel in later:
+                    _check_digest(root, opened[rel], files[rel], _sha256_fd(opened[rel].fd))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                failed.append(exc)
+
+        hashing = threading.Thread(target=check, name="memrerank-sha256", daemon=True)
+        if later:
+            hashing.start()
+        try:
+            result = load(contents)
+        except BaseException:
+            if later:
+                hashing.join()
+            if failed:
+                raise failed[0] from None
+            raise
+        del contents
+        if later:
+            hashing.join()
         if failed:
-            raise failed[0] from None
-        raise
-    hashing.join()
-    if failed:
-        raise failed[0]
-    return result
+            raise failed[0]
+        for rel in watched:
+            _check_unchanged(root, opened[rel])
+        return result
+    finally:
+        for o in opened.values():
+            os.close(o.fd)
 
 
-def _check_size(root: Path, rel: str, meta: FileEntry) -> None:
-    path = root / rel
-    if not path.is_file():
-        raise ArtifactError(f"{path} is missing; re-export with `memrerank export MODEL -o {root} --force`")
-    size = path.stat().st_size
-    if size != meta.bytes:
+def _reexport(root: str | Path) -> str:
+    return f"re-export with `memrerank export MODEL -o {root} --force`"
+
+
+def _open_checked(root: str | Path, rel: str, meta: FileEntry) -> _Opened:
+    real = artifact_path(root, rel)
+    path = Path(root) / rel
+    if not real.is_file():
+        raise ArtifactError(f"{path} is missing; {_reexport(root)}")
+    try:
+        fd = os.open(real, _O_FLAGS)
+    except OSError as exc:
+        raise ArtifactError(f"{path} could not be opened ({exc}); {_reexport(root)}") from exc
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size != meta.bytes:
+        os.close(fd)
+        what = "is not a regular file" if not stat.S_ISREG(st.st_mode) else (
+            f"has {st.st_size} bytes, the manifest records {meta.bytes} (truncated or replaced)")
+        raise ArtifactError(f"{path} {what}; {_reexport(root)}")
+    return _Opened(rel, real, fd, st)
+
+
+def _sha256_fd(fd: int, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    os.lseek(fd, 0, os.SEEK_SET)
+    while block := os.read(fd, chunk):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_checked(root: str | Path, o: _Opened, meta: FileEntry) -> bytes:
+    os.lseek(o.fd, 0, os.SEEK_SET)
+    with os.fdopen(o.fd, "rb", closefd=False) as fh:
+        data = fh.read()
+    if len(data) != meta.bytes:
+        raise ArtifactError(f"{Path(root) / o.rel} changed while it was read ({len(data)} bytes, the manifest "
+                            f"records {meta.bytes}); load again, or {_reexport(root)}")
+    _check_digest(root, o, meta, hashlib.sha256(data).hexdigest())
+    return data
+
+
+def _check_digest(root: str | Path, o: _Opened, meta: FileEntry, digest: str) -> None:
+    if digest != meta.sha256:
+        raise ArtifactError(f"{Path(root) / o.rel} does not match its sha256 in the manifest (corrupted or "
+                            f"edited); {_reexport(root)}")
+
+
+def _check_unchanged(root: str | Path, o: _Opened) -> None:
+    """The file opened (and hashed) is still what its path names, unwritten since it was opened."""
+    try:
+        now = os.stat(o.real)
+    except OSError:
+        now = None
+    if now is None or _identity(now) != _identity(o.stat) or _identity(os.fstat(o.fd)) != _identity(o.stat):
         raise ArtifactError(
-            f"{path} has {size} bytes, the manifest records {meta.bytes} (truncated or replaced); "
-            f"re-export with `memrerank export MODEL -o {root} --force`"
-        )
-
-
-def _check_sha256(root: Path, rel: str, meta: FileEntry) -> None:
-    path = root / rel
-    if sha256_file(path) != meta.sha256:
-        raise ArtifactError(
-            f"{path} does not match its sha256 in the manifest (corrupted or edited); "
-            f"re-export with `memrerank export MODEL -o {root} --force`"
-        )
+            f"{Path(root) / o.rel} changed while the artifact was loading (replaced or rewritten, e.g. by a "
+            "concurrent `memrerank export --force`): what was hashed may not be what was loaded; load again once "
+            "the export has finished")

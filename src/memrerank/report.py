@@ -70,7 +70,10 @@ def info_text(root: str | Path) -> str:
             continue
         extra = block.extra
         after = (extra.get("metrics") or {}).get("after") or {}
-        held_out = f", held-out ECE {after['ece']:.4f}" if "ece" in after else ""
+        held = extra.get("held_out") or {}
+        held_out = (f", held-out ECE {after['ece']:.4f}" if "ece" in after else "") + (
+            f" on {held['pairs']} pairs" if "pairs" in held and "ece" in after else "") + (
+            ", separable: regularised by Platt's targets" if extra.get("separable") else "")
         lines.append(f"calibration {name:<11} {block.method} {block.params} "
                      f"({extra.get('mode', '?')} mode, {extra.get('data_size', '?')} pairs, "
                      f"{extra.get('fit_date', '?')}{held_out})")
@@ -105,7 +108,10 @@ def calibration_table(report: Mapping[str, Any]) -> str:
     if labelled:
         tail += (f"; base rate {report['base_rate']:.4f} "
                  f"(constant predictor log-loss {report['base_rate_log_loss']:.4f})")
-    return "\n".join(lines) + tail
+    from memrerank.calibrate import fit_note
+
+    notes = [fit_note(p, r) for p, r in report["precisions"].items() if "fit" in r]
+    return "\n".join(lines) + tail + "".join(f"\n{n}" for n in notes)
 
 
 def eval_table(precision: str, results: Mapping[str, Mapping[str, float]]) -> str:

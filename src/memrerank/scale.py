@@ -4,7 +4,10 @@
   ``(id, query, document)`` rows with a pool of :class:`RerankActor` (``map_batches``, one artifact loaded per
   actor) and writes ``id`` (and every other input column but the texts) with ``score``, ``logit`` and
   ``truncated``. Works on a local Ray instance (started for you) or any cluster ``ray.init(address=...)`` reaches;
-  every node must see the artifact at the same path.
+  every node must see the artifact at the same path. Each id is written exactly once: ids are checked (present,
+  unique), each scored block is committed as its own file in a staging directory beside the output, rows in and
+  out are compared before the directory is swapped into place, and a failed or killed job resumes
+  (``resume=True``) by scoring only the ids its committed blocks lack.
 * :func:`build_app` / :func:`serve_on_ray` wrap the same FastAPI service as ``memrerank serve`` (Cohere
   ``/v1/rerank``, TEI ``/rerank``, ``/health``, ``/v1/models``, ``/metrics``) in a Ray Serve deployment with
   ``num_replicas`` replicas, each building its app from one :class:`memrerank.serve.ServeConfig`;
@@ -17,19 +20,26 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import re
-import shutil
 import sys
 import time
+import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from array import array
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import KW_ONLY, asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from memrerank.atomic import recover, staging_path, swap_into_place
+import numpy as np
+
+from memrerank import atomic
+from memrerank.atomic import recover
 from memrerank.errors import ArtifactError, MemrerankError
 from memrerank.manifest import read_manifest
 from memrerank.runtime.options import LoadOptions, check_optional_bool, check_positive_int
@@ -42,6 +52,9 @@ _SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet"
 OUTPUT_COLUMNS = ("score", "logit", "truncated")
 _RAY_FORMAT = {"jsonl": "json", "parquet": "parquet"}  # Ray Data's read_*/write_* names
 _log = logging.getLogger(__name__)
+#: Test-only fault hook of :func:`rescore`'s driver: called as ``_FAULT("block")`` after each committed block is
+#: reported and ``_FAULT("verify")`` before the output is checked against the input; ``None`` otherwise.
+_FAULT: Callable[[str], None] | None = None
 #: What a job's actors and a Ray Serve replica load unless told otherwise (ServeConfig's default too).
 _DEFAULT_OPTIONS = LoadOptions(precision="auto")
 
@@ -85,7 +98,15 @@ class RescoreJob:
         output_format: ``"jsonl"`` or ``"parquet"``; default: the input's.
         output_prefix: prepended to the ``score``, ``logit`` and ``truncated`` column names (when the input
             already has columns of those names, e.g. when re-scoring an earlier output).
-        force: replace a non-empty output directory.
+        force: replace a non-empty output directory; without ``resume``, also discard what an interrupted job
+            of the same output left for ``resume``.
+        resume: finish the interrupted job of the same output (local output): its committed blocks are kept and
+            only the rows whose ids they lack are scored. Refused when the input files (paths, sizes, mtimes),
+            the artifact or a setting that changes what is written differ from the interrupted job's. With no
+            interrupted job beside the output, the job starts from scratch.
+        allow_duplicate_ids: score inputs whose ids repeat or are null. By default every id must be present
+            and unique: each is written exactly once and ``resume`` finds finished rows by id. With this set
+            the output still has exactly the input's rows (counted) but the job cannot ``resume``.
         address: Ray cluster address (``"auto"``, ``"ray://head:10001"``); ``None`` = the running Ray instance
             if any, else a local one.
         num_cpus: CPUs of a local Ray instance started here (``None`` = all).
@@ -112,6 +133,8 @@ class RescoreJob:
     output_format: str | None = None
     output_prefix: str = ""
     force: bool = False
+    resume: bool = False
+    allow_duplicate_ids: bool = False
     address: str | None = None
     num_cpus: int | None = None
     instruction: str | None = None
@@ -132,8 +155,14 @@ class RescoreJob:
         for name in ("actors", "block_rows"):
             check_positive_int(getattr(self, name), f"RescoreJob.{name}")
         check_positive_int(self.num_cpus, "RescoreJob.num_cpus", optional=True)
-        for name in ("keep_text", "force", "verbose"):
+        for name in ("keep_text", "force", "resume", "allow_duplicate_ids", "verbose"):
             check_optional_bool(getattr(self, name), f"RescoreJob.{name}", optional=False)
+        if self.resume and self.allow_duplicate_ids:
+            raise ValueError("RescoreJob.resume finds an interrupted job's finished rows by their ids; it needs "
+                             "unique ids (drop allow_duplicate_ids / --allow-duplicate-ids)")
+        if self.resume and "://" in self.output:
+            raise ValueError("RescoreJob.resume needs a local output directory (remote output is written by Ray "
+                             "Data's own writers, without committed blocks)")
         for name in ("input_format", "output_format"):
             if getattr(self, name) not in FORMATS + (None,):
                 raise ValueError(f"RescoreJob.{name}: unknown {getattr(self, name)!r}; choose one of "
@@ -159,13 +188,14 @@ class RescoreReport:
 
     rows: int
     seconds: float
-    pairs_per_s: float
+    pairs_per_s: float  #: rows scored by this run (``rows - resumed``) per second
     actors: int
     threads: int  #: CPUs and onnxruntime threads per actor (:attr:`LoadOptions.threads`)
     precision: str
     output: str
     output_format: str
     block_rows: int = 0  #: rows per ``map_batches`` call, after the cap (see :attr:`RescoreJob.block_rows`)
+    resumed: int = 0  #: rows an interrupted job had committed, kept as they were (``rows`` counts them too)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -177,18 +207,45 @@ class RerankActor:
     Rows sharing a query inside a batch are tokenized together (and share the decoder prefix), so inputs sorted or
     grouped by query score fastest.
 
+    With ``staging`` (local output) each batch is committed where it is scored: written to a hidden temporary
+    file in the job's staging directory, fsynced and renamed to ``part-<digest of its ids>.<json|parquet>``.
+    The rename is the journal entry: a part exists whole or not at all, and a batch Ray retries writes the same
+    name again instead of a second copy. The call then returns one summary row ``{part, rows}``.
+
     Args:
-        job: the job; the actor loads its artifact with its ``options`` and reads its instruction and column
-            names.
+        job: the job; the actor loads its artifact with its ``options`` and reads its instruction, column
+            names and output format.
+        staging: the staging directory the parts go to (``None``: return the scored rows instead).
+        done: id keys (``str(id)``) an interrupted job already committed; their rows are skipped.
     """
 
-    def __init__(self, job: RescoreJob) -> None:
+    def __init__(self, job: RescoreJob, staging: str | None = None, done: frozenset[str] | None = None) -> None:
         from memrerank import Reranker
 
         self.reranker = Reranker.load(job.artifact, job.options)
         self.job = job
+        self.staging = None if staging is None else Path(staging)
+        self.done = done or frozenset()
 
     def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        job = self.job
+        if self.done:
+            keep = [_key(v) not in self.done for v in batch.column(job.id_column).to_pylist()]
+            if not all(keep):
+                batch = batch.filter(pa.array(keep, pa.bool_()))
+        if self.staging is None:
+            return self.score(batch)
+        names, rows = [], []
+        if batch.num_rows:
+            scored = self.score(batch)
+            names.append(_commit_part(self.staging, scored, job))
+            rows.append(scored.num_rows)
+        return pa.table({"part": pa.array(names, pa.string()), "rows": pa.array(rows, pa.int64())})
+
+    def score(self, batch: Any) -> Any:
+        """The batch's output rows: ids and other columns (texts only with ``keep_text``) and the scores."""
         import pyarrow as pa
 
         job = self.job
@@ -297,25 +354,271 @@ def _read_input(ray: Any, job: RescoreJob, fmt: str) -> Any:
     return ds
 
 
-def _write_output(ray: Any, scored: Any, output: str, out_fmt: str, force: bool) -> int:
-    """Write the scored dataset (this runs the job) and return the rows written."""
-    local = "://" not in output
-    # Local output is written beside its destination and swapped into place when every row is in: a failed
-    # or killed job leaves no partial directory that looks finished, and an overwritten output stays whole
-    # until the new one is in (memrerank.atomic; the next job restores it if a kill hit the swap itself).
-    target = str(staging_path(output)) if local else output
-    mode = {"mode": "overwrite"} if force and not local else {}
+# ------------------------------------------------------------------------------- ids: unique, counted, compared
+_MASK = 2**64 - 1
+
+
+def _key(value: Any) -> str | None:
+    """An id as the job compares it: its text (one column has one type, so this is one-to-one), ``None`` for null."""
+    return None if value is None else str(value)
+
+
+@dataclass(frozen=True)
+class _Ids:
+    """The ids of a table: how many rows, and a digest of the multiset of ids (the sum of their 64-bit hashes
+    mod 2**64) that is the same for the same ids in any order and any split into files."""
+
+    rows: int
+    digest: int
+
+
+def _id_batches(ds: Any, column: str) -> Iterator[list[Any]]:
+    for batch in ds.select_columns([column]).iter_batches(batch_format="pyarrow", batch_size=65536):
+        yield batch.column(0).to_pylist()
+
+
+def _scan_ids(ds: Any, job: RescoreJob) -> _Ids:
+    """Count the input's rows and check its ids (one pass over the id column): unless ``allow_duplicate_ids``,
+    a null or repeated id is a ValueError naming them (a second pass only when two hashes collide)."""
+    hashes: array[int] = array("Q")
+    nulls = 0
+    for values in _id_batches(ds, job.id_column):
+        nulls += values.count(None)
+        hashes.extend(hash(_key(v)) & _MASK for v in values)
+    h = np.frombuffer(hashes, dtype=np.uint64) if len(hashes) else np.zeros(0, np.uint64)
+    ids = _Ids(len(h), int(h.sum(dtype=np.uint64)))  # numpy wraps the sum mod 2**64
+    if job.allow_duplicate_ids:
+        return ids
+    how = ("every row needs its own id: each id is written exactly once and --resume finds finished rows by id; "
+           "pass allow_duplicate_ids=True (--allow-duplicate-ids) to score them anyway, without resume")
+    if nulls:
+        raise ValueError(f"input has {nulls} row(s) with a null or missing {job.id_column!r}; {how}")
+    s = np.sort(h)
+    same = s[1:] == s[:-1]
+    if same.any():
+        candidates = set(s[1:][same].tolist())
+        counts = Counter(k for values in _id_batches(ds, job.id_column) for k in map(_key, values)
+                         if hash(k) & _MASK in candidates)
+        dups = [(k, n) for k, n in counts.most_common() if n > 1]
+        if dups:
+            shown = ", ".join(f"{k!r} ({n} rows)" for k, n in dups[:5]) + (", ..." if len(dups) > 5 else "")
+            raise ValueError(f"input has {len(dups)} duplicate {job.id_column!r} value(s): {shown}; {how}")
+    return ids
+
+
+def _part_files(staging: Path) -> list[Path]:
+    """The committed parts of a staging directory (temporary files are hidden: ``.part-…``)."""
+    return sorted(p for p in staging.iterdir() if p.name.startswith("part-"))
+
+
+def _part_keys(path: Path, column: str) -> list[str | None]:
+    """The id keys of one committed part, in its order."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        values = pq.read_table(path, columns=[column]).column(0).to_pylist()
+    else:
+        with open(path, encoding="utf-8") as f:
+            values = [json.loads(line).get(column) for line in f if line.strip()]
+    return [_key(v) for v in values]
+
+
+def _written_ids(staging: Path, column: str) -> tuple[_Ids, set[str | None]]:
+    """What the committed parts hold: their :class:`_Ids` and the set of id keys."""
+    digest, rows, keys = 0, 0, set()
+    for part in _part_files(staging):
+        try:
+            part_keys = _part_keys(part, column)
+        except (OSError, ValueError) as exc:
+            raise RescoreError(f"committed part {part} is unreadable ({exc}); rerun without --resume and with "
+                               "--force to start over") from None
+        rows += len(part_keys)
+        digest = (digest + sum(hash(k) & _MASK for k in part_keys)) & _MASK
+        keys.update(part_keys)
+    return _Ids(rows, digest), keys
+
+
+def _commit_part(staging: Path, table: Any, job: RescoreJob) -> str:
+    """Write one scored batch as a part of ``staging``: hidden temporary file, fsync, rename (see RerankActor)."""
+    ext = "parquet" if job.output_format == "parquet" else "json"
+    if job.allow_duplicate_ids:
+        tag = uuid.uuid4().hex[:20]  # ids do not name a batch; a retried batch would be written twice (counted)
+    else:
+        digest = hashlib.blake2b(digest_size=10)
+        for value in table.column(job.id_column).to_pylist():
+            digest.update(str(value).encode() + b"\0")
+        tag = digest.hexdigest()
+    name = f"part-{tag}.{ext}"
+    tmp = staging / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:  # FileNotFoundError once a resuming job took the directory over: fenced
+        if ext == "parquet":
+            import pyarrow.parquet as pq
+
+            pq.write_table(table, f)
+        else:
+            f.write("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n"
+                            for row in table.to_pylist()).encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, staging / name)
+    return name
+
+
+# ------------------------------------------------------------------------------------- staging, resume, swap
+def _fingerprint(job: RescoreJob, precision: str, fmt: str, out_fmt: str) -> dict[str, Any]:
+    """What a resumed job must share with the interrupted one: the input files (path, size, mtime; a remote
+    input by its path only), the artifact (its manifest's sha256) and every setting that changes what is
+    written. Parallelism (actors, threads, block and batch sizes) may change between the two."""
+    files: list[dict[str, Any]] = []
+    for p in job.input:
+        if "://" in p:
+            files.append({"path": p})
+            continue
+        path = Path(p).resolve()
+        for f in [path] if path.is_file() else sorted(q for q in path.rglob("*") if q.is_file()):
+            st = f.stat()
+            files.append({"path": str(f), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+    artifact: dict[str, Any] = {"path": job.artifact}
+    manifest = Path(job.artifact) / "manifest.json"
+    if manifest.is_file():
+        artifact = {"path": str(Path(job.artifact).resolve()),
+                    "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()}
+    o = job.options
+    settings = {"precision": precision, "providers": o.providers, "allow_tf32": o.allow_tf32,
+                "instruction": job.instruction, "id_column": job.id_column, "query_column": job.query_column,
+                "document_column": job.document_column, "keep_text": job.keep_text, "input_format": fmt,
+                "output_format": out_fmt, "output_prefix": job.output_prefix,
+                "allow_duplicate_ids": job.allow_duplicate_ids}
+    return json.loads(json.dumps({"input": files, "artifact": artifact, "settings": settings}))  # as stored
+
+
+def _fingerprint_changes(old: Any, new: dict[str, Any]) -> str:
+    """What differs between an interrupted job's fingerprint and this job's, for people."""
+    if not isinstance(old, dict):
+        return "the interrupted job recorded no fingerprint"
+    changes = []
+    if old.get("input") != new["input"]:
+        before = {f["path"]: f for f in old.get("input") or []}
+        after = {f["path"]: f for f in new["input"]}
+        named = [f"{p} {'is new' if p not in before else 'is gone' if p not in after else 'changed'}"
+                 for p in sorted(set(before) | set(after)) if before.get(p) != after.get(p)]
+        changes.append("input " + "; ".join(named[:3]))
+    if old.get("artifact") != new["artifact"]:
+        changes.append(f"artifact {new['artifact']['path']} (another artifact or re-exported)")
+    was, now = old.get("settings") or {}, new["settings"]
+    changes += [f"{k} {was.get(k)!r} -> {now[k]!r}" for k in now if was.get(k) != now[k]]
+    return "; ".join(changes) or "unknown"
+
+
+def _open_staging(job: RescoreJob, fingerprint: dict[str, Any]) -> tuple[Path, bool]:
+    """This job's staging directory beside the output and whether it resumes an interrupted job's.
+
+    A ``resume`` sibling of a running job, or of a job on another host, is never taken; an interrupted one (its
+    job gone) is taken over with ``resume`` when the fingerprints match, discarded with ``force``, and refused
+    otherwise, naming both ways.
+    """
+    out = Path(job.output)
+    left = [s for s in atomic.siblings(out) if s.kind == "resume"]
+    states = {s.path: s.state for s in left}
+    for s in left:
+        if states[s.path] == "running":
+            raise FileExistsError(f"another rescore ({s.owner.describe()}) is writing {out} (in {s.path.name}); "
+                                  "wait for it, or stop it and rerun with --resume")
+        if states[s.path] == "other-host":
+            raise FileExistsError(f"{s.path.name} beside {out} belongs to a rescore on another host "
+                                  f"({s.owner.describe()}); resume it there, or, once that job is gone, delete "
+                                  f"{s.lock} and rerun with --resume")
+    info = {"rescore": fingerprint}
+    kind = "partial" if job.allow_duplicate_ids else "resume"
+    if not left:
+        if job.resume:
+            _log.info("rescore --resume: no interrupted job beside %s; scoring every row", out)
+        return atomic.create_staging(out, kind, info), False
+    if not job.resume:
+        if not job.force:
+            blocks = sum(len(_part_files(s.path)) for s in left)
+            raise FileExistsError(f"an interrupted rescore of {out} left {blocks} committed block(s) in "
+                                  f"{', '.join(s.path.name for s in left)}; pass --resume (resume=True) to score "
+                                  "only the rest, or --force (force=True) to discard them and start over")
+        for s in left:
+            atomic.discard(s.path)
+        return atomic.create_staging(out, kind, info), False
+    if len(left) > 1:
+        raise FileExistsError(f"several interrupted rescores left staging beside {out} "
+                              f"({', '.join(s.path.name for s in left)}); keep one (delete the others and their "
+                              ".lock files) and rerun with --resume")
+    (s,) = left
+    if s.info.get("rescore") != fingerprint:
+        raise ValueError(f"--resume: {s.path.name} was started with other input or settings "
+                         f"({_fingerprint_changes(s.info.get('rescore'), fingerprint)}); rerun with the same ones, "
+                         "or without --resume and with --force to discard it and start over")
+    return atomic.adopt(s.path, info), True
+
+
+def _score_local(ray: Any, ds: Any, job: RescoreJob, actor_job: RescoreJob, ids: _Ids, fingerprint: dict[str, Any],
+                 map_args: dict[str, Any]) -> tuple[int, int]:
+    """Score into committed parts of a staging directory beside the output, check rows in = rows out, swap the
+    directory into place. Returns (rows written, rows an interrupted job had committed)."""
+    staging, resuming = _open_staging(job, fingerprint)
+    resumable = not job.allow_duplicate_ids
     try:
-        getattr(scored, f"write_{_RAY_FORMAT[out_fmt]}")(target, **mode, ray_remote_args={"num_cpus": 0})
-        rows = getattr(ray.data, f"read_{_RAY_FORMAT[out_fmt]}")(target, num_cpus=0).count()
-        if local:
-            swap_into_place(target, output)  # an empty output, or any with force=True (checked before)
+        for tmp in staging.glob(".part-*"):  # a killed job's unfinished writes
+            tmp.unlink()
+        done: set[str | None] = set()
+        if resuming:
+            resumed_ids, done = _written_ids(staging, job.id_column)
+            _log.info("rescore --resume: %d of %d rows already committed in %s", resumed_ids.rows, ids.rows,
+                      staging.name)
+        scored = ds.map_batches(RerankActor, fn_constructor_kwargs={
+            "job": actor_job, "staging": str(staging), "done": frozenset(done)}, **map_args)
+        batches = iter(scored.iter_batches(batch_format="pyarrow", batch_size=None))  # each: a block committed
+        try:
+            for _ in batches:
+                if _FAULT is not None:
+                    _FAULT("block")
+        finally:  # interrupted: stop the pipeline now rather than when the iterator is collected
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+        if _FAULT is not None:
+            _FAULT("verify")
+        written, _ = _written_ids(staging, job.id_column)
+        if written != ids:
+            what = "" if written.rows != ids.rows else " but not the same ids"
+            atomic.discard(staging)
+            raise RescoreError(f"rows in {ids.rows:,}, rows out {written.rows:,}{what}: the output does not "
+                               "hold every input row exactly once; nothing was written")
+        try:
+            atomic.swap_into_place(staging, job.output, replace=job.force)
+        except FileExistsError as exc:
+            raise FileExistsError(f"{exc}; the complete scores are kept in {staging.name}: rerun with --resume "
+                                  "and --force to replace it") from None
     except BaseException as exc:
-        if local:
-            shutil.rmtree(target, ignore_errors=True)
+        blocks = len(_part_files(staging)) if staging.exists() else 0
+        if staging.exists() and not (resumable and blocks):  # nothing a resumed job could use
+            atomic.discard(staging)
+        atomic.release(staging)  # kept or not, no job of this process holds it now
         if isinstance(exc, ray.exceptions.RayTaskError):
-            raise RescoreError(f"rescore failed in a Reranker actor: {_root_cause(exc)}") from exc
+            kept = (f"; its {blocks} committed block(s) are kept in {staging.name}: rerun with --resume to "
+                    "score only the rest" if resumable and blocks else "")
+            raise RescoreError(f"rescore failed in a Reranker actor: {_root_cause(exc)}{kept}") from exc
         raise
+    return written.rows, len(done)
+
+
+def _score_remote(ray: Any, ds: Any, job: RescoreJob, actor_job: RescoreJob, ids: _Ids, out_fmt: str,
+                  map_args: dict[str, Any]) -> int:
+    """Remote output: Ray Data's writer (its SaveMode), then the rows written counted against the input's."""
+    scored = ds.map_batches(RerankActor, fn_constructor_kwargs={"job": actor_job}, **map_args)
+    mode = {"mode": "overwrite"} if job.force else {}
+    try:
+        getattr(scored, f"write_{_RAY_FORMAT[out_fmt]}")(job.output, **mode, ray_remote_args={"num_cpus": 0})
+    except ray.exceptions.RayTaskError as exc:
+        raise RescoreError(f"rescore failed in a Reranker actor: {_root_cause(exc)}") from exc
+    rows = getattr(ray.data, f"read_{_RAY_FORMAT[out_fmt]}")(job.output, num_cpus=0).count()
+    if rows != ids.rows:
+        raise RescoreError(f"rows in {ids.rows:,}, rows out {rows:,} in {job.output}: the output does not hold "
+                           "every input row exactly once")
     return rows
 
 
@@ -327,22 +630,31 @@ def rescore(job: RescoreJob | str | Path | Sequence[str | Path] | None = None,
     ``rescore(input, output, artifact, options=LoadOptions("int8"), actors=2)`` (which fills a
     :class:`RescoreJob`; see it for every field).
 
+    Exactly once, resumably (local output): the input's ids are checked first (present and unique, unless
+    ``allow_duplicate_ids``); each scored batch is committed as its own file in a staging directory beside the
+    output (``.OUT.resume-…``, with a lock naming this host and process and the job's fingerprint); at the end
+    the rows written are compared with the rows read (count and ids) and the directory is fsynced and renamed
+    into place. A job that fails or is killed keeps its committed blocks: ``resume=True`` (``--resume``)
+    scores only the rows they lack.
+
     Args:
         job: a :class:`RescoreJob`, or the input path(s) (``input=`` works too) with ``output``, ``artifact`` and
             the job's other fields as keywords.
         output: keyword form only: the output directory.
         artifact: keyword form only: the artifact directory.
         **fields: keyword form only: the other :class:`RescoreJob` fields (``options``, ``actors``,
-            ``block_rows``, ``force``, ...).
+            ``block_rows``, ``force``, ``resume``, ...).
 
     Returns:
         A :class:`RescoreReport` (rows written, wall seconds including actor start-up, pairs/s).
 
     Raises:
-        ValueError: a bad field, missing columns, more CPUs asked for than a local Ray instance has.
+        ValueError: a bad field, missing columns, null or duplicate ids, more CPUs asked for than a local Ray
+            instance has, a resume against other input or settings.
         TypeError: a keyword that is no :class:`RescoreJob` field (a load option names ``options=``).
-        FileNotFoundError / FileExistsError: a missing input, an output that exists (without ``force``).
-        RescoreError: the job failed in an actor (names the row or the cause).
+        FileNotFoundError / FileExistsError: a missing input, an output that exists (without ``force``), an
+            interrupted job's staging (without ``resume`` or ``force``), a job running on the same output.
+        RescoreError: the job failed in an actor (names the row or the cause), or rows in and out differ.
     """
     job = _as_job(job, output, artifact, fields)
     ray = _ray()
@@ -353,21 +665,28 @@ def rescore(job: RescoreJob | str | Path | Sequence[str | Path] | None = None,
     with _job_settings(ray, job.verbose):
         ds = _read_input(ray, job, fmt)
         t0 = time.perf_counter()
+        ids = _scan_ids(ds, job)  # one pass over the id column: rows in, and ids present and unique
         block_rows = job.block_rows
-        if job.actors > 1:  # counting reads the input once more
-            block_rows = shared_block_rows(ds.count(), job.actors, job.block_rows)
-        actor_job = dataclasses.replace(job, options=job.options.replace(precision=precision))
-        scored = ds.map_batches(
-            RerankActor, batch_format="pyarrow", batch_size=block_rows, zero_copy_batch=True,
+        if job.actors > 1:
+            block_rows = shared_block_rows(ids.rows, job.actors, job.block_rows)
+        actor_job = dataclasses.replace(job, options=job.options.replace(precision=precision),
+                                        output_format=out_fmt)
+        map_args = {
+            "batch_format": "pyarrow", "batch_size": block_rows, "zero_copy_batch": True,
             # one task in flight per actor: the first actor up (others still loading the model) would otherwise
             # queue several bundles and leave the rest idle on small and medium inputs
-            compute=ray.data.ActorPoolStrategy(size=job.actors, max_tasks_in_flight_per_actor=1),
-            num_cpus=job.options.threads, fn_constructor_kwargs={"job": actor_job})
-        rows = _write_output(ray, scored, job.output, out_fmt, job.force)
+            "compute": ray.data.ActorPoolStrategy(size=job.actors, max_tasks_in_flight_per_actor=1),
+            "num_cpus": job.options.threads}
+        resumed = 0
+        if "://" in job.output:
+            rows = _score_remote(ray, ds, job, actor_job, ids, out_fmt, map_args)
+        else:
+            rows, resumed = _score_local(ray, ds, job, actor_job, ids, _fingerprint(job, precision, fmt, out_fmt),
+                                         map_args)
     seconds = time.perf_counter() - t0
-    return RescoreReport(rows=rows, seconds=seconds, pairs_per_s=rows / seconds if seconds else 0.0,
+    return RescoreReport(rows=rows, seconds=seconds, pairs_per_s=(rows - resumed) / seconds if seconds else 0.0,
                          actors=job.actors, threads=job.options.threads, precision=precision,
-                         output=job.output, output_format=out_fmt, block_rows=block_rows)
+                         output=job.output, output_format=out_fmt, block_rows=block_rows, resumed=resumed)
 
 
 def shared_block_rows(rows: int, actors: int, block_rows: int) -> int:
@@ -459,10 +778,14 @@ def _deployment_class() -> Any:
 
 _LOAD_INTS = ("threads", "batch_size", "max_batch_tokens")
 _LOAD_BOOLS = ("prefix_reuse", "allow_tf32", "io_binding")
-_LIMIT_KEYS = ("max_documents", "max_request_bytes", "max_tokens_per_document")
-_APP_INTS = ("num_replicas", "max_batch_pairs") + _LOAD_INTS + _LIMIT_KEYS
+_LIMIT_KEYS = tuple(f.name for f in dataclasses.fields(Limits))
+_SERVE_INTS = ("max_batch_pairs", "max_concurrency", "max_connections", "max_queued_tokens")
+_SERVE_FLOATS = ("max_wait_ms", "header_timeout_s", "body_timeout_s")
+_SERVE_BOOLS = ("allow_unauthenticated",)
+_APP_INTS = ("num_replicas",) + _SERVE_INTS + _LOAD_INTS + _LIMIT_KEYS
 _LOAD_KEYS = ("precision", "providers") + _LOAD_INTS + _LOAD_BOOLS
-_APP_KEYS = frozenset(_APP_INTS + _LOAD_KEYS + ("artifact", "max_wait_ms", "model_name"))
+_APP_KEYS = frozenset(_APP_INTS + _LOAD_KEYS + _SERVE_FLOATS + _SERVE_BOOLS
+                      + ("artifact", "model_name", "api_key", "allowed_hosts"))
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "none": None, "": None}
 
 
@@ -474,12 +797,12 @@ def _app_value(key: str, value: Any) -> Any:
     try:
         if key in _APP_INTS:
             return int(value)
-        if key == "max_wait_ms":
+        if key in _SERVE_FLOATS:
             return float(value)
     except ValueError:
-        raise ValueError(f"build_app: {key}={value!r}; {', '.join(_APP_INTS)} take integers, max_wait_ms a "
-                         "number") from None
-    if key in _LOAD_BOOLS:
+        raise ValueError(f"build_app: {key}={value!r}; {', '.join(_APP_INTS)} take integers, "
+                         f"{', '.join(_SERVE_FLOATS)} numbers") from None
+    if key in _LOAD_BOOLS + _SERVE_BOOLS:
         if value.strip().lower() not in _BOOLS:
             raise ValueError(f"build_app: {key}={value!r}; pass true, false or none")
         return _BOOLS[value.strip().lower()]
@@ -497,6 +820,8 @@ def _parse_app_args(args: dict[str, Any]) -> tuple[ServeConfig, int]:
         raise ValueError(f"build_app: unknown option(s) {', '.join(unknown)}; "
                          f"known: {', '.join(sorted(_APP_KEYS))}")
     values = {k: _app_value(k, v) for k, v in args.items()}
+    if values.get("api_key") is None and os.environ.get("MEMRERANK_API_KEY"):  # as `memrerank serve` reads it
+        values["api_key"] = os.environ["MEMRERANK_API_KEY"]
     try:
         replicas = check_positive_int(values.pop("num_replicas", 1), "num_replicas")
         limits = Limits(**{k: values.pop(k) for k in _LIMIT_KEYS if k in values})
@@ -532,9 +857,12 @@ def build_app(args: dict[str, Any]) -> Any:
     :class:`memrerank.serve.ServeConfig` fields ``artifact`` (required), ``max_wait_ms`` (5), ``max_batch_pairs``
     (256), ``model_name``; the :class:`memrerank.LoadOptions` fields ``precision`` (``"auto"``), ``providers``
     (comma-separated), ``threads`` (1, CPUs per replica), ``batch_size``, ``max_batch_tokens``, ``prefix_reuse``,
-    ``allow_tf32``, ``io_binding`` (the last three true/false/none); and the limits ``max_documents`` /
-    ``max_request_bytes`` / ``max_tokens_per_document``. They become one ServeConfig, as ``memrerank serve``
-    builds it.
+    ``allow_tf32``, ``io_binding`` (the last three true/false/none); the limits ``max_documents`` /
+    ``max_request_bytes`` / ``max_tokens_per_document`` / ``max_request_tokens``; and admission and access:
+    ``api_key`` (default: the ``MEMRERANK_API_KEY`` environment variable), ``allow_unauthenticated``
+    (true/false), ``allowed_hosts`` (comma-separated; ``*`` any), ``max_concurrency``, ``max_queued_tokens``,
+    ``body_timeout_s`` (``max_connections`` and ``header_timeout_s`` are uvicorn's: Ray Serve's proxy has its
+    own). They become one ServeConfig, as ``memrerank serve`` builds it.
 
     Raises:
         ValueError: a missing artifact, an unknown option, a value that is not a number or out of range.
@@ -561,7 +889,17 @@ def serve_on_ray(config: ServeConfig, *, host: str = "127.0.0.1", port: int = 80
         num_cpus: CPUs of a local Ray instance started here (``None`` = all).
         blocking: serve until Ctrl-C; ``False`` returns the deployment handle (tests, notebooks; stop with
             ``ray.serve.shutdown()``).
+
+    Raises:
+        ValueError: a non-loopback ``host`` without ``config.api_key`` or ``config.allow_unauthenticated``, or a
+            port outside 1..65535 (as :func:`memrerank.serve.serve`).
     """
+    from memrerank.serve import check_port
+
+    if not isinstance(config, ServeConfig):
+        raise TypeError(f"expected a memrerank.serve.ServeConfig, got {type(config).__name__}")
+    check_port(port)
+    config = config.bound_to(host)  # the same rule as `memrerank serve`: beyond loopback, a key or an explicit no
     ray = _ray()
     from ray import serve
 
