@@ -45,7 +45,17 @@ def is_model_reference(path: str | Path) -> bool:
     p = Path(path)
     if p.is_dir():
         return not (p / MANIFEST_NAME).is_file() and (p / "config.json").is_file()
-    return not p.exists() and bool(_HUB_ID.match(str(path)))
+    return not p.exists() and bool(_HUB_ID.match(str(path))) and not looks_like_a_path(str(path))
+
+
+def looks_like_a_path(text: str) -> bool:
+    """Whether a name that does not exist means a local path rather than a hub id ``org/name``: it starts with
+    ``/``, ``.`` or ``~``, holds a backslash or more than one ``/``, or its first component is a directory here
+    (``arts/qwen3-rr`` with ``./arts`` present is a typo for a local artifact, never a download)."""
+    if text.startswith(("/", ".", "~")) or "\\" in text or (os.sep != "/" and os.sep in text):
+        return True
+    parts = text.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
 
 
 def artifact_cache_path(reference: str | Path, revision: str | None = None) -> Path:

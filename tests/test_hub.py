@@ -30,6 +30,19 @@ def test_what_counts_as_a_model_reference(bert_artifact, bert_ckpt, tmp_path):
         Reranker.load(tmp_path / "missing")
 
 
+def test_a_typo_for_a_local_path_is_never_a_hub_id(tmp_path, monkeypatch, cache):
+    """``arts/qwen3-rr`` has a hub id's form, but with ``./arts`` present it is a local path that does not exist:
+    the Python API says so instead of downloading and exporting (as the CLI does)."""
+    monkeypatch.chdir(tmp_path)
+    assert hub.is_model_reference("arts/qwen3-rr")  # no ./arts: a hub id
+    (tmp_path / "arts").mkdir()
+    for missing in ("arts/qwen3-rr", "./org/name", "~/org/name", "a/b/c"):
+        assert not hub.is_model_reference(missing), missing
+    monkeypatch.setattr(hub, "resolve_artifact", lambda *a, **k: pytest.fail("a hub download was attempted"))
+    with pytest.raises(ArtifactError, match="memrerank export"):
+        Reranker.load("arts/qwen3-rr")
+
+
 @pytest.mark.slow
 def test_checkpoint_is_exported_once_into_the_cache(bert_ckpt, bert_artifact, cache):
     r = Reranker.load(bert_ckpt, precision="fp32")

@@ -532,10 +532,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def _looks_like_a_path(text: str) -> bool:
     """Whether an argument that does not exist names a local path rather than a hub id (module docstring)."""
-    if text.startswith(("/", ".", "~")) or "\\" in text or (os.sep != "/" and os.sep in text):
-        return True
-    parts = text.split("/")
-    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
+    from memrerank.runtime.hub import looks_like_a_path
+
+    return looks_like_a_path(text)
 
 
 def _check_reference(text: str, what: str) -> None:
