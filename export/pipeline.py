@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import logging
+import os
 import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -270,6 +271,7 @@ def export_model(
             manifest = _build_artifact(tmp, job, config, family, blocks, lower, calib_groups, budgets, steps)
         seconds = steps.finish()
         write_manifest(tmp, _with_step_seconds(manifest, seconds))
+        _readable_as_created(tmp)
         swap_into_place(tmp, out, replace=force)  # an OUT that appeared meanwhile is refused, never clobbered
     except BaseException:
         steps.finish()
@@ -362,6 +364,17 @@ def _load_step(model: str, out: Path, steps: Steps, *, revision: str | None, tru
 def _staging(out: Path) -> Path:
     """A new, empty staging directory beside ``out``, with its lock (:func:`memrerank.atomic.create_staging`)."""
     return create_staging(out, "partial")
+
+
+def _readable_as_created(root: Path) -> None:
+    """Give every file of the artifact the mode a plain ``open()`` would have (0666 less the umask): ``onnx``
+    writes external weight data 0600, which would leave a service running as another user unable to read the
+    graph its manifest lists."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in Path(root).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o666 & ~mask)
 
 
 def _with_step_seconds(manifest: Manifest, seconds: Mapping[str, float]) -> Manifest:

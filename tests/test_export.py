@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
@@ -195,6 +196,10 @@ def test_external_data_is_hashed_and_loads(tmp_path, bert_ckpt, monkeypatch):
     out = export_model(str(bert_ckpt), tmp_path / "ext", max_length=64, log=lambda m: None)
     files = json.loads((out / "manifest.json").read_text())["precisions"]["fp32"]["files"]
     assert len(files) == 2 and any(f.endswith("_data") for f in files)
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in files:  # readable as a plain open() would create it: onnx writes external data 0600
+        assert (out / f).stat().st_mode & 0o777 == 0o666 & ~mask, f
     r = Reranker.load(out)
     assert np.isfinite(r.predict([("q", "d")], raw=True)).all()
 
