@@ -288,7 +288,7 @@ def build_int4(fp32: Path, out: Path, info: GraphInfo, calib: Any = None, exclud
 
     ``exclude``: the products the sensitivity search keeps, run as ``kept_as`` says (:data:`KEPT_AS`): ``"8-bit"``
     (the same blocks and kernel, 8-bit codes: an int8 product whose activation is coded per block of the row, so
-    an outlier channel costs its own block only) or ``"fp32"``. ``calib`` is not used: nothing in the 4-bit
+    an outlier channel costs its own block only; kept embeddings stay int8 rows) or ``"fp32"``. ``calib`` is not used: nothing in the 4-bit
     coding is measured. ``block``: input channels per block (:data:`INT4_BLOCK`).
     """
     check_block(block)
@@ -299,7 +299,10 @@ def build_int4(fp32: Path, out: Path, info: GraphInfo, calib: Any = None, exclud
     nodes = [n for n in info.weight_nodes if n not in exclude or n in set(eight)]
     out.parent.mkdir(parents=True, exist_ok=True)
     done = quantize_int4(fp32, out, nodes, info.external_data, block=block, eight_bit=eight)
-    tables = quantize_embeddings(out, [n for n in info.embedding_nodes if n not in exclude], info.external_data)
+    # the embeddings are int8 rows already: kept "8-bit" they stay so (fp32 would quadruple the largest table of a
+    # decoder, 0.93 GB of a 1.5B's, for a rounding that reaches the logit once, at the input)
+    embeddings = [n for n in info.embedding_nodes if kept_as == "8-bit" or n not in exclude]
+    tables = quantize_embeddings(out, embeddings, info.external_data)
     extra: dict[str, Any] = {"block_size": block, "accuracy_level": INT4_ACCURACY_LEVEL,
                              "int4_products": done - len(eight), "embeddings": _embeddings_record(tables)}
     kept = [n for n in info.weight_nodes if n in exclude]

@@ -229,6 +229,25 @@ def test_the_search_keeps_int4_products_on_8_bits(tmp_path, qwen_ckpt):
     assert eight == set(fid["kept_fp32_nodes"]) and build["eight_bit_products"] == len(eight)
 
 
+def test_embeddings_kept_on_8_bits_stay_int8_rows(tmp_path, qwen_artifact):
+    """Kept "8-bit", the embeddings stay the int8 rows they already are (never a 4x larger fp32 table); kept
+    "fp32" they are fp32."""
+    from memrerank.export.int4 import build_int4
+    from memrerank.export.quantize import graph_info
+
+    fp32 = qwen_artifact / "fp32" / "model.onnx"
+    info = graph_info(fp32)
+    assert info.embedding_nodes
+    tables = {}
+    for way in ("8-bit", "fp32"):
+        out = tmp_path / way / "model.onnx"
+        build_int4(fp32, out, info, exclude=list(info.embedding_nodes), kept_as=way)
+        g = onnx.load(str(out)).graph
+        tables[way] = max((i for i in g.initializer if len(i.dims) == 2), key=lambda i: i.dims[0] * i.dims[1])
+    assert tables["8-bit"].data_type == onnx.TensorProto.INT8
+    assert tables["fp32"].data_type == onnx.TensorProto.FLOAT
+
+
 def test_the_block_size_asked_for_is_the_block_size_written(tmp_path, qwen_ckpt):
     """``--int4-block``: every 4-bit product of the graph, from the fp32 graph or streamed, has the blocks asked
     for, and the manifest says so; the same command line parses it."""
