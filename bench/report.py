@@ -575,7 +575,7 @@ def real_weights(d: dict) -> str:
              f"Export: `{export['command']}` — {export['wall_s'] / 60:.1f} min, peak RSS "
              f"{export['peak_rss_mib'] / 1024:.1f} GiB.", "",
              "| precision | held-out vs fp32: Spearman / top-10 / max \\|Δlogit\\| / p(yes) agreement | weight "
-             f"products {'4-bit + ' * nbits}int8 | size (of fp32) | cold start | peak RSS | pairs/s, prefix reuse "
+             f"products {'4-bit + ' * nbits}8-bit | size (of fp32) | cold start | peak RSS | pairs/s, prefix reuse "
              "(× fp32) |",
              "|---|---|---|---|---|---|---|"]
     search_lines = [_search_line(n, r) for n, r in (export.get("search") or {}).items()]
@@ -591,7 +591,8 @@ def real_weights(d: dict) -> str:
         s = scorers.get(f"memrerank {name} + prefix reuse", {}).get("pairs_per_s")
         sp = f"{s:.2f} ({s / fp32_speed:.2f}×)" if s and fp32_speed else "—"
         four = f"{wp.get('nbits', 0)} + " if nbits else ""
-        lines.append(f"| `{name}` | {fid} | {four}{wp.get('int8', 0)}{two} / {total} | "
+        eight = wp.get("int8", 0) + wp.get("nbits_8bit", 0)  # int8 products and 8-bit weight blocks
+        lines.append(f"| `{name}` | {fid} | {four}{eight}{two} / {total} | "
                      f"{r['size_bytes'] / 2**30:.2f} GiB "
                      f"({100 * r['size_bytes'] / fp32_bytes:.0f} %) | {r['cold_start_s']:.2f} s | "
                      f"{r['peak_rss_mib']:,.0f} MiB | {sp} |")
