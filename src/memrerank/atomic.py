@@ -205,14 +205,17 @@ def lock_path(staging: str | Path) -> Path:
     return staging_path(out, "lock", token)
 
 
-def _fsync_dir(path: Path) -> None:
-    if os.name == "nt":  # directories cannot be opened for fsync there
-        return
+def _fsync(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name != "nt":  # directories cannot be opened for fsync there
+        _fsync(path)
 
 
 def write_file_atomic(path: str | Path, data: bytes) -> None:
@@ -440,13 +443,8 @@ def fsync_tree(root: str | Path) -> None:
     for dirpath, _, filenames in os.walk(root, topdown=False):
         for name in filenames:
             path = os.path.join(dirpath, name)
-            if os.path.islink(path):
-                continue
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            if not os.path.islink(path):
+                _fsync(path)
         _fsync_dir(Path(dirpath))
 
 

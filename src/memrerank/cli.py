@@ -36,7 +36,6 @@ import dataclasses
 import errno
 import json
 import os
-import re
 import stat
 import sys
 import tempfile
@@ -527,21 +526,13 @@ def _os_error(exc: OSError) -> str:
     return f"{what}: {' -> '.join(files)}" if files else what
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def _looks_like_a_path(text: str) -> bool:
-    """Whether an argument that does not exist names a local path rather than a hub id (module docstring)."""
-    from memrerank.runtime.hub import looks_like_a_path
-
-    return looks_like_a_path(text)
-
-
 def _check_reference(text: str, what: str) -> None:
     """Refuse a missing local path (``what`` names it) before anything treats it as a hub id."""
+    from memrerank.runtime.hub import is_model_reference
+
     if Path(text).expanduser().exists():
         return
-    if _looks_like_a_path(text) or not _HUB_ID.match(text):
+    if not is_model_reference(text):  # a missing path, never a hub id (runtime.hub.looks_like_a_path)
         hint = "make one with `memrerank export MODEL -o DIR`" if what == "artifact" else "a local checkpoint " \
                "directory, or a hub id org/name whose org is no directory here"
         raise MemrerankError(f"no such {what} directory: {text} ({hint})")
