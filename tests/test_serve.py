@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,27 +17,16 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from memrerank import LoadOptions, Reranker  # noqa: E402
 from memrerank.serve import Limits, ServeConfig, create_app  # noqa: E402
+from servers import free_port, running  # noqa: E402
 from texts import DOCS  # noqa: E402
 
 
 @contextlib.contextmanager
 def _serving(app):
     """Run ``app`` with uvicorn on a free loopback port (in a thread) and yield its URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started
-    try:
+    port = free_port()
+    with running(uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -394,9 +382,7 @@ def _two_workers_serve_the_same_answers(bert_artifact, command):
     import signal
     import subprocess
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([c.format(port=port) for c in command],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})

@@ -30,6 +30,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
+from servers import free_port, running
 from texts import DOCS
 
 from memrerank import LoadOptions, Reranker
@@ -42,21 +43,9 @@ def _serving(config: ServeConfig):
     """``config``'s app on a free loopback port, run as :func:`memrerank.serve.serve` runs it (memrerank's uvicorn
     protocol: header timeout, connection cap); yields ``(url, port, app)``."""
     app = create_app(config)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn_config(config, app, "127.0.0.1", port))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started
-    try:
+    port = free_port()
+    with running(uvicorn.Server(uvicorn_config(config, app, "127.0.0.1", port))):
         yield f"http://127.0.0.1:{port}", port, app
-    finally:
-        srv.should_exit = True
-        thread.join(10)
 
 
 def _config(artifact, **kw) -> ServeConfig:
