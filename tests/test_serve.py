@@ -74,30 +74,31 @@ def _head(reranker, query: str) -> np.ndarray:
     return reranker.encoder.split(query, []).head
 
 
-def _tei(client, url: str, query: str, texts: list[str]):
+def _tei(client, url: str, query: str, texts: list[str], **extra):
     """``(status, raw scores in the texts' order or the error body)`` of one ``POST /rerank``."""
-    r = client.post(f"{url}/rerank", json={"query": query, "texts": texts, "raw_scores": True})
+    r = client.post(f"{url}/rerank", json={"query": query, "texts": texts, "raw_scores": True, **extra})
     if r.status_code != 200:
         return r.status_code, r.json()
     return 200, np.array([x["score"] for x in sorted(r.json(), key=lambda x: x["index"])])
 
 
-def _at_once(url: str, requests: list[tuple[str, list[str]]]) -> list:
-    """Send every ``(query, texts)`` request at the same moment (a barrier), each on its own connection."""
+def _at_once(url: str, requests: list[tuple]) -> list:
+    """Send every ``(query, texts[, extra fields])`` request at the same moment (a barrier), each on its own
+    connection."""
     barrier = threading.Barrier(len(requests))
 
     def call(req):
         with httpx.Client(timeout=60) as c:
             c.get(f"{url}/health")  # connected before the barrier: the posts leave together
             barrier.wait()
-            return _tei(c, url, *req)
+            return _tei(c, url, *req[:2], **(req[2] if len(req) > 2 else {}))
 
     with ThreadPoolExecutor(len(requests)) as pool:
         return list(pool.map(call, requests))
 
 
 def test_cohere_api(server, bert_artifact):
-    url, _ = server
+    url, app = server
     docs = DOCS[:6]
     r = httpx.post(f"{url}/v1/rerank", json={"model": "m", "query": "Who painted?", "documents": docs, "top_n": 3,
                                              "return_documents": True})
@@ -107,7 +108,7 @@ def test_cohere_api(server, bert_artifact):
     assert [x["index"] for x in body["results"]] == [h.index for h in want]
     for x, h in zip(body["results"], want):
         assert x["relevance_score"] == pytest.approx(h.score, abs=1e-5) and x["document"]["text"] == h.text
-    assert body["usage"]["documents"] == 6 and body["model"] == "m"
+    assert body["usage"]["documents"] == 6 and body["model"] == app.state.config.name  # the served model
 
 
 def test_tei_api(server, bert_artifact):
@@ -122,8 +123,10 @@ def test_tei_api(server, bert_artifact):
     for x in out:
         assert x["score"] == pytest.approx(float(logits[x["index"]]), abs=1e-5) and x["text"] == docs[x["index"]]
     assert [x["score"] for x in out] == sorted((x["score"] for x in out), reverse=True)
-    r = httpx.post(f"{url}/rerank", json={"query": "q", "texts": [DOCS[-1]], "truncate": False})
-    assert r.status_code == 413 and r.json()["error"]["type"] == "max_tokens_per_document"
+    r = httpx.post(f"{url}/rerank", json={"query": "q", "texts": ["d", "word " * 100], "truncate": False})
+    assert r.status_code == 413 and r.json() == {
+        "error": "'texts[1]' does not fit the model's max length and truncate is false; shorten it or send "
+                 "truncate true", "error_type": "Validation"}
 
 
 def test_health_models_metrics(server):
@@ -136,23 +139,23 @@ def test_health_models_metrics(server):
     assert "memrerank_request_seconds_bucket" in text and "memrerank_pairs_total" in text
 
 
-@pytest.mark.parametrize("payload,status,kind", [
-    ({"query": "q", "documents": ["d"] * 51}, 413, "max_documents"),
-    ({"query": "q", "documents": ["word " * 300]}, 413, "max_tokens_per_document"),
-    ({"query": "q", "documents": ["x" * 30_000]}, 413, "max_request_bytes"),
-    ({"query": "q", "documents": []}, 422, "invalid_request"),
-    ({"query": 3, "documents": ["d"]}, 422, "invalid_request"),
-    ({"query": "q", "documents": ["d", None]}, 422, "invalid_request"),
-    ({"query": "q", "documents": ["d"], "top_n": 0}, 422, "invalid_request"),
-    ({"query": "why " * 100, "documents": ["d"]}, 422, "invalid_request"),  # no room for a document
+@pytest.mark.parametrize("payload,status,says", [
+    ({"query": "q", "documents": ["d"] * 51}, 413, "51 documents exceed the limit of 50"),
+    ({"query": "q", "documents": ["word " * 300]}, 413, "over the limit of 200"),
+    ({"query": "q", "documents": ["x" * 30_000]}, 413, "exceeds the limit of 20000 bytes"),
+    ({"query": 3, "documents": ["d"]}, 400, "'query' must be a string"),
+    ({"query": "q", "documents": ["d", None]}, 400, "'documents[1]' must be a string"),
+    ({"query": "q", "documents": ["d"], "top_n": 0}, 400, "'top_n' must be a positive integer"),
 ])
-def test_limits_and_bad_requests_are_json_4xx(server, payload, status, kind):
+def test_limits_and_bad_requests_are_json_4xx(server, payload, status, says):
+    """In /v1/rerank's shape, which Cohere v1 and Jina clients read: ``{"message", "detail"}``."""
     url, _ = server
     r = httpx.post(f"{url}/v1/rerank", json=payload)
-    assert r.status_code == status and r.json()["error"]["type"] == kind
+    body = r.json()
+    assert r.status_code == status and says in body["message"] and body["detail"] == body["message"]
     assert httpx.get(f"{url}/health").status_code == 200  # still serving
     r = httpx.post(f"{url}/v1/rerank", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_json"
+    assert r.status_code == 400 and r.json()["message"].startswith("request body is not JSON")
 
 
 def test_concurrent_clients_are_batched_and_split_back(server, bert_artifact, monkeypatch):
@@ -196,16 +199,16 @@ def _alone(url: str, requests) -> list[np.ndarray]:
 
 
 def test_a_query_too_long_for_the_model_fails_alone(merging, monkeypatch):
-    """Sent together with good requests, a query that leaves no room for a document (the artifact's max_length
-    is 64 tokens) gets its 422 before it joins a batch; the others get their scores, the same as alone."""
+    """Sent together with good requests with TEI's ``truncate: false``, a query that leaves no room for a
+    document (the artifact's max_length is 64 tokens) gets its 413 before it joins a batch; the others get
+    their scores, the same as alone."""
     url, app = merging
     alone = _alone(url, GOOD)
     calls = ModelCalls(monkeypatch, app.state.reranker)
-    results = _at_once(url, GOOD[:3] + [("why " * 100, DOCS[:4])] + GOOD[3:])
+    results = _at_once(url, GOOD[:3] + [("why " * 100, DOCS[:4], {"truncate": False})] + GOOD[3:])
     status, body = results[3]
-    assert status == 422 and body["error"]["type"] == "invalid_request"
-    assert body["error"]["message"].startswith("query:") and "leaving no room for a document" in \
-        body["error"]["message"]
+    assert status == 413 and body["error_type"] == "Validation"
+    assert body["error"].startswith("'query' does not fit the model's max length and truncate is false")
     for (status, got), want in zip(results[:3] + results[4:], alone):
         assert status == 200
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
@@ -214,7 +217,8 @@ def test_a_query_too_long_for_the_model_fails_alone(merging, monkeypatch):
 
 def test_a_merged_call_that_fails_is_retried_request_by_request(merging, monkeypatch):
     """A model call that raises for one request's documents: the merged call fails, the batcher scores its
-    requests one by one, the bad one gets its 422 and every other request its scores (the same as alone)."""
+    requests one by one, the bad one gets its error (TEI's 424 ``Backend``) and every other request its scores
+    (the same as alone)."""
     url, app = merging
     reranker = app.state.reranker
     poison = "this request breaks the model"
@@ -224,7 +228,7 @@ def test_a_merged_call_that_fails_is_retried_request_by_request(merging, monkeyp
     retried = app.state.metrics.retried
     results = _at_once(url, GOOD[:3] + [(poison, DOCS[:4])] + GOOD[3:])
     status, body = results[3]
-    assert status == 422 and "injected" in body["error"]["message"]
+    assert status == 424 and body["error_type"] == "Backend" and "injected" in body["error"]
     for (status, got), want in zip(results[:3] + results[4:], alone):
         assert status == 200, got
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

@@ -285,7 +285,8 @@ def _register_rank(p: argparse.ArgumentParser) -> None:
 
 
 @_arguments("serve", "the resolved configuration (one line, at startup)",
-            "Local rerank service: Cohere /v1/rerank and TEI /rerank APIs, dynamic batching, limits.")
+            "Local rerank service: Cohere /v1/rerank and /v2/rerank, TEI and vLLM /rerank, vLLM /score APIs, "
+            "dynamic batching, limits.")
 def _register_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=Path)
     p.add_argument("--host", default="127.0.0.1",
@@ -294,6 +295,9 @@ def _register_serve(p: argparse.ArgumentParser) -> None:
     _add_precision(p, "auto")
     _add_load_options(p)
     p.add_argument("--workers", type=_positive_int, default=1, help="server processes (each loads the artifact)")
+    p.add_argument("--instruction", default=None,
+                   help="decoder artifacts: the task instruction of a request that names none (default: the "
+                        "artifact's)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="dynamic batching: longest wait for company")
     p.add_argument("--max-batch-pairs", type=_positive_int, default=256, help="dynamic batching: most pairs merged")
     p.add_argument("--max-documents", type=_positive_int, default=1000, help="limit: documents per request")
@@ -684,6 +688,7 @@ def _serve_startup(args: argparse.Namespace, config: Any) -> dict[str, Any]:
     return {"url": f"http://{host}:{args.port}", "artifact": config.artifact, "precision": precision,
             "options": options.as_dict(), "limits": dataclasses.asdict(config.limits),
             "max_wait_ms": config.max_wait_ms, "max_batch_pairs": config.max_batch_pairs,
+            "instruction": config.instruction,
             "auth": "api-key" if config.api_key else "none", "allowed_hosts": list(config.allowed_hosts),
             **{k: getattr(config, k) for k in ("max_concurrency", "max_connections", "max_queued_tokens",
                                                "header_timeout_s", "body_timeout_s")},
@@ -706,7 +711,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         limits=Limits(args.max_documents, args.max_request_bytes, args.max_tokens_per_document, **request_tokens),
         max_wait_ms=args.max_wait_ms, max_batch_pairs=args.max_batch_pairs,
         api_key=args.api_key if args.api_key is not None else (os.environ.get("MEMRERANK_API_KEY") or None),
-        allow_unauthenticated=args.allow_unauthenticated, **{k: v for k, v in given.items() if v is not None})
+        allow_unauthenticated=args.allow_unauthenticated, instruction=args.instruction,
+        **{k: v for k, v in given.items() if v is not None})
+    if args.instruction is not None and (Path(config.artifact) / "manifest.json").is_file():  # before workers
+        from memrerank.manifest import read_manifest
+        from memrerank.serve import takes_instruction
+
+        manifest = read_manifest(config.artifact)
+        if not takes_instruction(manifest):
+            raise ValueError(f"--instruction: {config.artifact} is a {manifest.family} artifact, whose "
+                             "template has no instruction; leave --instruction out")
     bound = config.bound_to(args.host)  # a non-loopback bind without a key is refused here, before loading
     if not is_loopback(args.host):
         print(f"memrerank serve: listening on {args.host}, reachable beyond this machine"

@@ -9,9 +9,10 @@
   out are compared before the directory is swapped into place, and a failed or killed job resumes
   (``resume=True``) by scoring only the ids its committed blocks lack.
 * :func:`build_app` / :func:`serve_on_ray` wrap the same FastAPI service as ``memrerank serve`` (Cohere
-  ``/v1/rerank``, TEI ``/rerank``, ``/health``, ``/v1/models``, ``/metrics``) in a Ray Serve deployment with
-  ``num_replicas`` replicas, each building its app from one :class:`memrerank.serve.ServeConfig`;
-  ``serve run memrerank.scale:build_app artifact=OUT`` works too.
+  ``/v1/rerank`` and ``/v2/rerank``, TEI and vLLM ``/rerank``, vLLM ``/score`` and ``/v1/score``,
+  ``/health``, ``/v1/models``, ``/metrics``) in a Ray Serve deployment with ``num_replicas`` replicas, each
+  building its app from one :class:`memrerank.serve.ServeConfig`; ``serve run memrerank.scale:build_app
+  artifact=OUT`` works too.
 
 ``import memrerank.scale`` needs no Ray; the functions import it when called.
 """
@@ -785,7 +786,7 @@ _SERVE_BOOLS = ("allow_unauthenticated",)
 _APP_INTS = ("num_replicas",) + _SERVE_INTS + _LOAD_INTS + _LIMIT_KEYS
 _LOAD_KEYS = ("precision", "providers") + _LOAD_INTS + _LOAD_BOOLS
 _APP_KEYS = frozenset(_APP_INTS + _LOAD_KEYS + _SERVE_FLOATS + _SERVE_BOOLS
-                      + ("artifact", "model_name", "api_key", "allowed_hosts"))
+                      + ("artifact", "model_name", "api_key", "allowed_hosts", "instruction"))
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "none": None, "": None}
 
 
@@ -854,15 +855,16 @@ def build_app(args: dict[str, Any]) -> Any:
 
     Ray Serve's application-builder form: one dict, as ``serve run memrerank.scale:build_app artifact=OUT
     precision=int8 num_replicas=2`` passes it (values may be strings). Keys: ``num_replicas`` (1); the
-    :class:`memrerank.serve.ServeConfig` fields ``artifact`` (required), ``max_wait_ms`` (5), ``max_batch_pairs``
-    (256), ``model_name``; the :class:`memrerank.LoadOptions` fields ``precision`` (``"auto"``), ``providers``
-    (comma-separated), ``threads`` (1, CPUs per replica), ``batch_size``, ``max_batch_tokens``, ``prefix_reuse``,
-    ``allow_tf32``, ``io_binding`` (the last three true/false/none); the limits ``max_documents`` /
-    ``max_request_bytes`` / ``max_tokens_per_document`` / ``max_request_tokens``; and admission and access:
-    ``api_key`` (default: the ``MEMRERANK_API_KEY`` environment variable), ``allow_unauthenticated``
-    (true/false), ``allowed_hosts`` (comma-separated; ``*`` any), ``max_concurrency``, ``max_queued_tokens``,
-    ``body_timeout_s`` (``max_connections`` and ``header_timeout_s`` are uvicorn's: Ray Serve's proxy has its
-    own). They become one ServeConfig, as ``memrerank serve`` builds it.
+    :class:`memrerank.serve.ServeConfig` fields ``artifact`` (required), ``max_wait_ms`` (5),
+    ``max_batch_pairs`` (256), ``model_name``, ``instruction`` (a decoder's default task instruction); the
+    :class:`memrerank.LoadOptions` fields ``precision`` (``"auto"``), ``providers`` (comma-separated),
+    ``threads`` (1, CPUs per replica), ``batch_size``, ``max_batch_tokens``, ``prefix_reuse``, ``allow_tf32``,
+    ``io_binding`` (the last three true/false/none); the limits ``max_documents`` / ``max_request_bytes`` /
+    ``max_tokens_per_document`` / ``max_request_tokens``; and admission and access: ``api_key`` (default: the
+    ``MEMRERANK_API_KEY`` environment variable), ``allow_unauthenticated`` (true/false), ``allowed_hosts``
+    (comma-separated; ``*`` any), ``max_concurrency``, ``max_queued_tokens``, ``body_timeout_s``
+    (``max_connections`` and ``header_timeout_s`` are uvicorn's: Ray Serve's proxy has its own). They become
+    one ServeConfig, as ``memrerank serve`` builds it.
 
     Raises:
         ValueError: a missing artifact, an unknown option, a value that is not a number or out of range.

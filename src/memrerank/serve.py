@@ -1,15 +1,34 @@
 """``memrerank serve``: a local rerank service over one artifact (FastAPI + uvicorn, the ``serve`` extra).
 
-APIs clients already speak:
+APIs clients already speak (every scoring route takes ``instruction``, see below):
 
-* Cohere / vLLM style ``POST /v1/rerank`` ``{"model", "query", "documents", "top_n", "return_documents"}`` →
-  ``{"id", "model", "results": [{"index", "relevance_score", "document"?}], "usage": {...}}``;
+* ``POST /v1/rerank``, Cohere v1's, Jina's and vLLM's at once: ``{"model", "query", "documents" (strings or
+  ``{"text"}``), "top_n", "return_documents"}`` → ``{"id", "model", "results": [{"index", "relevance_score",
+  "document"?}], "usage": {"total_tokens", ...}}``;
 * Cohere v2 ``POST /v2/rerank`` ``{"model", "query", "documents" (strings), "top_n", "max_tokens_per_doc"}``
   → ``{"id", "results": [{"index", "relevance_score"}], "meta": {"api_version": {"version": "2"},
   "billed_units": {"search_units": 1}}}`` (what ``cohere.ClientV2.rerank`` parses);
-* Hugging Face TEI ``POST /rerank`` ``{"query", "texts", "raw_scores", "return_text", "truncate"}`` →
-  ``[{"index", "score", "text"?}]``;
+* Hugging Face TEI ``POST /rerank`` ``{"query", "texts", "raw_scores", "return_text", "truncate",
+  "truncation_direction"}`` → ``[{"index", "score", "text"?}]``;
+* vLLM ``POST /rerank`` with ``documents`` instead of ``texts`` (vLLM's, also on ``/v1/rerank``) →
+  ``{"id", "model", "usage", "results": [{"index", "document": {"text"}, "relevance_score"}]}``, and vLLM
+  ``POST /score``, ``/v1/score`` ``{"model", "text_1", "text_2"}`` → ``{"id", "object": "list", "created",
+  "model", "data": [{"index", "object": "score", "score"}], "usage"}``;
 * ``GET /health``, ``GET /v1/models``, ``GET /metrics`` (Prometheus text: requests, pairs, latency histogram).
+
+What every scoring route says beyond its API, as extra fields clients ignore: each result's ``truncated``
+(its document was cut to fit the model, or to v2's ``max_tokens_per_doc``) and ``query_truncated`` (at the top
+level; on each item of TEI's list and vLLM's score data). A query too long for the model is cut, the template
+kept, leaving the document room (:data:`memrerank.runtime.encoding.MIN_DOCUMENT_TOKENS`, a quarter of the
+model's length at most), and flagged; TEI's ``truncate: false`` refuses it instead (413), as TEI refuses any
+input too long. ``truncation_direction: "Left"`` (TEI) keeps the last tokens instead of the first. A request's
+``instruction`` (decoder rerankers' task instruction; default :attr:`ServeConfig.instruction`, else the
+artifact's) is scored as ``Reranker.rank(..., instruction=...)`` scores it and counts in its tokens; an
+encoder artifact, whose template has no instruction, answers 400 for one. Empty ``documents`` is a 200 with
+no results. Responses name the served model (:attr:`ServeConfig.name`).
+
+Errors come in the shape of the API the route speaks (:func:`memrerank.serve_guard.error_body`): a bad request
+is a 400 (TEI: 422, its ``Validation`` type), a limit a 413, an overload a 503 with ``Retry-After``.
 
 A request's way in, each step bounded:
 
@@ -21,16 +40,15 @@ A request's way in, each step bounded:
 3. one of ``max_concurrency`` scoring slots (503 with ``Retry-After`` when all are taken), then checked and
    tokenized once, off the event loop, a slice of documents at a time, each document's ids cut to the
    model's length right away (so a request holds at most ``max_documents`` × the model's length in ids): a wrong
-   type or a query that leaves no room for a document answers 422, a limit (documents, tokens per document,
-   tokens per request) 413;
+   type answers 400, a limit (documents, tokens per document, tokens per request) 413;
 4. admitted to the :class:`DynamicBatcher` while its queue holds less than ``max_queued_tokens`` (503 with
    ``Retry-After`` otherwise), which scores every admitted request in steps of about one model call, taking a
    fair share of each waiting request round-robin: a 1-document request never waits behind a whole 1,000-document
    one; a merged step that fails is retried request by request, so one bad request never fails its neighbours;
 5. a client that disconnects while its request waits takes its remaining work out of the queue.
 
-Every error is JSON in one shape (:func:`memrerank.serve_guard.error_body`) and counted in ``/metrics``. Binds to
-127.0.0.1 unless told; a non-loopback bind needs an API key or ``allow_unauthenticated``.
+Every error is JSON in its API's shape and counted in ``/metrics``. Binds to 127.0.0.1 unless told; a
+non-loopback bind needs an API key or ``allow_unauthenticated``.
 
 Every setting travels as one :class:`ServeConfig`: the CLI builds it, :func:`create_app` and :func:`serve` take it,
 ``serve(config, workers=N)`` hands it to each worker process, and ``memrerank.scale`` gives it to each Ray Serve
@@ -56,12 +74,15 @@ from typing import Any
 
 import numpy as np
 
+from memrerank.runtime.encoding import MIN_DOCUMENT_TOKENS, utf8_safe
 from memrerank.runtime.options import LoadOptions, check_positive_int
 from memrerank.serve_guard import (
     ANY_HOST,
     LOOPBACK_HOSTS,
     METRICS_STATE_KEY,
+    PATH_API,
     Guard,
+    api_of,
     error_body,
     guarded_protocol,
     host_name,
@@ -69,7 +90,7 @@ from memrerank.serve_guard import (
 )
 
 __all__ = ["DynamicBatcher", "Limits", "Metrics", "QueueFull", "ServeConfig", "check_port", "create_app",
-           "pair_tokens", "serve", "uvicorn_config"]
+           "pair_tokens", "serve", "takes_instruction", "uvicorn_config"]
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _SERVE_EXTRA = "memrerank serve needs the serve extra: pip install 'memrerank[serve]'"
@@ -93,8 +114,8 @@ class Limits:
         max_request_bytes: request body bytes.
         max_tokens_per_document: a document's tokens (before the model's own truncation).
         max_request_tokens: the request's work: the tokens the model reads for all its pairs (each document cut
-            to the model's length, the template's tail, and the query side per pair unless the reranker reuses a
-            decoder's query prefix), summed.
+            to the model's length, the template's tail, and the query side — template, instruction, query — per
+            pair, or once when the reranker reuses a decoder's query prefix), summed.
 
     Raises:
         ValueError: a limit that is not a positive integer (naming it).
@@ -163,6 +184,8 @@ class ServeConfig:
             leaves room for others.
         header_timeout_s: seconds to receive a request's line and headers (uvicorn only; 408 and close).
         body_timeout_s: seconds to receive a request's body once its headers are in (408 and close).
+        instruction: decoder rerankers: the task instruction of a request that names none (``None``: the
+            artifact's default). An encoder artifact takes none (:func:`create_app` refuses it).
 
     Raises:
         ValueError: a value out of range, naming the field.
@@ -183,6 +206,7 @@ class ServeConfig:
     max_queued_tokens: int = 2**20
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
+    instruction: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.artifact, (str, os.PathLike)) or not os.fspath(self.artifact):
@@ -202,6 +226,8 @@ class ServeConfig:
             raise ValueError(f"ServeConfig.max_wait_ms must be a number >= 0, got {wait!r}")
         if self.model_name is not None and (not isinstance(self.model_name, str) or not self.model_name):
             raise ValueError(f"ServeConfig.model_name must be a non-empty string or None, got {self.model_name!r}")
+        if self.instruction is not None and not isinstance(self.instruction, str):
+            raise TypeError(f"ServeConfig.instruction must be a string or None, got {self.instruction!r}")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
             raise ValueError("ServeConfig.api_key must be a non-empty string or None")
         if not isinstance(self.allow_unauthenticated, bool):
@@ -545,10 +571,76 @@ def _deliver(future: asyncio.Future, result: Any) -> None:
         future.set_result(result)
 
 
-def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> Any:
-    from fastapi.responses import JSONResponse
+#: Statuses one API answers differently: a malformed field is TEI's 422 (axum's) where the others answer
+#: 400, a request the model fails TEI's 424 (its ``Backend`` error) where the others answer 422.
+_API_STATUS = {("tei", "invalid_request"): 422, ("tei", "model_error"): 424}
 
-    return JSONResponse(error_body(kind, message), status_code=status, headers=headers)
+
+@dataclass(frozen=True)
+class _Err:
+    """An error answer, rendered in the shape and status of the API asked (see :data:`_API_STATUS`)."""
+
+    status: int
+    kind: str
+    message: str
+    headers: dict[str, str] | None = None
+
+    def response(self, api: str | None) -> Any:
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse(error_body(api, self.kind, self.message), headers=self.headers,
+                            status_code=_API_STATUS.get((api, self.kind), self.status))
+
+
+def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> _Err:
+    return _Err(status, kind, message, headers)
+
+
+def _bad(message: str) -> _Err:
+    """A malformed request: 400 (TEI: 422)."""
+    return _Err(400, "invalid_request", message)
+
+
+def takes_instruction(manifest: Any) -> bool:
+    """Whether an artifact's template has a task instruction (decoder rerankers' do, encoder cross-encoders'
+    not)."""
+    return getattr(manifest.template, "instruction_piece", None) is not None
+
+
+def _texts(docs: Any) -> Any:
+    """Documents as strings: Cohere v1, Jina and vLLM also take ``{"text": ...}`` objects."""
+    return [d.get("text") if isinstance(d, dict) else d for d in docs] if isinstance(docs, list) else docs
+
+
+def _top_n(data: dict[str, Any], zero: bool = False) -> tuple[int | None, _Err | None]:
+    """``top_n``: a positive integer or absent (``zero``: vLLM's 0, all, too)."""
+    value = data.get("top_n")
+    least = 0 if zero else 1
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+        return None, _bad(f"'top_n' must be a {'non-negative' if zero else 'positive'} integer")
+    return value or None, None
+
+
+def _order(logits: np.ndarray, top_n: int | None = None) -> np.ndarray:
+    """Indices best first, ``top_n`` of them (all when ``None``)."""
+    return np.argsort(-logits, kind="stable")[:top_n]
+
+
+@dataclass
+class _Prepared:
+    """One query's documents tokenized for the batcher.
+
+    Attributes:
+        split: the ids, each document's cut to what the model reads.
+        truncated: per document, whether it was cut (to the model's length or to ``max_tokens``).
+        query_truncated: whether the query was cut to leave the documents room.
+        tokens: the tokens the model reads for them (:func:`pair_tokens`, a shared head once).
+    """
+
+    split: Any
+    truncated: np.ndarray
+    query_truncated: bool
+    tokens: int
 
 
 def _slices(docs: list[str]) -> list[tuple[int, int]]:
@@ -580,9 +672,9 @@ def _parse_json(body: bytes) -> Any:
 class _Service:
     """The request side of one service: body reading under the limits, validation, and the rerank APIs.
 
-    :meth:`run` reads a request's body and hands it to a handler, which takes the Starlette request and the body's
-    JSON object and returns ``(response, pairs scored)``; a response is a JSON-able value or a JSONResponse
-    carrying an error.
+    :meth:`run` reads a request's body and hands it to the handler of the route's API, which takes the
+    Starlette request and the body's JSON object and returns ``(response, pairs scored)``; a response is a
+    JSON-able value or an error, which :meth:`run` renders in the API's shape.
     """
 
     def __init__(self, config: ServeConfig, reranker: Any) -> None:
@@ -599,10 +691,12 @@ class _Service:
         self.body_budget = config.max_concurrency * config.limits.max_request_bytes
         self.metrics.gauges["memrerank_requests_in_flight"] = lambda: self.active
         self.metrics.gauges["memrerank_buffered_body_bytes"] = lambda: self.buffered
+        self.handlers = {"cohere_v1": self.cohere, "cohere": self.cohere_v2, "tei": self.tei,
+                         "vllm": self.vllm_rerank, "vllm_score": self.vllm_score}
 
     async def read_body(self, request: Any) -> tuple[dict[str, Any] | None, Any]:
         """The JSON object of the body, or an error response (413 over ``max_request_bytes``, 408 past
-        ``body_timeout_s``, 503 when all bodies being read would pass their budget, 400 not JSON, 422 not an
+        ``body_timeout_s``, 503 when all bodies being read would pass their budget, 400 not JSON or not an
         object, 499 the client went away)."""
         from starlette.requests import ClientDisconnect
 
@@ -648,76 +742,121 @@ class _Service:
         finally:
             self.buffered -= held[0]
         if not isinstance(data, dict):
-            return None, _error(422, "invalid_request", "request body must be a JSON object")
+            return None, _bad("request body must be a JSON object")
         return data, None
 
-    def _tokenize(self, query: str, docs: list[str], field: str, max_tokens: int | None) -> tuple[Any, Any]:
-        """Worker-thread side of :meth:`prepare`: the split with every document's ids cut to the model's length
-        (``budget + 1`` ids: the truncation flag survives), or an error response."""
+    def _fit_query(self, query: str, instruction: str | None, left: bool) -> tuple[str, bool]:
+        """``(the query as scored, whether it was cut)``: whole when it leaves a document room, else its first
+        (``left``: last) tokens that leave a document :data:`MIN_DOCUMENT_TOKENS` (a quarter of the model's
+        length at most), the template kept. ``ValueError`` when the instruction and template alone leave no
+        room."""
+        encoder = self.reranker.encoder
+        try:
+            encoder.split(query, [], instruction)
+            return query, False
+        except ValueError:
+            pass
+        room = encoder.split("", [], instruction).budget - min(MIN_DOCUMENT_TOKENS, encoder.max_length // 4)
+        starts = [a for a, _ in encoder.tokenizer.encode(utf8_safe(query), add_special_tokens=False).offsets]
+        keep = min(room, len(starts) - 1)
+        while True:
+            cut = "" if keep <= 0 else query[starts[-keep]:] if left else query[:starts[keep]]
+            try:
+                encoder.split(cut, [], instruction)
+                return cut, True
+            except ValueError:  # in the template the cut text tokenizes a little longer: keep fewer tokens
+                keep -= max(1, keep // 8)
+
+    def _tokenize(self, query: str, docs: list[str], field: str, instruction: str | None,
+                  max_tokens: int | None, truncate: bool, left: bool) -> tuple[Any, Any]:
+        """Worker-thread side of :meth:`prepare`: the request as a :class:`_Prepared`, or an error."""
         limits, encoder = self.limits, self.reranker.encoder
-        first, kept, worst, worst_at = None, [], -1, -1
+        query, query_cut = self._fit_query(query, instruction, left)
+        if query_cut and not truncate:
+            return None, _error(413, "input_too_long", "'query' does not fit the model's max length and "
+                                                       "truncate is false; shorten it or send truncate true")
+        first, kept, flags, worst, worst_at = None, [], [], -1, -1
         for a, b in _slices(docs):
-            split = encoder.split(query, docs[a:b])  # ValueError: the query leaves no room for a document
-            if first is None:
-                first = split
-            keep = first.budget + 1
+            split = encoder.split(query, docs[a:b], instruction)
+            first = first or split
+            budget = first.budget
             for i, d in enumerate(split.docs, a):
+                whole = len(d)
                 if max_tokens is not None:
                     d = d[:max_tokens]
                 if len(d) > worst:
                     worst, worst_at = len(d), i
-                kept.append(d if len(d) <= keep else d[:keep])
+                flags.append(len(d) < whole or len(d) > budget)
+                kept.append(d if len(d) <= budget else d[-budget:] if left else d[:budget])
             if worst > limits.max_tokens_per_document:
                 return None, _error(413, "max_tokens_per_document",
                                     f"'{field}[{worst_at}]' has {worst} tokens, over the limit of "
                                     f"{limits.max_tokens_per_document}")
+        if not truncate and any(flags):
+            at = flags.index(True)
+            return None, _error(413, "input_too_long", f"'{field}[{at}]' does not fit the model's max "
+                                                       "length and truncate is false; shorten it or send "
+                                                       "truncate true")
         first.docs = kept
-        total = int(pair_tokens(first, self.batcher.shared_head).sum())
+        shared = self.batcher.shared_head
+        total = int(pair_tokens(first, shared).sum()) + (len(first.head) if shared and kept else 0)
         if total > limits.max_request_tokens:
             return None, _error(413, "max_request_tokens",
                                 f"the request is {total} tokens of work (each document cut to the model's "
                                 f"length), over the limit of {limits.max_request_tokens}; split the request")
-        return first, None
+        return _Prepared(first, np.array(flags, dtype=bool), query_cut, total), None
 
-    async def prepare(self, query: Any, docs: Any, field: str, max_tokens: int | None = None) -> tuple[Any, Any]:
+    async def prepare(self, query: Any, docs: Any, field: str, *, instruction: Any = None,
+                      max_tokens: int | None = None, truncate: bool = True,
+                      left: bool = False) -> tuple[Any, Any]:
         """The request tokenized once, off the event loop, and checked before it joins a batch.
 
-        Returns ``(split, None)`` — a :class:`~memrerank.runtime.encoding.SplitPairs` ready for the batcher, each
-        document's ids cut to the model's length — or ``(None, error response)``: 422 for a value of the wrong
-        type or a query that leaves no room for a document in the model's input, 413 for a limit (naming it).
-        ``max_tokens`` (v2's ``max_tokens_per_doc``) keeps each document's first ``max_tokens`` tokens, and the
-        per-document token limit applies to what is kept. Tokens are the artifact tokenizer's ids of the document
-        as the model reads it (for decoder templates, with the template's leading space).
+        Returns ``(prepared, None)`` — a :class:`_Prepared` for the batcher — or ``(None, error)``: 400 for a
+        value of the wrong type, an instruction for an artifact without one, or an instruction that leaves no
+        room for a document; 413 for a limit (naming it) or, with ``truncate`` false, for a query or document
+        too long for the model. A query too long for the model is cut (see :meth:`_fit_query`).
+        ``instruction`` ``None`` is :attr:`ServeConfig.instruction`. ``max_tokens`` (v2's
+        ``max_tokens_per_doc``) keeps each document's first ``max_tokens`` tokens, and the per-document token
+        limit applies to what is kept. ``left`` keeps the last tokens of what is cut. Tokens are the artifact
+        tokenizer's ids of the document as the model reads it (for decoder templates, with the template's
+        leading space).
         """
         limits = self.limits
         if not isinstance(query, str):
-            return None, _error(422, "invalid_request", "'query' must be a string")
-        if not isinstance(docs, list) or not docs:
-            return None, _error(422, "invalid_request", f"'{field}' must be a non-empty list of strings")
+            return None, _bad("'query' must be a string")
+        if not isinstance(docs, list):
+            return None, _bad(f"'{field}' must be a list of strings")
+        if instruction is None:
+            instruction = self.config.instruction
+        elif not isinstance(instruction, str):
+            return None, _bad("'instruction' must be a string")
+        elif not takes_instruction(self.reranker.manifest):
+            return None, _bad(f"'instruction': this {self.reranker.family} model has no instruction in its "
+                              "template; send the request without one")
         if len(docs) > limits.max_documents:
             return None, _error(413, "max_documents", f"{len(docs)} documents exceed the limit of "
                                                       f"{limits.max_documents} per request; split the request")
         bad = next((i for i, d in enumerate(docs) if not isinstance(d, str)), None)
         if bad is not None:
-            return None, _error(422, "invalid_request", f"'{field}[{bad}]' must be a string")
+            return None, _bad(f"'{field}[{bad}]' must be a string")
         queued, limit = self.batcher.queued_tokens, self.config.max_queued_tokens
         if queued >= limit:  # full already: refuse before tokenizing
             return None, self._queue_full(QueueFull(queued, limit, self.batcher.retry_after()))
         pool = self._pool(sum(len(d) for d in docs))
+        work = functools.partial(self._tokenize, query, docs, field, instruction, max_tokens, truncate, left)
         try:  # tokenizers releases the GIL: other requests and the batcher carry on meanwhile
-            return await asyncio.get_running_loop().run_in_executor(pool, self._tokenize, query, docs, field,
-                                                                    max_tokens)
-        except ValueError as exc:  # the query cannot fit the model with the template
-            return None, _error(422, "invalid_request", str(exc))
+            return await asyncio.get_running_loop().run_in_executor(pool, work)
+        except ValueError as exc:  # the instruction and template leave no room for a document
+            return None, _bad(str(exc))
 
-    async def score(self, request: Any, split: Any) -> tuple[Any, Any, Any]:
-        """``(logits, truncated, None)`` for one prepared request, or ``(None, None, error response)``.
+    async def score(self, request: Any, splits: list[Any]) -> tuple[Any, Any]:
+        """``(raw logits of each split, None)`` for prepared requests, or ``(None, error)``.
 
         A full queue is a 503 with ``Retry-After``; a ``TypeError``/``ValueError`` from scoring this request
-        (alone, if its merged step failed) is a 422; a client that disconnects meanwhile takes its work out of the
-        queue (499, which it never reads); anything else propagates (a JSON 500).
+        (alone, if its merged step failed) is a 422 (TEI: 424); a client that disconnects meanwhile takes its
+        work out of the queue (499, which it never reads); anything else propagates (a JSON 500).
         """
-        scoring = asyncio.ensure_future(self.batcher.score(split))
+        scoring = asyncio.ensure_future(asyncio.gather(*(self.batcher.score(split) for split in splits)))
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({scoring, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -726,113 +865,214 @@ class _Service:
                 if not task.done():
                     task.cancel()
         if not scoring.done() or scoring.cancelled():
-            return None, None, _error(499, "client_closed_request", "the client closed the connection")
+            return None, _error(499, "client_closed_request", "the client closed the connection")
         try:
-            logits, truncated = scoring.result()
+            return [logits for logits, _ in scoring.result()], None
         except QueueFull as exc:
-            return None, None, self._queue_full(exc)
+            return None, self._queue_full(exc)
         except (TypeError, ValueError) as exc:
-            return None, None, _error(422, "invalid_request", str(exc))
-        return logits, truncated, None
+            return None, _error(422, "model_error", str(exc))
+
+    async def _rank(self, request: Any, data: dict[str, Any], docs: Any, field: str,
+                    **cut: Any) -> tuple[Any, Any]:
+        """One query's documents prepared and scored: ``((prepared, raw logits), None)`` or
+        ``(None, error)``."""
+        prepared, err = await self.prepare(data.get("query"), docs, field,
+                                           instruction=data.get("instruction"), **cut)
+        if err:
+            return None, err
+        logits, err = await self.score(request, [prepared.split])
+        return (None, err) if err else ((prepared, logits[0]), None)
 
     def _pool(self, size: int) -> ThreadPoolExecutor:
         return self.pools[size > _SMALL_REQUEST]
 
     @staticmethod
-    def _queue_full(exc: QueueFull) -> Any:
+    def _queue_full(exc: QueueFull) -> _Err:
         return _error(503, "queue_full", str(exc), {"retry-after": str(exc.retry_after)})
 
-    async def run(self, handler: Any, request: Any) -> Any:
+    def _model(self, data: dict[str, Any], served_only: bool = False) -> _Err | None:
+        """``model``: a string or absent; with ``served_only`` (vLLM's routes) the served model's name or a
+        404, as vLLM answers."""
+        model = data.get("model")
+        if model is not None and not isinstance(model, str):
+            return _bad("'model' must be a string")
+        if served_only and model not in (None, self.name):
+            return _error(404, "model_not_found", f"The model `{model}` does not exist; this service serves "
+                                                  f"`{self.name}`")
+        return None
+
+    async def run(self, request: Any, api: str) -> Any:
         """Read the body, take a scoring slot (503 with ``Retry-After`` when all ``max_concurrency`` are taken),
-        run one handler on the body and count the pairs it scored (the guard counts the request, its status and
-        time)."""
+        run the handler of ``api`` (``/rerank`` with ``documents`` and no ``texts``: vLLM's) on the body and
+        count the pairs it scored (the guard counts the request, its status and time). Errors take ``api``'s
+        shape."""
         data, err = await self.read_body(request)
+        if api == "tei" and isinstance(data, dict) and "documents" in data and "texts" not in data:
+            api = "vllm"
         if err:
-            return err
+            return err.response(api)
         limit = self.config.max_concurrency
         if self.active >= limit:
             return _error(503, "overloaded", f"{self.active} requests being scored, the limit is {limit}; retry "
-                                             "shortly", {"retry-after": "1"})
+                                             "shortly", {"retry-after": "1"}).response(api)
         self.active += 1
         try:
-            response, pairs = await handler(request, data)
+            response, pairs = await self.handlers[api](request, data)
         finally:
             self.active -= 1
         if pairs:
             self.metrics.add_pairs(pairs)
-        return response
+        return response.response(api) if isinstance(response, _Err) else response
 
     async def cohere(self, request: Any, data: dict[str, Any]) -> tuple[Any, int]:
-        """``POST /v1/rerank``: calibrated relevance scores, best first, ``top_n`` of them."""
-        query, docs = data.get("query"), data.get("documents")
-        if isinstance(docs, list):  # Cohere also accepts {"text": ...} objects
-            docs = [d.get("text") if isinstance(d, dict) else d for d in docs]
-        top_n, model = data.get("top_n"), data.get("model")
-        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
-            return _error(422, "invalid_request", "'top_n' must be a positive integer"), 0
-        if model is not None and not isinstance(model, str):
-            return _error(422, "invalid_request", "'model' must be a string"), 0
-        split, err = await self.prepare(query, docs, "documents")
+        """``POST /v1/rerank`` (Cohere v1, Jina, vLLM): calibrated relevance scores, best first, ``top_n``.
+
+        Each result carries its document unless ``return_documents`` is false (Jina's and vLLM's default;
+        Cohere v1 clients parse it too). ``model`` may name any model — Cohere and Jina clients send their own
+        default names — and the response names the served one; ``usage.total_tokens`` is Jina's (and
+        vLLM's).
+        """
+        docs = _texts(data.get("documents"))
+        top_n, err = _top_n(data)
+        err = err or self._model(data)
+        ranked, err = (None, err) if err else await self._rank(request, data, docs, "documents")
         if err:
             return err, 0
-        logits, _, err = await self.score(request, split)
-        if err:
-            return err, 0
+        prepared, logits = ranked
         probs = self.reranker.calibrator(logits)
         results = []
-        for i in np.argsort(-logits, kind="stable")[: top_n or len(docs)]:
-            item: dict[str, Any] = {"index": int(i), "relevance_score": float(probs[i])}
-            if data.get("return_documents"):
+        for i in _order(logits, top_n):
+            item: dict[str, Any] = {"index": int(i), "relevance_score": float(probs[i]),
+                                    "truncated": bool(prepared.truncated[i])}
+            if data.get("return_documents") is not False:
                 item["document"] = {"text": docs[i]}
             results.append(item)
-        return {"id": str(uuid.uuid4()), "model": model or self.name, "results": results,
-                "usage": {"search_units": 1, "documents": len(docs)}}, len(docs)
+        tokens = prepared.tokens
+        return {"id": str(uuid.uuid4()), "model": self.name, "results": results,
+                "query_truncated": prepared.query_truncated,
+                "usage": {"search_units": 1, "documents": len(docs), "prompt_tokens": tokens,
+                          "total_tokens": tokens}}, len(docs)
 
     async def cohere_v2(self, request: Any, data: dict[str, Any]) -> tuple[Any, int]:
         """``POST /v2/rerank`` (Cohere v2): calibrated relevance scores, best first, ``top_n`` of them.
 
-        ``max_tokens_per_doc`` keeps each document's first that many tokens (see :meth:`prepare`); without it a
-        document is scored as v1 scores it (the model's own max length applies either way).
+        ``max_tokens_per_doc`` keeps each document's first that many tokens (see :meth:`prepare`; such a
+        document is ``truncated``); without it a document is scored as v1 scores it (the model's own max
+        length applies either way). ``model`` may name any model (Cohere clients send their own); the
+        response names the served one.
         """
-        query, docs = data.get("query"), data.get("documents")
         for key in ("top_n", "max_tokens_per_doc"):
             value = data.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                return _error(422, "invalid_request", f"'{key}' must be a positive integer"), 0
-        split, err = await self.prepare(query, docs, "documents", max_tokens=data.get("max_tokens_per_doc"))
+                return _bad(f"'{key}' must be a positive integer"), 0
+        docs = data.get("documents")
+        err = self._model(data)
+        ranked, err = (None, err) if err else await self._rank(request, data, docs, "documents",
+                                                               max_tokens=data.get("max_tokens_per_doc"))
         if err:
             return err, 0
-        logits, _, err = await self.score(request, split)
-        if err:
-            return err, 0
+        prepared, logits = ranked
         probs = self.reranker.calibrator(logits)
-        order = np.argsort(-logits, kind="stable")[: data.get("top_n") or len(docs)]
-        results = [{"index": int(i), "relevance_score": float(probs[i])} for i in order]
-        return {"id": str(uuid.uuid4()), "results": results,
+        results = [{"index": int(i), "relevance_score": float(probs[i]),
+                    "truncated": bool(prepared.truncated[i])} for i in _order(logits, data.get("top_n"))]
+        return {"id": str(uuid.uuid4()), "model": self.name, "results": results,
+                "query_truncated": prepared.query_truncated,
                 "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}}, len(docs)
 
     async def tei(self, request: Any, data: dict[str, Any]) -> tuple[Any, int]:
-        """``POST /rerank`` (Hugging Face TEI): every text's score, best first; 413 if truncate is false and a
-        text does not fit the model."""
-        query, docs = data.get("query"), data.get("texts")
-        split, err = await self.prepare(query, docs, "texts")
+        """``POST /rerank`` (Hugging Face TEI): every text's score, best first.
+
+        ``truncate: false`` refuses a query or text too long for the model (413, TEI's ``Validation`` error);
+        ``truncation_direction: "Left"`` keeps the end of what is cut. TEI's request has no ``model``: one
+        sent is ignored.
+        """
+        truncate, direction = data.get("truncate"), data.get("truncation_direction") or "Right"
+        if truncate is not None and not isinstance(truncate, bool):
+            return _bad("'truncate' must be true or false"), 0
+        if not isinstance(direction, str) or direction.lower() not in ("left", "right"):
+            return _bad("'truncation_direction' must be \"Left\" or \"Right\""), 0
+        texts = data.get("texts")
+        ranked, err = await self._rank(request, data, texts, "texts", truncate=truncate is not False,
+                                       left=direction.lower() == "left")
         if err:
             return err, 0
-        if data.get("truncate") is False and (truncated := split.truncated).any():
-            i = int(np.argmax(truncated))
-            return _error(413, "max_tokens_per_document", f"'texts[{i}]' does not fit the model's max length "
-                                                          "and truncate is false"), 0
-        logits, _, err = await self.score(request, split)
-        if err:
-            return err, 0
+        prepared, logits = ranked
         scores = logits if data.get("raw_scores") else self.reranker.calibrator(logits)
         out = []
-        for i in np.argsort(-logits, kind="stable"):
-            item = {"index": int(i), "score": float(scores[i])}
+        for i in _order(logits):
+            item = {"index": int(i), "score": float(scores[i]), "truncated": bool(prepared.truncated[i]),
+                    "query_truncated": prepared.query_truncated}
             if data.get("return_text"):
-                item["text"] = docs[i]
+                item["text"] = texts[i]
             out.append(item)
-        return out, len(docs)
+        return out, len(texts)
+
+    async def vllm_rerank(self, request: Any, data: dict[str, Any]) -> tuple[Any, int]:
+        """``POST /rerank`` with ``documents`` (vLLM's form): calibrated relevance scores, best first,
+        ``top_n`` of them (0 or absent: all), each with its document. A ``model`` other than the served one is
+        a 404, as vLLM answers it."""
+        docs = _texts(data.get("documents"))
+        top_n, err = _top_n(data, zero=True)
+        err = err or self._model(data, served_only=True)
+        ranked, err = (None, err) if err else await self._rank(request, data, docs, "documents")
+        if err:
+            return err, 0
+        prepared, logits = ranked
+        probs = self.reranker.calibrator(logits)
+        results = [{"index": int(i), "document": {"text": docs[i]}, "relevance_score": float(probs[i]),
+                    "truncated": bool(prepared.truncated[i])} for i in _order(logits, top_n)]
+        tokens = prepared.tokens
+        return {"id": f"rerank-{uuid.uuid4().hex}", "model": self.name, "results": results,
+                "query_truncated": prepared.query_truncated,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}, len(docs)
+
+    async def vllm_score(self, request: Any, data: dict[str, Any]) -> tuple[Any, int]:
+        """``POST /score``, ``/v1/score`` (vLLM): each pair's calibrated score, in the order given: one
+        ``text_1`` (a string or a list of one) against every ``text_2``, or ``text_1[i]`` against
+        ``text_2[i]``. A ``model`` other than the served one is a 404, as vLLM answers it."""
+        text_1, text_2 = ([t] if isinstance(t, str) else t for t in (data.get("text_1"), data.get("text_2")))
+        if not isinstance(text_1, list) or not text_1 or not all(isinstance(t, str) for t in text_1):
+            return _bad("'text_1' must be a string or a non-empty list of strings"), 0
+        if not isinstance(text_2, list):
+            return _bad("'text_2' must be a string or a list of strings"), 0
+        if len(text_1) not in (1, len(text_2)):
+            return _bad(f"'text_1' has {len(text_1)} texts and 'text_2' {len(text_2)}: send one text_1, or "
+                        "one per text_2"), 0
+        err = self._model(data, served_only=True)
+        if err:
+            return err, 0
+        limits = self.limits
+        if len(text_2) > limits.max_documents:
+            return _error(413, "max_documents", f"{len(text_2)} pairs exceed the limit of "
+                                                f"{limits.max_documents} per request; split the request"), 0
+        groups: dict[str, list[int]] = {text_1[0]: []} if len(text_1) == 1 else {}
+        for i in range(len(text_2)):
+            groups.setdefault(text_1[i if len(text_1) > 1 else 0], []).append(i)
+        prepared = []
+        for query, where in groups.items():
+            p, err = await self.prepare(query, [text_2[i] for i in where], "text_2",
+                                        instruction=data.get("instruction"))
+            if err:
+                return err, 0
+            prepared.append(p)
+        tokens = sum(p.tokens for p in prepared)
+        if tokens > limits.max_request_tokens:
+            return _error(413, "max_request_tokens", f"the request is {tokens} tokens of work, over the "
+                                                     f"limit of {limits.max_request_tokens}; split the "
+                                                     "request"), 0
+        logits, err = await self.score(request, [p.split for p in prepared])
+        if err:
+            return err, 0
+        out: list[dict[str, Any]] = [{} for _ in text_2]
+        for p, where, raw in zip(prepared, groups.values(), logits):
+            for i, score, cut in zip(where, self.reranker.calibrator(raw), p.truncated):
+                out[i] = {"index": i, "object": "score", "score": float(score), "truncated": bool(cut),
+                          "query_truncated": p.query_truncated}
+        return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+                "model": self.name, "data": out,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}
+                }, len(text_2)
 
 
 async def _disconnected(request: Any) -> None:
@@ -849,21 +1089,19 @@ def _add_routes(app: Any, service: _Service) -> None:
     reranker = service.reranker
 
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> Any:  # 404, 405: the same error shape
+    async def http_error(request: Request, exc: HTTPException) -> Any:  # 404, 405: the path's API's shape
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, kind, str(exc.detail), dict(exc.headers or {}))
+        return _error(exc.status_code, kind, str(exc.detail), dict(exc.headers or {})).response(
+            api_of(request.url.path))
 
-    @app.post("/v1/rerank")
-    async def v1_rerank(request: Request) -> Any:
-        return await service.run(service.cohere, request)
+    def endpoint(api: str) -> Any:
+        async def rerank(request: Request) -> Any:
+            return await service.run(request, api)
 
-    @app.post("/v2/rerank")
-    async def v2_rerank(request: Request) -> Any:
-        return await service.run(service.cohere_v2, request)
+        return rerank
 
-    @app.post("/rerank")
-    async def tei_rerank(request: Request) -> Any:
-        return await service.run(service.tei, request)
+    for path, api in PATH_API.items():  # /v1/rerank, /v2/rerank, /rerank (TEI and vLLM), /score, /v1/score
+        app.add_api_route(path, endpoint(api), methods=["POST"], name=f"{api}:{path}")
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -900,7 +1138,8 @@ def create_app(config: ServeConfig) -> Any:
 
     Raises:
         TypeError: ``config`` is not a :class:`ServeConfig`.
-        ValueError: the serve extra (FastAPI) is not installed.
+        ValueError: the serve extra (FastAPI) is not installed, or ``config.instruction`` is set for an
+            artifact whose template has none.
     """
     if not isinstance(config, ServeConfig):
         raise TypeError(f"create_app takes a memrerank.serve.ServeConfig (ServeConfig(artifact, LoadOptions(...))), "
@@ -910,7 +1149,11 @@ def create_app(config: ServeConfig) -> Any:
     except ImportError as exc:
         raise ValueError(_SERVE_EXTRA) from exc
 
-    service = _Service(config, config.load_reranker())
+    reranker = config.load_reranker()
+    if config.instruction is not None and not takes_instruction(reranker.manifest):
+        raise ValueError(f"ServeConfig.instruction: {config.artifact} is a {reranker.family} artifact, whose "
+                         "template has no instruction; leave it None")
+    service = _Service(config, reranker)
     app = FastAPI(title="memrerank", version=__import__("memrerank").__version__)
     app.state.config, app.state.reranker, app.state.batcher = config, service.reranker, service.batcher
     app.state.metrics, app.state.limits = service.metrics, config.limits

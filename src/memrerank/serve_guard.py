@@ -2,8 +2,9 @@
 
 Three pieces, used by :mod:`memrerank.serve`:
 
-* :func:`error_body` — the one error shape, ``{"error": {"type", "message"}}``, for every error the service
-  answers: a limit, a malformed body, a refused caller, an overload, a timeout, a bug (500).
+* :func:`error_body` — every error the service answers (a limit, a malformed body, a refused caller, an
+  overload, a timeout, a bug) in the shape of the API its path speaks (:data:`PATH_API`): Cohere's
+  ``{"message"}``, TEI's ``{"error", "error_type"}``, Jina's and vLLM's (and FastAPI's) ``{"detail"}``.
 * :class:`Guard` — an ASGI middleware in front of the routes. In order: the ``Host`` header must name an allowed
   host (loopback names unless told: a web page that rebinds its DNS name to 127.0.0.1 is refused) and an
   ``Origin`` header, when present, too; an API key, when configured, must come as ``Authorization: Bearer <key>``
@@ -31,15 +32,21 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["ANY_HOST", "LOOPBACK_HOSTS", "METRICS_STATE_KEY", "OVER_CONNECTION_LIMIT", "SCORING_ENDPOINTS", "Guard",
-           "endpoint_label", "error_body", "guarded_protocol", "host_name", "is_loopback", "send_json"]
+__all__ = ["ANY_HOST", "LOOPBACK_HOSTS", "METRICS_STATE_KEY", "OVER_CONNECTION_LIMIT", "PATH_API",
+           "SCORING_ENDPOINTS", "Guard", "api_of", "endpoint_label", "error_body", "guarded_protocol",
+           "host_name", "is_loopback", "send_json"]
 
 #: The ``Host`` names a loopback-bound service answers (any port).
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 #: An allowed-hosts entry that allows every host (a service bound beyond loopback).
 ANY_HOST = "*"
+#: The API each scoring path speaks, which names its error shape: ``/v1/rerank`` is Cohere v1's, Jina's and
+#: vLLM's at once, ``/rerank`` TEI's (vLLM's when the body has ``documents``, not ``texts``:
+#: :mod:`memrerank.serve`).
+PATH_API = {"/v1/rerank": "cohere_v1", "/v2/rerank": "cohere", "/rerank": "tei", "/score": "vllm_score",
+            "/v1/score": "vllm_score"}
 #: The POST endpoints that score.
-SCORING_ENDPOINTS = ("/v1/rerank", "/v2/rerank", "/rerank")
+SCORING_ENDPOINTS = tuple(PATH_API)
 _OPEN_PATHS = ("/health",)
 _KNOWN = frozenset(SCORING_ENDPOINTS + _OPEN_PATHS + ("/v1/models", "/metrics"))
 #: A scope key the protocol sets on a connection over ``max_connections``; the guard answers it 503.
@@ -49,13 +56,35 @@ METRICS_STATE_KEY = "memrerank_metrics"
 _log = logging.getLogger(__name__)
 
 
-def error_body(kind: str, message: str) -> dict[str, Any]:
-    """The service's error shape: ``{"error": {"type": kind, "message": message}}`` (every error, every path)."""
-    return {"error": {"type": kind, "message": message}}
+#: TEI's ``error_type`` of memrerank's error kinds (any other kind is a ``Validation`` error).
+_TEI_TYPES = {"overloaded": "Overloaded", "queue_full": "Overloaded", "internal_error": "Backend",
+              "model_error": "Backend"}
+
+
+def error_body(api: str | None, kind: str, message: str) -> dict[str, Any]:
+    """An error in the shape of ``api`` (a value of :data:`PATH_API`; ``None``: a path no API owns).
+
+    Cohere v2 answers ``{"message"}``; ``/v1/rerank``, which Cohere v1, Jina and vLLM clients all call,
+    ``{"message", "detail"}`` (the Cohere SDK reads the first, Jina clients the second); TEI ``{"error",
+    "error_type"}`` (``Validation``, ``Overloaded``, ``Backend``); vLLM's forms and every other path FastAPI's
+    ``{"detail"}``. ``kind`` (memrerank's name of the error) picks TEI's type.
+    """
+    if api == "cohere":
+        return {"message": message}
+    if api == "cohere_v1":
+        return {"message": message, "detail": message}
+    if api == "tei":
+        return {"error": message, "error_type": _TEI_TYPES.get(kind, "Validation")}
+    return {"detail": message}
+
+
+def api_of(path: str) -> str | None:
+    """The API a request path speaks (its error shape), ``None`` for a path no rerank API owns."""
+    return PATH_API.get(path)
 
 
 def _error_bytes(kind: str, message: str) -> bytes:
-    return json.dumps(error_body(kind, message)).encode()
+    return json.dumps(error_body(None, kind, message)).encode()
 
 
 def endpoint_label(path: str) -> str:
@@ -151,9 +180,10 @@ class Guard:
 
         headers = _headers(scope)
         refused = self._refusal(scope, headers)
+        api = api_of(scope.get("path", ""))
         if refused is not None:
             code, kind, message, extra = refused
-            await send_json(send_counted, code, error_body(kind, message), extra)
+            await send_json(send_counted, code, error_body(api, kind, message), extra)
             self.record(endpoint, status[0], time.perf_counter() - start)
             return
         try:
@@ -161,7 +191,7 @@ class Guard:
         except Exception as exc:  # noqa: BLE001 - a bug in a route: still a JSON 500, still counted
             _log.exception("memrerank serve: %s %s failed", scope.get("method"), scope.get("path"))
             if not status[0]:
-                await send_json(send_counted, 500, error_body("internal_error",
+                await send_json(send_counted, 500, error_body(api, "internal_error",
                                                               f"{type(exc).__name__} while serving the request"))
         finally:
             self.record(endpoint, status[0] or 500, time.perf_counter() - start)
