@@ -717,9 +717,13 @@ def two_pass_products(d: dict) -> str:
 
 @section("int4-recipes", "int4_recipes.json", command="python bench/int4_recipes.py --rotated ... --unrotated ...")
 def int4_recipes(d: dict) -> str:
-    """bench/int4_recipes.py: every product 4-bit, symmetric vs asymmetric blocks, rotated vs unrotated weights."""
+    """bench/int4_recipes.py: every product 4-bit, symmetric vs asymmetric blocks, GPTQ vs round to nearest,
+    rotated vs unrotated weights."""
     lines = [provenance(d), "", f"Held out: {d['held_out']}; every product 4-bit (accuracy level "
-             f"{d['accuracy_level']}), no search; each against its own fp32 graph. Caveat: {d['caveat']}.", "",
+             f"{d['accuracy_level']}), no search; each against its own fp32 graph. Caveat: {d['caveat']}."
+             + (f" GPTQ rows: codes chosen against the activations of {d['gptq_calibration']}; gathering them and "
+                f"coding every GPTQ block size took {d['gptq_s'] / 60:.1f} min (not in the seconds column)."
+                if d.get("gptq_calibration") else ""), "",
              "| weights, blocks | Spearman / top-10 / max \\|Δlogit\\| vs fp32 | size | seconds (indicative) |",
              "|---|---|---|---|"]
     for name, r in d["variants"].items():

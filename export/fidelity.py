@@ -206,7 +206,8 @@ class CalibSet:
 
         return OrtBackend(graph, layout=self.manifest.prefix_reuse)
 
-    def feeds(self, graph: Path) -> list[dict[str, np.ndarray]]:
+    def feeds(self, graph: Path, rows: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
+        """Whole pairs as ``graph``'s inputs, in length-sorted batches: every pair, or the positions ``rows``."""
         import onnx
 
         from memrerank.runtime.backends import empty_past as make_empty_past
@@ -217,7 +218,7 @@ class CalibSet:
         # decoder graphs: full pairs with an empty shared past (batch 1, length 0)
         empty_past = make_empty_past(self.manifest.prefix_reuse, past_names) if past_names else {}
         out = []
-        for b in self.batches:
+        for b in self.batches if rows is None else self._batches(np.asarray(rows, np.int64)):
             feed = {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "token_type_ids": b.token_type_ids}
             out.append({**{k: v for k, v in feed.items() if k in names and v is not None}, **empty_past})
         return out

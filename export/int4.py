@@ -21,9 +21,10 @@ weights from the fp32 graph in one pass (remembered across the search's builds, 
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any, Callable, Collection, Mapping
 
 from memrerank.export.quantize import (
     GraphInfo,
@@ -35,18 +36,25 @@ from memrerank.export.quantize import (
 )
 from memrerank.manifest import Build
 
-__all__ = ["CLIP_RATIOS", "INT4_ACCURACY_LEVEL", "INT4_BLOCK", "INT4_METHOD", "Int4Coder", "build_int4",
-           "check_block", "int4_blocks", "quantize_int4", "weight_blocks"]
+__all__ = ["CLIP_RATIOS", "CODINGS", "INT4_ACCURACY_LEVEL", "INT4_BLOCK", "INT4_METHOD", "Int4Coder", "build_int4",
+           "check_block", "gptq_codes", "int4_blocks", "pack_blocks", "quantize_int4", "weight_blocks"]
 
 #: Input channels per 4-bit block (one scale each).
 INT4_BLOCK = 32
 #: ``MatMulNBits`` ``accuracy_level``: 4 = the activation coded int8 per block and int8 products (CPU).
 INT4_ACCURACY_LEVEL = 4
 
-def int4_method(block: int = INT4_BLOCK) -> str:
-    """The manifest's ``build.method`` of an int4 graph with blocks of ``block``."""
+#: How the 4-bit codes are chosen (:func:`build_int4`'s ``coding``).
+CODINGS = {"gptq": "GPTQ: each input channel's rounding error compensated on the channels after it, weighted by "
+                   "the calibration activations",
+           "rtn": "round to nearest"}
+
+
+def int4_method(block: int = INT4_BLOCK, coding: str = "rtn") -> str:
+    """The manifest's ``build.method`` of an int4 graph with blocks of ``block`` coded by ``coding``."""
+    how = "the codes by GPTQ on the calibration pairs" if coding == "gptq" else "codes rounded to nearest"
     return (f"weight-only 4-bit: asymmetric blocks of {block} input channels, one fp32 scale and one 4-bit zero "
-            "point each (the range of least squared error), MatMulNBits accuracy_level "
+            f"point each (the range of least squared error), {how}, MatMulNBits accuracy_level "
             f"{INT4_ACCURACY_LEVEL} (each row's activation blocks coded int8 on the fly); int8 embeddings; the "
             "folded head fp32")
 
@@ -146,11 +154,27 @@ def weight_blocks(w: Any, block: int = INT4_BLOCK, clip_ratios: tuple[float, ...
         packed[c0:c0 + step] = best_q if bits == 8 else best_q[..., 0::2] | (best_q[..., 1::2] << 4)
         scales[c0:c0 + step] = best_scale[..., 0]
         zeros[c0:c0 + step] = best_zero[..., 0].astype(np.uint8)
-    if symmetric:
+    return _layout(packed, scales, None if symmetric else zeros, bits)
+
+
+def pack_blocks(codes: Any, scales: Any, zeros: Any, bits: int = 4) -> tuple[Any, Any, Any]:
+    """Codes (uint8 ``(N, blocks, block)``, one per weight), scales and zero points (``(N, blocks)``) in
+    :func:`weight_blocks`' ``MatMulNBits`` layout (its return value)."""
+    import numpy as np
+
+    codes = np.asarray(codes, np.uint8)
+    packed = codes if bits == 8 else codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return _layout(packed, np.asarray(scales, np.float32), np.asarray(zeros, np.uint8), bits)
+
+
+def _layout(packed: Any, scales: Any, zeros: Any, bits: int) -> tuple[Any, Any, Any]:
+    import numpy as np
+
+    if zeros is None:
         return packed, scales.reshape(-1), None
     if bits == 8:
         return packed, scales.reshape(-1), zeros.reshape(-1)
-    if blocks % 2:
+    if zeros.shape[1] % 2:
         zeros = np.pad(zeros, ((0, 0), (0, 1)), constant_values=8)
     return packed, scales.reshape(-1), (zeros[:, 0::2] | (zeros[:, 1::2] << 4)).reshape(-1)
 
@@ -183,7 +207,7 @@ def _cached_blocks(w: Any, block: int, symmetric: bool, bits: int = 4) -> tuple[
 
 def quantize_int4(src: Path, out: Path, nodes: list[str], external: bool, *, block: int = INT4_BLOCK,
                   accuracy_level: int = INT4_ACCURACY_LEVEL, symmetric: bool = False,
-                  eight_bit: Collection[str] = ()) -> int:
+                  eight_bit: Collection[str] = (), codes: Mapping[str, tuple[Any, Any, Any]] | None = None) -> int:
     """Write ``src`` to ``out`` with the weight products ``nodes`` as 4-bit ``MatMulNBits``; returns how many.
 
     ``eight_bit``: products among ``nodes`` coded on 8 bits instead (the same blocks, kernel and activation codes:
@@ -192,6 +216,8 @@ def quantize_int4(src: Path, out: Path, nodes: list[str], external: bool, *, blo
     A weight read by several products is coded once (and remembered across calls, :data:`CODES_CACHE_BYTES`); a
     Gemm's bias becomes an ``Add`` after the product.
     ``symmetric``: blocks with the fixed zero point 8 (:func:`int4_blocks`; for measurement).
+    ``codes``: product node → its 4-bit blocks already coded (:func:`memrerank.export.gptq.gptq_blocks`), used
+    in place of round to nearest for the 4-bit products it names.
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -203,9 +229,10 @@ def quantize_int4(src: Path, out: Path, nodes: list[str], external: bool, *, blo
     def replace(node: Any, w: Any, bias: str | None, transposed: bool) -> list[Any]:
         tag = node.name or node.output[0]
         bits = 8 if tag in eight else 4
-        key = (node.input[1], transposed, bits)
+        given = codes.get(tag) if codes is not None and bits == 4 else None
+        key = (node.input[1], transposed, bits) if given is None else (tag, transposed, bits)
         if key not in coded:
-            packed, scales, zeros = _cached_blocks(w, block, symmetric, bits)
+            packed, scales, zeros = given if given is not None else _cached_blocks(w, block, symmetric, bits)
             model.graph.initializer.extend([numpy_helper.from_array(packed, tag + "_w_int4"),
                                             numpy_helper.from_array(scales, tag + "_w_int4_scale")])
             if zeros is not None:
@@ -271,7 +298,8 @@ class Int4Coder:
     def build(self) -> Build:
         """The manifest's ``build`` record of the graph written."""
         return Build(method=int4_method(self.block), batch_independent=True, extra={
-            "block_size": self.block, "accuracy_level": self.accuracy_level, "int4_products": self.products,
+            "block_size": self.block, "accuracy_level": self.accuracy_level, "coding": "rtn",
+            "int4_products": self.products,
             "embeddings": _embeddings_record(self.tables),
             "streamed": True})
 
@@ -281,32 +309,107 @@ KEPT_AS = {"8-bit": "8-bit weight blocks on the same MatMulNBits kernel (activat
            "fp32": "fp32 weights and product"}
 
 
+#: Calibration pairs GPTQ's ``H`` is gathered over (spread over the query groups): a fp32 pass over these.
+GPTQ_PAIRS = 128
+_gptq_last: dict[tuple[Any, ...], dict[str, tuple[Any, Any, Any]]] = {}
+
+
+def gptq_codes(fp32: Path, nodes: Collection[str], calib: Any, block: int = INT4_BLOCK,
+               pairs: int = GPTQ_PAIRS, log: Callable[[str], None] | None = None
+               ) -> dict[str, tuple[Any, Any, Any]]:
+    """Product node → its 4-bit blocks coded by :func:`memrerank.export.gptq.gptq_blocks`, for the products
+    ``nodes`` of the fp32 graph, ``H`` from ``pairs`` of the calibration set ``calib``
+    (:class:`memrerank.export.fidelity.CalibSet`). The last answer is remembered while ``calib`` lives (the
+    sensitivity search builds the graph many times from the same codes)."""
+    key = (str(fp32), fp32.stat().st_mtime_ns, block, id(calib), pairs, tuple(sorted(nodes)))
+    if key not in _gptq_last:
+        _gptq_last.clear()
+        _gptq_last[key] = gptq_codes_by_block(fp32, nodes, calib, (block,), pairs, log)[block]
+        weakref.finalize(calib, _gptq_last.pop, key, None)  # dropped with the calibration set (the export's end)
+    return _gptq_last[key]
+
+
+def gptq_codes_by_block(fp32: Path, nodes: Collection[str], calib: Any, blocks: Collection[int],
+                        pairs: int = GPTQ_PAIRS, log: Callable[[str], None] | None = None
+                        ) -> dict[int, dict[str, tuple[Any, Any, Any]]]:
+    """:func:`gptq_codes` at several block sizes from one gathering of ``H`` (nothing remembered); ``log``: told
+    after each pass of the fp32 graph and each run of products coded."""
+    import time
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from memrerank.export.gptq import gptq_blocks, input_hessians, product_inputs
+
+    for block in blocks:
+        check_block(block)
+    t0 = time.perf_counter()
+    inputs = product_inputs(fp32, nodes)
+    per_group = max(1, -(-pairs // max(len(calib.group_rows), 1)))
+    rows = np.concatenate([r[:per_group] for r in calib.group_rows])[:pairs]
+    feeds = calib.feeds(fp32, rows)
+    graph = onnx.load(str(fp32), load_external_data=False).graph
+    inits = {i.name: i for i in graph.initializer}
+    node_of = {n.name: n for n in graph.node}
+    codes: dict[int, dict[str, tuple[Any, Any, Any]]] = {block: {} for block in blocks}
+    for hs in input_hessians(fp32, {x: k for x, k in inputs.values()}, feeds):
+        if log:
+            log(f"GPTQ: H of {len(hs)} activations gathered ({time.perf_counter() - t0:.0f} s)")
+        for name, (x, _) in inputs.items():
+            if x not in hs:
+                continue
+            node = node_of[name]
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(inits[node.input[1]])  # its data read into the copy only
+            w = numpy_helper.to_array(tensor, base_dir=str(fp32.parent)).astype(np.float32)
+            if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
+                w = w.T
+            for block in blocks:
+                codes[block][name] = pack_blocks(*gptq_blocks(w, hs[x][0], block, CLIP_RATIOS))
+        if log:
+            log(f"GPTQ: {len(codes[next(iter(codes))])} of {len(inputs)} products coded "
+                f"({time.perf_counter() - t0:.0f} s)")
+        del hs
+    return codes
+
+
 @register_precision("int4", kept_as=tuple(KEPT_AS))
 def build_int4(fp32: Path, out: Path, info: GraphInfo, calib: Any = None, exclude: list[str] | None = None,
-               kept_as: str = "8-bit", block: int = INT4_BLOCK) -> Build:
+               kept_as: str = "8-bit", block: int = INT4_BLOCK, coding: str | None = None,
+               log: Callable[[str], None] | None = None) -> Build:
     """Weight-only 4-bit products (:func:`quantize_int4`), int8 embeddings, the head fp32.
 
     ``exclude``: the products the sensitivity search keeps, run as ``kept_as`` says (:data:`KEPT_AS`): ``"8-bit"``
     (the same blocks and kernel, 8-bit codes: an int8 product whose activation is coded per block of the row, so
-    an outlier channel costs its own block only; kept embeddings stay int8 rows) or ``"fp32"``. ``calib`` is not used: nothing in the 4-bit
-    coding is measured. ``block``: input channels per block (:data:`INT4_BLOCK`).
+    an outlier channel costs its own block only; kept embeddings stay int8 rows) or ``"fp32"``. ``block``: input
+    channels per block (:data:`INT4_BLOCK`). ``coding`` (:data:`CODINGS`): ``"gptq"`` (the default where
+    ``calib``, the calibration set, is given: :func:`gptq_codes`, told to ``log``) or ``"rtn"`` (the default
+    without).
     """
     check_block(block)
     if kept_as not in KEPT_AS:
         raise ValueError(f"kept_as: unknown {kept_as!r}; choose from {', '.join(KEPT_AS)}")
+    coding = coding or ("gptq" if calib is not None else "rtn")
+    if coding not in CODINGS:
+        raise ValueError(f"coding: unknown {coding!r}; choose from {', '.join(CODINGS)}")
+    if coding == "gptq" and calib is None:
+        raise ValueError("coding='gptq' needs the calibration set (calib=) to measure the activations")
     exclude = set(exclude or [])
     eight = [n for n in info.weight_nodes if n in exclude] if kept_as == "8-bit" else []
     nodes = [n for n in info.weight_nodes if n not in exclude or n in set(eight)]
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = quantize_int4(fp32, out, nodes, info.external_data, block=block, eight_bit=eight)
+    codes = gptq_codes(fp32, info.weight_nodes, calib, block, log=log) if coding == "gptq" else None
+    done = quantize_int4(fp32, out, nodes, info.external_data, block=block, eight_bit=eight, codes=codes)
     # the embeddings are int8 rows already: kept "8-bit" they stay so (fp32 would quadruple the largest table of a
     # decoder, 0.93 GB of a 1.5B's, for a rounding that reaches the logit once, at the input)
     embeddings = [n for n in info.embedding_nodes if kept_as == "8-bit" or n not in exclude]
     tables = quantize_embeddings(out, embeddings, info.external_data)
-    extra: dict[str, Any] = {"block_size": block, "accuracy_level": INT4_ACCURACY_LEVEL,
+    extra: dict[str, Any] = {"block_size": block, "accuracy_level": INT4_ACCURACY_LEVEL, "coding": coding,
+                             **({"gptq_pairs": min(GPTQ_PAIRS, calib.n_pairs)} if coding == "gptq" else {}),
                              "int4_products": done - len(eight), "embeddings": _embeddings_record(tables)}
     kept = [n for n in info.weight_nodes if n in exclude]
     if kept:
         extra["kept_as"] = kept_as
         extra["eight_bit_products" if kept_as == "8-bit" else "fp32_products"] = len(kept)
-    return Build(method=int4_method(block), batch_independent=True, extra=extra)
+    return Build(method=int4_method(block, coding), batch_independent=True, extra=extra)

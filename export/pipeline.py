@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import inspect
 import logging
 import os
 import shutil
@@ -627,8 +628,10 @@ def _build_precision(tmp: Path, name: str, fp32: PrecisionEntry, calib: CalibSet
     builds: list[Build] = []  # the last one describes the graph on disk (the search rebuilds the one kept)
 
     def build(exclude: list[str], kept_as: str = "fp32") -> None:
-        extra = {"kept_as": kept_as} if kept_as != "fp32" else {}
+        extra: dict[str, Any] = {"kept_as": kept_as} if kept_as != "fp32" else {}
         extra.update(options or {})
+        if "log" in inspect.signature(builder).parameters:  # a builder with long steps of its own (int4's GPTQ)
+            extra["log"] = log
         builds.append(builder(tmp / fp32.graph, out_graph, info, calib, exclude, **extra))
 
     if name == "fp16":  # no search: fp16 keeps head and final norm in fp32 and is gated by its tolerance
