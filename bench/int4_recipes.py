@@ -3,7 +3,8 @@ every product 4-bit (no search), judged against fp32 on held-out LoCoMo pairs, o
 
 Each variant is ``quantize_int4`` (blocks of 32, accuracy level 4) over an fp32 graph of the same checkpoint plus
 the int8 embeddings, as the ``int4`` precision builds it with nothing kept. Kinds: ``asymmetric`` / ``symmetric``
-blocks rounded to nearest, ``gptq`` (asymmetric blocks coded by GPTQ, ``memrerank.export.int4.gptq_codes``, its
+blocks rounded to nearest, ``gptq`` / ``gptq-act`` (asymmetric blocks coded by GPTQ in the channels' order / in
+order of falling activation weight, ``memrerank.export.int4.gptq_codes``, its
 activations from the calibration questions, conversations 1-5; the seconds coding every block size asked are
 ``gptq_s``). Bases:
 
@@ -63,7 +64,7 @@ def main() -> int:
     env = environment(args.threads)
     from memrerank import LoadOptions, Reranker
     from memrerank.export.fidelity import CalibSet
-    from memrerank.export.int4 import (GPTQ_PAIRS, INT4_ACCURACY_LEVEL, INT4_BLOCK, gptq_codes_by_block,
+    from memrerank.export.int4 import (GPTQ_PAIRS, INT4_ACCURACY_LEVEL, INT4_BLOCK, gptq_codes_for,
                                        quantize_int4)
     from memrerank.export.quantize import graph_info, quantize_embeddings
 
@@ -78,12 +79,13 @@ def main() -> int:
         graph = artifact / "fp32" / "model.onnx"
         info = graph_info(graph)
         gptq, gptq_s = {}, 0.0
-        if any(kind == "gptq" for kind, _ in mine):
+        if any(kind.startswith("gptq") for kind, _ in mine):
             # before the fp32 reranker loads: H's passes hold their own fp32 session
             t = time.perf_counter()
             calib = CalibSet(artifact, calib_groups, reference=False)
-            gptq = gptq_codes_by_block(graph, info.weight_nodes, calib,
-                                       sorted({block for kind, block in mine if kind == "gptq"}), log=log)
+            gptq = gptq_codes_for(graph, info.weight_nodes, calib,
+                                  sorted({(block, kind == "gptq-act") for kind, block in mine
+                                          if kind.startswith("gptq")}), log=log)
             gptq_s = time.perf_counter() - t
             del calib
             log(f"GPTQ codes, blocks of {sorted(gptq)}: {gptq_s:.0f} s")
@@ -95,7 +97,8 @@ def main() -> int:
                 out = Path(tmp) / "model.onnx"
                 t = time.perf_counter()
                 quantize_int4(graph, out, info.weight_nodes, info.external_data, block=block,
-                              symmetric=kind == "symmetric", codes=gptq.get(block) if kind == "gptq" else None)
+                              symmetric=kind == "symmetric",
+                              codes=gptq.get((block, kind == "gptq-act")) if kind.startswith("gptq") else None)
                 quantize_embeddings(out, list(info.embedding_nodes), info.external_data)
                 built = time.perf_counter() - t
                 size = sum(p.stat().st_size for p in Path(tmp).iterdir())

@@ -148,13 +148,17 @@ def _upper_inverse_factor(h: Any) -> Any:
 
 
 def gptq_blocks(w: Any, h: Any, block: int, clip_ratios: Sequence[float], *, bits: int = 4,
-                damp: float = DAMP) -> tuple[Any, Any, Any]:
+                damp: float = DAMP, act_order: bool = False) -> tuple[Any, Any, Any]:
     """``W`` (K × N) coded by GPTQ against ``H`` (K × K, ``Xᵀ·X`` of its input) in asymmetric blocks of ``block``
     input channels on the grid 0..2^bits - 1, each block's range the ``clip_ratios`` one of least squared error.
 
     Input channels are coded in order; a block's scale and zero point are chosen when its first channel is reached,
     from the weights as compensated so far. Channels no calibration token reached (``H[k, k] = 0``) are coded from
     zero weights (they multiply nothing the calibration saw). ``damp``: :data:`DAMP`.
+
+    ``act_order``: code the channels in order of falling ``H[k, k]`` (the ones the activations weigh most first,
+    while the most channels remain to take their error), every block's range chosen first from the weights as
+    given ("static groups": the blocks stay blocks of consecutive channels, so ``MatMulNBits`` needs no index).
 
     Returns:
         ``(codes, scales, zero_points)``: uint8 ``(N, ceil(K / block), block)`` (the last block padded), float32
@@ -186,11 +190,18 @@ def gptq_blocks(w: Any, h: Any, block: int, clip_ratios: Sequence[float], *, bit
         wk[dead] = 0.0
         diag = torch.diagonal(hh)
         diag += damp * float(diag[:k].mean())
-        u = _upper_inverse_factor(hh)  # float32: ~3e-5 of H⁻¹ off float64 at K = 8960, damped
-        del hh
         codes = torch.empty((kp, n), dtype=torch.uint8)
         scales = torch.empty((blocks, n), dtype=torch.float32)
         zeros = torch.empty((blocks, n), dtype=torch.float32)
+        order = None
+        if act_order:
+            for b in range(blocks):
+                scales[b], zeros[b] = _block_range(wk[b * block:(b + 1) * block], top, ratios)
+            order = torch.argsort(torch.diagonal(hh), descending=True, stable=True)
+            wk, hh = wk[order], hh[order][:, order]
+            row_scale, row_zero = scales[order // block], zeros[order // block]  # each channel's block's
+        u = _upper_inverse_factor(hh)  # float32: ~3e-5 of H⁻¹ off float64 at K = 8960, damped
+        del hh
         lazy = max(LAZY // block, 1) * block
         for i1 in range(0, kp, lazy):
             i2 = min(i1 + lazy, kp)
@@ -199,7 +210,9 @@ def gptq_blocks(w: Any, h: Any, block: int, clip_ratios: Sequence[float], *, bit
             u1 = u[i1:i2, i1:i2]
             for i in range(i2 - i1):
                 col = i1 + i
-                if col % block == 0:
+                if order is not None:
+                    s, z = row_scale[col], row_zero[col]
+                elif col % block == 0:
                     s, z = _block_range(w1[i:i + block], top, ratios)
                     scales[col // block], zeros[col // block] = s, z
                 row = w1[i]
@@ -210,5 +223,7 @@ def gptq_blocks(w: Any, h: Any, block: int, clip_ratios: Sequence[float], *, bit
                     w1[i + 1:].addr_(u1[i, i + 1:], err1[i], alpha=-1.0)
             if i2 < kp:  # and over every channel after the batch, in one product
                 wk[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1.0)
+        if order is not None:
+            codes[order] = codes.clone()  # back to the channels' own order
         codes, scales, zeros = codes.T.contiguous(), scales.T.contiguous(), zeros.T.contiguous()
     return codes.numpy().reshape(n, blocks, block), scales.numpy(), zeros.numpy().astype(np.uint8)

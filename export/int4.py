@@ -37,7 +37,7 @@ from memrerank.export.quantize import (
 from memrerank.manifest import Build
 
 __all__ = ["CLIP_RATIOS", "CODINGS", "INT4_ACCURACY_LEVEL", "INT4_BLOCK", "INT4_METHOD", "Int4Coder", "build_int4",
-           "check_block", "gptq_codes", "int4_blocks", "pack_blocks", "quantize_int4", "weight_blocks"]
+           "check_block", "gptq_codes", "gptq_codes_for", "int4_blocks", "pack_blocks", "quantize_int4", "weight_blocks"]
 
 #: Input channels per 4-bit block (one scale each).
 INT4_BLOCK = 32
@@ -315,25 +315,25 @@ _gptq_last: dict[tuple[Any, ...], dict[str, tuple[Any, Any, Any]]] = {}
 
 
 def gptq_codes(fp32: Path, nodes: Collection[str], calib: Any, block: int = INT4_BLOCK,
-               pairs: int = GPTQ_PAIRS, log: Callable[[str], None] | None = None
+               pairs: int = GPTQ_PAIRS, log: Callable[[str], None] | None = None, act_order: bool = False
                ) -> dict[str, tuple[Any, Any, Any]]:
-    """Product node → its 4-bit blocks coded by :func:`memrerank.export.gptq.gptq_blocks`, for the products
-    ``nodes`` of the fp32 graph, ``H`` from ``pairs`` of the calibration set ``calib``
+    """Product node → its 4-bit blocks coded by :func:`memrerank.export.gptq.gptq_blocks` (``act_order`` as
+    there), for the products ``nodes`` of the fp32 graph, ``H`` from ``pairs`` of the calibration set ``calib``
     (:class:`memrerank.export.fidelity.CalibSet`). The last answer is remembered while ``calib`` lives (the
     sensitivity search builds the graph many times from the same codes)."""
-    key = (str(fp32), fp32.stat().st_mtime_ns, block, id(calib), pairs, tuple(sorted(nodes)))
+    key = (str(fp32), fp32.stat().st_mtime_ns, block, act_order, id(calib), pairs, tuple(sorted(nodes)))
     if key not in _gptq_last:
         _gptq_last.clear()
-        _gptq_last[key] = gptq_codes_by_block(fp32, nodes, calib, (block,), pairs, log)[block]
+        _gptq_last[key] = gptq_codes_for(fp32, nodes, calib, [(block, act_order)], pairs, log)[(block, act_order)]
         weakref.finalize(calib, _gptq_last.pop, key, None)  # dropped with the calibration set (the export's end)
     return _gptq_last[key]
 
 
-def gptq_codes_by_block(fp32: Path, nodes: Collection[str], calib: Any, blocks: Collection[int],
-                        pairs: int = GPTQ_PAIRS, log: Callable[[str], None] | None = None
-                        ) -> dict[int, dict[str, tuple[Any, Any, Any]]]:
-    """:func:`gptq_codes` at several block sizes from one gathering of ``H`` (nothing remembered); ``log``: told
-    after each pass of the fp32 graph and each run of products coded."""
+def gptq_codes_for(fp32: Path, nodes: Collection[str], calib: Any, recipes: Collection[tuple[int, bool]],
+                   pairs: int = GPTQ_PAIRS, log: Callable[[str], None] | None = None
+                   ) -> dict[tuple[int, bool], dict[str, tuple[Any, Any, Any]]]:
+    """:func:`gptq_codes` for several ``(block, act_order)`` recipes from one gathering of ``H`` (nothing
+    remembered); ``log``: told after each pass of the fp32 graph and each run of products coded."""
     import time
 
     import numpy as np
@@ -342,7 +342,7 @@ def gptq_codes_by_block(fp32: Path, nodes: Collection[str], calib: Any, blocks: 
 
     from memrerank.export.gptq import gptq_blocks, input_hessians, product_inputs
 
-    for block in blocks:
+    for block, _ in recipes:
         check_block(block)
     t0 = time.perf_counter()
     inputs = product_inputs(fp32, nodes)
@@ -352,7 +352,7 @@ def gptq_codes_by_block(fp32: Path, nodes: Collection[str], calib: Any, blocks: 
     graph = onnx.load(str(fp32), load_external_data=False).graph
     inits = {i.name: i for i in graph.initializer}
     node_of = {n.name: n for n in graph.node}
-    codes: dict[int, dict[str, tuple[Any, Any, Any]]] = {block: {} for block in blocks}
+    codes: dict[tuple[int, bool], dict[str, tuple[Any, Any, Any]]] = {r: {} for r in recipes}
     for hs in input_hessians(fp32, {x: k for x, k in inputs.values()}, feeds):
         if log:
             log(f"GPTQ: H of {len(hs)} activations gathered ({time.perf_counter() - t0:.0f} s)")
@@ -365,8 +365,9 @@ def gptq_codes_by_block(fp32: Path, nodes: Collection[str], calib: Any, blocks: 
             w = numpy_helper.to_array(tensor, base_dir=str(fp32.parent)).astype(np.float32)
             if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
                 w = w.T
-            for block in blocks:
-                codes[block][name] = pack_blocks(*gptq_blocks(w, hs[x][0], block, CLIP_RATIOS))
+            for block, act_order in recipes:
+                codes[(block, act_order)][name] = pack_blocks(*gptq_blocks(w, hs[x][0], block, CLIP_RATIOS,
+                                                                           act_order=act_order))
         if log:
             log(f"GPTQ: {len(codes[next(iter(codes))])} of {len(inputs)} products coded "
                 f"({time.perf_counter() - t0:.0f} s)")
