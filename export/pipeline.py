@@ -92,6 +92,7 @@ class _Job:
     allow_pickle: bool
     rotation: Any = None  # a fused graph's Rotation, or None
     int4_block: int | None = None  # input channels per 4-bit block (None: INT4_BLOCK)
+    int4_coding: str | None = None  # how int4 chooses its codes (None: rtn; export.int4.CODINGS)
     auto_graph: bool = False  # the graph was the default's choice: a fused graph that cannot be written falls back
     fallback: str | None = None  # why the default's fused graph fell back to the traced one
 
@@ -184,6 +185,7 @@ def export_model(
     graph: str | None = None,
     rotate: bool | None = None,
     int4_block: int | None = None,
+    int4_coding: str | None = None,
     prompt: Any = None,
     command: str | None = None,
     log: Callable[[str], None] = _log.info,
@@ -210,6 +212,9 @@ def export_model(
         int4_block: input channels per 4-bit block of the ``int4`` precision (a power of two >= 16; default
             :data:`~memrerank.export.int4.INT4_BLOCK`). Larger blocks: a smaller file and less memory once loaded
             (fewer scales), coarser weights.
+        int4_coding: how the ``int4`` precision chooses its 4-bit codes (:data:`~memrerank.export.int4.CODINGS`):
+            ``"rtn"`` (the default: round to nearest), ``"gptq"`` / ``"gptq-act"`` (error compensation from the
+            calibration pairs' activations; needs the fp32 graph, so fp32 among the precisions).
         fidelity: budget every quantized precision must meet vs fp32 (``"top10=0.95,spearman=0.99"``); default:
             each precision's own (:meth:`~memrerank.export.fidelity.FidelityBudget.default`).
         allow_pickle: load a checkpoint whose weights are only a pickle (``pytorch_model.bin``). Off by
@@ -242,7 +247,7 @@ def export_model(
     recover(out, log)  # an artifact a killed export left aside comes back before anything looks at ``out``
     budgets, calib_groups = _check_arguments(out, precisions, force=force, max_length=max_length,
                                             calib_data=calib_data, fidelity=fidelity, graph=graph,
-                                             int4_block=int4_block)
+                                             int4_block=int4_block, int4_coding=int4_coding)
     if rotate and graph == "traced":
         raise ValueError("rotate: the rotated basis is written by the fused graphs; pass --graph fused "
                          f"(or fused-cuda), not {graph!r}")
@@ -263,7 +268,8 @@ def export_model(
         graph = "fused" if rotate or family.cache_layout() is not None else "traced"
     if rotate is None:
         rotate = graph in FUSED_GRAPHS
-    job = _Job(model, revision, opset, graph, command, allow_pickle, Rotation() if rotate else None, int4_block, auto)
+    job = _Job(model, revision, opset, graph, command, allow_pickle, Rotation() if rotate else None, int4_block,
+               int4_coding, auto)
     try:
         if stream:
             manifest = _build_streamed(tmp, job, config, family, blocks, lower[0], calib_groups,
@@ -284,7 +290,7 @@ def export_model(
 
 def _check_arguments(out: Path, precisions: Sequence[str], *, force: bool, max_length: int | None,
                      calib_data: str | Path | None, fidelity: FidelityBudget | str | None,
-                     graph: str | None = None, int4_block: int | None = None
+                     graph: str | None = None, int4_block: int | None = None, int4_coding: str | None = None
                      ) -> tuple[dict[str, FidelityBudget], list[tuple[str, list[str]]] | None]:
     """Refuse bad arguments before anything loads; return the fidelity budget of each precision (``fidelity``
     for all, else each one's default: :meth:`FidelityBudget.default`) and the ``--calib-data`` groups."""
@@ -312,6 +318,17 @@ def _check_arguments(out: Path, precisions: Sequence[str], *, force: bool, max_l
             raise ValueError(f"--int4-block sets the int4 precision's blocks; add int4 to --precision "
                              f"(asked: {', '.join(precisions)})")
         check_block(int4_block)
+    if int4_coding is not None:
+        from memrerank.export.int4 import CODINGS
+
+        if int4_coding not in CODINGS:
+            raise ValueError(f"--int4-coding: unknown {int4_coding!r}; choose from {', '.join(CODINGS)}")
+        if "int4" not in precisions:
+            raise ValueError(f"--int4-coding sets how int4 codes its weights; add int4 to --precision "
+                             f"(asked: {', '.join(precisions)})")
+        if int4_coding != "rtn" and "fp32" not in precisions:
+            raise ValueError(f"--int4-coding {int4_coding} measures the fp32 graph's activations; a streamed int4 "
+                             "rounds to nearest: add fp32 (--precision fp32,int4) or drop --int4-coding")
     given = fidelity if isinstance(fidelity, FidelityBudget) else (
         FidelityBudget.parse(fidelity) if fidelity else None)
     budgets = {p: given or FidelityBudget.default(p) for p in precisions}
@@ -395,7 +412,7 @@ def _build_artifact(tmp: Path, job: _Job, config: Any, family: Any, blocks: tupl
     manifest = _validate_fp32(tmp, family, manifest, steps.log)
     if lower:
         manifest = _build_precisions(tmp, lower, groups, budgets, manifest, steps.log, steps,
-                                     options={"int4": _int4_options(job)})
+                                     options={"int4": _int4_options(job, builder=True)})
     return manifest
 
 
@@ -484,9 +501,12 @@ def _build_streamed(tmp: Path, job: _Job, config: Any, family: Any, blocks: tupl
     return manifest
 
 
-def _int4_options(job: _Job) -> dict[str, int]:
-    """The int4 coder's or builder's keyword arguments the export was asked for."""
-    return {"block": job.int4_block} if job.int4_block is not None else {}
+def _int4_options(job: _Job, builder: bool = False) -> dict[str, Any]:
+    """The int4 coder's (streamed) or ``builder``'s keyword arguments the export was asked for."""
+    options: dict[str, Any] = {"block": job.int4_block} if job.int4_block is not None else {}
+    if builder and job.int4_coding is not None:
+        options["coding"] = job.int4_coding
+    return options
 
 
 def _first_pairs(groups: Sequence[tuple[str, list[str]]], most: int, per_group: int) -> list[tuple[str, list[str]]]:

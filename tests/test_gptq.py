@@ -171,8 +171,8 @@ def test_hessians_are_x_transpose_x_over_the_real_tokens(tmp_path, budget):
 
 
 def test_int4_precision_is_gptq_coded_and_closer_to_fp32(tmp_path, qwen_ckpt):
-    """The export's int4 (fp32 graph + calibration pairs) codes with GPTQ and says so; on the same pairs it is
-    closer to fp32 than round to nearest."""
+    """``--int4-coding gptq``: the export's int4 (fp32 graph + calibration pairs) codes with GPTQ and says so;
+    on the same pairs it is closer to fp32 than round to nearest (the default)."""
     from memrerank import Reranker
     from memrerank.export import export_model
     from memrerank.export.fidelity import CalibSet
@@ -182,7 +182,7 @@ def test_int4_precision_is_gptq_coded_and_closer_to_fp32(tmp_path, qwen_ckpt):
     from memrerank.export.quantize import graph_info
 
     root = export_model(str(qwen_ckpt), tmp_path / "a", precisions=["fp32", "int4"], int4_block=16,
-                        fidelity="top10=0.1,spearman=0.1", log=lambda m: None)
+                        int4_coding="gptq", fidelity="top10=0.1,spearman=0.1", log=lambda m: None)
     build = json.loads((root / "manifest.json").read_text())["precisions"]["int4"]["build"]
     assert build["coding"] == "gptq" and "GPTQ" in build["method"]
     fp32 = root / "fp32" / "model.onnx"
@@ -195,8 +195,14 @@ def test_int4_precision_is_gptq_coded_and_closer_to_fp32(tmp_path, qwen_ckpt):
         assert build_int4(fp32, out, info, calib, block=16, coding=coding).extra["coding"] == coding
         errors[coding] = float(np.sqrt(np.mean(np.square(calib.score(out) - calib.reference))))
     assert errors["gptq"] < errors["rtn"], errors
+    assert build_int4(fp32, tmp_path / "rtn" / "model.onnx", info, calib, block=16).extra["coding"] == "rtn"
     with pytest.raises(ValueError, match="needs the calibration set"):
         build_int4(fp32, tmp_path / "x.onnx", info, None, coding="gptq")
+    for bad, why in (({"precisions": ["int4"], "int4_coding": "gptq"}, "streamed int4 rounds to nearest"),
+                     ({"precisions": ["fp32", "int8"], "int4_coding": "gptq"}, "add int4"),
+                     ({"precisions": ["fp32", "int4"], "int4_coding": "awq"}, "unknown 'awq'")):
+        with pytest.raises(ValueError, match=why):
+            export_model(str(qwen_ckpt), tmp_path / "bad", log=lambda m: None, **bad)
     # and the artifact's graph is the GPTQ one: it scores as the rebuilt one does
     r = Reranker.load(root, precision="int4")
     q, docs = groups[0]

@@ -257,6 +257,9 @@ def _register_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int4-block", type=int, default=None, metavar="N",
                    help="input channels per block of the int4 precision: 16, 32 (default), 64, 128 or 256; larger "
                         "blocks make a smaller file and less resident memory, with coarser weights")
+    p.add_argument("--int4-coding", choices=("rtn", "gptq", "gptq-act"), default=None,
+                   help="how int4 chooses its 4-bit codes: rtn (default, round to nearest), gptq or gptq-act (error "
+                        "compensation from the calibration pairs' activations; needs fp32 among the precisions)")
     p.add_argument("--calib-data", type=Path, default=None,
                    help="JSONL of {\"query\",\"document\"} pairs for int8-static ranges and fidelity checks "
                         "(default: built-in pairs)")
@@ -647,7 +650,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
                        instruction=args.instruction, force=args.force, revision=args.revision,
                        trust_remote_code=args.trust_remote_code, calib_data=args.calib_data,
                        fidelity=args.fidelity, allow_pickle=args.allow_pickle, graph=graph,
-                       rotate=args.rotate, int4_block=args.int4_block, prompt=_prompt(args),
+                       rotate=args.rotate, int4_block=args.int4_block, int4_coding=args.int4_coding,
+                       prompt=_prompt(args),
                        command=" ".join(sys.argv),
                        log=_log(args), progress=_progress(args))
     if engines:
