@@ -16,7 +16,6 @@ the graph for the inputs of a run of layers only, so onnxruntime computes those 
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -78,7 +77,8 @@ def input_hessians(graph: Path, sizes: dict[str, int], feeds: Sequence[dict[str,
     requested activation of its rows).
     """
     import onnx
-    import onnxruntime as ort
+
+    from memrerank.export.optimize import probe_session
 
     model = onnx.load(str(graph), load_external_data=False)
     order = [x for n in model.graph.node for x in n.input if x in sizes]
@@ -86,17 +86,7 @@ def input_hessians(graph: Path, sizes: dict[str, int], feeds: Sequence[dict[str,
     if set(order) != set(sizes):
         raise ValueError(f"not activations of {graph}: {sorted(set(sizes) - set(order))[:3]}")
     for run in _passes(sizes, order, HESSIAN_BYTES if budget is None else budget):
-        probe = onnx.load(str(graph), load_external_data=False)
-        del probe.graph.output[:]
-        probe.graph.output.extend(onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None) for x in run)
-        path = graph.parent / f".hessian-{uuid.uuid4().hex}.onnx"
-        try:
-            onnx.save(probe, str(path))
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
-            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        finally:
-            path.unlink(missing_ok=True)
+        session = probe_session(graph, run, only=True)
         wanted = {i.name for i in session.get_inputs()}
         hs = {x: np.zeros((sizes[x], sizes[x]), np.float32) for x in run}
         tokens = 0

@@ -586,25 +586,32 @@ def activation_stats_of_file(graph: Path, names: list[str], feeds: list[dict[str
     """:func:`_activation_stats` of a graph file without reading its weights into this process: a copy of the
     graph's structure with ``names`` as extra outputs is written beside it, so its external data is shared and
     only onnxruntime's session holds the weights (a 1.5B decoder: one copy, not three)."""
+    return _reduce_stats(probe_session(graph, names), names, feeds)
+
+
+def probe_session(graph: Path, names: list[str], *, only: bool = False) -> Any:
+    """A CPU onnxruntime session of ``graph`` with the activations ``names`` as extra outputs (``only``: as its
+    only outputs, so onnxruntime prunes what comes after them), without reading its weights into this process: a
+    copy of the graph's structure is written beside it (sharing its external data) and removed once loaded."""
     import uuid
 
     import onnx
     import onnxruntime as ort
 
     probe = onnx.load(str(graph), load_external_data=False)
+    if only:
+        del probe.graph.output[:]
     known = {o.name for o in probe.graph.output}
-    for x in names:
-        if x not in known:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None))
-    path = graph.parent / f".stats-{uuid.uuid4().hex}.onnx"
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None)
+                              for x in names if x not in known)
+    path = graph.parent / f".probe-{uuid.uuid4().hex}.onnx"
     try:
         onnx.save(probe, str(path))
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     finally:
         path.unlink(missing_ok=True)
-    return _reduce_stats(session, names, feeds)
 
 
 def _reduce_stats(session: Any, names: list[str], feeds: list[dict[str, np.ndarray]]

@@ -165,7 +165,7 @@ def test_hessians_are_x_transpose_x_over_the_real_tokens(tmp_path, budget):
     assert got["x"][1] == got["r"][1] == len(xs)  # padded tokens not counted
     np.testing.assert_allclose(got["x"][0], xs.T @ xs, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(got["r"][0], rs.T @ rs, rtol=1e-4, atol=1e-3)
-    assert not list(tmp_path.glob(".hessian-*"))  # the probe graphs are removed
+    assert not list(tmp_path.glob(".probe-*"))  # the probe graphs are removed
     with pytest.raises(ValueError, match="not activations"):
         next(input_hessians(tmp_path / "g.onnx", {"nope": 3}, feeds))
 
